@@ -1,0 +1,70 @@
+"""Derived artifacts (logits, penultimate features, labels) computed once per (checkpoint, data, split).
+
+They are cached on disk under the cache directory, keyed by the checkpoint's content
+hash and the data fingerprint, so the CLI, the app, a second browser tab and a
+restarted server all reuse one computation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .inference import Predictions, predict
+from .utils import atomic_write, cache_dir
+
+ARTIFACT_VERSION = 1
+
+
+@dataclass
+class SplitArtifacts:
+    logits: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray
+    split: str
+
+    @property
+    def probs(self) -> np.ndarray:
+        return Predictions(self.logits, None).probs
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.logits.argmax(1)
+
+
+def checkpoint_digest(checkpoint: Checkpoint) -> str:
+    """Content hash of the weights (not the path), so a re-trained file never serves stale artifacts."""
+    digest = hashlib.sha256()
+    for key, value in sorted(checkpoint.model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(checkpoint.tta.encode())
+    return digest.hexdigest()[:16]
+
+
+def artifact_path(checkpoint: Checkpoint, dataset, split: str) -> Path:
+    key = f"v{ARTIFACT_VERSION}-{checkpoint_digest(checkpoint)}-{dataset.fingerprint}-s{dataset.split_seed}-{split}"
+    return cache_dir() / "artifacts" / f"{key}.npz"
+
+
+def split_artifacts(checkpoint: Checkpoint, dataset, split: str = "test", *, progress: bool = False,
+                    device: str = "auto") -> SplitArtifacts:
+    """Logits, features and labels of `split`, from the disk cache or computed (and cached) now."""
+    path = artifact_path(checkpoint, dataset, split)
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return SplitArtifacts(z["logits"], z["features"], z["labels"], split)
+        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
+            pass
+    data = dataset.split(split)
+    preds = predict(checkpoint.model, data.images, tta=checkpoint.tta, progress=progress, device=device,
+                    desc=f"{checkpoint.name} on {split}")
+    arts = SplitArtifacts(preds.logits.astype(np.float32), preds.features.astype(np.float32), data.labels, split)
+    with atomic_write(path) as fh:
+        np.savez(fh, logits=arts.logits, features=arts.features, labels=arts.labels)
+    return arts

@@ -1,0 +1,257 @@
+"""`python -m cifarviz`: everything the app computes, for scripts and for warming caches before a class."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import CifarvizError
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def resolve_checkpoint(name_or_path: str) -> Path:
+    """A path to a file, or the name of a shipped checkpoint (e.g. `fastnet`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (SHIPPED_DIR / f"{name_or_path}.safetensors", Path("runs") / f"{name_or_path}.safetensors"):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.stem for p in SHIPPED_DIR.glob("*.safetensors"))) or "none"
+    raise CifarvizError(f"No checkpoint file or shipped checkpoint named {name_or_path!r}. Shipped: {shipped}.")
+
+
+def _load_data(args, download: bool = True):
+    from .data import load_cifar10
+
+    return load_cifar10(args.data, download=download, val_size=args.val_size, split_seed=args.split_seed)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_data(args) -> int:
+    from .data import default_data_root, detect_layout
+
+    root = Path(args.data) if args.data else default_data_root()
+    if not args.download and not detect_layout(root):
+        _load_data(args, download=False)  # raises the explanatory DataError
+    t0 = time.perf_counter()
+    ds = _load_data(args, download=args.download)
+    info = {
+        **ds.describe(),
+        "classes": list(ds.classes),
+        "mean": ds.mean,
+        "std": ds.std,
+        "per_class": {s: {c: int((ds.split(s).labels == i).sum()) for i, c in enumerate(ds.classes)}
+                      for s in ("train", "val", "test")},
+        "load_seconds": round(time.perf_counter() - t0, 3),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"source      {ds.root} ({ds.layout}), fingerprint {ds.fingerprint}")
+        print(f"splits      train {len(ds.train):,} / val {len(ds.val):,} / test {len(ds.test):,} (split seed {ds.split_seed})")
+        print(f"classes     {', '.join(ds.classes)}")
+        print(f"mean / std  {tuple(round(m, 4) for m in ds.mean)} / {tuple(round(s, 4) for s in ds.std)} (training split)")
+        print(f"loaded in   {info['load_seconds']} s")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import count_parameters, create_model, list_models, model_entry
+
+    if args.action == "summary":
+        if not args.name:
+            raise CifarvizError("usage: python -m cifarviz models summary NAME")
+        from .summary import format_table
+
+        kwargs = {"pretrained": False} if args.name == "resnet18-transfer" else {}
+        print(f"{args.name}: {model_entry(args.name).description}")
+        print(format_table(create_model(args.name, **kwargs)))
+        return 0
+    rows = []
+    for name in list_models():
+        entry = model_entry(name)
+        kwargs = {"pretrained": False} if name == "resnet18-transfer" else {}
+        rows.append({"name": name, "parameters": count_parameters(create_model(name, **kwargs)),
+                     "source": entry.source, "description": entry.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['name']:20} {row['parameters']:>12,}  {row['description']}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .recipes import RECIPES, train_and_save
+    from .train import TrainConfig
+
+    if args.recipe:
+        if args.recipe not in RECIPES:
+            raise CifarvizError(f"Unknown recipe {args.recipe!r}. Recipes: {', '.join(RECIPES)}.")
+        config = RECIPES[args.recipe]
+    elif args.model:
+        config = TrainConfig(model=args.model)
+    else:
+        raise CifarvizError("Give --model NAME (with hyperparameter flags) or --recipe NAME.")
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if args.model_args:
+        overrides["model_args"] = json.loads(args.model_args)
+    augment = config.augment.to_dict()
+    for key in ("translate", "flip", "rotate", "color_jitter"):
+        if getattr(args, key) is not None:
+            augment[key] = getattr(args, key)
+    overrides["augment"] = augment
+    config = TrainConfig(**{**config.to_dict(), **overrides})
+
+    dataset = _load_data(args)
+    out = Path(args.out or f"runs/{config.model}-{time.strftime('%Y%m%d-%H%M%S')}.safetensors")
+    bar = tqdm(total=None, desc=f"training {config.model}", unit="step")
+
+    def progress(event):
+        if event["event"] == "step":
+            bar.total = event["total_steps"]
+            bar.n = event["step"]
+            bar.set_postfix(epoch=event["epoch"], loss=f"{event['loss']:.3f}", img_s=f"{event['images_per_s']:.0f}")
+            bar.refresh()
+        else:
+            bar.write(f"epoch {event['epoch']:3d}  train loss {event['train_loss']:.4f} acc {event['train_acc']:.4f}"
+                      f"  val loss {event['val_loss'] or float('nan'):.4f} acc {event['val_acc'] or float('nan'):.4f}"
+                      f"  {event['elapsed']:.0f}s")
+
+    path, result = train_and_save(config, dataset, out, callback=progress)
+    bar.close()
+    from .checkpoint import read_metadata
+
+    acc = read_metadata(path)["metrics"]["test_accuracy"]
+    print(f"saved {path}: test accuracy {acc:.4f} on {dataset.root} (test split), {result.seconds:.0f} s on {result.device}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .artifacts import split_artifacts
+    from .checkpoint import load_checkpoint
+    from .metrics import classification_report, most_confused_pairs
+
+    checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    dataset = _load_data(args)
+    arts = split_artifacts(checkpoint, dataset, args.split, progress=not args.json)
+    report = classification_report(arts.labels, arts.predicted, dataset.classes)
+    report["most_confused"] = most_confused_pairs(report["confusion_matrix"], dataset.classes, top=5)
+    report["checkpoint"] = str(checkpoint.path)
+    report["measured_on"] = {**dataset.describe(), "split": args.split, "tta": checkpoint.tta}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{checkpoint.name} on {dataset.root} ({args.split}, {len(arts.labels):,} images, TTA {checkpoint.tta})")
+    print(f"accuracy {report['accuracy']:.4f}\n")
+    print(f"{'class':>12} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    for row in report["per_class"]:
+        print(f"{row['class']:>12} {row['precision']:9.4f} {row['recall']:9.4f} {row['f1']:9.4f} {row['support']:8d}")
+    print("\nconfusion matrix (rows: true, columns: predicted)")
+    for name, row in zip(dataset.classes, report["confusion_matrix"]):
+        print(f"{name:>12} " + " ".join(f"{v:5d}" for v in row))
+    print("\nmost confused: " + "; ".join(f"{p['pair']} ({p['count']})" for p in report["most_confused"]))
+    return 0
+
+
+def cmd_export_features(args) -> int:
+    import numpy as np
+
+    from .artifacts import split_artifacts
+    from .checkpoint import load_checkpoint
+    from .utils import atomic_write
+
+    checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    dataset = _load_data(args)
+    arts = split_artifacts(checkpoint, dataset, args.split, progress=True)
+    out = Path(args.out or f"{checkpoint.name}-{args.split}-features.npz")
+    with atomic_write(out) as fh:
+        np.savez(fh, features=arts.features, logits=arts.logits, labels=arts.labels,
+                 index=np.arange(len(arts.labels)), classes=np.array(dataset.classes))
+    print(f"wrote {out}: features {arts.features.shape}, logits {arts.logits.shape}, labels {arts.labels.shape}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .recipes import RECIPES
+    from .train import OPTIMIZERS, SCHEDULES
+
+    parser = argparse.ArgumentParser(prog="python -m cifarviz", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data_args = argparse.ArgumentParser(add_help=False)
+    data_args.add_argument("--data", help="data folder (default: $CIFARVIZ_DATA, else ./data)")
+    data_args.add_argument("--val-size", type=int, default=5000, help="validation images split off the 50,000 training images (default 5000)")
+    data_args.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split (default 0)")
+
+    p = sub.add_parser("data", parents=[data_args], help="find, download or describe the dataset")
+    p.add_argument("--download", action="store_true", help="download the CIFAR-10 python archive if the folder has no data")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("models", help="list the model zoo, or `models summary NAME` for a layer table")
+    p.add_argument("action", nargs="?", choices=["list", "summary"], default="list", help="list (default) or summary")
+    p.add_argument("name", nargs="?", help="model name for `summary`")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", parents=[data_args], help="train a zoo model and save a checkpoint")
+    p.add_argument("--model", help="zoo model name (see `models`)")
+    p.add_argument("--recipe", help=f"start from a shipped recipe: {', '.join(RECIPES)}")
+    p.add_argument("--model-args", help='JSON of model arguments, e.g. \'{"widths": [32, 128, 128]}\'')
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--batch-size", type=int, help="batch size")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd (Nesterov), adam or adamw")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, help="weight decay")
+    p.add_argument("--label-smoothing", type=float, help="label smoothing (0 = none)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule")
+    p.add_argument("--warmup", type=float, help="fraction of steps for warm-up")
+    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None, help="airbench-style lookahead EMA")
+    p.add_argument("--translate", type=int, help="augmentation: random translation in pixels (reflect padding)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="augmentation: random horizontal flip")
+    p.add_argument("--rotate", type=float, help="augmentation: random rotation range in degrees")
+    p.add_argument("--color-jitter", type=float, help="augmentation: brightness/contrast/saturation jitter strength")
+    p.add_argument("--tta", choices=["none", "flip"], help="test-time augmentation for reported accuracy")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="auto (default: CUDA if present), cpu or cuda")
+    p.add_argument("--out", help="checkpoint path (default runs/MODEL-TIME.safetensors)")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, helptext in (("evaluate", cmd_evaluate, "accuracy, per-class precision/recall/F1, confusion matrix"),
+                                 ("export-features", cmd_export_features, "penultimate features, logits and labels to .npz")):
+        p = sub.add_parser(name, parents=[data_args], help=helptext)
+        p.add_argument("--checkpoint", "-c", required=True, help="checkpoint file, or a shipped name such as fastnet")
+        p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split (default test)")
+        if name == "evaluate":
+            p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        else:
+            p.add_argument("--out", help="output .npz (default CHECKPOINT-SPLIT-features.npz)")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CifarvizError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

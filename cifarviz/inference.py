@@ -1,0 +1,83 @@
+"""Run a model over uint8 images in batches: logits, probabilities, penultimate features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import to_float
+from .utils import pick_device
+
+TTA_MODES = ("none", "flip")
+
+
+@dataclass
+class Predictions:
+    logits: np.ndarray  # (N, classes) float32, averaged over test-time augmentations
+    features: np.ndarray | None  # (N, D) float32 penultimate features of the plain image
+
+    @property
+    def probs(self) -> np.ndarray:
+        return torch.from_numpy(self.logits).softmax(1).numpy()
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.logits.argmax(1)
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 on CPU (bf16 is ~20x slower on CPUs without AMX)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    *,
+    tta: str = "none",
+    batch_size: int = 1000,
+    device: str | torch.device = "auto",
+    features: bool = True,
+    progress: bool = False,
+    desc: str = "predicting",
+) -> Predictions:
+    """Evaluate `model` (in eval mode) on uint8 images (N, 32, 32, 3)."""
+    from tqdm.auto import tqdm
+
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, not {tta!r}")
+    device = pick_device(device) if isinstance(device, str) else device
+    was_training = model.training
+    model.eval().to(device, memory_format=torch.channels_last)
+    images = torch.as_tensor(images)
+    all_logits, all_features = [], []
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
+            x = to_float(images[start : start + batch_size].to(device, non_blocking=True))
+            x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_context(device):
+                feats = model.forward_features(x)
+                logits = model.forward_head(feats).float()
+                if tta == "flip":
+                    logits = 0.5 * (logits + model(x.flip(3)).float())
+            all_logits.append(logits.cpu())
+            if features:
+                all_features.append(feats.float().cpu())
+    finally:
+        model.train(was_training)
+    return Predictions(
+        logits=torch.cat(all_logits).numpy() if all_logits else np.zeros((0, 10), np.float32),
+        features=torch.cat(all_features).numpy() if features and all_features else None,
+    )
+
+
+def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    t_logits, t_labels = torch.from_numpy(logits), torch.from_numpy(np.asarray(labels))
+    loss = F.cross_entropy(t_logits, t_labels).item()
+    return loss, float((t_logits.argmax(1) == t_labels).float().mean())

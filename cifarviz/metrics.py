@@ -1,0 +1,52 @@
+"""Classification metrics on predictions: scikit-learn for the standard ones, plus calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+
+def classification_report(labels: np.ndarray, predicted: np.ndarray, classes) -> dict:
+    """Accuracy, per-class precision/recall/F1/support, macro averages and the confusion matrix."""
+    k = len(classes)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=np.arange(k), zero_division=0
+    )
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "per_class": [
+            {"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for c, p, r, f, s in zip(classes, precision, recall, f1, support)
+        ],
+        "macro": {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())},
+        "confusion_matrix": confusion_matrix(labels, predicted, labels=np.arange(k)).tolist(),
+    }
+
+
+def most_confused_pairs(confusion: np.ndarray, classes, top: int = 10) -> list[dict]:
+    """Unordered class pairs ranked by how often either is mistaken for the other."""
+    confusion = np.asarray(confusion)
+    both = confusion + confusion.T
+    pairs = [(both[i, j], i, j) for i in range(len(classes)) for j in range(i + 1, len(classes))]
+    pairs.sort(reverse=True)
+    return [
+        {"pair": f"{classes[i]} / {classes[j]}", "count": int(n), f"{classes[i]}->{classes[j]}": int(confusion[i, j]),
+         f"{classes[j]}->{classes[i]}": int(confusion[j, i])}
+        for n, i, j in pairs[:top]
+    ]
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> tuple[list[dict], float]:
+    """Reliability-diagram bins (confidence vs accuracy) and the expected calibration error."""
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    rows, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        mask = (confidence > lo) & (confidence <= hi)
+        if mask.any():
+            acc, conf = float(correct[mask].mean()), float(confidence[mask].mean())
+            ece += mask.mean() * abs(acc - conf)
+            rows.append({"bin_low": float(lo), "bin_high": float(hi), "confidence": conf, "accuracy": acc,
+                         "count": int(mask.sum())})
+    return rows, float(ece)

@@ -1,0 +1,224 @@
+"""The training engine: one readable loop over uint8 tensors that stay on the device.
+
+    config = TrainConfig(model="lenet", epochs=10, lr=0.05)
+    result = train(config, dataset, callback=print)
+
+Per step the loop slices a uint8 batch, converts it to float, augments it as a
+batch, and steps the optimiser. It reports through `callback` ({"event": "step"}
+and {"event": "epoch"} dicts: losses, accuracies, lr, images/s, elapsed), stops
+between batches when `cancel()` returns True, and raises TrainingError on a
+non-finite loss with the history so far. CUDA gets bf16 autocast; CPU runs fp32
+on all cores; both use channels_last.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .augment import AugmentConfig, augment_batch, to_float
+from .errors import TrainingError
+from .inference import autocast_context, loss_and_accuracy, predict
+from .models import ZooModel, create_model
+from .utils import pick_device, seed_everything
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("onecycle", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "lenet"
+    model_args: dict = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd is Nesterov SGD
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: str = "onecycle"  # linear warm-up then linear decay; or cosine; or constant
+    warmup: float = 0.2  # fraction of steps spent warming up (onecycle, cosine)
+    final_lr: float = 0.0  # last learning rate as a fraction of lr
+    lookahead: bool = False  # airbench-style lookahead with an EMA whose decay ramps up
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tta: str = "none"  # test-time augmentation used for validation and reported metrics
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainingError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise TrainingError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise TrainingError("epochs and batch_size must be at least 1 and lr must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: ZooModel
+    config: TrainConfig
+    history: list[dict]  # one dict per finished epoch
+    status: str  # "completed" or "cancelled"
+    seconds: float
+    device: str
+
+
+def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
+    progress = step / max(total_steps, 1)
+    if config.schedule == "constant":
+        return 1.0
+    if progress < config.warmup:
+        return 0.2 + 0.8 * progress / config.warmup
+    rest = (progress - config.warmup) / max(1 - config.warmup, 1e-8)
+    if config.schedule == "onecycle":
+        return 1.0 + (config.final_lr - 1.0) * rest
+    return config.final_lr + (1 - config.final_lr) * 0.5 * (1 + math.cos(math.pi * rest))
+
+
+def build_optimizer(model: ZooModel, config: TrainConfig) -> torch.optim.Optimizer:
+    # Groups with a larger lr keep the same absolute decay (airbench's bias trick), hence wd / scale.
+    groups = [
+        {"params": params, "lr": config.lr * scale, "weight_decay": config.weight_decay / scale, "lr_scale": scale}
+        for params, scale in model.param_groups()
+        if params
+    ]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+class Lookahead:
+    """Every few steps, pull the weights towards an EMA of themselves and reset to it (airbench94)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.ema = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, decay: float) -> None:
+        state = model.state_dict()
+        for key, ema in self.ema.items():
+            ema.lerp_(state[key], 1 - decay)
+            state[key].copy_(ema)
+
+
+def train(
+    config: TrainConfig,
+    dataset,
+    *,
+    callback: Callable[[dict], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    model: ZooModel | None = None,
+    step_every: int = 10,
+) -> TrainResult:
+    """Train `config.model` on `dataset.train`, validating on `dataset.val` after every epoch."""
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    notify = callback or (lambda event: None)
+
+    images = torch.from_numpy(dataset.train.images).to(device)
+    labels = torch.from_numpy(dataset.train.labels).to(device)
+    if model is None:
+        model = create_model(config.model, **config.model_args)
+        model.set_normalization(dataset.mean, dataset.std)
+    # channels_last suits both cuDNN and oneDNN: about 2x faster convolutions on this 2-core CPU too.
+    model = model.to(device, memory_format=torch.channels_last)
+    model.prepare(to_float(images[:5000]))
+
+    optimizer = build_optimizer(model, config)
+    steps_per_epoch = math.ceil(len(labels) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    lookahead = Lookahead(model) if config.lookahead else None
+
+    history: list[dict] = []
+    status, step, start = "completed", 0, time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = torch.randperm(len(labels), generator=generator, device=device)
+        seen, loss_sum, correct_sum, epoch_start = 0, 0.0, 0, time.perf_counter()
+        for batch_start in range(0, len(labels), config.batch_size):
+            if cancel is not None and cancel():
+                status = "cancelled"
+                break
+            index = order[batch_start : batch_start + config.batch_size]
+            x = augment_batch(to_float(images[index]), config.augment, generator)
+            y = labels[index]
+            x = x.contiguous(memory_format=torch.channels_last)
+
+            factor = lr_factor(config, step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * group["lr_scale"] * factor
+
+            with autocast_context(device):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f"The loss became {loss_value} at epoch {epoch}, step {step} (lr {config.lr * factor:.3g}). "
+                    "Training stopped; the history so far is kept. Try a smaller learning rate, "
+                    "a warm-up, or a different optimizer.",
+                    history=history,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if lookahead is not None and step % 5 == 0:
+                lookahead.update(model, decay=0.95**5 * (step / total_steps) ** 3)
+
+            n = len(y)
+            seen += n
+            loss_sum += loss_value * n
+            correct_sum += int((logits.argmax(1) == y).sum())
+            if step % step_every == 0 or batch_start + n >= len(labels):
+                notify({
+                    "event": "step", "step": step, "total_steps": total_steps, "epoch": epoch,
+                    "loss": loss_value, "lr": config.lr * factor,
+                    "images_per_s": seen / (time.perf_counter() - epoch_start),
+                    "elapsed": time.perf_counter() - start,
+                })  # fmt: skip
+        if status == "cancelled" and seen == 0:
+            break
+
+        if lookahead is not None and epoch == config.epochs and status == "completed":
+            lookahead.update(model, decay=1.0)  # finish on the averaged weights
+        val = evaluate_split(model, dataset.val, config.tta, device) if len(dataset.val) else {}
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct_sum / max(seen, 1),
+            "val_loss": val.get("loss"),
+            "val_acc": val.get("accuracy"),
+            "lr": config.lr * factor,
+            "images_per_s": seen / (time.perf_counter() - epoch_start),
+            "elapsed": time.perf_counter() - start,
+            "partial": status == "cancelled",
+        }
+        history.append(record)
+        notify({"event": "epoch", **record})
+        if status == "cancelled":
+            break
+
+    model.eval()
+    return TrainResult(model, config, history, status, time.perf_counter() - start, str(device))
+
+
+def evaluate_split(model: ZooModel, split, tta: str = "none", device="auto") -> dict:
+    preds = predict(model, split.images, tta=tta, device=device, features=False)
+    loss, accuracy = loss_and_accuracy(preds.logits, split.labels)
+    return {"loss": loss, "accuracy": accuracy}

@@ -1,0 +1,80 @@
+"""Small shared helpers: devices, seeding, atomic writes, network reachability."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """`auto` means CUDA when present, else CPU. Never assumes a GPU."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from .errors import CifarvizError
+
+        raise CifarvizError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto.")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cache_dir() -> Path:
+    """Where derived artifacts live: $CIFARVIZ_CACHE, else ~/.cache/cifarviz."""
+    root = os.environ.get("CIFARVIZ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cifarviz")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+    """Write to a temporary file beside `path`, then rename over it.
+
+    A crash mid-write leaves the previous file intact (rename is atomic on POSIX
+    and Windows within one filesystem).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def offline() -> bool:
+    """CIFARVIZ_OFFLINE=1 forbids every download (tests and air-gapped classrooms set it)."""
+    return os.environ.get("CIFARVIZ_OFFLINE", "").lower() in {"1", "true", "yes"}
+
+
+def host_reachable(host: str, port: int = 443, timeout: float = 4.0) -> bool:
+    """A quick TCP probe so downloads fail in seconds, not after a long hang."""
+    if offline():
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

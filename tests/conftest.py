@@ -1,0 +1,73 @@
+"""Shared fixtures.
+
+Real-data tests read the CIFAR-10 copy named by CIFARVIZ_DATA (default: the
+development copy at ../shared/data/cifar10-jpeg). When it is missing they are
+skipped with a reason that says so, and CI fails on any skip.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+DEV_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg"
+
+# Nothing may download in tests, and caches go to a private folder unless one is given.
+os.environ["CIFARVIZ_OFFLINE"] = "1"
+os.environ.setdefault("CIFARVIZ_CACHE", tempfile.mkdtemp(prefix="cifarviz-test-cache-"))
+os.environ.setdefault("TORCH_HOME", tempfile.mkdtemp(prefix="cifarviz-test-torch-"))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def real_data_root() -> Path:
+    return Path(os.environ.get("CIFARVIZ_DATA") or DEV_DATA)
+
+
+@pytest.fixture(scope="session")
+def cifar():
+    """The real dataset, decoded once per test session."""
+    from cifarviz.data import detect_layout, load_cifar10
+
+    root = real_data_root()
+    if not root.is_dir() or not detect_layout(root):
+        pytest.skip(f"real-data test: no CIFAR-10 at {root} (set CIFARVIZ_DATA)")
+    return load_cifar10(root, download=False, progress=False)
+
+
+@pytest.fixture(scope="session")
+def cifar_small(cifar):
+    """A class-balanced slice of the real data (2,000 train / 500 val / 1,000 test) for quick training tests."""
+    import dataclasses
+
+    from cifarviz.data import Split
+
+    def take(split, n):
+        idx = np.sort(np.random.default_rng(1).choice(len(split), n, replace=False))
+        return Split(split.name, split.images[idx], split.labels[idx], split.source_index[idx])
+
+    return dataclasses.replace(cifar, train=take(cifar.train, 2000), val=take(cifar.val, 500), test=take(cifar.test, 1000))
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "frog"), per_class=(6, 3), size=32, ext=".png", seed=0):
+    """A tiny synthetic image-folder tree: each class has its own dominant colour."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "test"), per_class):
+        for ci, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                pixels[..., ci % 3] += 180
+                Image.fromarray(pixels).save(folder / f"{i:04d}{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return write_image_folder(tmp_path / "tiny")
