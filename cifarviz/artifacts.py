@@ -38,12 +38,16 @@ class SplitArtifacts:
 
 def checkpoint_digest(checkpoint: Checkpoint) -> str:
     """Content hash of the weights (not the path), so a re-trained file never serves stale artifacts."""
+    cached = getattr(checkpoint, "_digest", None)
+    if cached:
+        return cached
     digest = hashlib.sha256()
     for key, value in sorted(checkpoint.model.state_dict().items()):
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     digest.update(checkpoint.tta.encode())
-    return digest.hexdigest()[:16]
+    checkpoint._digest = digest.hexdigest()[:16]
+    return checkpoint._digest
 
 
 def artifact_path(checkpoint: Checkpoint, dataset, split: str) -> Path:
@@ -52,7 +56,7 @@ def artifact_path(checkpoint: Checkpoint, dataset, split: str) -> Path:
 
 
 def split_artifacts(checkpoint: Checkpoint, dataset, split: str = "test", *, progress: bool = False,
-                    device: str = "auto") -> SplitArtifacts:
+                    device: str = "auto", on_progress=None) -> SplitArtifacts:
     """Logits, features and labels of `split`, from the disk cache or computed (and cached) now."""
     path = artifact_path(checkpoint, dataset, split)
     if path.is_file():
@@ -63,7 +67,7 @@ def split_artifacts(checkpoint: Checkpoint, dataset, split: str = "test", *, pro
             pass
     data = dataset.split(split)
     preds = predict(checkpoint.model, data.images, tta=checkpoint.tta, progress=progress, device=device,
-                    desc=f"{checkpoint.name} on {split}")
+                    desc=f"{checkpoint.name} on {split}", on_progress=on_progress)
     arts = SplitArtifacts(preds.logits.astype(np.float32), preds.features.astype(np.float32), data.labels, split)
     with atomic_write(path) as fh:
         np.savez(fh, logits=arts.logits, features=arts.features, labels=arts.labels)

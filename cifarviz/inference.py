@@ -46,8 +46,12 @@ def predict(
     features: bool = True,
     progress: bool = False,
     desc: str = "predicting",
+    on_progress=None,
 ) -> Predictions:
-    """Evaluate `model` (in eval mode) on uint8 images (N, 32, 32, 3)."""
+    """Evaluate `model` (in eval mode) on uint8 images (N, 32, 32, 3).
+
+    `progress` shows a terminal bar; `on_progress(fraction)` feeds a GUI one.
+    """
     from tqdm.auto import tqdm
 
     if tta not in TTA_MODES:
@@ -69,6 +73,8 @@ def predict(
             all_logits.append(logits.cpu())
             if features:
                 all_features.append(feats.float().cpu())
+            if on_progress is not None:
+                on_progress(min(1.0, (start + batch_size) / len(images)))
     finally:
         model.train(was_training)
     return Predictions(

@@ -1,0 +1,106 @@
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from cifarviz import app
+from cifarviz.explore import ImageRef, confusion_cell_indices, misclassified_by_confidence
+from cifarviz.metrics import classification_report, most_confused_pairs, reliability
+
+app.sidebar()
+st.title("Evaluate")
+dataset = app.current_dataset()
+checkpoint = app.current_checkpoint()
+if dataset is None or checkpoint is None:
+    st.stop()
+classes = list(dataset.classes)
+inspector_slot = st.container()  # filled last, so a click anywhere below shows up here in the same run
+
+split = st.segmented_control("Split", ["test", "val"], default="test", key="eval_split", required=True)
+arts = app.get_artifacts(checkpoint, dataset, split)
+data = dataset.split(split)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def report_for(path: str, stamp: float, root: str, split: str):
+    a = app.get_artifacts(app.get_checkpoint(path, stamp), app.get_dataset(root), split)
+    report = classification_report(a.labels, a.predicted, app.get_dataset(root).classes)
+    bins, ece = reliability(a.probs, a.labels)
+    return report, bins, ece
+
+
+report, bins, ece = report_for(str(checkpoint.path), app._stamp(checkpoint.path), dataset.root.as_posix(), split)
+confusion = np.array(report["confusion_matrix"])
+
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Accuracy", f"{report['accuracy']:.2%}", help=f"{len(data):,} {split} images of {dataset.root}")
+m2.metric("Macro F1", f"{report['macro']['f1']:.3f}")
+m3.metric("Expected calibration error", f"{ece:.3f}")
+m4.metric("Mistakes", f"{int((arts.predicted != arts.labels).sum()):,}")
+
+left, right = st.columns([1.2, 1])
+with left:
+    st.subheader("Confusion matrix")
+    st.caption("Click a cell to see its images.")
+    cells = pd.DataFrame([{"true": classes[i], "predicted": classes[j], "count": int(confusion[i, j])}
+                          for i in range(len(classes)) for j in range(len(classes))])  # fmt: skip
+    pick = alt.selection_point(name="cell", fields=["true", "predicted"], on="click", clear=False)
+    base = alt.Chart(cells).encode(x=alt.X("predicted:N", sort=classes), y=alt.Y("true:N", sort=classes))
+    heat = base.mark_rect().encode(
+        color=alt.Color("count:Q", scale=alt.Scale(type="symlog", scheme="blues"), legend=None),
+        stroke=alt.condition(pick, alt.value("#d62728"), alt.value(None)), strokeWidth=alt.value(3),
+        tooltip=["true", "predicted", "count"]).add_params(pick)
+    text = base.mark_text(fontSize=11).encode(
+        text="count:Q", color=alt.condition(alt.datum.count > confusion.max() / 3, alt.value("white"), alt.value("black")))
+    event = st.altair_chart((heat + text).properties(height=430), on_select="rerun", key="confusion", width="stretch")
+    chosen = (event.selection.get("cell") or [None])[0] if event else None
+    if chosen and (chosen["true"], chosen["predicted"]) != st.session_state.get("cm_last_click"):
+        st.session_state["cm_last_click"] = (chosen["true"], chosen["predicted"])
+        st.session_state["cm_true"], st.session_state["cm_pred"] = chosen["true"], chosen["predicted"]
+with right:
+    st.subheader("Per-class precision, recall, F1")
+    st.dataframe(pd.DataFrame(report["per_class"]).round(3), hide_index=True, height=420)
+
+st.subheader("Images of one cell")
+a, b = st.columns(2)
+st.session_state.setdefault("cm_true", "cat")
+st.session_state.setdefault("cm_pred", "dog")
+true_name = a.selectbox("True class", classes, key="cm_true")
+pred_name = b.selectbox("Predicted class", classes, key="cm_pred")
+cell = confusion_cell_indices(arts.labels, arts.predicted, classes.index(true_name), classes.index(pred_name))
+cell = cell[np.argsort(-arts.probs[cell, classes.index(pred_name)], kind="stable")][:48]
+st.caption(f"{int(confusion[classes.index(true_name), classes.index(pred_name)])} {split} images are {true_name} "
+           f"predicted as {pred_name}" + (" (showing the 48 most confident)" if len(cell) == 48 else ""))
+app.image_grid(data.images[cell], [ImageRef(split, int(i)) for i in cell],
+               [f"#{i} {arts.probs[i, classes.index(pred_name)]:.0%}" for i in cell], key="cell", columns=8)
+
+st.subheader("Most confident mistakes")
+wrong = misclassified_by_confidence(arts.probs, arts.labels)[:24]
+app.image_grid(data.images[wrong], [ImageRef(split, int(i)) for i in wrong],
+               [f"{classes[arts.labels[i]]}→{classes[arts.predicted[i]]} {arts.probs[i].max():.0%}" for i in wrong],
+               key="mistakes", columns=8)
+
+c1, c2 = st.columns(2)
+with c1:
+    st.subheader("Most confused pairs")
+    st.dataframe(pd.DataFrame(most_confused_pairs(confusion, classes, top=8))[["pair", "count"]], hide_index=True)
+with c2:
+    st.subheader("Reliability diagram")
+    frame = pd.DataFrame(bins)
+    bars = alt.Chart(frame).mark_bar(opacity=0.8).encode(
+        x=alt.X("confidence:Q", scale=alt.Scale(domain=[0, 1]), title="mean confidence in bin"),
+        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), tooltip=["confidence", "accuracy", "count"])
+    diagonal = alt.Chart(pd.DataFrame({"x": [0, 1], "y": [0, 1]})).mark_line(strokeDash=[4, 4], color="gray").encode(x="x", y="y")
+    st.altair_chart((bars + diagonal).properties(height=260, title=f"ECE {ece:.3f}"), width="stretch")
+
+st.subheader("Try your own image")
+upload = st.file_uploader("A photo (PNG/JPEG); it is resized to 32x32 like CIFAR-10", type=None, key="own_image")
+if upload is not None:
+    image = app.read_upload_image(upload)
+    if image is not None and st.session_state.get("uploaded_image_id") != upload.file_id:
+        st.session_state["uploaded_image_id"] = upload.file_id  # open the inspector once per new upload
+        st.session_state["uploaded_image"] = image
+        app.open_inspector("upload", 0)
+
+with inspector_slot:
+    app.inspector(dataset, checkpoint)
