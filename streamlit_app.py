@@ -2,12 +2,8 @@
 
 import streamlit as st
 
-st.set_page_config(page_title="cifarviz", page_icon=":material/grid_view:", layout="wide")
+from cifarviz.app import PAGES
 
-navigation = st.navigation([
-    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
-    st.Page("pages/dataset.py", title="Dataset", icon=":material/photo_library:"),
-    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/fact_check:"),
-    st.Page("pages/models.py", title="Models", icon=":material/account_tree:"),
-])  # fmt: skip
-navigation.run()
+st.set_page_config(page_title="cifarviz", page_icon=":material/grid_view:", layout="wide")
+pages = [st.Page(path, title=title, icon=icon, default=(i == 0)) for i, (path, title, icon) in enumerate(PAGES)]
+st.navigation(pages, position="hidden").run()  # each page draws the sidebar (links, data, checkpoint)

@@ -29,6 +29,12 @@ from .inference import predict
 from .utils import atomic_write, cache_dir
 
 RUNS_DIR = Path(os.environ.get("CIFARVIZ_RUNS", "runs"))
+PAGES = (  # (file, title, icon): the explorer's pages, in menu order
+    ("pages/home.py", "Home", ":material/home:"),
+    ("pages/dataset.py", "Dataset", ":material/photo_library:"),
+    ("pages/evaluate.py", "Evaluate", ":material/fact_check:"),
+    ("pages/models.py", "Models", ":material/account_tree:"),
+)
 INSPECT_KEY = "inspect"
 UPLOAD_MAX_BYTES = 200 * 1024 * 1024
 
@@ -103,6 +109,9 @@ def sidebar() -> None:
         wanted = next((label for label in labels if label.startswith("fastnet ")), labels[0] if labels else None)
     st.session_state["checkpoint_label"] = st.session_state["_checkpoint_label"] = wanted
     with st.sidebar:
+        for path, title, icon in PAGES:
+            st.page_link(path, label=title, icon=icon)
+        st.divider()
         st.text_input("Data folder", key="data_root", on_change=_remember, args=("data_root",),
                       help="CIFAR-10 python archive folder or an image-folder tree (train/<class>, test/<class>). "
                            "Defaults to $CIFARVIZ_DATA, else ./data.")
@@ -213,9 +222,16 @@ def _neighbours(path: str, stamp: float, root: str, split: str, index: int, k: i
 
 
 def inspector(dataset, checkpoint: Checkpoint | None) -> None:
-    """The image inspector: draws nothing unless an image was clicked. Call it at the top of a page."""
+    """Open the image inspector if an image was clicked. Every page calls this once, at its end."""
+    if st.session_state.get(INSPECT_KEY) is not None and dataset is not None:
+        _inspector_dialog(dataset, checkpoint)
+
+
+@st.dialog("Image inspector", width="large", on_dismiss=close_inspector)
+def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
+    # Read the image from session state, not from arguments: a click on a neighbour reruns only this dialog.
     ref: ImageRef | None = st.session_state.get(INSPECT_KEY)
-    if ref is None or dataset is None:
+    if ref is None:
         return
     if ref.split == "upload":
         image, label = st.session_state.get("uploaded_image"), None
@@ -224,16 +240,13 @@ def inspector(dataset, checkpoint: Checkpoint | None) -> None:
     else:
         split = dataset.split(ref.split)
         if not 0 <= ref.index < len(split):
-            close_inspector()
             return
         image, label = split.images[ref.index], int(split.labels[ref.index])
 
-    with st.container(border=True, key="inspector"):
-        head, close = st.columns([6, 1])
+    with st.container(key="inspector"):
         title = f"{ref.split} image #{ref.index}" if ref.split != "upload" else "your uploaded image"
-        head.subheader(f"Image inspector: {title}")
-        close.button("Close", key="inspector-close", on_click=close_inspector, icon=":material/close:")
-        left, middle, right = st.columns([1, 1.4, 1.4])
+        st.subheader(f"Image inspector: {title}")
+        left, middle, right = st.columns([1, 1.4, 1.1])
         with left:
             st.image(to_png(image, scale=8), width="stretch")
             if label is not None:
@@ -242,9 +255,9 @@ def inspector(dataset, checkpoint: Checkpoint | None) -> None:
             return
         probs = _probabilities(checkpoint, dataset, ref, image)
         predicted = int(probs.argmax())
-        verdict = "correct" if label is None or predicted == label else "wrong"
+        verdict = "" if label is None else (" — correct" if predicted == label else " — wrong")
         with left:
-            st.markdown(f"**Predicted:** {dataset.classes[predicted]} ({probs[predicted]:.1%}) — {verdict}",
+            st.markdown(f"**Predicted:** {dataset.classes[predicted]} ({probs[predicted]:.1%}){verdict}",
                         help=f"by {checkpoint.name}")
         with middle:
             frame = pd.DataFrame({"class": dataset.classes, "probability": probs})
@@ -254,7 +267,7 @@ def inspector(dataset, checkpoint: Checkpoint | None) -> None:
                 color=alt.condition(alt.datum["class"] == dataset.classes[predicted], alt.value("#d62728"),
                                     alt.value("#4c78a8")),
                 tooltip=["class", alt.Tooltip("probability:Q", format=".2%")],
-            ).properties(height=260, title="Class probabilities")
+            ).properties(height=260, title=f"Class probabilities ({checkpoint.name})")
             st.altair_chart(chart, width="stretch")
         with right:
             heat, target = grad_cam(checkpoint.model, image)
@@ -267,6 +280,9 @@ def inspector(dataset, checkpoint: Checkpoint | None) -> None:
             refs = [ImageRef("train", int(i)) for i in idx]
             captions = [f"{dataset.classes[dataset.train.labels[i]]} {s:.2f}" for i, s in zip(idx, sims)]
             image_grid(dataset.train.images[idx], refs, captions, key="neighbours", columns=len(refs))
+        if st.button("Close", key="inspector-close", icon=":material/close:"):
+            close_inspector()
+            st.rerun()
 
 
 def _probabilities(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np.ndarray) -> np.ndarray:

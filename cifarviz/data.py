@@ -357,16 +357,21 @@ def _train_stats(images: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def load_image_file(data: bytes | str | os.PathLike, max_pixels: int = 50_000_000) -> np.ndarray:
-    """Read any user image (bytes or path) as a 32x32 RGB uint8 array, with a clear error for non-images."""
+def load_image_file(data: bytes | str | os.PathLike, max_pixels: int = 25_000_000) -> np.ndarray:
+    """Read any user image (bytes or path) as a 32x32 RGB uint8 array, with a clear error for non-images.
+
+    The size is checked from the header before decoding, so a huge photo is refused cheaply.
+    """
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels)
+    too_big = "The image is {w}x{h} pixels; the limit is {limit:,} pixels. Use a smaller image."
     try:
         with Image.open(source) as img:
             if img.width * img.height > max_pixels:
-                raise DataError(f"The image is {img.width}x{img.height} pixels; the limit is {max_pixels:,}. Use a smaller image.")
-            img.draft("RGB", (64, 64))  # JPEGs decode at reduced size: huge photos stay cheap
+                raise DataError(too_big.format(w=img.width, h=img.height, limit=max_pixels))
+            img.draft("RGB", (64, 64))  # JPEGs decode at reduced size: large photos stay cheap
             img = img.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"The image is far too large to open safely ({exc}). Use a smaller image.") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"That file is not an image Pillow can read ({exc}). Upload a PNG or JPEG.") from None

@@ -13,7 +13,6 @@ st.title("Dataset")
 dataset = app.current_dataset()
 if dataset is None:
     st.stop()
-app.inspector(dataset, app.current_checkpoint(quiet=True))
 classes = list(dataset.classes)
 
 
@@ -99,3 +98,5 @@ with browser:
     st.caption(f"{len(idx):,} images")
     app.image_grid(data.images[page_idx], [ImageRef(split, int(i)) for i in page_idx],
                    [f"{classes[data.labels[i]]} #{i}" for i in page_idx], key="browse", columns=8)
+
+app.inspector(dataset, app.current_checkpoint(quiet=True))

@@ -14,7 +14,6 @@ checkpoint = app.current_checkpoint()
 if dataset is None or checkpoint is None:
     st.stop()
 classes = list(dataset.classes)
-inspector_slot = st.container()  # filled last, so a click anywhere below shows up here in the same run
 
 split = st.segmented_control("Split", ["test", "val"], default="test", key="eval_split", required=True)
 arts = app.get_artifacts(checkpoint, dataset, split)
@@ -45,7 +44,8 @@ with left:
     cells = pd.DataFrame([{"true": classes[i], "predicted": classes[j], "count": int(confusion[i, j])}
                           for i in range(len(classes)) for j in range(len(classes))])  # fmt: skip
     pick = alt.selection_point(name="cell", fields=["true", "predicted"], on="click", clear=False)
-    base = alt.Chart(cells).encode(x=alt.X("predicted:N", sort=classes), y=alt.Y("true:N", sort=classes))
+    base = alt.Chart(cells).encode(x=alt.X("predicted:N", sort=classes, axis=alt.Axis(labelAngle=-45, labelOverlap=False)),
+                                   y=alt.Y("true:N", sort=classes))
     heat = base.mark_rect().encode(
         color=alt.Color("count:Q", scale=alt.Scale(type="symlog", scheme="blues"), legend=None),
         stroke=alt.condition(pick, alt.value("#d62728"), alt.value(None)), strokeWidth=alt.value(3),
@@ -102,5 +102,4 @@ if upload is not None:
         st.session_state["uploaded_image"] = image
         app.open_inspector("upload", 0)
 
-with inspector_slot:
-    app.inspector(dataset, checkpoint)
+app.inspector(dataset, checkpoint)

@@ -1,0 +1,149 @@
+"""The explorer through Streamlit's AppTest, on the real development data and the shipped checkpoints."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from cifarviz.artifacts import split_artifacts
+from cifarviz.checkpoint import load_checkpoint
+from cifarviz.explore import confusion_cell_indices
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "checkpoints"
+
+
+def app_at(page: str, cifar) -> AppTest:
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = str(cifar.root)
+    at.run()
+    at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(at) -> str:
+    return "\n".join([m.value for m in at.markdown] + [c.value for c in at.caption] + [s.value for s in at.subheader])
+
+
+@pytest.fixture(scope="module")
+def fastnet_test(cifar):
+    checkpoint = load_checkpoint(SHIPPED / "fastnet.safetensors")
+    return split_artifacts(checkpoint, cifar, "test")
+
+
+def test_home_lists_the_zoo_with_measured_accuracy(cifar):
+    at = app_at("pages/home.py", cifar)
+    table = at.dataframe[0].value
+    assert {"fastnet", "s8net-bn", "lenet"} <= set(table["model"])
+    stored = json.loads((SHIPPED / "fastnet.json").read_text())["metrics"]["test_accuracy"]
+    assert table.set_index("model").loc["fastnet", "test accuracy"] == pytest.approx(stored)
+    assert "image-folder tree" in texts(at)
+
+
+def test_dataset_page_grids_filters_and_inspector(cifar):
+    at = app_at("pages/dataset.py", cifar)
+    assert [t.label for t in at.tabs] == ["Class counts", "Samples", "Statistics", "Augmentation", "Browser"]
+    first = [b for b in at.button if b.key and b.key.startswith("sample-airplane-")]
+    assert len(first) == 8
+    before = {b.key for b in first}
+    [b for b in at.button if b.label == "Reshuffle"][0].click().run()
+    after = {b.key for b in at.button if b.key and b.key.startswith("sample-airplane-")}
+    assert after and after != before
+
+    # browser: filter by class, every shown image is of that class
+    at.multiselect(key="browse_classes").set_value(["frog"]).run()
+    at.selectbox(key="browse_split").set_value("test").run()
+    shown = [b for b in at.button if b.key and b.key.startswith("browse-test-")]
+    assert len(shown) == 32
+    assert all(cifar.test.labels[int(b.key.rsplit("-", 1)[1])] == cifar.classes.index("frog") for b in shown)
+
+    # clicking an image opens the inspector with that image
+    shown[3].click().run()
+    index = int(shown[3].key.rsplit("-", 1)[1])
+    assert f"Image inspector: test image #{index}" in texts(at)
+    assert "**True label:** frog" in texts(at)
+
+
+def test_evaluate_confusion_cell_and_inspector(cifar, fastnet_test):
+    at = app_at("pages/evaluate.py", cifar)
+    accuracy = (fastnet_test.predicted == fastnet_test.labels).mean()
+    assert at.metric[0].value == f"{accuracy:.2%}"
+    at.selectbox(key="cm_true").set_value("cat").run()
+    at.selectbox(key="cm_pred").set_value("dog").run()
+    expected = confusion_cell_indices(fastnet_test.labels, fastnet_test.predicted, 3, 5)
+    shown = [int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("cell-test-")]
+    assert shown and set(shown) <= set(expected.tolist()) and len(shown) == min(48, len(expected))
+    button = next(b for b in at.button if b.key == f"cell-test-{shown[0]}")
+    button.click().run()
+    page = texts(at)
+    assert f"Image inspector: test image #{shown[0]}" in page and "**Predicted:** dog" in page
+    assert "Nearest training images" in page
+    at.button(key="inspector-close").click().run()
+    assert "Image inspector" not in texts(at) and "inspect" not in at.session_state
+
+
+def test_switching_checkpoint_changes_the_numbers(cifar):
+    at = app_at("pages/evaluate.py", cifar)
+    fast = at.metric[0].value
+    at.sidebar.selectbox(key="checkpoint_label").set_value("lenet (shipped)").run()
+    stored = json.loads((SHIPPED / "lenet.json").read_text())["metrics"]["test_accuracy"]
+    assert at.metric[0].value == f"{stored:.2%}" != fast
+    at.switch_page("pages/dataset.py").run()  # the choice holds across pages
+    assert at.sidebar.selectbox(key="checkpoint_label").value == "lenet (shipped)"
+
+
+def _png(width, height, colour=(20, 200, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_uploads_own_image_and_bad_images(cifar):
+    at = app_at("pages/evaluate.py", cifar)
+    at.file_uploader(key="own_image").set_value(("photo.png", _png(200, 150), "image/png")).run()
+    assert not at.exception and "Image inspector: your uploaded image" in texts(at)
+    assert "**Predicted:**" in texts(at)
+    at.file_uploader(key="own_image").set_value(("notes.txt", b"not an image at all", "text/plain")).run()
+    assert any("not an image" in e.value for e in at.error)
+    at.file_uploader(key="own_image").set_value(("huge.png", _png(10000, 5000), "image/png")).run()  # 50 megapixels
+    assert any("10000x5000" in e.value for e in at.error) and not at.exception
+
+
+def test_models_page_summary_and_checkpoint_uploads(cifar, tmp_path):
+    at = app_at("pages/models.py", cifar)
+    assert "s8net-ln" in set(at.dataframe[0].value["model"])
+    at.selectbox(key="summary_model").set_value("s8net-bn").run()
+    summary = at.dataframe[1].value
+    assert summary["parameters"].sum() == 37664
+
+    at.file_uploader(key="checkpoint_upload").set_value(("broken.safetensors", b"\x00garbage", "application/octet-stream")).run()
+    assert any("broken.safetensors" in e.value for e in at.error) and not at.exception
+
+    foreign = io.BytesIO()
+    torch.save({"encoder.weight": torch.zeros(4, 4)}, foreign)  # another architecture entirely
+    at.file_uploader(key="checkpoint_upload").set_value(("foreign.pth", foreign.getvalue(), "application/octet-stream")).run()
+    assert any("match no zoo architecture" in e.value for e in at.error)
+
+    good = io.BytesIO()
+    torch.save(load_checkpoint(SHIPPED / "lenet.safetensors").model.state_dict(), good)
+    at.file_uploader(key="checkpoint_upload").set_value(("mine.pth", good.getvalue(), "application/octet-stream")).run()
+    assert any("architecture lenet" in s.value for s in at.success)
+    assert at.sidebar.selectbox(key="checkpoint_label").value == "mine (uploaded)"
+
+
+def test_wrong_data_folder_explains_and_keeps_serving(cifar, tmp_path):
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "x.png")
+    at = app_at("pages/dataset.py", cifar)
+    at.sidebar.text_input(key="data_root").set_value(str(tmp_path)).run()
+    assert not at.exception
+    assert any("No CIFAR-10 data" in w.value for w in at.warning)
+    assert "does not look like CIFAR-10" in "\n".join(c.value for c in at.code)
+    at.switch_page("pages/models.py").run()  # pages that need no data still work
+    assert not at.exception and len(at.dataframe) >= 1
