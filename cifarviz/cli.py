@@ -1,4 +1,6 @@
-"""`python -m cifarviz`: everything the app computes, for scripts and for warming caches before a class."""
+"""`python -m cifarviz`: everything the app computes, for scripts and for warming caches before a class.
+
+Commands: data, models, train, evaluate, export-features, precompute. `--help` after any of them lists its flags."""
 
 from __future__ import annotations
 
@@ -182,6 +184,24 @@ def cmd_export_features(args) -> int:
     return 0
 
 
+def cmd_precompute(args) -> int:
+    """Warm every disk cache a class demo needs: decoded data, statistics, and per-split artifacts."""
+    from .artifacts import artifact_path, split_artifacts
+    from .checkpoint import load_checkpoint
+
+    dataset = _load_data(args)
+    names = args.checkpoint or [p.stem for p in sorted(SHIPPED_DIR.glob("*.safetensors"))]
+    for name in names:
+        checkpoint = load_checkpoint(resolve_checkpoint(name))
+        for split in ("test", "val", "train"):
+            cached = artifact_path(checkpoint, dataset, split).is_file()
+            start = time.perf_counter()
+            split_artifacts(checkpoint, dataset, split, progress=not cached)
+            state = "already cached" if cached else f"computed in {time.perf_counter() - start:.1f} s"
+            print(f"{checkpoint.name:20} {split:5} {state}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -242,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--out", help="output .npz (default CHECKPOINT-SPLIT-features.npz)")
         p.set_defaults(func=func)
+    p = sub.add_parser("precompute", parents=[data_args], help="warm the caches the app uses (run before a class)")
+    p.add_argument("--checkpoint", "-c", action="append", help="checkpoint file or shipped name; repeatable (default: all shipped)")
+    p.set_defaults(func=cmd_precompute)
     return parser
 
 

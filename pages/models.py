@@ -33,7 +33,9 @@ def zoo_table() -> pd.DataFrame:
 @st.cache_data(show_spinner=False)
 def summary_rows(name: str) -> pd.DataFrame:
     model = create_model(name, **({"pretrained": False} if name == "resnet18-transfer" else {}))
-    return pd.DataFrame(layer_table(model))
+    rows = pd.DataFrame(layer_table(model))
+    rows["output_shape"] = rows["output_shape"].map(lambda shape: " x ".join(map(str, shape)))
+    return rows
 
 
 @st.cache_data(show_spinner=False)
