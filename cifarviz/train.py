@@ -137,7 +137,8 @@ def train(
         model.set_normalization(dataset.mean, dataset.std)
     # channels_last suits both cuDNN and oneDNN: about 2x faster convolutions on this 2-core CPU too.
     model = model.to(device, memory_format=torch.channels_last)
-    model.prepare(to_float(images[:5000]))
+    # Data-dependent init (fastnet's whitening) sees a random 5,000: the split is ordered by class.
+    model.prepare(to_float(images[torch.randperm(len(images), generator=generator, device=device)[:5000]]))
 
     optimizer = build_optimizer(model, config)
     steps_per_epoch = math.ceil(len(labels) / config.batch_size)

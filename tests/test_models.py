@@ -82,4 +82,7 @@ def test_fastnet_whitening_decorrelates_patches(cifar_small):
         out = model.whiten(model.normalize(images[:1000]))[:, :12]  # the first half; the rest is its negation
     flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
     cov = torch.cov(flat.T)
-    assert torch.allclose(cov, torch.eye(12), atol=0.1)
+    off_diagonal = cov - torch.diag(torch.diag(cov))
+    assert off_diagonal.abs().max() < 0.05  # decorrelated
+    # unit variance, except the faintest directions, which the eps regulariser deliberately damps
+    assert torch.diag(cov).max() < 1.05 and (torch.diag(cov) > 0.7).sum() >= 10
