@@ -20,8 +20,7 @@ import pandas as pd
 import streamlit as st
 
 from .artifacts import artifact_path, split_artifacts
-from .checkpoint import Checkpoint, load_checkpoint, read_metadata
-from .cli import SHIPPED_DIR
+from .checkpoint import SHIPPED_DIR, Checkpoint, load_checkpoint, read_metadata, save_checkpoint
 from .data import default_data_root, detect_layout, load_cifar10, load_image_file
 from .errors import CifarvizError
 from .explore import ImageRef, grad_cam, nearest_neighbours, overlay_heatmap, to_png
@@ -62,7 +61,7 @@ def get_artifacts(checkpoint: Checkpoint, dataset, split: str):
                                             "(first visit only; cached on disk)")
                 split_artifacts(checkpoint, dataset, split, on_progress=bar.progress)
                 bar.empty()
-    return _artifacts(str(checkpoint.path), _stamp(checkpoint.path), dataset.root.as_posix(), split)
+    return _artifacts(str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix(), split)
 
 
 _COMPUTE_LOCK = threading.Lock()
@@ -73,7 +72,8 @@ def _artifacts(path: str, stamp: float, root: str, split: str):
     return split_artifacts(get_checkpoint(path, stamp), get_dataset(root), split)
 
 
-def _stamp(path) -> float:
+def file_stamp(path) -> float:
+    """Modification time, part of cache keys so a replaced checkpoint file is loaded again."""
     try:
         return Path(path).stat().st_mtime
     except OSError:
@@ -160,7 +160,7 @@ def current_checkpoint(quiet: bool = False) -> Checkpoint | None:
             st.info("No checkpoint selected: train one (`python -m cifarviz train`) or upload one on the Models page.")
         return None
     try:
-        return get_checkpoint(path, _stamp(path))
+        return get_checkpoint(path, file_stamp(path))
     except CifarvizError as exc:
         if not quiet:
             st.error(str(exc))
@@ -172,16 +172,12 @@ def save_uploaded_checkpoint(name: str, data: bytes) -> tuple[str, Checkpoint]:
     if len(data) > UPLOAD_MAX_BYTES:
         raise CifarvizError(f"{name} is {len(data) / 1e6:.0f} MB; the limit is {UPLOAD_MAX_BYTES / 1e6:.0f} MB.")
     checkpoint = load_checkpoint(name, data=data)  # raises CheckpointError with a clear message
-    suffix = Path(name).suffix.lower()
-    if suffix != ".safetensors":  # re-save state dicts as safetensors so they load like any other
-        from .checkpoint import save_checkpoint
-
-        path = cache_dir() / "uploads" / f"{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
-        save_checkpoint(path, checkpoint.model, {"name": Path(name).stem, "notes": f"uploaded as {name}"})
-    else:
-        path = cache_dir() / "uploads" / f"{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
+    path = cache_dir() / "uploads" / f"{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
+    if Path(name).suffix.lower() == ".safetensors":
         with atomic_write(path) as fh:
             fh.write(data)
+    else:  # a state dict: re-save as safetensors, so it loads like every other checkpoint
+        save_checkpoint(path, checkpoint.model, {"name": Path(name).stem, "notes": f"uploaded as {name}"})
     label = f"{Path(name).stem} (uploaded)"
     st.session_state.setdefault("uploaded_checkpoints", {})[label] = str(path)
     return label, checkpoint
@@ -213,12 +209,11 @@ def image_grid(images: np.ndarray, refs: list[ImageRef], captions: list[str], ke
                           args=(ref.split, ref.index), help="Open in the image inspector", width="stretch")
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def _neighbours(path: str, stamp: float, root: str, split: str, index: int, k: int = 8):
-    checkpoint, dataset = get_checkpoint(path, stamp), get_dataset(root)
-    query = get_artifacts(checkpoint, dataset, split).features[index]
-    bank = get_artifacts(checkpoint, dataset, "train").features
-    return nearest_neighbours(query, bank, k=k, exclude=index if split == "train" else None)
+def neighbours(checkpoint: Checkpoint, dataset, ref: ImageRef, k: int = 8):
+    """The k training images nearest to `ref` in the model's feature space: (indices, cosine similarities)."""
+    query = get_artifacts(checkpoint, dataset, ref.split).features[ref.index]
+    bank = get_artifacts(checkpoint, dataset, "train").features  # computed once, with a progress bar
+    return nearest_neighbours(query, bank, k=k, exclude=ref.index if ref.split == "train" else None)
 
 
 def inspector(dataset, checkpoint: Checkpoint | None) -> None:
@@ -275,8 +270,7 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
                      caption=f"Grad-CAM: where the model looked for '{dataset.classes[target]}'")
         if ref.split != "upload":
             st.markdown("**Nearest training images in the model's feature space** (cosine similarity)")
-            idx, sims = _neighbours(str(checkpoint.path), _stamp(checkpoint.path), dataset.root.as_posix(),
-                                    ref.split, ref.index)
+            idx, sims = neighbours(checkpoint, dataset, ref)
             refs = [ImageRef("train", int(i)) for i in idx]
             captions = [f"{dataset.classes[dataset.train.labels[i]]} {s:.2f}" for i, s in zip(idx, sims)]
             image_grid(dataset.train.images[idx], refs, captions, key="neighbours", columns=len(refs))

@@ -27,6 +27,7 @@ from .errors import CheckpointError, ModelError
 from .models import ZooModel, count_parameters, create_model, list_models, model_entry
 from .utils import atomic_write
 
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # pretrained weights shipped in the repo
 FORMAT_VERSION = 1
 METADATA_KEY = "cifarviz"
 

@@ -11,9 +11,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from .checkpoint import SHIPPED_DIR
 from .errors import CifarvizError
-
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:

@@ -28,7 +28,7 @@ def report_for(path: str, stamp: float, root: str, split: str):
     return report, bins, ece
 
 
-report, bins, ece = report_for(str(checkpoint.path), app._stamp(checkpoint.path), dataset.root.as_posix(), split)
+report, bins, ece = report_for(str(checkpoint.path), app.file_stamp(checkpoint.path), dataset.root.as_posix(), split)
 confusion = np.array(report["confusion_matrix"])
 
 m1, m2, m3, m4 = st.columns(4)

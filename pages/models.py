@@ -3,8 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from cifarviz import app
-from cifarviz.checkpoint import read_metadata
-from cifarviz.cli import SHIPPED_DIR
+from cifarviz.checkpoint import SHIPPED_DIR, read_metadata
 from cifarviz.errors import CifarvizError
 from cifarviz.models import count_parameters, create_model, list_models, model_entry
 from cifarviz.recipes import SOURCE_REPORTED
@@ -76,7 +75,7 @@ with tab_curves:
 
 
 def comparison(models: list[str], title: str) -> None:
-    present = [m for m in models if m in set(curves.get("model", []))]
+    present = [m for m in models if not curves.empty and m in set(curves["model"])]
     if not present:
         st.info(f"No shipped checkpoints for {title}.")
         return
