@@ -298,12 +298,19 @@ _deepnet("skip", "3 conv stages + 6 skip-concatenation blocks + 2 FC (Custom_Ski
 
 
 class TorchvisionResNet(ZooModel):
-    def __init__(self, net: nn.Module, mean, std, input_size: int | None = None):
+    def __init__(self, net: nn.Module, mean, std, input_size: int | None = None, frozen_backbone: bool = False):
         super().__init__(mean, std)
         self.head = net.fc
         net.fc = nn.Identity()
         self.features = net
         self.input_size = input_size
+        self.frozen_backbone = frozen_backbone
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_backbone:  # a frozen feature extractor keeps its BatchNorm statistics
+            self.features.eval()
+        return self
 
     def forward_features(self, x):
         x = self.normalize(x)
@@ -356,7 +363,7 @@ def resnet18_transfer(pretrained: bool = True, input_size: int = 224, num_classe
     for p in net.parameters():
         p.requires_grad = False
     net.fc = nn.Linear(net.fc.in_features, num_classes)  # the only trainable layer
-    return TorchvisionResNet(net, IMAGENET_MEAN, IMAGENET_STD, input_size=input_size)
+    return TorchvisionResNet(net, IMAGENET_MEAN, IMAGENET_STD, input_size=input_size, frozen_backbone=True)
 
 
 # --------------------------------------------------------------------------- fastnet (airbench94-style)

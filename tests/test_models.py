@@ -86,3 +86,11 @@ def test_fastnet_whitening_decorrelates_patches(cifar_small):
     assert off_diagonal.abs().max() < 0.05  # decorrelated
     # unit variance, except the faintest directions, which the eps regulariser deliberately damps
     assert torch.diag(cov).max() < 1.05 and (torch.diag(cov) > 0.7).sum() >= 10
+
+
+def test_transfer_backbone_stays_frozen_in_training_mode():
+    model = build("resnet18-transfer").train()
+    assert not model.features.training and model.head.training
+    stats = model.features.bn1.running_mean.clone()
+    model(torch.rand(4, 3, 32, 32))
+    assert torch.equal(stats, model.features.bn1.running_mean)  # ImageNet statistics untouched
