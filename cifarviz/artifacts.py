@@ -50,8 +50,15 @@ def checkpoint_digest(checkpoint: Checkpoint) -> str:
     return checkpoint._digest
 
 
+def split_tta(checkpoint: Checkpoint, split: str) -> str:
+    """Test-time augmentation for a split: the checkpoint's for val/test (reported metrics), none for the
+    training split, whose artifacts feed neighbour search and embeddings (one pass instead of two)."""
+    return "none" if split == "train" else checkpoint.tta
+
+
 def artifact_path(checkpoint: Checkpoint, dataset, split: str) -> Path:
-    key = f"v{ARTIFACT_VERSION}-{checkpoint_digest(checkpoint)}-{dataset.fingerprint}-s{dataset.split_seed}-{split}"
+    key = (f"v{ARTIFACT_VERSION}-{checkpoint_digest(checkpoint)}-{dataset.fingerprint}-s{dataset.split_seed}-{split}"
+           f"-{split_tta(checkpoint, split)}")
     return cache_dir() / "artifacts" / f"{key}.npz"
 
 
@@ -66,7 +73,7 @@ def split_artifacts(checkpoint: Checkpoint, dataset, split: str = "test", *, pro
         except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
             pass
     data = dataset.split(split)
-    preds = predict(checkpoint.model, data.images, tta=checkpoint.tta, progress=progress, device=device,
+    preds = predict(checkpoint.model, data.images, tta=split_tta(checkpoint, split), progress=progress, device=device,
                     desc=f"{checkpoint.name} on {split}", on_progress=on_progress)
     arts = SplitArtifacts(preds.logits.astype(np.float32), preds.features.astype(np.float32), data.labels, split)
     with atomic_write(path) as fh:

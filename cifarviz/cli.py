@@ -139,7 +139,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .artifacts import split_artifacts
+    from .artifacts import split_artifacts, split_tta
     from .checkpoint import load_checkpoint
     from .metrics import classification_report, most_confused_pairs
 
@@ -149,11 +149,12 @@ def cmd_evaluate(args) -> int:
     report = classification_report(arts.labels, arts.predicted, dataset.classes)
     report["most_confused"] = most_confused_pairs(report["confusion_matrix"], dataset.classes, top=5)
     report["checkpoint"] = str(checkpoint.path)
-    report["measured_on"] = {**dataset.describe(), "split": args.split, "tta": checkpoint.tta}
+    report["measured_on"] = {**dataset.describe(), "split": args.split, "tta": split_tta(checkpoint, args.split)}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{checkpoint.name} on {dataset.root} ({args.split}, {len(arts.labels):,} images, TTA {checkpoint.tta})")
+    print(f"{checkpoint.name} on {dataset.root} ({args.split}, {len(arts.labels):,} images, "
+          f"TTA {split_tta(checkpoint, args.split)})")
     print(f"accuracy {report['accuracy']:.4f}\n")
     print(f"{'class':>12} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
     for row in report["per_class"]:
