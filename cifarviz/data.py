@@ -370,7 +370,7 @@ def load_image_file(data: bytes | str | os.PathLike, max_pixels: int = 25_000_00
                 raise DataError(too_big.format(w=img.width, h=img.height, limit=max_pixels))
             img.draft("RGB", (64, 64))  # JPEGs decode at reduced size: large photos stay cheap
             img = img.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+            return np.array(img, dtype=np.uint8)  # a writable copy: torch refuses read-only memory
     except Image.DecompressionBombError as exc:
         raise DataError(f"The image is far too large to open safely ({exc}). Use a smaller image.") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:

@@ -59,8 +59,6 @@ def predict(
     device = pick_device(device) if isinstance(device, str) else device
     was_training = model.training
     model.eval().to(device, memory_format=torch.channels_last)
-    if isinstance(images, np.ndarray) and not images.flags.writeable:
-        images = images.copy()  # e.g. arrays from PIL; torch wants writable memory
     images = torch.as_tensor(images)
     all_logits, all_features = [], []
     try:
