@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,11 @@ class SplitArtifacts:
     labels: np.ndarray
     split: str
 
-    @property
+    @cached_property  # pages read these many times per rerun
     def probs(self) -> np.ndarray:
         return Predictions(self.logits, None).probs
 
-    @property
+    @cached_property
     def predicted(self) -> np.ndarray:
         return self.logits.argmax(1)
 
