@@ -62,7 +62,7 @@ with stats:
         x=alt.X("value:Q", title="pixel value"), y="count:Q",
         color=alt.Color("channel:N", scale=alt.Scale(domain=["red", "green", "blue"], range=["#d62728", "#2ca02c", "#1f77b4"]))
     ).properties(height=220), width="stretch")
-    st.markdown("**The mean image of each class** — the average of its 4,500 training pictures")
+    st.markdown("**The mean image of each class**: the average of all its training pictures")
     cols = st.columns(len(classes))
     for col, name, image in zip(cols, classes, means):
         col.image(to_png(image, scale=4), caption=name, width="stretch")
