@@ -271,7 +271,7 @@ def load_cifar10(
         if root.is_dir() and any(root.iterdir()) and not (root / PYTHON_DIR).exists():
             raise DataError(f"{root.resolve()} does not look like CIFAR-10.\n" + _layout_help(root))
         if not download:
-            raise DataError(f"No CIFAR-10 data found.\n" + _layout_help(root))
+            raise DataError("No CIFAR-10 data found.\n" + _layout_help(root))
         download_cifar10(root, progress=progress)
         layout = detect_layout(root)
 
