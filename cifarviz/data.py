@@ -21,7 +21,7 @@ import json
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +70,6 @@ class CIFAR10:
     layout: str  # "python" or "image-folder"
     fingerprint: str
     split_seed: int
-    info: dict = field(default_factory=dict)
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):

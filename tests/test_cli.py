@@ -72,3 +72,17 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path):
     bad.write_bytes(b"garbage")
     result = run("evaluate", "--checkpoint", str(bad))
     assert result.returncode == 2 and "bad.safetensors" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_precompute_warms_the_app_caches(cifar):
+    from cifarviz.artifacts import artifact_path
+    from cifarviz.checkpoint import load_checkpoint
+
+    result = run("precompute", "-c", "lenet", "--data", str(cifar.root))
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert [line[1] for line in lines] == ["test", "val", "train"]
+    checkpoint = load_checkpoint(REPO / "checkpoints" / "lenet.safetensors")
+    assert all(artifact_path(checkpoint, cifar, split).is_file() for split in ("test", "val", "train"))
+    again = run("precompute", "-c", "lenet", "--data", str(cifar.root))
+    assert again.stdout.count("already cached") == 3
