@@ -1,31 +1,36 @@
 """The explorer's Streamlit helpers: the only module of cifarviz that imports Streamlit.
 
-* cached loaders: datasets and models once per server (st.cache_resource), derived
-  artifacts once per (checkpoint, data) on disk (cifarviz.artifacts), small tables
-  once per server (st.cache_data);
+* cached loaders: datasets and models once per server (st.cache_resource, bounded), derived
+  artifacts once per (checkpoint, data, split) on disk, computed in the background by
+  cifarviz.jobs (a job per key, a file lock per artifact), so one user's wait never holds up
+  another's page;
 * the sidebar that picks the data and the checkpoint for every page;
 * reusable widgets: the clickable image grid and the image inspector every image opens.
+
+Objects cached for the whole server (datasets, models, artifacts) are shared by every
+session and never mutated per request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from pathlib import Path
 
 import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
+import torch
 
-from .artifacts import artifact_path, split_artifacts
+from .artifacts import artifact_path, split_artifacts, split_tta
 from .checkpoint import SHIPPED_DIR, Checkpoint, load_checkpoint, read_metadata, save_checkpoint
 from .data import default_data_root, detect_layout, load_cifar10, load_image_file
 from .errors import CifarvizError
 from .explore import ImageRef, grad_cam, nearest_neighbours, overlay_heatmap, to_png
-from .inference import predict
-from .utils import atomic_write, cache_dir
+from .inference import predict, ready_for
+from .jobs import JOBS, Job
+from .utils import atomic_write, cache_dir, pick_device
 
 RUNS_DIR = Path(os.environ.get("CIFARVIZ_RUNS", "runs"))
 PAGES = (  # (file, title, icon): the explorer's pages, in menu order
@@ -36,35 +41,92 @@ PAGES = (  # (file, title, icon): the explorer's pages, in menu order
 )
 INSPECT_KEY = "inspect"
 UPLOAD_MAX_BYTES = 200 * 1024 * 1024
+UPLOADS_KEPT = 20  # uploaded checkpoints kept on disk; older ones are removed first
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def data_locked() -> bool:
+    """CIFARVIZ_LOCK_DATA=1 (or CIFARVIZ_CLASSROOM=1): the data folder is the server's, not a text box for anyone."""
+    return _env_flag("CIFARVIZ_LOCK_DATA") or _env_flag("CIFARVIZ_CLASSROOM")
+
+
+def uploads_allowed() -> bool:
+    """CIFARVIZ_NO_UPLOADS=1 (or CIFARVIZ_CLASSROOM=1) turns off checkpoint and image uploads."""
+    return not (_env_flag("CIFARVIZ_NO_UPLOADS") or _env_flag("CIFARVIZ_CLASSROOM"))
 
 
 # --------------------------------------------------------------------------- cached loaders
 
 
-@st.cache_resource(show_spinner="Loading CIFAR-10 (decoded once, then cached on disk)...")
+def canonical_root(text: str) -> str:
+    """One spelling per folder (`data`, `./data/`, `~/x/../data`...), so the dataset cache holds it once."""
+    return str(Path(text or default_data_root()).expanduser().resolve())
+
+
+@st.cache_resource(show_spinner="Loading CIFAR-10 (decoded once, then cached on disk)...", max_entries=2)
 def get_dataset(root: str):
     return load_cifar10(root, download=False, progress=False)
 
 
 @st.cache_resource(show_spinner="Loading model...", max_entries=8)
 def get_checkpoint(path: str, stamp: float) -> Checkpoint:  # stamp: a changed file is loaded again
-    return load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
+    device = pick_device("auto")
+    if not ready_for(checkpoint.model, device):  # once, before any user shares it
+        checkpoint.model.to(device, memory_format=torch.channels_last)
+    return checkpoint
+
+
+def artifacts_job(checkpoint: Checkpoint, dataset, split: str, *, background: bool = False) -> Job | None:
+    """The computation of a split's artifacts, started (or joined) if they are not on disk yet; None if they are."""
+    path = artifact_path(checkpoint, dataset, split)
+    if path.is_file():
+        return None
+    return JOBS.start(str(path), lambda report: split_artifacts(checkpoint, dataset, split, on_progress=report),
+                      background=background)
+
+
+def artifacts_ready(checkpoint: Checkpoint, dataset, split: str) -> bool:
+    return artifact_path(checkpoint, dataset, split).is_file()
+
+
+def prefetch(checkpoint: Checkpoint | None, dataset) -> None:
+    """Start computing, in the background, what the inspector and other pages will ask for next."""
+    if checkpoint is not None and dataset is not None:
+        for split in ("test", "train", "val"):
+            artifacts_job(checkpoint, dataset, split, background=True)
 
 
 def get_artifacts(checkpoint: Checkpoint, dataset, split: str):
-    """Predictions/features of a split: computed once ever (with a progress bar), then read from disk once
-    per server. A lock stops 30 students who open the page together from computing it 30 times."""
-    if not artifact_path(checkpoint, dataset, split).is_file():
-        with _COMPUTE_LOCK:
-            if not artifact_path(checkpoint, dataset, split).is_file():
-                bar = st.progress(0.0, text=f"Computing {checkpoint.name} on the {split} split "
-                                            "(first visit only; cached on disk)")
-                split_artifacts(checkpoint, dataset, split, on_progress=bar.progress)
-                bar.empty()
+    """Predictions/features of a split. If they are still being computed, this run ends with a progress bar
+    that fills in by itself and reruns the page when they are ready (nothing stale stays on screen)."""
+    job = artifacts_job(checkpoint, dataset, split)
+    if job is not None:
+        label = (f"Computing {checkpoint.name} on the {len(dataset.split(split)):,} {split} images "
+                 "(first visit only; cached on disk for everyone)")
+        wait_for(job, label)
     return _artifacts(str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix(), split)
 
 
-_COMPUTE_LOCK = threading.Lock()
+def wait_for(job: Job, label: str) -> None:
+    """Return at once if `job` is done; else draw its progress (refreshed twice a second) and stop this run."""
+    if job.done and job.error is None:
+        return
+    if job.done:
+        st.error(f"{label} failed: {job.error}")
+        st.stop()
+
+    @st.fragment(run_every=0.5)
+    def progress() -> None:
+        if job.done:
+            st.rerun()  # the whole page, now with the result
+        st.progress(job.progress, text=f"{label}: {job.progress:.0%}")
+
+    progress()
+    st.stop()
 
 
 @st.cache_resource(show_spinner=False, max_entries=24)
@@ -90,7 +152,8 @@ def checkpoint_choices() -> dict[str, str]:
         for path in sorted(Path(folder).glob("*.safetensors")):
             choices[f"{path.stem} ({tag})"] = str(path)
     for label, path in st.session_state.get("uploaded_checkpoints", {}).items():
-        choices[label] = path
+        if Path(path).is_file():  # uploads are pruned on disk when many accumulate
+            choices[label] = path
     return choices
 
 
@@ -101,7 +164,9 @@ def _remember(key: str) -> None:
 def sidebar() -> None:
     """Data source and checkpoint pickers. Every page draws them first; their values are mirrored in
     session state (the usual multipage pattern), so a choice holds across pages."""
-    st.session_state["data_root"] = st.session_state.get("_data_root") or str(default_data_root())
+    locked = data_locked()
+    st.session_state["data_root"] = (str(default_data_root()) if locked
+                                     else st.session_state.get("_data_root") or str(default_data_root()))
     choices = checkpoint_choices()
     labels = list(choices)
     wanted = st.session_state.pop("checkpoint_label_request", None) or st.session_state.get("_checkpoint_label")
@@ -112,16 +177,17 @@ def sidebar() -> None:
         for path, title, icon in PAGES:
             st.page_link(path, label=title, icon=icon)
         st.divider()
-        st.text_input("Data folder", key="data_root", on_change=_remember, args=("data_root",),
-                      help="CIFAR-10 python archive folder or an image-folder tree (train/<class>, test/<class>). "
-                           "Defaults to $CIFARVIZ_DATA, else ./data.")
+        st.text_input("Data folder", key="data_root", on_change=_remember, args=("data_root",), disabled=locked,
+                      help="Set by the server for this class (CIFARVIZ_LOCK_DATA)." if locked else
+                      "CIFAR-10 python archive folder or an image-folder tree (train/<class>, test/<class>). "
+                      "Defaults to $CIFARVIZ_DATA, else ./data.")
         st.selectbox("Checkpoint", labels, key="checkpoint_label", on_change=_remember, args=("checkpoint_label",),
                      help="Shipped checkpoints, your runs (runs/), and checkpoints uploaded on the Models page.")
 
 
 def current_dataset(required: bool = True):
     """The selected dataset, or None after drawing a page that explains how to get data."""
-    root = st.session_state.get("data_root") or str(default_data_root())
+    root = canonical_root(st.session_state.get("data_root", ""))
     try:
         return get_dataset(root)
     except CifarvizError as exc:
@@ -137,9 +203,11 @@ def no_data_help(root: str, message: str) -> None:
         "**How to provide it**\n"
         "- Point the *Data folder* in the sidebar (or `CIFARVIZ_DATA`) at a copy of CIFAR-10: the python archive "
         "folder `cifar-10-batches-py/`, or an image-folder tree `train/<class>/*.png`, `test/<class>/*.png`.\n"
-        "- Or download the original (170 MB) into the folder below."
+        "- Or download the original (170 MB) with `python -m cifarviz data --download --data FOLDER`."
     )
-    if st.button("Download CIFAR-10 into " + str(Path(root).resolve()), key="download-data"):
+    if data_locked():  # only the server's own folder; students never choose where the server writes
+        return
+    if st.button("Download CIFAR-10 into " + root, key="download-data"):
         from .data import download_cifar10
 
         try:
@@ -167,20 +235,34 @@ def current_checkpoint(quiet: bool = False) -> Checkpoint | None:
         return None
 
 
-def save_uploaded_checkpoint(name: str, data: bytes) -> tuple[str, Checkpoint]:
-    """Validate an uploaded checkpoint (safely), keep it on disk, and offer it in the sidebar."""
+def save_uploaded_checkpoint(name: str, data: bytes, architecture: str | None = None) -> tuple[str, Checkpoint]:
+    """Validate an uploaded checkpoint (safely), keep it on disk, and offer it in the sidebar.
+
+    `architecture` answers an AmbiguousArchitectureError (state dicts that fit several zoo models)."""
+    if not uploads_allowed():
+        raise CifarvizError("Uploads are turned off on this server (CIFARVIZ_NO_UPLOADS / CIFARVIZ_CLASSROOM).")
     if len(data) > UPLOAD_MAX_BYTES:
         raise CifarvizError(f"{name} is {len(data) / 1e6:.0f} MB; the limit is {UPLOAD_MAX_BYTES / 1e6:.0f} MB.")
-    checkpoint = load_checkpoint(name, data=data)  # raises CheckpointError with a clear message
-    path = cache_dir() / "uploads" / f"{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
+    checkpoint = load_checkpoint(name, data=data, architecture=architecture)  # a clear CheckpointError if bad
+    folder = cache_dir() / "uploads"
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
     if Path(name).suffix.lower() == ".safetensors":
         with atomic_write(path) as fh:
             fh.write(data)
     else:  # a state dict: re-save as safetensors, so it loads like every other checkpoint
         save_checkpoint(path, checkpoint.model, {"name": Path(name).stem, "notes": f"uploaded as {name}"})
+    prune_uploads(folder, keep=UPLOADS_KEPT)
     label = f"{Path(name).stem} (uploaded)"
     st.session_state.setdefault("uploaded_checkpoints", {})[label] = str(path)
     return label, checkpoint
+
+
+def prune_uploads(folder: Path, keep: int) -> None:
+    """Keep the `keep` newest uploaded checkpoints: a class cannot fill the server's disk."""
+    files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in files[keep:]:
+        for leftover in (old, old.with_suffix(".json")):
+            leftover.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- image grid and inspector
@@ -195,7 +277,7 @@ def close_inspector() -> None:
 
 
 def image_grid(images: np.ndarray, refs: list[ImageRef], captions: list[str], key: str, columns: int = 8) -> None:
-    """A grid of images; each one's button opens it in the inspector."""
+    """A grid of images; each one's button (its caption, wrapped, never cut) opens it in the inspector."""
     if len(refs) == 0:
         st.caption("No images.")
         return
@@ -206,18 +288,13 @@ def image_grid(images: np.ndarray, refs: list[ImageRef], captions: list[str], ke
                 st.image(to_png(images[i], scale=3), width="stretch")
                 ref = refs[i]
                 st.button(captions[i], key=f"{key}-{ref.split}-{ref.index}", on_click=open_inspector,
-                          args=(ref.split, ref.index), help="Open in the image inspector", width="stretch")
-
-
-def neighbours(checkpoint: Checkpoint, dataset, ref: ImageRef, k: int = 8):
-    """The k training images nearest to `ref` in the model's feature space: (indices, cosine similarities)."""
-    query = get_artifacts(checkpoint, dataset, ref.split).features[ref.index]
-    bank = get_artifacts(checkpoint, dataset, "train").features  # computed once, with a progress bar
-    return nearest_neighbours(query, bank, k=k, exclude=ref.index if ref.split == "train" else None)
+                          args=(ref.split, ref.index), help="Open in the image inspector", width="stretch", wrap=True)
 
 
 def inspector(dataset, checkpoint: Checkpoint | None) -> None:
-    """Open the image inspector if an image was clicked. Every page calls this once, at its end."""
+    """Open the image inspector if an image was clicked. Every page calls this once, at its end; it also
+    starts computing, in the background, the features the inspector's neighbours need."""
+    prefetch(checkpoint, dataset)
     if st.session_state.get(INSPECT_KEY) is not None and dataset is not None:
         _inspector_dialog(dataset, checkpoint)
 
@@ -237,52 +314,95 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
         if not 0 <= ref.index < len(split):
             return
         image, label = split.images[ref.index], int(split.labels[ref.index])
+    classes = list(dataset.classes)
 
     with st.container(key="inspector"):
-        title = f"{ref.split} image #{ref.index}" if ref.split != "upload" else "your uploaded image"
-        st.subheader(f"Image inspector: {title}")
-        left, middle, right = st.columns([1, 1.4, 1.1])
+        title = f"{ref.split.capitalize()} image #{ref.index}" if ref.split != "upload" else "Your uploaded image"
+        st.markdown(f"#### {title}" + (f" · true label: {classes[label]}" if label is not None else ""))
+        left, middle, right = st.columns([1, 1.5, 1.1])
         with left:
             st.image(to_png(image, scale=8), width="stretch")
             if label is not None:
-                st.markdown(f"**True label:** {dataset.classes[label]}")
+                st.markdown(f"**True label:** {classes[label]}")
         if checkpoint is None:
+            st.info("Pick a checkpoint in the sidebar to see the model's prediction.")
             return
-        probs = _probabilities(checkpoint, dataset, ref, image)
+        probs = image_probabilities(checkpoint, dataset, ref, image)
         predicted = int(probs.argmax())
         verdict = "" if label is None else (" — correct" if predicted == label else " — wrong")
         with left:
-            st.markdown(f"**Predicted:** {dataset.classes[predicted]} ({probs[predicted]:.1%}){verdict}",
-                        help=f"by {checkpoint.name}")
+            st.markdown(f"**Predicted:** {classes[predicted]} ({probs[predicted]:.1%}){verdict}",
+                        help=f"by {checkpoint.name}" + (" with flip test-time augmentation"
+                                                         if _tta(checkpoint, ref) == "flip" else ""))
         with middle:
-            frame = pd.DataFrame({"class": dataset.classes, "probability": probs})
-            chart = alt.Chart(frame).mark_bar().encode(
-                x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
-                y=alt.Y("class:N", sort=list(dataset.classes), title=None),
-                color=alt.condition(alt.datum["class"] == dataset.classes[predicted], alt.value("#d62728"),
-                                    alt.value("#4c78a8")),
-                tooltip=["class", alt.Tooltip("probability:Q", format=".2%")],
-            ).properties(height=260, title=f"Class probabilities ({checkpoint.name})")
-            st.altair_chart(chart, width="stretch")
+            st.altair_chart(probability_chart(probs, classes, predicted, checkpoint.name), width="stretch")
         with right:
-            heat, target = grad_cam(checkpoint.model, image)
+            explained = st.selectbox("Grad-CAM explains", classes, index=predicted, key=f"cam-{ref.split}-{ref.index}",
+                                     help="Defaults to the predicted class; pick another to see its evidence.")
+            heat, target = grad_cam(checkpoint.model, image, target_class=classes.index(explained))
+            note = "the predicted class" if target == predicted else "not the predicted class"
             st.image(to_png(overlay_heatmap(image, heat), scale=8), width="stretch",
-                     caption=f"Grad-CAM: where the model looked for '{dataset.classes[target]}'")
+                     caption=f"Where the model found evidence for '{classes[target]}' ({note})")
         if ref.split != "upload":
             st.markdown("**Nearest training images in the model's feature space** (cosine similarity)")
-            idx, sims = neighbours(checkpoint, dataset, ref)
-            refs = [ImageRef("train", int(i)) for i in idx]
-            captions = [f"{dataset.classes[dataset.train.labels[i]]} {s:.2f}" for i, s in zip(idx, sims)]
-            image_grid(dataset.train.images[idx], refs, captions, key="neighbours", columns=len(refs))
+            neighbours_section(checkpoint, dataset, ref, image)
         if st.button("Close", key="inspector-close", icon=":material/close:"):
             close_inspector()
             st.rerun()
 
 
-def _probabilities(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np.ndarray) -> np.ndarray:
-    if ref.split == "upload":
-        return predict(checkpoint.model, image[None], tta=checkpoint.tta, features=False).probs[0]
-    return get_artifacts(checkpoint, dataset, ref.split).probs[ref.index]
+def _tta(checkpoint: Checkpoint, ref: ImageRef) -> str:
+    return checkpoint.tta if ref.split == "upload" else split_tta(checkpoint, ref.split)
+
+
+def image_probabilities(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np.ndarray) -> np.ndarray:
+    """The class probabilities the pages show for this image: from the split's artifacts when they are ready
+    (the same numbers as Evaluate), else computed for this one image with the same test-time augmentation."""
+    if ref.split != "upload" and artifacts_ready(checkpoint, dataset, ref.split):
+        return get_artifacts(checkpoint, dataset, ref.split).probs[ref.index]
+    return predict(checkpoint.model, image[None], tta=_tta(checkpoint, ref), features=False).probs[0]
+
+
+def probability_chart(probs: np.ndarray, classes: list[str], predicted: int, model_name: str) -> alt.Chart:
+    frame = pd.DataFrame({"class": classes, "probability": probs})
+    return alt.Chart(frame, title=alt.Title(f"Class probabilities ({model_name})", fontSize=15)).mark_bar().encode(
+        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%", labelFontSize=13)),
+        y=alt.Y("class:N", sort=classes, title=None,
+                axis=alt.Axis(labelFontSize=14, labelOverlap=False, labelLimit=200)),
+        color=alt.condition(alt.datum["class"] == classes[predicted], alt.value("#d62728"), alt.value("#4c78a8")),
+        tooltip=["class", alt.Tooltip("probability:Q", format=".2%")],
+    ).properties(height=26 * len(classes) + 30)
+
+
+def neighbours_section(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np.ndarray, k: int = 8) -> None:
+    """The k training images nearest to `ref`: at once when the training features are ready, else a progress
+    bar that fills in by itself (the rest of the inspector is already usable)."""
+    job = artifacts_job(checkpoint, dataset, "train")
+    if job is None:
+        idx, sims = nearest_training_images(checkpoint, dataset, ref, image, k)
+        refs = [ImageRef("train", int(i)) for i in idx]
+        captions = [f"{dataset.classes[dataset.train.labels[i]]} {s:.2f}" for i, s in zip(idx, sims)]
+        image_grid(dataset.train.images[idx], refs, captions, key="neighbours", columns=len(refs))
+        return
+
+    @st.fragment(run_every=1.0)
+    def pending() -> None:
+        if job.done:
+            st.rerun()  # redraw the page and this inspector with the neighbours
+        st.progress(job.progress, text=f"Computing the features of the {len(dataset.train):,} training images "
+                                       f"(once per checkpoint, for everyone): {job.progress:.0%}")
+
+    pending()
+
+
+def nearest_training_images(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np.ndarray, k: int = 8):
+    """(indices, cosine similarities) of the k nearest training images in the model's feature space."""
+    if artifacts_ready(checkpoint, dataset, ref.split):
+        query = get_artifacts(checkpoint, dataset, ref.split).features[ref.index]
+    else:
+        query = predict(checkpoint.model, image[None], features=True).features[0]
+    bank = get_artifacts(checkpoint, dataset, "train").features
+    return nearest_neighbours(query, bank, k=k, exclude=ref.index if ref.split == "train" else None)
 
 
 def read_upload_image(uploaded) -> np.ndarray | None:

@@ -1,13 +1,17 @@
 """Derived artifacts (logits, penultimate features, labels) computed once per (checkpoint, data, split).
 
-They are cached on disk under the cache directory, keyed by the checkpoint's content
-hash and the data fingerprint, so the CLI, the app, a second browser tab and a
-restarted server all reuse one computation.
+They are cached on disk under the cache directory, keyed by everything that determines
+their content: the checkpoint's weights and test-time augmentation, the data's
+fingerprint, and the exact images of the split (so another validation size, split seed or
+subset never reads a stale file). The CLI, the app, a second browser tab and a restarted
+server all reuse one computation; a file lock per artifact makes two processes that ask
+at once compute it once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -16,9 +20,10 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .inference import Predictions, predict
+from .jobs import file_lock
 from .utils import atomic_write, cache_dir
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 
 
 @dataclass
@@ -37,18 +42,27 @@ class SplitArtifacts:
         return self.logits.argmax(1)
 
 
+_WEIGHT_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> digest, never stored on it
+
+
 def checkpoint_digest(checkpoint: Checkpoint) -> str:
-    """Content hash of the weights (not the path), so a re-trained file never serves stale artifacts."""
-    cached = getattr(checkpoint, "_digest", None)
-    if cached:
-        return cached
-    digest = hashlib.sha256()
-    for key, value in sorted(checkpoint.model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(checkpoint.tta.encode())
-    checkpoint._digest = digest.hexdigest()[:16]
-    return checkpoint._digest
+    """Content hash of the weights (not the path) and the TTA, so a re-trained file never serves stale artifacts."""
+    weights = _WEIGHT_DIGESTS.get(checkpoint.model)
+    if weights is None:
+        digest = hashlib.sha256()
+        for key, value in sorted(checkpoint.model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        weights = _WEIGHT_DIGESTS[checkpoint.model] = digest.hexdigest()
+    return hashlib.sha256(f"{weights}-{checkpoint.tta}".encode()).hexdigest()[:16]
+
+
+def split_digest(dataset, split: str) -> str:
+    """Which images a split holds (their indices in the source), so val size, split seed and subsets all count."""
+    data = dataset.split(split)
+    digest = hashlib.sha256(f"{dataset.fingerprint}-{split}-{len(data)}".encode())
+    digest.update(np.ascontiguousarray(data.source_index, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def split_tta(checkpoint: Checkpoint, split: str) -> str:
@@ -58,25 +72,32 @@ def split_tta(checkpoint: Checkpoint, split: str) -> str:
 
 
 def artifact_path(checkpoint: Checkpoint, dataset, split: str) -> Path:
-    key = (f"v{ARTIFACT_VERSION}-{checkpoint_digest(checkpoint)}-{dataset.fingerprint}-s{dataset.split_seed}-{split}"
+    key = (f"v{ARTIFACT_VERSION}-{checkpoint_digest(checkpoint)}-{split_digest(dataset, split)}-{split}"
            f"-{split_tta(checkpoint, split)}")
     return cache_dir() / "artifacts" / f"{key}.npz"
+
+
+def _read(path: Path, split: str) -> SplitArtifacts | None:
+    try:
+        with np.load(path) as z:
+            return SplitArtifacts(z["logits"], z["features"], z["labels"], split)
+    except Exception:  # noqa: BLE001 - a missing or damaged cache file is (re)computed
+        return None
 
 
 def split_artifacts(checkpoint: Checkpoint, dataset, split: str = "test", *, progress: bool = False,
                     device: str = "auto", on_progress=None) -> SplitArtifacts:
     """Logits, features and labels of `split`, from the disk cache or computed (and cached) now."""
     path = artifact_path(checkpoint, dataset, split)
-    if path.is_file():
-        try:
-            with np.load(path) as z:
-                return SplitArtifacts(z["logits"], z["features"], z["labels"], split)
-        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
-            pass
-    data = dataset.split(split)
-    preds = predict(checkpoint.model, data.images, tta=split_tta(checkpoint, split), progress=progress, device=device,
-                    desc=f"{checkpoint.name} on {split}", on_progress=on_progress)
-    arts = SplitArtifacts(preds.logits.astype(np.float32), preds.features.astype(np.float32), data.labels, split)
-    with atomic_write(path) as fh:
-        np.savez(fh, logits=arts.logits, features=arts.features, labels=arts.labels)
+    if path.is_file() and (arts := _read(path, split)) is not None:
+        return arts
+    with file_lock(path):  # another process may be computing it: wait, then read its result
+        if path.is_file() and (arts := _read(path, split)) is not None:
+            return arts
+        data = dataset.split(split)
+        preds = predict(checkpoint.model, data.images, tta=split_tta(checkpoint, split), progress=progress,
+                        device=device, desc=f"{checkpoint.name} on {split}", on_progress=on_progress)
+        arts = SplitArtifacts(preds.logits.astype(np.float32), preds.features.astype(np.float32), data.labels, split)
+        with atomic_write(path) as fh:
+            np.savez(fh, logits=arts.logits, features=arts.features, labels=arts.labels)
     return arts

@@ -6,8 +6,10 @@ same picture in every view and in the image inspector.
 
 from __future__ import annotations
 
+import copy
 import io
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -80,6 +82,14 @@ def channel_histograms(images: np.ndarray, bins: int = 32) -> dict[str, np.ndarr
 
 
 def to_png(image: np.ndarray, scale: int = 1) -> bytes:
+    """PNG bytes of a uint8 image enlarged `scale` times; memoised, since pages redraw the same images on every rerun."""
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    return _png(image.tobytes(), image.shape, scale)
+
+
+@lru_cache(maxsize=4096)  # ~4096 small PNGs of a few KB each
+def _png(pixels: bytes, shape: tuple, scale: int) -> bytes:
+    image = np.frombuffer(pixels, dtype=np.uint8).reshape(shape)
     pil = Image.fromarray(image)
     if scale != 1:
         pil = pil.resize((image.shape[1] * scale, image.shape[0] * scale), Image.Resampling.NEAREST)
@@ -107,8 +117,11 @@ def _last_spatial_conv(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Modu
 
 
 def grad_cam(model: torch.nn.Module, image: np.ndarray, target_class: int | None = None) -> tuple[np.ndarray, int]:
-    """Grad-CAM heat map (32, 32) in [0, 1] for one uint8 image, and the class it explains."""
-    model.eval()
+    """Grad-CAM heat map (32, 32) in [0, 1] for one uint8 image, and the class it explains.
+
+    Pass the class the page calls predicted (with test-time augmentation the plain argmax can differ).
+    Hooks and gradients go on a private copy: the model is shared by every user of the server."""
+    model = copy.deepcopy(model).eval()
     x = to_float(torch.from_numpy(image[None]).to(next(model.parameters()).device))
     layer = _last_spatial_conv(model, x)
     store = {}

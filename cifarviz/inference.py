@@ -35,6 +35,19 @@ def autocast_context(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def ready_for(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether `model` is on `device` in channels_last (about 2x faster convolutions, on CPU too).
+
+    The app prepares each model once when it loads it, so a model shared by many users is not
+    converted under their feet; `predict` converts only a model that is not ready."""
+    def same(d: torch.device) -> bool:  # "cuda" means any current CUDA device, "cuda:0" one
+        return d == device or (device.index is None and d.type == device.type)
+
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    return all(same(p.device) for p in model.parameters()) and all(
+        p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+
+
 @torch.no_grad()
 def predict(
     model: torch.nn.Module,
@@ -58,7 +71,10 @@ def predict(
         raise ValueError(f"tta must be one of {TTA_MODES}, not {tta!r}")
     device = pick_device(device) if isinstance(device, str) else device
     was_training = model.training
-    model.eval().to(device, memory_format=torch.channels_last)
+    if was_training:
+        model.eval()
+    if not ready_for(model, device):
+        model.to(device, memory_format=torch.channels_last)
     images = torch.as_tensor(images)
     all_logits, all_features = [], []
     try:
@@ -76,7 +92,8 @@ def predict(
             if on_progress is not None:
                 on_progress(min(1.0, (start + batch_size) / len(images)))
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return Predictions(
         logits=torch.cat(all_logits).numpy() if all_logits else np.zeros((0, 10), np.float32),
         features=torch.cat(all_features).numpy() if features and all_features else None,

@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from cifarviz import app
+from cifarviz.artifacts import split_tta
 from cifarviz.explore import ImageRef, confusion_cell_indices, misclassified_by_confidence
 from cifarviz.metrics import classification_report, most_confused_pairs, reliability
 
@@ -16,8 +17,12 @@ if dataset is None or checkpoint is None:
 classes = list(dataset.classes)
 
 split = st.segmented_control("Split", ["test", "val"], default="test", key="eval_split", required=True)
-arts = app.get_artifacts(checkpoint, dataset, split)
 data = dataset.split(split)
+tta = " with flip test-time augmentation" if split_tta(checkpoint, split) == "flip" else ""
+st.markdown(f"Evaluating **{checkpoint.name}** ({checkpoint.model.arch_name}, "
+            f"{sum(p.numel() for p in checkpoint.model.parameters()):,} parameters) on the **{len(data):,} {split} "
+            f"images** of `{dataset.root.name}`{tta}.")
+arts = app.get_artifacts(checkpoint, dataset, split)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -37,36 +42,48 @@ m2.metric("Macro F1", f"{report['macro']['f1']:.3f}")
 m3.metric("Expected calibration error", f"{ece:.3f}")
 m4.metric("Mistakes", f"{int((arts.predicted != arts.labels).sum()):,}")
 
+st.session_state.setdefault("cm_true", "cat" if "cat" in classes else classes[0])
+st.session_state.setdefault("cm_pred", "dog" if "dog" in classes else classes[-1])
+
+
+def _cell_picked_by_hand() -> None:
+    """The dropdowns changed: start the chart afresh, so a click on any cell (even the last one) applies again."""
+    st.session_state["cm_chart_round"] = st.session_state.get("cm_chart_round", 0) + 1
+
+
 left, right = st.columns([1.2, 1])
 with left:
     st.subheader("Confusion matrix")
-    st.caption("Click a cell to see its images.")
+    st.caption("Rows: true class, columns: predicted class. Click a cell to see its images below.")
     cells = pd.DataFrame([{"true": classes[i], "predicted": classes[j], "count": int(confusion[i, j])}
                           for i in range(len(classes)) for j in range(len(classes))])  # fmt: skip
     pick = alt.selection_point(name="cell", fields=["true", "predicted"], on="click", clear=False)
-    base = alt.Chart(cells).encode(x=alt.X("predicted:N", sort=classes, axis=alt.Axis(labelAngle=-45, labelOverlap=False)),
-                                   y=alt.Y("true:N", sort=classes))
+    axis = {"labelFontSize": 13, "titleFontSize": 15, "labelOverlap": False, "labelLimit": 120}
+    base = alt.Chart(cells).encode(x=alt.X("predicted:N", sort=classes, axis=alt.Axis(labelAngle=-45, **axis)),
+                                   y=alt.Y("true:N", sort=classes, axis=alt.Axis(**axis)))
+    shown_cell = (alt.datum.true == st.session_state["cm_true"]) & (alt.datum.predicted == st.session_state["cm_pred"])
     heat = base.mark_rect().encode(
         color=alt.Color("count:Q", scale=alt.Scale(type="symlog", scheme="blues"), legend=None),
-        stroke=alt.condition(pick, alt.value("#d62728"), alt.value(None)), strokeWidth=alt.value(3),
+        stroke=alt.condition(shown_cell, alt.value("#d62728"), alt.value(None)), strokeWidth=alt.value(4),
         tooltip=["true", "predicted", "count"]).add_params(pick)
-    text = base.mark_text(fontSize=11).encode(
+    text = base.mark_text(fontSize=13).encode(
         text="count:Q", color=alt.condition(alt.datum.count > confusion.max() / 3, alt.value("white"), alt.value("black")))
-    event = st.altair_chart((heat + text).properties(height=430), on_select="rerun", key="confusion", width="stretch")
+    event = st.altair_chart((heat + text).properties(height=470), on_select="rerun", width="stretch",
+                            key=f"confusion-{st.session_state.get('cm_chart_round', 0)}")
     chosen = (event.selection.get("cell") or [None])[0] if event else None
-    if chosen and (chosen["true"], chosen["predicted"]) != st.session_state.get("cm_last_click"):
-        st.session_state["cm_last_click"] = (chosen["true"], chosen["predicted"])
+    if chosen:
         st.session_state["cm_true"], st.session_state["cm_pred"] = chosen["true"], chosen["predicted"]
 with right:
     st.subheader("Per-class precision, recall, F1")
-    st.dataframe(pd.DataFrame(report["per_class"]).round(3), hide_index=True, height=420)
+    share = st.column_config.NumberColumn(format="percent")
+    st.dataframe(pd.DataFrame(report["per_class"]), hide_index=True, height=420,
+                 column_config={"precision": share, "recall": share, "f1": share,
+                                "support": st.column_config.NumberColumn(format="localized")})
 
 st.subheader("Images of one cell")
 a, b = st.columns(2)
-st.session_state.setdefault("cm_true", "cat")
-st.session_state.setdefault("cm_pred", "dog")
-true_name = a.selectbox("True class", classes, key="cm_true")
-pred_name = b.selectbox("Predicted class", classes, key="cm_pred")
+true_name = a.selectbox("True class", classes, key="cm_true", on_change=_cell_picked_by_hand)
+pred_name = b.selectbox("Predicted class", classes, key="cm_pred", on_change=_cell_picked_by_hand)
 cell = confusion_cell_indices(arts.labels, arts.predicted, classes.index(true_name), classes.index(pred_name))
 cell = cell[np.argsort(-arts.probs[cell, classes.index(pred_name)], kind="stable")][:48]
 st.caption(f"{int(confusion[classes.index(true_name), classes.index(pred_name)])} {split} images are {true_name} "
@@ -94,7 +111,11 @@ with c2:
     st.altair_chart((bars + diagonal).properties(height=260, title=f"ECE {ece:.3f}"), width="stretch")
 
 st.subheader("Try your own image")
-upload = st.file_uploader("A photo (PNG/JPEG); it is resized to 32x32 like CIFAR-10", type=None, key="own_image")
+upload = None
+if app.uploads_allowed():
+    upload = st.file_uploader("A photo (PNG/JPEG); it is resized to 32x32 like CIFAR-10", type=None, key="own_image")
+else:
+    st.caption("Uploads are turned off on this server.")
 if upload is not None:
     image = app.read_upload_image(upload)
     if image is not None and st.session_state.get("uploaded_image_id") != upload.file_id:

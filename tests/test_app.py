@@ -2,6 +2,7 @@
 
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,16 @@ def app_at(page: str, cifar) -> AppTest:
     at.switch_page(page).run()
     assert not at.exception, [e.value for e in at.exception]
     return at
+
+
+def wait_for_neighbours(at, timeout: float = 300) -> None:
+    """The inspector fills in its neighbours when the training features (computed in the background) are ready."""
+    deadline = time.monotonic() + timeout
+    while not any(b.key and b.key.startswith("neighbours-train-") for b in at.button):
+        assert time.monotonic() < deadline, "the neighbours never arrived"
+        time.sleep(1)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
 
 
 def texts(at) -> str:
@@ -65,7 +76,7 @@ def test_dataset_page_grids_filters_and_inspector(cifar):
     # clicking an image opens the inspector with that image
     shown[3].click().run()
     index = int(shown[3].key.rsplit("-", 1)[1])
-    assert f"Image inspector: test image #{index}" in texts(at)
+    assert f"Test image #{index}" in texts(at)
     assert "**True label:** frog" in texts(at)
 
 
@@ -81,10 +92,12 @@ def test_evaluate_confusion_cell_and_inspector(cifar, fastnet_test):
     button = next(b for b in at.button if b.key == f"cell-test-{shown[0]}")
     button.click().run()
     page = texts(at)
-    assert f"Image inspector: test image #{shown[0]}" in page and "**Predicted:** dog" in page
+    assert f"Test image #{shown[0]}" in page and "**Predicted:** dog" in page
     assert "Nearest training images" in page
+    wait_for_neighbours(at)
+    assert len([b for b in at.button if b.key and b.key.startswith("neighbours-train-")]) == 8
     at.button(key="inspector-close").click().run()
-    assert "Image inspector" not in texts(at) and "inspect" not in at.session_state
+    assert "Test image #" not in texts(at) and "inspect" not in at.session_state
 
 
 def test_switching_checkpoint_changes_the_numbers(cifar):
@@ -106,7 +119,7 @@ def _png(width, height, colour=(20, 200, 30)) -> bytes:
 def test_uploads_own_image_and_bad_images(cifar):
     at = app_at("pages/evaluate.py", cifar)
     at.file_uploader(key="own_image").set_value(("photo.png", _png(200, 150), "image/png")).run()
-    assert not at.exception and "Image inspector: your uploaded image" in texts(at)
+    assert not at.exception and "Your uploaded image" in texts(at)
     assert "**Predicted:**" in texts(at)
     at.file_uploader(key="own_image").set_value(("notes.txt", b"not an image at all", "text/plain")).run()
     assert any("not an image" in e.value for e in at.error)

@@ -69,3 +69,35 @@ def test_grad_cam_highlights_what_drives_the_class():
     assert other == (target + 1) % 10 and not np.allclose(heat, heat_other)
     blended = overlay_heatmap(image, heat)
     assert blended.shape == image.shape and blended.dtype == np.uint8
+
+
+def test_grad_cam_is_safe_on_a_model_shared_between_threads(cifar):
+    """The app caches one model per server; concurrent inspectors must not corrupt each other's maps."""
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from cifarviz.checkpoint import load_checkpoint
+
+    model = load_checkpoint(Path(__file__).resolve().parent.parent / "checkpoints" / "fastnet.safetensors").model
+    images = cifar.test.images[:12]
+    serial = [grad_cam(model, image)[0] for image in images]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(2):
+            parallel = list(pool.map(lambda image: grad_cam(model, image)[0], images))
+            for a, b in zip(serial, parallel):
+                np.testing.assert_allclose(a, b, atol=1e-5)
+    # and the shared model is left as it was: no hooks, no gradients
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_cam_explains_the_class_it_is_asked_for(cifar):
+    from pathlib import Path
+
+    from cifarviz.checkpoint import load_checkpoint
+
+    model = load_checkpoint(Path(__file__).resolve().parent.parent / "checkpoints" / "lenet.safetensors").model
+    image = cifar.test.images[5]
+    maps = {c: grad_cam(model, image, target_class=c) for c in (0, 3)}
+    assert [target for _, target in maps.values()] == [0, 3]
+    assert not np.allclose(maps[0][0], maps[3][0])

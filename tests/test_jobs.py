@@ -1,0 +1,99 @@
+"""Keyed background computations (cifarviz.jobs) and the artifact cache they fill: once per key, per machine."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifarviz.artifacts import artifact_path, split_artifacts
+from cifarviz.checkpoint import Checkpoint
+from cifarviz.data import load_cifar10
+from cifarviz.jobs import JobRegistry
+from cifarviz.models import create_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_concurrent_requests_for_one_key_run_it_once():
+    jobs, calls, release = JobRegistry(), [], threading.Event()
+
+    def work(report):
+        calls.append(1)
+        report(0.5)
+        release.wait(10)
+
+    first = [jobs.start("k", work) for _ in range(5)]
+    time.sleep(0.2)
+    assert len({id(j) for j in first}) == 1 and first[0].progress == 0.5
+    other = jobs.start("other", lambda report: calls.append(2))  # another key is not queued behind "k"
+    assert other.wait(5) and not first[0].done
+    release.set()
+    assert first[0].wait(5) and first[0].error is None and calls.count(1) == 1
+    assert jobs.get("k") is None  # finished jobs leave the registry; their results live on disk
+
+
+def test_a_queued_background_job_starts_at_once_when_someone_waits_for_it():
+    jobs, release = JobRegistry(prefetch_workers=1), threading.Event()
+    blocker = jobs.start("slow prefetch", lambda report: release.wait(10), background=True)
+    queued = jobs.start("queued", lambda report: None, background=True)
+    time.sleep(0.2)
+    assert not queued.started  # behind the slow prefetch
+    assert jobs.start("queued", lambda report: None) is queued and queued.wait(5)
+    release.set()
+    assert blocker.wait(5)
+
+
+def test_a_failed_job_reports_its_error_and_can_be_retried():
+    jobs = JobRegistry()
+    failed = jobs.start("k", lambda report: 1 / 0)
+    assert failed.wait(5) and isinstance(failed.error, ZeroDivisionError)
+    retry = jobs.start("k", lambda report: None)
+    assert retry is not failed and retry.wait(5) and retry.error is None
+
+
+def _random_checkpoint(tta="none") -> Checkpoint:
+    import torch
+
+    torch.manual_seed(0)
+    return Checkpoint(create_model("lenet", num_classes=3).eval(), {"name": "tiny", "train_config": {"tta": tta}})
+
+
+def test_artifact_key_covers_the_split_not_just_the_data(image_folder):
+    """val_size 1 vs 2 on the same folder: each gets its own file with its own number of rows."""
+    checkpoint = _random_checkpoint()
+    small = load_cifar10(image_folder, download=False, progress=False, val_size=1)
+    large = load_cifar10(image_folder, download=False, progress=False, val_size=2)
+    assert artifact_path(checkpoint, small, "val") != artifact_path(checkpoint, large, "val")
+    assert len(split_artifacts(checkpoint, small, "val").labels) == 1
+    assert len(split_artifacts(checkpoint, large, "val").labels) == 2
+    assert artifact_path(checkpoint, small, "test") == artifact_path(checkpoint, large, "test")  # same images
+    assert artifact_path(_random_checkpoint("flip"), small, "test") != artifact_path(checkpoint, small, "test")
+
+
+def test_two_processes_asking_for_one_artifact_compute_it_once(cifar):
+    """Two `precompute`s at once: the second waits for the first's file instead of doing all the work again."""
+    script = f"""
+import json, sys
+import cifarviz.artifacts as artifacts
+from cifarviz.checkpoint import load_checkpoint
+from cifarviz.data import load_cifar10
+calls = []
+real_predict = artifacts.predict
+artifacts.predict = lambda *a, **k: calls.append(1) or real_predict(*a, **k)  # a spy: the real work still runs
+dataset = load_cifar10({str(cifar.root)!r}, download=False, progress=False, val_size=4321)
+arts = artifacts.split_artifacts(load_checkpoint({str(REPO / 'checkpoints' / 'lenet.safetensors')!r}), dataset, "val")
+print(json.dumps({{"computed": len(calls), "rows": len(arts.labels)}}))
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+             for _ in range(2)]
+    results = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
+    assert sorted(r["computed"] for r in results) == [0, 1]
+    assert all(r["rows"] == 4321 for r in results)
+    assert not list((Path(os.environ["CIFARVIZ_CACHE"]) / "artifacts").glob(".*.tmp"))
+    assert np.isfinite(np.load(next((Path(os.environ["CIFARVIZ_CACHE"]) / "artifacts").glob("*.npz")))["logits"]).all()
