@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from cifarviz.artifacts import split_artifacts
 from cifarviz.checkpoint import load_checkpoint
-from cifarviz.explore import confusion_cell_indices
+from cifarviz.explore import ImageRef, confusion_cell_indices
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "checkpoints"
@@ -159,3 +160,64 @@ def test_wrong_data_folder_explains_and_keeps_serving(cifar, tmp_path):
     assert "does not look like CIFAR-10" in "\n".join(c.value for c in at.code)
     at.switch_page("pages/models.py").run()  # pages that need no data still work
     assert not at.exception and len(at.dataframe) >= 1
+
+
+# --------------------------------------------------------------------------- inspector and classroom settings
+
+
+def test_inspector_explains_the_class_it_calls_predicted(cifar, fastnet_test):
+    """With flip TTA the page's prediction can differ from the plain argmax; Grad-CAM must follow the page."""
+    from cifarviz.inference import predict
+
+    checkpoint = load_checkpoint(SHIPPED / "fastnet.safetensors")
+    plain = predict(checkpoint.model, cifar.test.images[:2000], features=False).predicted
+    differs = int(next(i for i in range(2000) if plain[i] != fastnet_test.predicted[i]))
+    at = app_at("pages/dataset.py", cifar)
+    at.session_state["inspect"] = ImageRef("test", differs)
+    at.run()
+    predicted = cifar.classes[fastnet_test.predicted[differs]]
+    assert f"**Predicted:** {predicted}" in texts(at)
+    explained = at.selectbox(key=f"cam-test-{differs}")
+    assert explained.value == predicted
+    captions = [c for image in at.image for c in image.captions]
+    assert f"Where the model found evidence for '{predicted}' (the predicted class)" in captions
+    other = next(c for c in cifar.classes if c != predicted)
+    explained.set_value(other).run()
+    assert not at.exception and at.selectbox(key=f"cam-test-{differs}").value == other
+    assert f"Where the model found evidence for '{other}' (not the predicted class)" in [
+        c for image in at.image for c in image.captions]
+
+
+def test_classroom_mode_locks_the_data_folder_and_uploads(cifar, monkeypatch):
+    monkeypatch.setenv("CIFARVIZ_CLASSROOM", "1")
+    monkeypatch.setenv("CIFARVIZ_DATA", str(cifar.root))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = "/etc"  # a student's earlier choice is ignored
+    at.run()
+    at.switch_page("pages/evaluate.py").run()
+    assert not at.exception
+    box = at.sidebar.text_input(key="data_root")
+    assert box.disabled and box.value == str(cifar.root)
+    assert not at.file_uploader and "Uploads are turned off on this server." in texts(at)
+
+
+def test_uploaded_checkpoints_are_bounded_on_disk(tmp_path):
+    from cifarviz.app import prune_uploads
+
+    for i in range(7):
+        path = tmp_path / f"{i}.safetensors"
+        path.write_bytes(b"x")
+        path.with_suffix(".json").write_text("{}")
+        os.utime(path, (1000 + i, 1000 + i))
+    prune_uploads(tmp_path, keep=3)
+    assert sorted(p.stem for p in tmp_path.glob("*.safetensors")) == ["4", "5", "6"]
+    assert sorted(p.stem for p in tmp_path.glob("*.json")) == ["4", "5", "6"]
+
+
+def test_one_dataset_cache_entry_per_folder(tmp_path):
+    from cifarviz.app import canonical_root
+
+    (tmp_path / "data").mkdir()
+    spellings = [str(tmp_path / "data"), str(tmp_path / "data") + "/", str(tmp_path / "data" / ".." / "data"),
+                 str(tmp_path / "." / "data")]
+    assert len({canonical_root(s) for s in spellings}) == 1
