@@ -7,10 +7,33 @@ and works on whatever device the batch lives on.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .errors import TrainingError
+
+MAX_TRANSLATE = 31  # reflect padding needs pad < image side, and images are 32x32
+
+
+def check_range(name: str, value, low: float, high: float | None = None, *, whole: bool = False,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Raise TrainingError naming the setting, its CLI flag and the allowed range unless `value` lies in it."""
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if whole:
+        is_number = is_number and float(value).is_integer()
+    inside = is_number and (value > low if low_open else value >= low)
+    if high is not None:
+        inside = inside and (value < high if high_open else value <= high)
+    if not inside:
+        bounds = f"above {low:g}" if low_open else f"at least {low:g}"
+        if high is not None:
+            bounds += f" and below {high:g}" if high_open else f" and at most {high:g}"
+        flag = "--" + name.replace("_", "-")
+        kind = "a whole number" if whole else "a number"
+        raise TrainingError(f"{name} ({flag}) must be {kind} {bounds}, not {value!r}.")
 
 
 @dataclass
@@ -19,6 +42,15 @@ class AugmentConfig:
     flip: bool = False  # random horizontal flip
     rotate: float = 0.0  # random rotation in [-rotate, rotate] degrees
     color_jitter: float = 0.0  # brightness/contrast/saturation factors drawn from [1-j, 1+j]
+
+    def __post_init__(self):
+        check_range("translate", self.translate, 0, MAX_TRANSLATE, whole=True)
+        self.translate = int(self.translate)
+        if self.flip not in (True, False):
+            raise TrainingError(f"flip (--flip/--no-flip) must be true or false, not {self.flip!r}.")
+        self.flip = bool(self.flip)
+        check_range("rotate", self.rotate, 0, 180)
+        check_range("color_jitter", self.color_jitter, 0, 1)  # above 1 a factor 1-j would turn negative
 
     def to_dict(self) -> dict:
         return asdict(self)

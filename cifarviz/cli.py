@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
 
 from .checkpoint import SHIPPED_DIR
-from .errors import CifarvizError
+from .errors import CheckpointError, CifarvizError
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
@@ -27,10 +29,57 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     raise CifarvizError(f"No checkpoint file or shipped checkpoint named {name_or_path!r}. Shipped: {shipped}.")
 
 
+def load_named_checkpoint(name_or_path: str, arch: str | None = None):
+    """The checkpoint behind a -c value; `arch` (--arch) names the architecture of a .pt/.pth state dict."""
+    from .checkpoint import load_checkpoint, read_metadata
+
+    path = resolve_checkpoint(name_or_path)
+    stored = read_metadata(path).get("architecture") if arch and path.suffix == ".safetensors" else None
+    if stored and stored != arch:
+        raise CheckpointError(f"--arch {arch} contradicts {path.name}, which stores architecture {stored!r}; "
+                              "--arch is for .pt/.pth state dicts. Leave it out for this file.")
+    return load_checkpoint(path, architecture=arch)  # an ambiguous state dict's error names --arch
+
+
+def ensure_writable(path: Path, flag: str) -> Path:
+    """Fail before any work when PATH cannot be written: make its folder and create a temporary file there."""
+    if path.is_dir():
+        raise CifarvizError(f"{flag} {path} is a folder; give a file name inside it.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        in_the_way = isinstance(exc, (FileExistsError, NotADirectoryError))
+        reason = "part of its folder path is a file" if in_the_way else exc.strerror or str(exc)
+        raise CifarvizError(f"{flag} {path} cannot be written ({reason}). Choose a writable folder.") from None
+    return path
+
+
+def safe_stem(name: str, fallback: str = "checkpoint") -> str:
+    """A file-name stem from a name stored in a file (which may hold '/', '..' or worse): it stays in the folder."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name).replace("\\", "/").rsplit("/", 1)[-1]).strip("._")
+    return stem or fallback
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def _load_data(args, download: bool = True):
     from .data import load_cifar10
 
-    return load_cifar10(args.data, download=download, val_size=args.val_size, split_seed=args.split_seed)
+    asked = args.val_size  # None: the library default, which shrinks to a tenth on small datasets
+    dataset = load_cifar10(args.data, download=download, val_size=5000 if asked is None else asked,
+                           split_seed=args.split_seed)
+    if asked is not None and len(dataset.val) != asked:
+        total = len(dataset.train) + len(dataset.val)
+        raise CifarvizError(f"--val-size {asked:,} is too large: {dataset.root} has {total:,} training images; "
+                            f"choose 0 to {total - 1:,}.")
+    return dataset
 
 
 # --------------------------------------------------------------------------- commands
@@ -65,28 +114,36 @@ def cmd_data(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import count_parameters, create_model, list_models, model_entry
+    from .models import count_parameters, list_models, model_entry
+    from .summary import build_architecture, describe_args, format_table, model_for_summary, shipped_checkpoints
 
     if args.action == "summary":
-        if not args.name:
-            raise CifarvizError("usage: python -m cifarviz models summary NAME")
-        from .summary import format_table
-
-        kwargs = {"pretrained": False} if args.name == "resnet18-transfer" else {}
-        print(f"{args.name}: {model_entry(args.name).description}")
-        print(format_table(create_model(args.name, **kwargs)))
+        if not (args.name or args.checkpoint):
+            raise CifarvizError("usage: python -m cifarviz models summary NAME (a zoo model or shipped checkpoint), "
+                                "or models summary -c CHECKPOINT")
+        target = resolve_checkpoint(args.checkpoint) if args.checkpoint else args.name
+        model = model_for_summary(target, architecture=args.arch)
+        print(f"{args.checkpoint or args.name}: {model.arch_name} ({describe_args(model)}): "
+              f"{model_entry(model.arch_name).description}")
+        print(format_table(model))
         return 0
+    shipped = shipped_checkpoints()
     rows = []
     for name in list_models():
         entry = model_entry(name)
-        kwargs = {"pretrained": False} if name == "resnet18-transfer" else {}
-        rows.append({"name": name, "parameters": count_parameters(create_model(name, **kwargs)),
-                     "source": entry.source, "description": entry.description})
+        rows.append({"name": name, "parameters": count_parameters(build_architecture(name)),
+                     "source": entry.source, "description": entry.description,
+                     "checkpoints": [c for c in shipped if c["architecture"] == name]})
     if args.json:
         print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            print(f"{row['name']:20} {row['parameters']:>12,}  {row['description']}")
+        return 0
+    print(f"{'architecture':24} {'parameters':>12}  description (parameters at default arguments)")
+    for row in rows:
+        print(f"{row['name']:24} {row['parameters']:>12,}  {row['description']}")
+        for c in row["checkpoints"]:
+            args_text = ", ".join(f"{k}={json.dumps(v)}" for k, v in c["arch_args"].items()) or "default arguments"
+            accuracy = f"; test accuracy {c['test_accuracy']:.4f}" if c["test_accuracy"] is not None else ""
+            print(f"  {'shipped ' + c['name']:22} {c['parameters']:>12,}  {args_text}{accuracy}")
     return 0
 
 
@@ -94,7 +151,7 @@ def cmd_train(args) -> int:
     from tqdm.auto import tqdm
 
     from .recipes import RECIPES, train_and_save
-    from .train import TrainConfig
+    from .train import TrainConfig, resolve_device
 
     if args.recipe:
         if args.recipe not in RECIPES:
@@ -105,17 +162,23 @@ def cmd_train(args) -> int:
     else:
         raise CifarvizError("Give --model NAME (with hyperparameter flags) or --recipe NAME.")
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    if args.model_args:
-        overrides["model_args"] = json.loads(args.model_args)
+    if args.model_args is not None:
+        try:
+            overrides["model_args"] = json.loads(args.model_args)
+        except json.JSONDecodeError as exc:
+            raise CifarvizError(f"--model-args is not valid JSON ({exc.msg} at character {exc.pos}): {args.model_args!r}. "
+                                'Example: --model-args \'{"widths": [32, 128, 128]}\'') from None
     augment = config.augment.to_dict()
     for key in ("translate", "flip", "rotate", "color_jitter"):
         if getattr(args, key) is not None:
             augment[key] = getattr(args, key)
     overrides["augment"] = augment
-    config = TrainConfig(**{**config.to_dict(), **overrides})
+    config = TrainConfig(**{**config.to_dict(), **overrides})  # checks every value
+    resolve_device(config.device)  # is that device here?
+    out = Path(args.out or f"runs/{config.model}-{time.strftime('%Y%m%d-%H%M%S')}.safetensors")
+    ensure_writable(out.with_suffix(".safetensors"), "--out")  # now, not after the whole training
 
     dataset = _load_data(args)
-    out = Path(args.out or f"runs/{config.model}-{time.strftime('%Y%m%d-%H%M%S')}.safetensors")
     bar = tqdm(total=None, desc=f"training {config.model}", unit="step")
 
     def progress(event):
@@ -140,10 +203,9 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .artifacts import split_artifacts, split_tta
-    from .checkpoint import load_checkpoint
     from .metrics import classification_report, most_confused_pairs
 
-    checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    checkpoint = load_named_checkpoint(args.checkpoint, args.arch)
     dataset = _load_data(args)
     arts = split_artifacts(checkpoint, dataset, args.split, progress=not args.json)
     report = classification_report(arts.labels, arts.predicted, dataset.classes)
@@ -170,13 +232,14 @@ def cmd_export_features(args) -> int:
     import numpy as np
 
     from .artifacts import split_artifacts
-    from .checkpoint import load_checkpoint
     from .utils import atomic_write
 
-    checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    checkpoint = load_named_checkpoint(args.checkpoint, args.arch)
+    # The stored name is data from the file: only a plain stem of it may name a file here.
+    stem = safe_stem(checkpoint.name, fallback=safe_stem(checkpoint.path.stem))
+    out = ensure_writable(Path(args.out or f"{stem}-{args.split}-features.npz"), "--out")
     dataset = _load_data(args)
     arts = split_artifacts(checkpoint, dataset, args.split, progress=True)
-    out = Path(args.out or f"{checkpoint.name}-{args.split}-features.npz")
     with atomic_write(out) as fh:
         np.savez(fh, features=arts.features, logits=arts.logits, labels=arts.labels,
                  index=np.arange(len(arts.labels)), classes=np.array(dataset.classes))
@@ -187,12 +250,11 @@ def cmd_export_features(args) -> int:
 def cmd_precompute(args) -> int:
     """Warm every disk cache a class demo needs: decoded data, statistics, and per-split artifacts."""
     from .artifacts import artifact_path, split_artifacts
-    from .checkpoint import load_checkpoint
 
     dataset = _load_data(args)
     names = args.checkpoint or [p.stem for p in sorted(SHIPPED_DIR.glob("*.safetensors"))]
     for name in names:
-        checkpoint = load_checkpoint(resolve_checkpoint(name))
+        checkpoint = load_named_checkpoint(name, args.arch)
         for split in ("test", "val", "train"):
             cached = artifact_path(checkpoint, dataset, split).is_file()
             start = time.perf_counter()
@@ -206,6 +268,7 @@ def cmd_precompute(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models import list_models
     from .recipes import RECIPES
     from .train import OPTIMIZERS, SCHEDULES
 
@@ -214,17 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_args = argparse.ArgumentParser(add_help=False)
     data_args.add_argument("--data", help="data folder (default: $CIFARVIZ_DATA, else ./data)")
-    data_args.add_argument("--val-size", type=int, default=5000, help="validation images split off the 50,000 training images (default 5000)")
+    data_args.add_argument("--val-size", type=_non_negative_int, help="validation images split off the 50,000 training images (default 5000)")
     data_args.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split (default 0)")
+
+    arch_args = argparse.ArgumentParser(add_help=False)
+    arch_args.add_argument("--arch", choices=list_models(), metavar="NAME",
+                           help="architecture of a .pt/.pth state dict that several zoo models fit (safetensors files name their own)")
 
     p = sub.add_parser("data", parents=[data_args], help="find, download or describe the dataset")
     p.add_argument("--download", action="store_true", help="download the CIFAR-10 python archive if the folder has no data")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("models", help="list the model zoo, or `models summary NAME` for a layer table")
+    p = sub.add_parser("models", parents=[arch_args], help="list the model zoo, or `models summary NAME` for a layer table")
     p.add_argument("action", nargs="?", choices=["list", "summary"], default="list", help="list (default) or summary")
-    p.add_argument("name", nargs="?", help="model name for `summary`")
+    p.add_argument("name", nargs="?", help="zoo model or shipped checkpoint (shipped ones use their stored arguments)")
+    p.add_argument("--checkpoint", "-c", help="`summary` of a checkpoint file's architecture with its stored arguments")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_models)
 
@@ -241,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, help="label smoothing (0 = none)")
     p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule")
     p.add_argument("--warmup", type=float, help="fraction of steps for warm-up")
+    p.add_argument("--final-lr", type=float, help="last learning rate, as a fraction of --lr")
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None, help="airbench-style lookahead EMA")
     p.add_argument("--translate", type=int, help="augmentation: random translation in pixels (reflect padding)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="augmentation: random horizontal flip")
@@ -248,13 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color-jitter", type=float, help="augmentation: brightness/contrast/saturation jitter strength")
     p.add_argument("--tta", choices=["none", "flip"], help="test-time augmentation for reported accuracy")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--device", help="auto (default: CUDA if present), cpu or cuda")
+    p.add_argument("--device", help="auto (default: CUDA if present), cpu, cuda, cuda:N or mps")
     p.add_argument("--out", help="checkpoint path (default runs/MODEL-TIME.safetensors)")
     p.set_defaults(func=cmd_train)
 
     for name, func, helptext in (("evaluate", cmd_evaluate, "accuracy, per-class precision/recall/F1, confusion matrix"),
                                  ("export-features", cmd_export_features, "penultimate features, logits and labels to .npz")):
-        p = sub.add_parser(name, parents=[data_args], help=helptext)
+        p = sub.add_parser(name, parents=[data_args, arch_args], help=helptext)
         p.add_argument("--checkpoint", "-c", required=True, help="checkpoint file, or a shipped name such as fastnet")
         p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split (default test)")
         if name == "evaluate":
@@ -262,14 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--out", help="output .npz (default CHECKPOINT-SPLIT-features.npz)")
         p.set_defaults(func=func)
-    p = sub.add_parser("precompute", parents=[data_args], help="warm the caches the app uses (run before a class)")
+    p = sub.add_parser("precompute", parents=[data_args, arch_args], help="warm the caches the app uses (run before a class)")
     p.add_argument("--checkpoint", "-c", action="append", help="checkpoint file or shipped name; repeatable (default: all shipped)")
     p.set_defaults(func=cmd_precompute)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse printed its one-line usage error (status 2) or the help (0)
+        return exc.code if isinstance(exc.code, int) else 0
     try:
         return args.func(args)
     except CifarvizError as exc:

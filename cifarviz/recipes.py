@@ -28,7 +28,8 @@ RECIPES: dict[str, TrainConfig] = {
     ),
     "lenet": TrainConfig(model="lenet", epochs=20, batch_size=128, optimizer="sgd", lr=0.05, weight_decay=5e-4,
                          augment=_FLIP_CROP),
-    # s8: SGD at lr 0.1 as in the source (LN at 0.01 there; one-cycle makes 0.1 stable for all three).
+    # s8: SGD at lr 0.15 for all three (the source used 0.1 for BN and GN, 0.01 for LN); the one-cycle
+    # warm-up keeps 0.15 stable even for LN.
     **{
         f"s8net-{norm}": TrainConfig(model=f"s8net-{norm}", epochs=15, batch_size=256, optimizer="sgd", lr=0.15,
                                      weight_decay=5e-4, augment=_FLIP_CROP)
@@ -48,15 +49,20 @@ RECIPES: dict[str, TrainConfig] = {
     },
 }
 
-# What the source projects reported, for comparison in the app and README (their data: original CIFAR-10).
+# Test accuracy the source projects reported for their own runs (their data: original CIFAR-10).
+# resnet-conv-skip-comparison, "Breakdown": 65.18% / 71.48% / 69.38%. The lenet sources report no number.
 SOURCE_REPORTED = {
     "deepnet-conv": 0.6518,
     "deepnet-res": 0.7148,
     "deepnet-skip": 0.6938,
+}
+
+# Accuracy a source set out to reach, not one it measured: s8's task was test accuracy of at least 70%
+# in under 20 epochs with under 50K parameters. Show it labelled as a target, never as a result.
+SOURCE_TARGETS = {
     "s8net-bn": 0.70,
     "s8net-gn": 0.70,
     "s8net-ln": 0.70,
-    "lenet": 0.55,
 }
 
 

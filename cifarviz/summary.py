@@ -1,16 +1,83 @@
-"""A layer table (layer, type, output shape, parameters) for any zoo model, through torchinfo."""
+"""Layer tables (layer, type, output shape, parameters) through torchinfo, and the facts of shipped checkpoints.
+
+A shipped checkpoint's architecture, arguments and size come from the checkpoint itself
+(fastnet ships with widths 48/192/192, not the zoo defaults), so the CLI and the Models
+page both build what they show with `model_for_summary` and `shipped_checkpoints`.
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from torchinfo import summary as torchinfo_summary
 
-from .models import count_parameters
+from .checkpoint import SHIPPED_DIR, load_checkpoint, read_metadata
+from .models import ZooModel, count_parameters, create_model, model_entry
+
+
+def build_architecture(architecture: str, args: dict | None = None) -> ZooModel:
+    """The zoo model with `args` (unknown keys dropped) on the meta device: shapes only, no memory, no download."""
+    defaults = model_entry(architecture).defaults()
+    kwargs = {k: v for k, v in (args or {}).items() if k in defaults}
+    if "pretrained" in defaults:
+        kwargs["pretrained"] = False  # the architecture is the same; never fetch weights for a table
+    with torch.device("meta"):
+        return create_model(architecture, **kwargs)
+
+
+def model_for_summary(name_or_checkpoint: str | Path, architecture: str | None = None) -> ZooModel:
+    """What to summarise for NAME: a checkpoint file or a shipped checkpoint's name gives its architecture
+    with its stored arguments; any other zoo name gives that architecture with default arguments.
+
+    `architecture` names the zoo model of a `.pt`/`.pth` state dict that stores none.
+    """
+    path = Path(name_or_checkpoint)
+    if not path.is_file():
+        shipped = SHIPPED_DIR / f"{name_or_checkpoint}.safetensors"
+        if not shipped.is_file():
+            return build_architecture(str(name_or_checkpoint))  # unknown names raise ModelError listing the zoo
+        path = shipped
+    meta = read_metadata(path)
+    architecture = architecture or meta.get("architecture")
+    if architecture is None:  # a bare state dict: only its tensors tell the architecture
+        return load_checkpoint(path).model
+    return build_architecture(architecture, meta.get("arch_args"))
+
+
+def changed_args(model: ZooModel) -> dict:
+    """The model's arguments that differ from its zoo defaults (e.g. fastnet's widths)."""
+    defaults = model_entry(model.arch_name).defaults()
+    same = lambda key, value: key in defaults and json.dumps(value) == json.dumps(defaults[key])  # noqa: E731
+    return {k: v for k, v in model.arch_args.items() if not same(k, v) and k != "pretrained"}
+
+
+def describe_args(model: ZooModel) -> str:
+    changed = changed_args(model)
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in changed.items()) or "default arguments"
+
+
+def shipped_checkpoints() -> list[dict]:
+    """One row per shipped checkpoint, read from its metadata (cheap: the safetensors header only)."""
+    rows = []
+    for path in sorted(SHIPPED_DIR.glob("*.safetensors")):
+        meta, model = read_metadata(path), model_for_summary(path)
+        rows.append({
+            "name": path.stem,
+            "path": str(path),
+            "architecture": model.arch_name,
+            "arch_args": changed_args(model),
+            "parameters": int(meta.get("parameters") or count_parameters(model)),
+            "test_accuracy": (meta.get("metrics") or {}).get("test_accuracy"),
+        })  # fmt: skip
+    return rows
 
 
 def layer_table(model: torch.nn.Module, input_size=(1, 3, 32, 32)) -> list[dict]:
-    """One row per leaf layer, in execution order, like torchsummary's table."""
-    stats = torchinfo_summary(model, input_size=input_size, verbose=0, device="cpu", mode="eval")
+    """One row per leaf layer, in execution order, like torchsummary's table. Works on meta-device models."""
+    device = next(model.parameters(), torch.empty(0)).device
+    stats = torchinfo_summary(model, input_size=input_size, verbose=0, device=device, mode="eval")
     rows = []
     for layer in stats.summary_list:
         if not layer.is_leaf_layer:

@@ -13,6 +13,7 @@ on all cores; both use channels_last.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,10 +22,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .augment import AugmentConfig, augment_batch, to_float
-from .errors import TrainingError
-from .inference import autocast_context, loss_and_accuracy, predict
-from .models import ZooModel, create_model
+from .augment import AugmentConfig, augment_batch, check_range, to_float
+from .errors import ModelError, TrainingError
+from .inference import TTA_MODES, autocast_context, loss_and_accuracy, predict
+from .models import ZooModel, create_model, model_entry
 from .utils import pick_device, seed_everything
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -52,17 +53,60 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        """Check every setting here, so a bad value fails at once (CLI and library alike), not mid-training."""
         if isinstance(self.augment, dict):
-            self.augment = AugmentConfig(**self.augment)
-        if self.optimizer not in OPTIMIZERS:
-            raise TrainingError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise TrainingError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise TrainingError("epochs and batch_size must be at least 1 and lr must be positive")
+            try:
+                self.augment = AugmentConfig(**self.augment)
+            except TypeError as exc:
+                raise TrainingError(f"augment: {exc}. Its settings: translate, flip, rotate, color_jitter.") from None
+        if not isinstance(self.model_args, dict):
+            raise TrainingError(f'model_args (--model-args) must be a JSON object such as {{"widths": [32, 128, 128]}}, '
+                                f"not {self.model_args!r}.")
+        entry = model_entry(self.model)  # an unknown name fails here, listing the zoo
+        try:
+            inspect.signature(entry.builder).bind(**self.model_args)
+        except TypeError as exc:
+            raise ModelError(f"Bad model_args (--model-args) for {self.model!r}: {exc}. "
+                             f"Its arguments: {entry.defaults()}.") from None
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("tta", TTA_MODES)):
+            if getattr(self, name) not in allowed:
+                raise TrainingError(f"{name} (--{name}) must be one of {', '.join(allowed)}, not {getattr(self, name)!r}.")
+        check_range("epochs", self.epochs, 1, whole=True)
+        check_range("batch_size", self.batch_size, 1, whole=True)
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("momentum", self.momentum, 0, 1, high_open=True)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        check_range("warmup", self.warmup, 0, 1)
+        check_range("final_lr", self.final_lr, 0)
+        check_range("seed", self.seed, 0, 2**63, whole=True, high_open=True)
+        self.epochs, self.batch_size, self.seed = int(self.epochs), int(self.batch_size), int(self.seed)
+        check_device_name(self.device)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_device_name(device: str) -> None:
+    """`auto`, `cpu`, `cuda`, `cuda:N` or `mps`; anything else (a typo, `tpu`) gets one clear message."""
+    try:
+        kind = "auto" if device == "auto" else torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("auto", "cpu", "cuda", "mps"):
+        raise TrainingError(f"device (--device) must be auto, cpu, cuda, cuda:N or mps, not {device!r}.")
+
+
+def resolve_device(preference: str = "auto") -> torch.device:
+    """The torch device for `preference`, or a clear error when that device is not on this machine."""
+    check_device_name(preference)
+    device = pick_device(preference)  # explains a missing CUDA GPU
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TrainingError(f"--device {preference}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            "numbered from 0.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("--device mps was asked for but Apple's MPS backend is not available; use cpu or auto.")
+    return device
 
 
 @dataclass
@@ -124,21 +168,29 @@ def train(
     model: ZooModel | None = None,
     step_every: int = 10,
 ) -> TrainResult:
-    """Train `config.model` on `dataset.train`, validating on `dataset.val` after every epoch."""
+    """Train `config.model` on `dataset.train`, validating on `dataset.val` after every epoch.
+
+    A `model` passed in is trained as it is: its normalisation and any data-dependent
+    initialisation (fastnet's whitening) are kept. Only a model created here from
+    `config.model` gets the training split's statistics and `prepare()`.
+    """
     seed_everything(config.seed)
-    device = pick_device(config.device)
+    device = resolve_device(config.device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     notify = callback or (lambda event: None)
 
     images = torch.from_numpy(dataset.train.images).to(device)
     labels = torch.from_numpy(dataset.train.labels).to(device)
-    if model is None:
+    fresh = model is None
+    if fresh:
         model = create_model(config.model, **config.model_args)
-        model.set_normalization(dataset.mean, dataset.std)
+        if not getattr(model, "frozen_backbone", False):  # a frozen pretrained backbone keeps its own statistics
+            model.set_normalization(dataset.mean, dataset.std)
     # channels_last suits both cuDNN and oneDNN: about 2x faster convolutions on this 2-core CPU too.
     model = model.to(device, memory_format=torch.channels_last)
-    # Data-dependent init (fastnet's whitening) sees a random 5,000: the split is ordered by class.
-    model.prepare(to_float(images[torch.randperm(len(images), generator=generator, device=device)[:5000]]))
+    if fresh:
+        # Data-dependent init (fastnet's whitening) sees a random 5,000: the split is ordered by class.
+        model.prepare(to_float(images[torch.randperm(len(images), generator=generator, device=device)[:5000]]))
 
     optimizer = build_optimizer(model, config)
     steps_per_epoch = math.ceil(len(labels) / config.batch_size)

@@ -86,3 +86,116 @@ def test_precompute_warms_the_app_caches(cifar):
     assert all(artifact_path(checkpoint, cifar, split).is_file() for split in ("test", "val", "train"))
     again = run("precompute", "-c", "lenet", "--data", str(cifar.root))
     assert again.stdout.count("already cached") == 3
+
+
+# ----------------------------------------------------------------- in-process: cifarviz.cli.main([...])
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from cifarviz.checkpoint import read_metadata, save_checkpoint  # noqa: E402
+from cifarviz.cli import build_parser, load_named_checkpoint, main, safe_stem  # noqa: E402
+from cifarviz.models import create_model  # noqa: E402
+from cifarviz.summary import model_for_summary  # noqa: E402
+
+FILE_IN_THE_WAY = "FILE_IN_THE_WAY"  # replaced by a path whose "folder" is a regular file
+
+BAD_TRAIN_ARGUMENTS = [  # (flags, text the one-line error must contain)
+    (["--momentum", "-1"], "--momentum"),
+    (["--label-smoothing", "2"], "--label-smoothing"),
+    (["--translate", "-3"], "--translate"),
+    (["--translate", "40"], "--translate"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "nan"], "--lr"),
+    (["--device", "tpu"], "--device"),
+    (["--model-args", "{bad json"], "--model-args"),
+    (["--model-args", "[32, 128, 128]"], "--model-args"),
+    (["--model-args", '{"widths": [8, 8, 8]}'], "--model-args"),  # lenet has no widths
+    (["--val-size", "-1"], "--val-size"),
+    (["--out", FILE_IN_THE_WAY], "--out"),
+]
+
+
+@pytest.mark.parametrize("flags, named", BAD_TRAIN_ARGUMENTS, ids=[" ".join(f) for f, _ in BAD_TRAIN_ARGUMENTS])
+def test_bad_train_arguments_fail_before_any_data_is_loaded(flags, named, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a default runs/ folder would land here
+    (tmp_path / "a-file").write_text("not a folder")
+    flags = [str(tmp_path / "a-file" / "model.safetensors") if f == FILE_IN_THE_WAY else f for f in flags]
+    # The data folder does not exist: had loading begun, the error would be about the data instead.
+    code = main(["train", "--model", "lenet", "--data", str(tmp_path / "no-data"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "error:" in err and named in err and "Traceback" not in err
+    assert "CIFAR-10" not in err  # no data was looked for
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_too_large_val_size_is_refused_before_training(cifar, tmp_path, capsys):
+    out = tmp_path / "never.safetensors"
+    code = main(["train", "--model", "lenet", "--data", str(cifar.root), "--val-size", "100000", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--val-size" in err and "49,999" in err and not out.exists()
+
+
+def test_usage_errors_return_2_in_process(capsys):
+    assert main(["train", "--momentum", "lots"]) == 2
+    assert "invalid float value" in capsys.readouterr().err
+
+
+def test_models_shows_shipped_fastnet_as_shipped(capsys):
+    shipped = read_metadata(REPO / "checkpoints" / "fastnet.safetensors")
+    assert main(["models", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["fastnet"]["parameters"] == sum(p.numel() for p in create_model("fastnet").parameters())
+    [checkpoint] = rows["fastnet"]["checkpoints"]
+    assert checkpoint["parameters"] == shipped["parameters"] and checkpoint["arch_args"]["widths"] == shipped["arch_args"]["widths"]
+    assert rows["resnet18"]["checkpoints"] == []
+    assert main(["models"]) == 0
+    assert f"{shipped['parameters']:,}" in capsys.readouterr().out
+    for argv in (["models", "summary", "fastnet"], ["models", "summary", "-c", str(REPO / "checkpoints" / "fastnet.safetensors")]):
+        assert main(argv) == 0
+        assert f"Total params: {shipped['parameters']:,}" in capsys.readouterr().out
+
+
+def test_model_for_summary_builds_the_checkpoint_architecture_without_memory():
+    model = model_for_summary("fastnet")
+    assert model.arch_args["widths"] == [48, 192, 192] and next(model.parameters()).is_meta
+    real = create_model("fastnet", widths=[48, 192, 192])
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in real.parameters())
+    assert model_for_summary("cifar10net-small").arch_args["fc1"] == 32  # not shipped: zoo defaults
+
+
+@pytest.mark.parametrize("stored, expected", [
+    ("../../escaped", "escaped"), ("/etc/passwd", "passwd"), ("..", "fallback"), ("C:\\evil\\x", "x"),
+    ("my run 1", "my_run_1"), ("fastnet", "fastnet"),
+])  # fmt: skip
+def test_safe_stem_keeps_only_a_plain_file_name(stored, expected):
+    assert safe_stem(stored, fallback="fallback") == expected
+
+
+def test_export_features_default_path_stays_in_the_working_folder(cifar, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "store" / "evil.safetensors", create_model("lenet"), {"name": "../../escaped"})
+    work = tmp_path / "a" / "b" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    assert main(["export-features", "-c", str(path), "--data", str(cifar.root), "--split", "val"]) == 0
+    assert [p.name for p in work.iterdir()] == ["escaped-val-features.npz"]
+    assert not list((tmp_path / "a").glob("*.npz")) and not list(tmp_path.glob("*.npz"))
+
+
+def test_arch_picks_the_architecture_of_an_ambiguous_state_dict(cifar, tmp_path, capsys):
+    # s8net-gn and s8net-ln have the same tensor names and shapes; only --arch can tell them apart.
+    pt = tmp_path / "ln.pt"
+    torch.save(load_named_checkpoint("s8net-ln").model.state_dict(), pt)
+    assert load_named_checkpoint(str(pt), "s8net-gn").model.arch_name == "s8net-gn"
+    assert main(["evaluate", "-c", str(pt)]) == 2  # cifarviz will not guess between them
+    assert "--arch" in capsys.readouterr().err
+    assert main(["evaluate", "-c", str(pt), "--arch", "s8net-ln", "--data", str(cifar.root), "--json"]) == 0
+    stored = read_metadata(REPO / "checkpoints" / "s8net-ln.safetensors")["metrics"]["test_accuracy"]
+    assert abs(json.loads(capsys.readouterr().out)["accuracy"] - stored) < 0.002
+    for command in ("evaluate", "export-features", "precompute"):
+        assert build_parser().parse_args([command, "-c", str(pt), "--arch", "s8net-ln"]).arch == "s8net-ln"
+    assert main(["evaluate", "-c", "lenet", "--arch", "s8net-ln"]) == 2  # a safetensors file names its own
+    assert "--arch" in capsys.readouterr().err

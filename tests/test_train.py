@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from cifarviz.augment import AugmentConfig, augment_batch, random_flip, random_translate
-from cifarviz.errors import TrainingError
+from cifarviz.augment import AugmentConfig, augment_batch, random_flip, random_translate, to_float
+from cifarviz.errors import CifarvizError, TrainingError
+from cifarviz.models import IMAGENET_MEAN, IMAGENET_STD, create_model
 from cifarviz.train import TrainConfig, lr_factor, train
 
 
@@ -92,3 +93,41 @@ def test_bad_config_is_rejected():
         TrainConfig(optimizer="rmsprop")
     with pytest.raises(TrainingError):
         TrainConfig(epochs=0)
+
+
+@pytest.mark.parametrize("settings, flag", [
+    ({"momentum": -1}, "--momentum"), ({"momentum": 1.0}, "--momentum"), ({"label_smoothing": 2}, "--label-smoothing"),
+    ({"weight_decay": -1}, "--weight-decay"), ({"lr": float("inf")}, "--lr"), ({"batch_size": 2.5}, "--batch-size"),
+    ({"warmup": 1.5}, "--warmup"), ({"device": "tpu"}, "--device"), ({"tta": "ten-crop"}, "--tta"),
+    ({"model_args": [1, 2]}, "--model-args"), ({"model": "fastnet", "model_args": {"width": 3}}, "--model-args"),
+    ({"augment": {"translate": 40}}, "--translate"), ({"augment": {"translate": -3}}, "--translate"),
+    ({"augment": {"color_jitter": 1.5}}, "--color-jitter"), ({"augment": {"shear": 3}}, "shear"),
+])  # fmt: skip
+def test_every_setting_is_checked_with_its_flag_and_range(settings, flag):
+    with pytest.raises(CifarvizError, match=flag):
+        TrainConfig(**settings)
+    TrainConfig(**{**settings, **{k: getattr(TrainConfig(), k) for k in settings if k != "model"}})  # defaults pass
+
+
+def test_a_given_model_is_trained_as_it_is(cifar_small):
+    """A passed-in model keeps its own normalisation and whitening; only a created one gets the dataset's."""
+    config = TrainConfig(model="fastnet", model_args={"widths": [8, 16, 16]}, epochs=1, batch_size=256)
+    given = create_model("fastnet", widths=[8, 16, 16])
+    given.set_normalization(IMAGENET_MEAN, IMAGENET_STD)  # e.g. a backbone pretrained on ImageNet
+    given.prepare(to_float(torch.from_numpy(cifar_small.train.images[::4])))  # e.g. whitening from earlier training
+    whitening = given.whiten.weight.detach().clone()
+    trained = train(config, cifar_small, model=given).model.cpu()
+    assert np.allclose(trained.input_mean.flatten().numpy(), IMAGENET_MEAN)
+    assert np.allclose(trained.input_std.flatten().numpy(), IMAGENET_STD)
+    assert torch.equal(trained.whiten.weight, whitening)
+
+    created = train(config, cifar_small).model.cpu()
+    assert np.allclose(created.input_mean.flatten().numpy(), cifar_small.mean, atol=1e-6)
+    assert not torch.allclose(created.whiten.weight, whitening, atol=1e-3)  # prepared afresh on this data
+
+
+def test_a_frozen_pretrained_backbone_keeps_its_statistics(cifar_small):
+    config = TrainConfig(model="resnet18-transfer", model_args={"pretrained": False, "input_size": 32}, epochs=1,
+                         batch_size=256, optimizer="adam", lr=1e-3)
+    model = train(config, cifar_small).model
+    assert np.allclose(model.input_mean.flatten().cpu().numpy(), IMAGENET_MEAN)
