@@ -2,34 +2,51 @@
 
 ``NAME.safetensors`` holds the weights and, in its header, the full metadata; the
 ``NAME.json`` sidecar is the same metadata for people and tools that don't parse
-safetensors. The header copy is authoritative, so the pair can never disagree in a
-way that matters: the weights file is replaced in one atomic rename.
+safetensors. The header copy is authoritative: both carry a fresh ``save_id``, and a
+sidecar left stale by a save killed between the two writes is rewritten from the header
+the next time the checkpoint is read.
 
 Plain ``.pt``/``.pth`` state dicts are accepted for uploads, through
 ``torch.load(weights_only=True)`` only, which refuses pickled code.
+
+Every file is untrusted: metadata types and architecture arguments are checked, and the
+architecture is first built on the meta device (no memory) so that its parameter count
+and every tensor shape are compared with the file before the real model is allocated.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import os
 import platform
+import re
+import reprlib
 import time
+import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch.overrides import TorchFunctionMode
 
-from .errors import CheckpointError, ModelError
-from .models import ZooModel, count_parameters, create_model, list_models, model_entry
+from .errors import AmbiguousArchitectureError, CheckpointError, ModelError
+from .inference import TTA_MODES
+from .models import ZooModel, count_parameters, create_model, list_models, validate_arch_args
 from .utils import atomic_write
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # pretrained weights shipped in the repo
 FORMAT_VERSION = 1
 METADATA_KEY = "cifarviz"
+MAX_PARAMETERS = 50_000_000  # ~4x ResNet-18; nothing in the zoo comes near it
+MAX_FILE_BYTES = 512 * 2**20  # 50 M float64 parameters, with room to spare
+_FIX_META = "Re-save it with cifarviz (save_checkpoint), or correct its metadata."
+_SAVE_WEIGHTS = "Save only the weights, torch.save(model.state_dict(), path), or use .safetensors."
 
 
 @dataclass
@@ -66,14 +83,33 @@ def save_checkpoint(path: str | os.PathLike, model: ZooModel, meta: dict | None 
         "torch": torch.__version__,
         "platform": platform.platform(),
         **(meta or {}),
+        "save_id": uuid.uuid4().hex,  # new on every save, even when `meta` came from another checkpoint
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = st_save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
     with atomic_write(path) as fh:
         fh.write(blob)
+    _write_sidecar(path, meta)
+    return path
+
+
+def _write_sidecar(path: Path, meta: dict) -> None:
     with atomic_write(path.with_suffix(".json"), "w") as fh:
         json.dump(meta, fh, indent=2)
-    return path
+
+
+def _heal_sidecar(path: Path, meta: dict) -> None:
+    """Rewrite the sidecar from the header when a save was killed between the weights and the sidecar.
+
+    Only files saved with a save_id (this version on) expect a sidecar; a read-only folder is left alone."""
+    save_id = meta.get("save_id")
+    if not save_id:
+        return
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if json.loads(path.with_suffix(".json").read_text()).get("save_id") == save_id:
+            return
+    with contextlib.suppress(OSError):
+        _write_sidecar(path, meta)
 
 
 def _jsonable(value):
@@ -84,23 +120,75 @@ def _jsonable(value):
     return value
 
 
+# --------------------------------------------------------------------------- metadata
+
+
+# Fields that the app and CLI read without further checks, and the types they must have when present.
+_META_TYPES = {
+    "name": str, "architecture": str, "arch_args": dict, "train_config": dict, "metrics": dict,
+    "history": list, "data": dict, "parameters": int, "train_seconds": (int, float),
+}  # fmt: skip
+
+
+def _check_meta(path: Path, meta) -> dict:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path.name}: its metadata is a JSON {type(meta).__name__}, not an object. {_FIX_META}")
+    for key, kinds in _META_TYPES.items():
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            wanted = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+            raise CheckpointError(f"{path.name}: metadata field {key!r} must be a {wanted}, not "
+                                  f"{type(value).__name__} {reprlib.repr(value)}. {_FIX_META}")
+    tta = (meta.get("train_config") or {}).get("tta", "none")
+    if tta not in TTA_MODES:
+        raise CheckpointError(f"{path.name}: train_config.tta is {reprlib.repr(tta)}; it must be one of "
+                              f"{', '.join(TTA_MODES)}. {_FIX_META}")
+    accuracy = (meta.get("metrics") or {}).get("test_accuracy")
+    if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float))
+                                 or not 0 <= accuracy <= 1):  # fmt: skip
+        raise CheckpointError(f"{path.name}: metrics.test_accuracy is {reprlib.repr(accuracy)}, not a fraction "
+                              f"between 0 and 1. {_FIX_META}")
+    if not all(isinstance(h, dict) for h in meta.get("history") or []):
+        raise CheckpointError(f"{path.name}: metadata field 'history' must be a list of per-epoch objects. {_FIX_META}")
+    return meta
+
+
+def _header_meta(path: Path, header: bytes) -> dict:
+    """The checked metadata in a safetensors header (the JSON after its 8-byte length)."""
+    try:
+        text = (json.loads(header).get("__metadata__") or {}).get(METADATA_KEY, "{}")
+        meta = json.loads(text)
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f"{path.name}: its safetensors header is not valid JSON metadata ({exc}). "
+                              "Re-download or re-train it.") from None
+    return _check_meta(path, meta)
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """Metadata only, without building the model (cheap: reads the safetensors header)."""
     path = Path(path)
-    sidecar = path.with_suffix(".json")
     if path.suffix == ".safetensors":
         try:
             with open(path, "rb") as fh:
                 header_len = int.from_bytes(fh.read(8), "little")
                 if not 0 < header_len < 100_000_000:
                     raise ValueError("implausible header length")
-                header = json.loads(fh.read(header_len))
-            return json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "{}"))
+                header = fh.read(header_len)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc}).") from None
+        meta = _header_meta(path, header)
+        _heal_sidecar(path, meta)
+        return meta
+    sidecar = path.with_suffix(".json")
     if sidecar.is_file():
-        return json.loads(sidecar.read_text())
+        try:
+            return _check_meta(path, json.loads(sidecar.read_text()))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{sidecar}: not readable JSON metadata ({exc}).") from None
     return {}
+
+
+# --------------------------------------------------------------------------- loading
 
 
 def load_checkpoint(
@@ -113,35 +201,36 @@ def load_checkpoint(
     """Load a checkpoint safely. `data` lets the app pass uploaded bytes (then `path` only names it).
 
     `.safetensors` files carry their architecture. For `.pt`/`.pth` state dicts pass
-    `architecture`, or let cifarviz find the zoo model whose parameter names and shapes match.
+    `architecture`, or let cifarviz find the zoo model whose parameter names and shapes match;
+    when several match, AmbiguousArchitectureError lists them (its `.candidates`).
+    Every problem with the file raises CheckpointError with a message for people.
     """
     path = Path(path)
-    raw = data if data is not None else _read_bytes(path)
     suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        raise CheckpointError(f"{path.name}: unsupported checkpoint type {suffix or '(none)'}; "
+                              "use .safetensors, .pt or .pth.")
+    raw = data if data is not None else _read_bytes(path)
+    if not raw:
+        raise CheckpointError(f"{path.name} is empty (0 bytes): it was not written completely, or the upload failed. "
+                              "Save or upload it again.")
+    _check_size(path.name, len(raw))
     if suffix == ".safetensors":
         state, meta = _read_safetensors(path, raw)
-    elif suffix in (".pt", ".pth", ".bin"):
-        state, meta = _read_torch_state_dict(path, raw), {}
     else:
-        raise CheckpointError(f"{path.name}: unsupported checkpoint type {suffix or '(none)'}; use .safetensors, .pt or .pth.")
+        state, meta = _read_torch_state_dict(path, raw), {}
 
     architecture = architecture or meta.get("architecture") or _guess_architecture(path, state)
-    args = arch_args if arch_args is not None else meta.get("arch_args", {})
-    if architecture == "resnet18-transfer":
-        args = {**args, "pretrained": False}  # the checkpoint holds every weight; never download here
-    try:
-        entry = model_entry(architecture)
-        args = {k: v for k, v in args.items() if k in entry.defaults()}
-        model = create_model(architecture, **args)
-    except ModelError as exc:
-        raise CheckpointError(f"{path.name}: {exc}") from None
-    _load_state(path, model, state)
-    model.eval()
+    args = arch_args if arch_args is not None else meta.get("arch_args") or {}
+    model = _build_fitting(path, architecture, args, state)
+    if data is None and suffix == ".safetensors":
+        _heal_sidecar(path, meta)
     return Checkpoint(model=model, meta={**meta, "architecture": architecture}, path=path)
 
 
 def _read_bytes(path: Path) -> bytes:
     try:
+        _check_size(path.name, path.stat().st_size)
         return path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"Checkpoint {path} does not exist.") from None
@@ -149,78 +238,179 @@ def _read_bytes(path: Path) -> bytes:
         raise CheckpointError(f"Checkpoint {path} cannot be read: {exc}") from None
 
 
+def _check_size(name: str, size: int) -> None:
+    if size > MAX_FILE_BYTES:
+        raise CheckpointError(f"{name} is {size / 2**20:,.0f} MB, more than any zoo model needs "
+                              f"({MAX_FILE_BYTES / 2**20:,.0f} MB at most).")
+
+
 def _read_safetensors(path: Path, raw: bytes):
     try:
         state = st_load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8 : 8 + header_len])
-        meta = json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "{}"))
-    except (SafetensorError, ValueError, OSError, Exception) as exc:  # noqa: BLE001 - all mean "damaged file"
+    except Exception as exc:  # noqa: BLE001 - every failure to parse these bytes means "damaged file"
         raise CheckpointError(
             f"{path.name} is not a valid safetensors file (damaged, truncated or another format: {exc}). "
             "Re-download or re-train it."
         ) from None
-    return state, meta
+    header_len = int.from_bytes(raw[:8], "little")
+    return state, _header_meta(path, raw[8 : 8 + header_len])
 
 
 def _read_torch_state_dict(path: Path, raw: bytes) -> dict:
-    import io
-    import pickle
-    import zipfile
-
+    # torch.save has written zip archives since PyTorch 1.6. The legacy format allocates whatever storage
+    # sizes its pickle claims, and a deflated member inflates ~1000x: both are refused before torch.load.
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            members = archive.infolist()
+    except Exception:  # noqa: BLE001 - not a zip archive, or a damaged one
+        raise CheckpointError(
+            f"{path.name} is not a PyTorch checkpoint (damaged, another format, or the pre-1.6 legacy format). "
+            f"{_SAVE_WEIGHTS}"
+        ) from None
+    if any(m.compress_type != zipfile.ZIP_STORED for m in members) or sum(m.file_size for m in members) > len(raw):
+        raise CheckpointError(f"{path.name} holds compressed data, which torch.save never writes; cifarviz does not "
+                              f"inflate it. {_SAVE_WEIGHTS}")
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError) as exc:
-        raise CheckpointError(
-            f"{path.name} could not be loaded as a plain state dict ({str(exc).splitlines()[0][:300]}). "
-            "cifarviz loads .pt/.pth files with weights_only=True and refuses pickled code or objects; "
-            "save with torch.save(model.state_dict(), path), or use .safetensors."
-        ) from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path.name} holds a {type(obj).__name__}, not a state dict of tensors.")
+    except Exception as exc:  # noqa: BLE001 - any failure to parse untrusted bytes means "cannot load"
+        needs_code = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if needs_code:
+            raise CheckpointError(
+                f"{path.name} needs Python code to load ({needs_code.group(1)}), and cifarviz never runs code from "
+                "a file: it reads .pt/.pth files with torch.load(weights_only=True), which allows only tensors and "
+                f"plain containers. {_SAVE_WEIGHTS}"
+            ) from None
+        raise CheckpointError(f"{path.name} is damaged or not a PyTorch state dict ({type(exc).__name__}). "
+                              f"{_SAVE_WEIGHTS}") from None
+    for wrapper in ("state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not obj:
+        what = "an empty dict" if obj == {} else f"a {type(obj).__name__}"
+        raise CheckpointError(f"{path.name} holds {what}, not a state dict of tensors. {_SAVE_WEIGHTS}")
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path.name} is not a state dict of tensors: its entry {reprlib.repr(key)} is "
+                                  f"{type(value).__name__} {reprlib.repr(value)}. {_SAVE_WEIGHTS}")
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path.name}: its state dict has the key {reprlib.repr(key)} "
+                                  f"({type(key).__name__}); keys must be parameter names. {_SAVE_WEIGHTS}")
+        if value.layout != torch.strided:
+            raise CheckpointError(f"{path.name}: tensor {_short(key)} is stored as {value.layout} (sparse); cifarviz "
+                                  "reads dense tensors only. Convert it with .to_dense() before saving.")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _shapes(state: dict) -> dict:
-    return {k: tuple(v.shape) for k, v in state.items()}
+def _short(key: str) -> str:
+    return reprlib.repr(key)[1:-1] if len(key) > 60 else key
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skips random initialisation while building on the meta device (meta normal_ imports torch._dynamo: ~2 s)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.normal_, torch.Tensor.uniform_):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _skeleton(architecture: str, args: dict) -> ZooModel:
+    """The architecture on the meta device: shapes and parameter count without allocating memory."""
+    with torch.device("meta"), _SkipInit():
+        return create_model(architecture, **args)
+
+
+@functools.cache
+def _default_shapes(architecture: str) -> dict:
+    args = {"pretrained": False} if architecture == "resnet18-transfer" else {}
+    state = _skeleton(architecture, args).state_dict()
+    return {k: tuple(v.shape) for k, v in state.items() if not k.startswith("input_")}
 
 
 def _guess_architecture(path: Path, state: dict) -> str:
     """The zoo model whose state dict keys and shapes match exactly (ignoring normalisation buffers)."""
-    wanted = {k: s for k, s in _shapes(state).items() if not k.startswith("input_")}
-    for name in list_models():
-        args = {"pretrained": False} if name == "resnet18-transfer" else {}
-        candidate = {k: s for k, s in _shapes(create_model(name, **args).state_dict()).items() if not k.startswith("input_")}
-        if candidate == wanted:
-            return name
-    raise CheckpointError(
-        f"{path.name}: its {len(wanted)} tensors match no zoo architecture ({', '.join(list_models())}). "
-        "Pick the architecture explicitly, or save the model with cifarviz."
-    )
+    wanted = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("input_")}
+    matches = [name for name in list_models() if _default_shapes(name) == wanted]
+    if len(matches) > 1:
+        raise AmbiguousArchitectureError(
+            f"{path.name}: its tensor names and shapes fit {len(matches)} zoo architectures ({', '.join(matches)}), "
+            "so cifarviz cannot tell which one it was saved from. Choose one with the architecture= argument, "
+            f"e.g. load_checkpoint(path, architecture={matches[0]!r}), or the CLI's --arch {matches[0]}.",
+            matches,
+        )
+    if not matches:
+        raise CheckpointError(
+            f"{path.name}: its {len(wanted)} tensors match no zoo architecture ({', '.join(list_models())}). "
+            "Pick the architecture explicitly, or save the model with cifarviz."
+        )
+    return matches[0]
 
 
-def _load_state(path: Path, model: ZooModel, state: dict) -> None:
-    own = model.state_dict()
-    state = {**{k: v for k, v in own.items() if k.startswith("input_")}, **state}  # old files lack input stats
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state and state[k].shape != own[k].shape]  # fmt: skip
+def _build_fitting(path: Path, architecture, args, state: dict) -> ZooModel:
+    """Check the arguments, then the shapes on a meta-device skeleton, then the values; only then allocate."""
+    if not isinstance(architecture, str):
+        raise CheckpointError(f"{path.name}: architecture must be a zoo model name, not {reprlib.repr(architecture)}.")
+    try:
+        args = validate_arch_args(architecture, args)
+        if architecture == "resnet18-transfer":
+            args["pretrained"] = False  # the checkpoint holds every weight; never download here
+        skeleton = _skeleton(architecture, args)
+    except (ModelError, ValueError) as exc:  # ValueError: arguments the layers reject (GroupNorm groups)
+        raise CheckpointError(f"{path.name}: {exc}") from None
+    parameters = count_parameters(skeleton)
+    if parameters > MAX_PARAMETERS:
+        raise CheckpointError(f"{path.name}: {architecture} with arguments {args} would have {parameters:,} "
+                              f"parameters, more than cifarviz loads ({MAX_PARAMETERS:,}); its arch_args are "
+                              "probably wrong.")
+    _check_fits(path, architecture, skeleton.state_dict(), state)
+    _check_values(path, state)
+    model = create_model(architecture, **args)
+    own_stats = {k: v for k, v in model.state_dict().items() if k.startswith("input_")}  # old files lack them
+    model.load_state_dict({**own_stats, **state}, strict=True)
+    return model.eval()
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return "float"
+    return "integer" if dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) else str(dtype)
+
+
+def _check_fits(path: Path, architecture: str, expected: dict, state: dict) -> None:
+    missing = sorted(k for k in set(expected) - set(state) if not k.startswith("input_"))  # old files lack these
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in state and state[k].shape != expected[k].shape]  # fmt: skip
+    mismatched += [f"{k}: file {state[k].dtype} vs model {expected[k].dtype}" for k in expected
+                   if k in state and _dtype_kind(state[k].dtype) != _dtype_kind(expected[k].dtype)]  # fmt: skip
     if missing or unexpected or mismatched:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(map(_short, unexpected[:3]))})")
         if mismatched:
-            parts.append(f"{len(mismatched)} with other shapes (e.g. {'; '.join(mismatched[:2])})")
+            parts.append(f"{len(mismatched)} with other shapes or types (e.g. {'; '.join(mismatched[:2])})")
         raise CheckpointError(
-            f"{path.name} does not fit architecture {model.arch_name!r}: tensors " + ", ".join(parts) + ". "
+            f"{path.name} does not fit architecture {architecture!r}: tensors " + ", ".join(parts) + ". "
             "It was probably saved from another architecture or with other arguments."
         )
+
+
+# Models normalise [0, 1] pixels with these buffers; a zero std divides by zero and silently predicts one class.
+_INPUT_STAT_RANGES = {"input_mean": ("[0, 1]", lambda v: (v >= 0) & (v <= 1)),
+                      "input_std": ("(0, 1]", lambda v: (v > 0) & (v <= 1))}
+
+
+def _check_values(path: Path, state: dict) -> None:
     for key, value in state.items():
-        if not torch.isfinite(value).all() and value.is_floating_point():
+        if value.is_floating_point() and not torch.isfinite(value).all():
             raise CheckpointError(f"{path.name}: tensor {key} contains NaN or infinite values.")
-    model.load_state_dict(state, strict=True)
+    for key, (allowed, in_range) in _INPUT_STAT_RANGES.items():
+        if key in state and not in_range(state[key]).all():
+            raise CheckpointError(
+                f"{path.name}: its input normalisation {key} is {[round(v, 4) for v in state[key].reshape(-1).tolist()]};"
+                f" each channel must be in {allowed}, as pixels are in [0, 1]. Re-save the model after training, or "
+                "set the training split's statistics with model.set_normalization(mean, std)."
+            )

@@ -17,6 +17,19 @@ class CheckpointError(CifarvizError):
     """A checkpoint file could not be read, or does not fit the architecture it names."""
 
 
+class AmbiguousArchitectureError(CheckpointError):
+    """A state dict's tensor names and shapes fit several zoo architectures; the caller must pick one.
+
+    `candidates` lists the matching architecture names, for a picker in the app or the CLI's --arch."""
+
+    def __init__(self, message: str, candidates: list[str]):
+        super().__init__(message)
+        self.candidates = list(candidates)
+
+    def __reduce__(self):  # pickles (e.g. across processes) with its candidates
+        return type(self), (str(self), self.candidates)
+
+
 class ModelError(CifarvizError):
     """An unknown model name, bad model arguments, or unavailable pretrained weights."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import reprlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -75,6 +76,76 @@ def create_model(name: str, **kwargs) -> "ZooModel":
     model.arch_name = name
     model.arch_args = {**entry.defaults(), **kwargs}
     return model
+
+
+@dataclass(frozen=True)
+class ArgRange:
+    """Inclusive [low, high], or [low, high) with `open_high`; sequence arguments are checked element-wise."""
+
+    low: float
+    high: float
+    open_high: bool = False
+
+    def __contains__(self, value) -> bool:  # NaN fails both comparisons
+        return self.low <= value and (value < self.high if self.open_high else value <= self.high)
+
+    def __str__(self) -> str:
+        return f"[{self.low}, {self.high}{')' if self.open_high else ']'}"
+
+
+# Sane ranges for every numeric builder argument, keyed by name (the zoo shares its argument names).
+# Checkpoint metadata is untrusted: without bounds a 4 MB file asks for a 2 GB model or 20,000 blocks.
+ARG_BOUNDS: dict[str, ArgRange] = {
+    "num_classes": ArgRange(1, 1000),
+    "widths": ArgRange(1, 1024),  # fastnet's conv widths
+    "hidden": ArgRange(1, 1024),  # deepnet's conv width
+    "hidden_fc": ArgRange(1, 4096),
+    "fc1": ArgRange(1, 4096),
+    "fc2": ArgRange(1, 4096),
+    "blocks": ArgRange(1, 64),
+    "groups": ArgRange(1, 64),
+    "input_size": ArgRange(32, 256),
+    "dropout": ArgRange(0, 1, open_high=True),
+}
+
+
+def _same_kind(value, default) -> bool:
+    if default is None:
+        return True
+    if isinstance(default, float) and not isinstance(value, bool):
+        return isinstance(value, (int, float))  # JSON may write 0.0 as 0
+    return type(value) is type(default)
+
+
+def validate_arch_args(name: str, args) -> dict:
+    """Check builder arguments read from a file: the default's type and ARG_BOUNDS; returns the ones the
+    builder takes (others are dropped: older or newer files may carry extra ones). Raises ModelError."""
+    defaults = model_entry(name).defaults()
+    if not isinstance(args, dict):
+        raise ModelError(f"Arguments for model {name!r} must be a mapping of name to value, not {type(args).__name__} "
+                         f"{reprlib.repr(args)}. Its arguments: {defaults}.")
+    checked = {}
+    for key, value in args.items():
+        if key not in defaults:
+            continue
+        default = defaults[key]
+        if isinstance(default, (tuple, list)):
+            if not isinstance(value, (tuple, list)) or len(value) != len(default):
+                raise ModelError(f"Model {name!r}: argument {key} must be a list of {len(default)} values like "
+                                 f"{list(default)}, not {reprlib.repr(value)}.")
+            items, kind = value, default[0]
+        else:
+            items, kind = [value], default
+        for item in items:
+            if not _same_kind(item, kind):
+                raise ModelError(f"Model {name!r}: argument {key} must be of type {type(kind).__name__} (default "
+                                 f"{default!r}), not {type(item).__name__} {reprlib.repr(item)}.")
+            if key in ARG_BOUNDS and item not in ARG_BOUNDS[key]:
+                each = " for each value" if len(items) > 1 else ""
+                raise ModelError(f"Model {name!r}: argument {key}={reprlib.repr(value)} is out of range; allowed "
+                                 f"{ARG_BOUNDS[key]}{each} (default {default!r}).")
+        checked[key] = value
+    return checked
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -44,11 +44,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     """Write to a temporary file beside `path`, then rename over it.
 
     A crash mid-write leaves the previous file intact (rename is atomic on POSIX
-    and Windows within one filesystem).
+    and Windows within one filesystem). A killed process leaves its temporary
+    behind; those of the same target over an hour old are removed here.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    with contextlib.suppress(OSError):
+        cutoff = os.stat(tmp).st_mtime - 3600  # the filesystem's clock, like the leftovers' times
+        for entry in os.scandir(path.parent):
+            middle = entry.name[len(prefix) : -len(".tmp")]  # mkstemp's random part: no dots
+            if entry.name.startswith(prefix) and entry.name.endswith(".tmp") and middle and "." not in middle:
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle

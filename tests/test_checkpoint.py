@@ -1,10 +1,16 @@
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from cifarviz.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from cifarviz.errors import CheckpointError
+from cifarviz.checkpoint import SHIPPED_DIR, load_checkpoint, read_metadata, save_checkpoint
+from cifarviz.errors import AmbiguousArchitectureError, CheckpointError
 from cifarviz.models import create_model
 from cifarviz.utils import atomic_write
 
@@ -107,3 +113,79 @@ def test_non_finite_weights_are_refused(tmp_path):
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="NaN"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("pair", [("deepnet-conv", "deepnet-res"), ("s8net-gn", "s8net-ln"),
+                                  ("cifar10net", "cifar10net-dropout")])  # fmt: skip
+def test_state_dict_that_fits_several_architectures_is_not_guessed(tmp_path, pair):
+    model = _model(pair[1])
+    path = tmp_path / "mine.pth"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(AmbiguousArchitectureError) as info:
+        load_checkpoint(path)
+    assert info.value.candidates == list(pair) and isinstance(info.value, CheckpointError)
+    assert all(name in str(info.value) for name in pair) and "architecture=" in str(info.value)
+    chosen = load_checkpoint(path, architecture=pair[1]).model
+    x = torch.rand(2, 3, 32, 32)
+    assert chosen.arch_name == pair[1] and torch.equal(chosen(x), model(x))
+
+
+def test_metadata_of_the_wrong_type_is_refused_by_read_metadata_too(tmp_path):
+    path = save_checkpoint(tmp_path / "run", _model(), {"train_config": "fast"})
+    with pytest.raises(CheckpointError, match="'train_config' must be a dict"):
+        read_metadata(path)
+
+
+def test_stale_sidecar_is_rewritten_from_the_header(tmp_path):
+    path = save_checkpoint(tmp_path / "run", _model(), {"notes": "first"})
+    sidecar = path.with_suffix(".json")
+    first_sidecar = sidecar.read_text()
+    save_checkpoint(path, _model("lenet"), {"notes": "second"})
+    header_id = read_metadata(path)["save_id"]
+    assert header_id != json.loads(first_sidecar)["save_id"]
+
+    sidecar.write_text(first_sidecar)  # what a save killed between the weights and the sidecar leaves
+    assert read_metadata(path)["notes"] == "second"
+    assert json.loads(sidecar.read_text())["save_id"] == header_id
+    sidecar.write_text(first_sidecar)
+    assert load_checkpoint(path).meta["notes"] == "second"
+    assert json.loads(sidecar.read_text())["notes"] == "second"
+    sidecar.unlink()  # killed during its very first save
+    read_metadata(path)
+    assert json.loads(sidecar.read_text())["save_id"] == header_id
+
+    sidecar.unlink()
+    sidecar.mkdir()  # a sidecar that cannot be written is left alone, without an error
+    assert read_metadata(path)["notes"] == "second" and sidecar.is_dir()
+
+    shipped = tmp_path / "lenet.safetensors"  # files from before save_id have no sidecar contract: untouched
+    shutil.copy(SHIPPED_DIR / "lenet.safetensors", shipped)
+    shipped.with_suffix(".json").write_text("{}")
+    read_metadata(shipped)
+    assert shipped.with_suffix(".json").read_text() == "{}"
+
+
+def test_temporaries_of_killed_writers_are_removed_after_an_hour(tmp_path):
+    target = tmp_path / "run.safetensors"
+    writer = ("import sys, time\nfrom cifarviz.utils import atomic_write\nwith atomic_write(sys.argv[1]) as fh:\n"
+              "    fh.write(b'half a checkpoint'); fh.flush(); print('writing', flush=True); time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(target)], cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (killed,) = tmp_path.glob(".run.safetensors.*.tmp")
+    assert killed.read_bytes() == b"half a checkpoint" and not target.exists()
+    live = tmp_path / ".run.safetensors.abcd1234.tmp"  # a writer still at work: recent, must survive
+    other = tmp_path / ".other.safetensors.abcd1234.tmp"  # another target's: not ours to remove
+    live.write_bytes(b"in progress")
+    other.write_bytes(b"old")
+    two_hours_ago = killed.stat().st_mtime - 7200
+    for path in (killed, other):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+
+    save_checkpoint(target, _model())
+    assert not killed.exists() and live.exists() and other.exists()
+    assert load_checkpoint(target).model.arch_name == "lenet"
