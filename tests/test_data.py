@@ -1,13 +1,21 @@
+import itertools
+import os
 import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import threading
 import time
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cifarviz.data import PYTHON_DIR, load_cifar10, load_image_file
+from cifarviz.data import CIFAR10_CLASSES, PYTHON_DIR, _decode_images, _identify, load_cifar10, load_image_file
 from cifarviz.errors import DataError
-from conftest import write_image_folder
+from conftest import REPO, write_image_folder
 
 
 # ----------------------------------------------------------------------------- real data
@@ -44,11 +52,12 @@ def test_split_is_seeded_and_stable(cifar):
 def test_second_load_comes_from_the_cache(cifar):
     from cifarviz.utils import cache_dir
 
-    caches = list((cache_dir() / "data").glob(f"image-folder-{cifar.fingerprint}-*.npz"))
-    assert len(caches) == 1
-    stamp = caches[0].stat().st_mtime_ns
+    fingerprint, key, _ = _identify(cifar.root, cifar.layout)
+    cache = cache_dir() / "data" / f"{key}.npz"
+    assert fingerprint == cifar.fingerprint and key.startswith(f"image-folder-{fingerprint}-")
+    stamp = cache.stat().st_mtime_ns
     load_cifar10(cifar.root, download=False, progress=False)
-    assert caches[0].stat().st_mtime_ns == stamp  # read, not rewritten
+    assert cache.stat().st_mtime_ns == stamp  # read, not rewritten
 
 
 # ----------------------------------------------------------------------------- synthetic layouts
@@ -63,16 +72,22 @@ def test_image_folder_layout_resizes_and_labels(tmp_path):
     for split in (ds.train, ds.test):
         dominant = split.images.reshape(len(split), -1, 3).mean(1).argmax(1)
         assert np.array_equal(dominant, split.labels)
+    pixels = ds.train.images.reshape(-1, 3) / 255
+    assert np.allclose(ds.mean, pixels.mean(0), atol=1e-12) and np.allclose(ds.std, pixels.std(0), atol=1e-12)
 
 
-def _write_python_batches(root, malicious=False):
+def _write_python_batches(root, malicious=False, relabel=0, class_names=CIFAR10_CLASSES, labels_of=None):
+    """Six tiny batches (4 images each) and batches.meta; relabel shifts every label, labels_of overrides a batch's."""
     base = root / PYTHON_DIR
     base.mkdir(parents=True)
     rng = np.random.default_rng(0)
     expected = {}
+    with open(base / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": [n.encode() for n in class_names]}, fh, protocol=2)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
-        labels = list(rng.integers(0, 10, 4))
+        labels = [(int(x) + relabel) % 10 for x in rng.integers(0, 10, 4)]
+        labels = (labels_of or {}).get(name, labels)
         expected[name] = (data, labels)
         payload = {b"data": data, b"labels": [int(x) for x in labels], b"batch_label": name.encode()}
         with open(base / name, "wb") as fh:
@@ -147,3 +162,201 @@ def test_user_image_upload(tmp_path):
     assert pixels.shape == (32, 32, 3) and pixels[..., 0].mean() > 150
     with pytest.raises(DataError, match="not an image"):
         load_image_file(b"%PDF-1.4 definitely not an image")
+
+
+# ----------------------------------------------------------------------------- caches follow the content
+
+
+def test_relabelled_python_copy_shares_no_cache_or_statistics(tmp_path):
+    _write_python_batches(tmp_path / "a")
+    original = load_cifar10(tmp_path / "a", download=False, progress=False, val_size=5)
+    # Same file names, sizes and modification times; other labels and class names.
+    renamed = tuple(name[::-1] for name in CIFAR10_CLASSES)
+    expected = _write_python_batches(tmp_path / "b", relabel=3, class_names=renamed)
+    for path in (tmp_path / "a" / PYTHON_DIR).iterdir():
+        twin = tmp_path / "b" / PYTHON_DIR / path.name
+        assert twin.stat().st_size == path.stat().st_size
+        os.utime(twin, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
+    relabelled = load_cifar10(tmp_path / "b", download=False, progress=False, val_size=5)
+    assert relabelled.fingerprint != original.fingerprint
+    assert relabelled.classes == renamed
+    assert relabelled.test.labels.tolist() == expected["test_batch"][1]
+    assert np.array_equal(relabelled.test.labels, (original.test.labels + 3) % 10)
+
+
+def test_image_replaced_by_one_of_the_same_size_is_decoded_again(tmp_path):
+    root = write_image_folder(tmp_path / "bmp", ext=".bmp")  # BMP: every 32x32 image has the same size
+    first = load_cifar10(root, download=False, progress=False, val_size=0)
+    assert first.train.images[0].mean((0, 1)).argmax() == 0  # cat: red
+    path = root / "train" / "cat" / "0000.bmp"
+    before = path.stat()
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(path)
+    assert path.stat().st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    again = load_cifar10(root, download=False, progress=False, val_size=0)
+    assert again.fingerprint == first.fingerprint  # names and sizes: what checkpoints record
+    assert again.train.images[0].tolist() == [[[0, 0, 255]] * 32] * 32
+    assert again.mean != first.mean  # statistics follow the decoded images, not the fingerprint
+
+
+# ----------------------------------------------------------------------------- hostile or unusual files
+
+
+def _png(width, height, bit_depth, color_type, rows) -> bytes:
+    """A PNG written by hand: Pillow cannot write 16-bit RGB, and a 400-megapixel one must not need 400 MB."""
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    compressor = zlib.compressobj()
+    idat = b"".join(compressor.compress(b"\0" + row) for row in rows) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("where", ["file", "class folder", "two files"])
+def test_symlink_loop_is_a_clear_error(image_folder, where):
+    if where == "file":
+        (image_folder / "train" / "cat" / "loop.png").symlink_to("loop.png")
+    elif where == "class folder":
+        (image_folder / "train" / "loop").symlink_to("loop")
+    else:
+        (image_folder / "test" / "dog" / "a.png").symlink_to("b.png")
+        (image_folder / "test" / "dog" / "b.png").symlink_to("a.png")
+    with pytest.raises(DataError, match=r"/(loop|loop\.png|a\.png) is a symbolic link loop"):
+        load_cifar10(image_folder, download=False, progress=False)
+
+
+@pytest.mark.parametrize("width, height", [(6000, 5000), (20000, 20000)])  # above ours / above Pillow's bomb limit
+def test_huge_image_in_a_class_folder_is_refused_from_its_header(image_folder, width, height):
+    rows = itertools.repeat(bytes((width + 7) // 8), height)  # 1-bit black: a few kB on disk
+    (image_folder / "train" / "dog" / "huge.png").write_bytes(_png(width, height, 1, 0, rows))
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=r"huge\.png .*pixels") as err:
+        load_cifar10(image_folder, download=False, progress=False, use_cache=False)
+    assert time.perf_counter() - start < 3  # decoding 400 megapixels would take far longer (and 400 MB)
+    assert "25,000,000" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "batch, labels, message",
+    [
+        ("data_batch_2", [0, 1, 50, 2], "label 50"),
+        ("test_batch", [-1, 0, 0, 0], "label -1"),
+        ("data_batch_4", [0, 1, 2, 3, 4], "5 labels for 4 images"),
+    ],
+)
+def test_python_batch_with_bad_labels_names_the_file(tmp_path, batch, labels, message):
+    _write_python_batches(tmp_path, labels_of={batch: labels})
+    with pytest.raises(DataError, match=f"{batch} has {message}"):
+        load_cifar10(tmp_path, download=False, progress=False, use_cache=False)
+
+
+def _gray16(value):
+    return _png(32, 32, 16, 0, itertools.repeat(struct.pack(">H", value) * 32, 32))
+
+
+def _rgb16(red, green, blue):
+    return _png(32, 32, 16, 2, itertools.repeat(struct.pack(">HHH", red, green, blue) * 32, 32))
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits(image_folder, tmp_path):
+    Image.fromarray(np.full((32, 32), 30000, np.uint16)).save(tmp_path / "pil.png")  # Pillow mode "I;16"
+    assert Image.open(tmp_path / "pil.png").mode == "I;16"
+    (image_folder / "train" / "cat" / "0000.png").write_bytes((tmp_path / "pil.png").read_bytes())
+    (image_folder / "train" / "cat" / "0001.png").write_bytes(_gray16(65535))
+    (image_folder / "train" / "dog" / "0000.png").write_bytes(_rgb16(60000, 30000, 1000))
+    ds = load_cifar10(image_folder, download=False, progress=False, val_size=0)
+    assert ds.train.images[0].reshape(-1, 3).tolist() == [[117, 117, 117]] * 1024  # 30000 / 257
+    assert ds.train.images[1].min() == 255
+    assert np.abs(ds.train.images[6].reshape(-1, 3) - np.array([60000, 30000, 1000]) / 257).max() <= 1
+    assert load_image_file(_gray16(30000)).reshape(-1, 3).tolist() == [[117, 117, 117]] * 1024
+
+
+def _rotated_phone_photo(path):
+    """Stored 48 wide x 32 high, top half red, bottom half blue, with EXIF "rotate 90 degrees clockwise"."""
+    pixels = np.zeros((32, 48, 3), np.uint8)
+    pixels[:16, :, 0] = 255
+    pixels[16:, :, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+
+
+def _upright(pixels):
+    """Shown upright, the stored top is on the right: red right half, blue left half."""
+    return pixels[:, 20:, 0].mean() > 200 > pixels[:, 20:, 2].mean() and pixels[:, :12, 2].mean() > 200
+
+
+def test_exif_orientation_is_applied(image_folder, tmp_path):
+    _rotated_phone_photo(tmp_path / "photo.jpg")
+    assert _upright(load_image_file((tmp_path / "photo.jpg").read_bytes()))
+    assert _upright(load_image_file(tmp_path / "photo.jpg"))
+    shutil.copy(tmp_path / "photo.jpg", image_folder / "train" / "cat" / "zz-photo.jpg")
+    ds = load_cifar10(image_folder, download=False, progress=False, val_size=0)
+    assert _upright(ds.train.images[6])
+
+
+def test_not_an_image_message_has_no_object_repr(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_image_file(b"%PDF-1.4 definitely not an image")
+    assert "not an image" in str(err.value) and "<" not in str(err.value) and "0x" not in str(err.value)
+    (tmp_path / "notes.png").write_bytes(b"hello")
+    with pytest.raises(DataError, match="notes.png is not an image"):
+        load_image_file(tmp_path / "notes.png")
+
+
+# ----------------------------------------------------------------------------- validation split size
+
+
+def test_val_size_beyond_the_training_set_is_refused(image_folder):
+    with pytest.raises(DataError, match="must be below 18"):
+        load_cifar10(image_folder, download=False, progress=False, val_size=100)
+    # The default on a dataset smaller than itself keeps a tenth for validation (a small custom dataset).
+    small = load_cifar10(image_folder, download=False, progress=False)
+    assert (len(small.train), len(small.val)) == (17, 1)
+
+
+def test_val_size_beyond_the_real_training_set_is_refused(cifar):
+    with pytest.raises(DataError, match="must be below 50,000"):
+        load_cifar10(cifar.root, download=False, progress=False, val_size=100000)
+
+
+# ----------------------------------------------------------------------------- decoding in worker processes
+
+
+def _paths(root):
+    return sorted(str(p) for p in root.rglob("*.png"))
+
+
+def test_worker_processes_decode_the_same_pixels_from_any_thread(tmp_path):
+    root = write_image_folder(tmp_path / "w", per_class=(40, 10), size=40)
+    paths = _paths(root)
+    here = _decode_images(paths, workers=0)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(images=_decode_images(paths, workers=2)))  # like Streamlit
+    thread.start()
+    thread.join(60)
+    assert np.array_equal(result["images"], here)
+    assert here.shape == (150, 32, 32, 3) and here.any()
+
+
+def test_bad_image_in_a_worker_process_names_the_file(image_folder):
+    (image_folder / "test" / "frog" / "0002.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"frog/0002\.png is not an image"):
+        _decode_images(_paths(image_folder), workers=2)
+
+
+def test_worker_processes_run_from_an_unguarded_script_without_torch(image_folder, tmp_path):
+    """No `if __name__ == "__main__"` guard, as in a notebook-style script: multiprocessing's spawn would re-run it."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from cifarviz.data import _decode_images\n"
+        f"images = _decode_images({_paths(image_folder)!r}, workers=2)\n"
+        "print('decoded', len(images), 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["decoded 27 False"]
