@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +79,15 @@ def artifact_path(checkpoint: Checkpoint, dataset, split: str) -> Path:
 
 def _read(path: Path, split: str) -> SplitArtifacts | None:
     try:
-        with np.load(path) as z:
-            return SplitArtifacts(z["logits"], z["features"], z["labels"], split)
+        return _load(path, split)
     except Exception:  # noqa: BLE001 - a missing or damaged cache file is (re)computed
         return None
+
+
+@lru_cache(maxsize=12)  # the files are content-addressed and never rewritten; failures raise, so are not kept
+def _load(path: Path, split: str) -> SplitArtifacts:
+    with np.load(path) as z:
+        return SplitArtifacts(z["logits"], z["features"], z["labels"], split)
 
 
 def split_artifacts(checkpoint: Checkpoint, dataset, split: str = "test", *, progress: bool = False,

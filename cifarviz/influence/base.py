@@ -1,0 +1,64 @@
+"""The interface every influence method shares: fit once per (checkpoint, training data), query many times.
+
+Sign convention, for every method: a training image's score for a test image is positive when the image
+*helps* it, meaning that removing the image from training would increase the test image's loss, and
+negative when it *hurts* it (removing it would lower the loss). Helpful images are the highest scores,
+harmful ones the lowest.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import numpy as np
+
+from ..errors import CifarvizError
+
+Progress = Callable[[float], None]
+
+
+class InfluenceError(CifarvizError):
+    """An influence method cannot run on this model or input."""
+
+
+class InfluenceIndex(ABC):
+    """Fitted once (`fit`), saved and loaded as plain arrays (`state` / `from_state`), queried many times."""
+
+    name: str = ""
+    title: str = ""
+    explanation: str = ""  # one sentence for the page
+    has_self_influence: bool = True
+
+    @classmethod
+    @abstractmethod
+    def fit(cls, checkpoint, dataset, *, on_progress: Progress | None = None) -> "InfluenceIndex":
+        """Build the index over `dataset.train` for `checkpoint` (the expensive step)."""
+
+    @abstractmethod
+    def scores(self, checkpoint, dataset, test_indices) -> np.ndarray:
+        """(len(test_indices), n_train) scores of every training image for each test image of `dataset.test`."""
+
+    def mean_scores(self, checkpoint, dataset, test_indices, chunk: int = 256) -> np.ndarray:
+        """(n_train,) the mean score over many test images: what helps or hurts a whole test class."""
+        test_indices = np.asarray(test_indices)
+        total = np.zeros(self.n_train)
+        for start in range(0, len(test_indices), chunk):
+            total += self.scores(checkpoint, dataset, test_indices[start:start + chunk]).sum(0)
+        return total / max(len(test_indices), 1)
+
+    def self_influence(self) -> np.ndarray:
+        """(n_train,) how much each training image's own loss depends on it: high = atypical or mislabelled."""
+        raise InfluenceError(f"The {self.title} method has no self-influence; use the head method.")
+
+    @property
+    @abstractmethod
+    def n_train(self) -> int: ...
+
+    @abstractmethod
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays that restore the index (saved with numpy, never pickled)."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> "InfluenceIndex": ...
