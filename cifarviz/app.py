@@ -28,6 +28,7 @@ from .checkpoint import SHIPPED_DIR, Checkpoint, load_checkpoint, read_metadata,
 from .data import default_data_root, detect_layout, load_cifar10, load_image_file
 from .errors import CifarvizError
 from .explore import ImageRef, grad_cam, nearest_neighbours, overlay_heatmap, to_png
+from .influence import DEFAULT_METHOD, METHODS, index_path, load_or_fit, lookup
 from .inference import predict, ready_for
 from .jobs import JOBS, Job
 from .utils import atomic_write, cache_dir, pick_device
@@ -37,6 +38,7 @@ PAGES = (  # (file, title, icon): the explorer's pages, in menu order
     ("pages/home.py", "Home", ":material/home:"),
     ("pages/dataset.py", "Dataset", ":material/photo_library:"),
     ("pages/evaluate.py", "Evaluate", ":material/fact_check:"),
+    ("pages/influence.py", "Influence", ":material/hub:"),
     ("pages/models.py", "Models", ":material/account_tree:"),
 )
 INSPECT_KEY = "inspect"
@@ -98,6 +100,31 @@ def prefetch(checkpoint: Checkpoint | None, dataset) -> None:
     if checkpoint is not None and dataset is not None:
         for split in ("test", "train", "val"):
             artifacts_job(checkpoint, dataset, split, background=True)
+        influence_job(DEFAULT_METHOD, checkpoint, dataset, background=True)
+
+
+def influence_job(method: str, checkpoint: Checkpoint, dataset, *, background: bool = False) -> Job | None:
+    """The fitting of an influence index, started (or joined) if it is not on disk yet; None if it is."""
+    path = index_path(method, checkpoint, dataset)
+    if path.is_file():
+        return None
+    return JOBS.start(str(path), lambda report: load_or_fit(method, checkpoint, dataset, on_progress=report),
+                      background=background)
+
+
+def get_influence_index(method: str, checkpoint: Checkpoint, dataset):
+    """A method's index for the checkpoint: loaded once per server, fitted once ever (this run waits with a
+    progress bar that fills in by itself if it is still being fitted)."""
+    job = influence_job(method, checkpoint, dataset)
+    if job is not None:
+        wait_for(job, f"Building the {METHODS[method].title} index of {checkpoint.name} over the "
+                      f"{len(dataset.train):,} training images (once per checkpoint, for everyone)")
+    return _influence_index(method, str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix())
+
+
+@st.cache_resource(show_spinner=False, max_entries=6)
+def _influence_index(method: str, path: str, stamp: float, root: str):
+    return load_or_fit(method, get_checkpoint(path, stamp), get_dataset(root))
 
 
 def get_artifacts(checkpoint: Checkpoint, dataset, split: str):
@@ -276,8 +303,10 @@ def close_inspector() -> None:
     st.session_state.pop(INSPECT_KEY, None)
 
 
-def image_grid(images: np.ndarray, refs: list[ImageRef], captions: list[str], key: str, columns: int = 8) -> None:
-    """A grid of images; each one's button (its caption, wrapped, never cut) opens it in the inspector."""
+def image_grid(images: np.ndarray, refs: list[ImageRef], captions: list[str], key: str, columns: int = 8,
+               on_click=None, help: str = "Open in the image inspector") -> None:
+    """A grid of images; each one's button (its caption, wrapped, never cut) opens it in the inspector, or calls
+    `on_click(split, index)` instead."""
     if len(refs) == 0:
         st.caption("No images.")
         return
@@ -287,8 +316,8 @@ def image_grid(images: np.ndarray, refs: list[ImageRef], captions: list[str], ke
             with col:
                 st.image(to_png(images[i], scale=3), width="stretch")
                 ref = refs[i]
-                st.button(captions[i], key=f"{key}-{ref.split}-{ref.index}", on_click=open_inspector,
-                          args=(ref.split, ref.index), help="Open in the image inspector", width="stretch", wrap=True)
+                st.button(captions[i], key=f"{key}-{ref.split}-{ref.index}", on_click=on_click or open_inspector,
+                          args=(ref.split, ref.index), help=help, width="stretch", wrap=True)
 
 
 def inspector(dataset, checkpoint: Checkpoint | None) -> None:
@@ -346,6 +375,10 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
         if ref.split != "upload":
             st.markdown("**Nearest training images in the model's feature space** (cosine similarity)")
             neighbours_section(checkpoint, dataset, ref, image)
+        if ref.split == "test":
+            st.markdown("**Most influential training images** (head influence: removing a *helpful* image "
+                        "would raise this image's loss; removing a *harmful* one would lower it)")
+            influence_section(checkpoint, dataset, ref)
         if st.button("Close", key="inspector-close", icon=":material/close:"):
             close_inspector()
             st.rerun()
@@ -385,14 +418,47 @@ def neighbours_section(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np
         image_grid(dataset.train.images[idx], refs, captions, key="neighbours", columns=len(refs))
         return
 
-    @st.fragment(run_every=1.0)
-    def pending() -> None:
-        if job.done:
-            st.rerun()  # redraw the page and this inspector with the neighbours
-        st.progress(job.progress, text=f"Computing the features of the {len(dataset.train):,} training images "
-                                       f"(once per checkpoint, for everyone): {job.progress:.0%}")
+    pending(job, f"Computing the features of the {len(dataset.train):,} training images (once per checkpoint, "
+                 "for everyone)")
 
-    pending()
+
+def pending(job: Job, label: str) -> None:
+    """A progress bar that refreshes itself (only it) every second and redraws the page when `job` is done."""
+
+    @st.fragment(run_every=1.0)
+    def progress() -> None:
+        if job.done:
+            st.rerun()
+        st.progress(job.progress, text=f"{label}: {job.progress:.0%}")
+
+    progress()
+
+
+def influence_section(checkpoint: Checkpoint, dataset, ref: ImageRef, k: int = 4) -> None:
+    """The inspector's top-k helpful and harmful training images for a test image (the default method)."""
+    job = influence_job(DEFAULT_METHOD, checkpoint, dataset)
+    if job is not None:
+        pending(job, "Building the influence index (once per checkpoint, for everyone)")
+        return
+    index = _influence_index(DEFAULT_METHOD, str(checkpoint.path), file_stamp(checkpoint.path),
+                             dataset.root.as_posix())
+    result = lookup(index, checkpoint, dataset, ref.index, k=k)
+    helpful, harmful = st.columns(2)
+    with helpful:
+        st.caption("Helpful")
+        influence_grid(dataset, result.helpful, key="inspector-helpful", columns=k)
+    with harmful:
+        st.caption("Harmful")
+        influence_grid(dataset, result.harmful, key="inspector-harmful", columns=k)
+
+
+def influence_grid(dataset, entries, key: str, columns: int = 8) -> None:
+    """Training images of an influence result, each opening the inspector: label, prediction, score."""
+    idx = np.array([e.train_index for e in entries], dtype=np.int64)
+    captions = [f"{e.label}" + ("" if e.predicted == e.label else f" (pred. {e.predicted})") + f" {e.score:+.2g}"
+                for e in entries]
+    image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions, key=key,
+               columns=columns)
 
 
 def nearest_training_images(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np.ndarray, k: int = 8):

@@ -1,6 +1,7 @@
 """`python -m cifarviz`: everything the app computes, for scripts and for warming caches before a class.
 
-Commands: data, models, train, evaluate, export-features, precompute. `--help` after any of them lists its flags."""
+Commands: data, models, train, evaluate, export-features, influence, precompute. `--help` after any of them lists
+its flags."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from pathlib import Path
 
 from .checkpoint import SHIPPED_DIR
 from .errors import CheckpointError, CifarvizError
+
+METHODS = ("head", "trak", "similarity")  # cifarviz.influence.METHODS, named here so --help needs no torch import
+DEFAULT_INFLUENCE = "head"
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
@@ -261,6 +265,69 @@ def cmd_precompute(args) -> int:
             split_artifacts(checkpoint, dataset, split, progress=not cached)
             state = "already cached" if cached else f"computed in {time.perf_counter() - start:.1f} s"
             print(f"{checkpoint.name:20} {split:5} {state}")
+        for method in args.influence or [DEFAULT_INFLUENCE]:
+            if method == "none":
+                continue
+            from .influence import index_path, load_or_fit
+
+            cached = index_path(method, checkpoint, dataset).is_file()
+            start = time.perf_counter()
+            load_or_fit(method, checkpoint, dataset, progress=not cached)
+            state = "already cached" if cached else f"built in {time.perf_counter() - start:.1f} s"
+            print(f"{checkpoint.name:20} {method} influence index {state}")
+    return 0
+
+
+def cmd_influence(args) -> int:
+    """Top-k helpful and harmful training images for a test image (--test-index), a whole test class
+    (--class), or the training images ranked by self-influence (--self)."""
+    from .influence import class_lookup, load_or_fit, lookup, suspicious, training_losses
+
+    modes = [bool(args.self), args.test_index is not None, args.class_name is not None]
+    if sum(modes) != 1:
+        raise CifarvizError("Give exactly one of --test-index I, --class NAME or --self.")
+    if args.k < 1 or (args.top is not None and args.top < 1):
+        raise CifarvizError("--k and --top must be at least 1.")
+    checkpoint = load_named_checkpoint(args.checkpoint, args.arch)
+    dataset = _load_data(args)
+    index = load_or_fit(args.method, checkpoint, dataset, progress=not args.json)
+    if args.self:
+        order, scores = suspicious(index, args.top or 100)
+        losses = training_losses(checkpoint, dataset)
+        from .artifacts import split_artifacts
+
+        predicted = split_artifacts(checkpoint, dataset, "train").predicted
+        rows = [{"rank": r + 1, "train_index": int(i), "source_index": int(dataset.train.source_index[i]),
+                 "label": dataset.classes[dataset.train.labels[i]], "predicted": dataset.classes[predicted[i]],
+                 "self_influence": float(s), "training_loss": float(losses[i])}
+                for r, (i, s) in enumerate(zip(order, scores))]  # fmt: skip
+        if args.json:
+            print(json.dumps({"method": args.method, "checkpoint": checkpoint.name, "data_fingerprint":
+                              dataset.fingerprint, "suspicious": rows}, indent=2))
+            return 0
+        print(f"training images of {checkpoint.name} ranked by self-influence ({args.method}); "
+              "likely mislabelled or atypical first")
+        print(f"{'rank':>5} {'train_index':>11} {'source_index':>12} {'label':>11} {'predicted':>11} "
+              f"{'self-infl.':>10} {'loss':>7}")
+        for row in rows:
+            print(f"{row['rank']:5d} {row['train_index']:11d} {row['source_index']:12d} {row['label']:>11} "
+                  f"{row['predicted']:>11} {row['self_influence']:10.4g} {row['training_loss']:7.3f}")
+        return 0
+    if args.test_index is not None:
+        result = lookup(index, checkpoint, dataset, args.test_index, k=args.k)
+        about = f"test image #{args.test_index} (true label {dataset.classes[dataset.test.labels[args.test_index]]})"
+    else:
+        result = class_lookup(index, checkpoint, dataset, args.class_name, k=args.k)
+        about = f"the {result.query['test_images']:,} test images of class {args.class_name}"
+    if args.json:
+        print(result.to_json())
+        return 0
+    print(f"{args.method} influence of {checkpoint.name}'s training images on {about}")
+    print("helpful: removing it would raise the test loss; harmful: removing it would lower it")
+    for title, entries in (("most helpful", result.helpful), ("most harmful", result.harmful)):
+        print(f"\n{title}\n{'rank':>5} {'train_index':>11} {'source_index':>12} {'label':>11} {'predicted':>11} {'score':>11}")
+        for rank, e in enumerate(entries, 1):
+            print(f"{rank:5d} {e.train_index:11d} {e.source_index:12d} {e.label:>11} {e.predicted:>11} {e.score:11.4g}")
     return 0
 
 
@@ -331,8 +398,21 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--out", help="output .npz (default CHECKPOINT-SPLIT-features.npz)")
         p.set_defaults(func=func)
+    p = sub.add_parser("influence", parents=[data_args, arch_args],
+                       help="training images that helped and hurt a test image, a class, or self-influence")
+    p.add_argument("--checkpoint", "-c", required=True, help="checkpoint file, or a shipped name such as fastnet")
+    p.add_argument("--test-index", type=int, help="index of the test image (dataset.test)")
+    p.add_argument("--class", dest="class_name", metavar="NAME", help="a whole test class instead of one image")
+    p.add_argument("--self", action="store_true", help="rank the training images by self-influence (suspicious first)")
+    p.add_argument("--k", type=int, default=10, help="how many helpful and harmful images (default 10; up to all)")
+    p.add_argument("--top", type=int, help="with --self: how many to list (default 100)")
+    p.add_argument("--method", choices=list(METHODS), default=DEFAULT_INFLUENCE, help="influence method (default head)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_influence)
     p = sub.add_parser("precompute", parents=[data_args, arch_args], help="warm the caches the app uses (run before a class)")
     p.add_argument("--checkpoint", "-c", action="append", help="checkpoint file or shipped name; repeatable (default: all shipped)")
+    p.add_argument("--influence", action="append", choices=[*METHODS, "none"],
+                   help=f"influence indexes to build; repeatable (default {DEFAULT_INFLUENCE}; none to skip)")
     p.set_defaults(func=cmd_precompute)
     return parser
 

@@ -28,7 +28,7 @@ from .trak import TrakInfluence
 
 METHODS: dict[str, type[InfluenceIndex]] = {m.name: m for m in (HeadInfluence, TrakInfluence, FeatureSimilarity)}
 DEFAULT_METHOD = "head"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "InfluenceError", "InfluenceIndex", "InfluenceEntry", "InfluenceResult",
            "index_path", "load_or_fit", "lookup", "class_lookup", "suspicious", "training_losses", "method_class"]

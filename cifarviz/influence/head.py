@@ -91,12 +91,14 @@ class HeadInfluence(InfluenceIndex):
                    "would change if the classifier were retrained without each training image (exact Hessian).")
 
     def __init__(self, features: np.ndarray, residuals: np.ndarray, head: LinearHead, cholesky: np.ndarray,
-                 label_smoothing: float):
+                 label_smoothing: float, self_scores: np.ndarray | None = None):
         self.features = features  # (n, D~) float32: f~ of every training image
         self.residuals = residuals  # (n, C) float32: p - y
         self.head = head
         self.cholesky = cholesky  # (P, P) lower-triangular factor of H
         self.label_smoothing = label_smoothing
+        # computed once at fit time: a fitted index is shared by every user and never changes afterwards
+        self.self_scores = self._self_influence() if self_scores is None else self_scores
 
     @property
     def n_train(self) -> int:
@@ -181,7 +183,10 @@ class HeadInfluence(InfluenceIndex):
         mean_gradient = self.test_gradients(test.features[idx], test.labels[idx]).mean(0, keepdims=True)
         return self.scores_for_gradients(mean_gradient)[0]
 
-    def self_influence(self, chunk: int = 2048) -> np.ndarray:
+    def self_influence(self) -> np.ndarray:
+        return self.self_scores
+
+    def _self_influence(self, chunk: int = 2048) -> np.ndarray:
         """g_i^T H^-1 g_i / n for every training image: |L^-1 g_i|^2 / n with the Cholesky factor L."""
         out = np.empty(self.n_train)
         for start in range(0, self.n_train, chunk):
@@ -197,12 +202,13 @@ class HeadInfluence(InfluenceIndex):
         return {"features": self.features, "residuals": self.residuals, "cholesky": self.cholesky,
                 "weight": self.head.weight, "bias": np.zeros(0) if self.head.bias is None else self.head.bias,
                 "has_bias": np.array(self.head.bias is not None), "scale": np.array(self.head.scale),
-                "label_smoothing": np.array(self.label_smoothing)}
+                "label_smoothing": np.array(self.label_smoothing), "self_scores": self.self_scores}
 
     @classmethod
     def from_state(cls, state):
         head = LinearHead(state["weight"], state["bias"] if bool(state["has_bias"]) else None, float(state["scale"]))
-        return cls(state["features"], state["residuals"], head, state["cholesky"], float(state["label_smoothing"]))
+        return cls(state["features"], state["residuals"], head, state["cholesky"], float(state["label_smoothing"]),
+                   state["self_scores"])
 
 
 def _part(report: Progress | None, start: float, end: float) -> Progress | None:

@@ -1,0 +1,108 @@
+import numpy as np
+import streamlit as st
+
+from cifarviz import app
+from cifarviz.explore import ImageRef, to_png
+from cifarviz.influence import DEFAULT_METHOD, METHODS, class_lookup, lookup, suspicious, training_losses
+
+app.sidebar()
+st.title("Influence")
+dataset = app.current_dataset()
+checkpoint = app.current_checkpoint()
+if dataset is None or checkpoint is None:
+    st.stop()
+classes = list(dataset.classes)
+
+st.markdown(
+    f"Which of the {len(dataset.train):,} training images made **{checkpoint.name}** decide what it decided? "
+    "A training image is **helpful** for a test image when removing it from training would *raise* the test "
+    "image's loss (the model would be less sure of the right answer), and **harmful** when removing it would "
+    "*lower* that loss.")
+method = st.segmented_control("Method", list(METHODS), default=DEFAULT_METHOD, key="influence_method", required=True,
+                              format_func=lambda name: METHODS[name].title)
+st.caption(METHODS[method].explanation)
+index = app.get_influence_index(method, checkpoint, dataset)
+test_arts = app.get_artifacts(checkpoint, dataset, "test")
+k = st.slider("Images per list", 4, 24, 8, step=4, key="influence_k")
+
+
+def show_result(result, key: str) -> None:
+    helpful, harmful = st.columns(2)
+    with helpful:
+        st.markdown("**Most helpful** (removing it would raise the loss)")
+        app.influence_grid(dataset, result.helpful, key=f"{key}-helpful", columns=4)
+    with harmful:
+        st.markdown("**Most harmful** (removing it would lower the loss)")
+        app.influence_grid(dataset, result.harmful, key=f"{key}-harmful", columns=4)
+    st.download_button("Export as JSON", result.to_json(), file_name=f"influence-{checkpoint.name}-{key}.json",
+                       mime="application/json", key=f"{key}-export", icon=":material/download:")
+
+
+def pick_test_image(split: str, index: int) -> None:
+    st.session_state["influence_test"] = int(index)
+
+
+one, whole_class, suspects = st.tabs(["One test image", "A whole class", "Suspicious training images"])
+
+with one:
+    a, b, c = st.columns([1, 1, 1.4])
+    class_name = a.selectbox("Class", ["all classes", *classes], key="influence_class_filter")
+    kind = b.selectbox("Prediction", ["all", "misclassified", "correct"], key="influence_kind")
+    low, high = c.slider("Model's confidence in its prediction", 0.0, 1.0, (0.0, 1.0), step=0.05,
+                         key="influence_confidence")
+    confidence = test_arts.probs.max(1)
+    keep = (confidence >= low) & (confidence <= high)
+    if class_name != "all classes":
+        keep &= test_arts.labels == classes.index(class_name)
+    if kind != "all":
+        keep &= (test_arts.predicted == test_arts.labels) == (kind == "correct")
+    candidates = np.flatnonzero(keep)
+    st.caption(f"{len(candidates):,} test images match; click one to see the training images that helped and "
+               "hurt it (showing up to 16).")
+    shown = candidates[:16]
+    app.image_grid(dataset.test.images[shown], [ImageRef("test", int(i)) for i in shown],
+                   [f"#{i} {'✓' if test_arts.predicted[i] == test_arts.labels[i] else '✗'} "
+                    f"{classes[test_arts.predicted[i]]}" for i in shown],
+                   key="influence-pick", on_click=pick_test_image,
+                   help="Show its most helpful and harmful training images")
+    chosen = st.session_state.get("influence_test")
+    if chosen is not None and 0 <= chosen < len(dataset.test):
+        st.divider()
+        left, right = st.columns([1, 5])
+        with left:
+            st.image(to_png(dataset.test.images[chosen], scale=4), width="stretch")
+            st.button("Inspect", key=f"influence-inspect-{chosen}", on_click=app.open_inspector, args=("test", chosen),
+                      icon=":material/zoom_in:", width="stretch")
+        with right:
+            true, predicted = classes[test_arts.labels[chosen]], classes[test_arts.predicted[chosen]]
+            st.markdown(f"#### Test image #{chosen}: true label **{true}**, predicted **{predicted}** "
+                        f"({test_arts.probs[chosen].max():.0%})")
+            st.caption("Scores: the predicted change of this image's loss if the training image were removed.")
+        show_result(lookup(index, checkpoint, dataset, chosen, k=k), key=f"test-{chosen}")
+
+with whole_class:
+    st.markdown("The training images that help and hurt **a whole test class** on average (the influence-functions "
+                "source project analysed the airplane class this way).")
+    target = st.selectbox("Test class", classes, key="influence_whole_class")
+    show_result(class_lookup(index, checkpoint, dataset, target, k=k), key=f"class-{target}")
+
+with suspects:
+    if not index.has_self_influence:
+        st.info(f"The {METHODS[method].title} method has no self-influence: pick another method above.")
+    else:
+        st.markdown("Training images ranked by **self-influence**: how much an image's own loss depends on it "
+                    "being in the training set. Mislabelled and atypical images come first. Beside it, the plain "
+                    "ranking by **training loss** for comparison.")
+        train_predicted = app.get_artifacts(checkpoint, dataset, "train").predicted
+        order, _ = suspicious(index, top=k * 2)
+        by_loss = np.argsort(-training_losses(checkpoint, dataset), kind="stable")[: k * 2]
+        left, right = st.columns(2)
+        for column, title, idx, key in ((left, "By self-influence", order, "self"),
+                                        (right, "By training loss", by_loss, "loss")):
+            with column:
+                st.markdown(f"**{title}**")
+                captions = [f"{classes[dataset.train.labels[i]]} (pred. {classes[train_predicted[i]]})" for i in idx]
+                app.image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions,
+                               key=f"suspect-{key}", columns=4)
+
+app.inspector(dataset, checkpoint)
