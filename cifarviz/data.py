@@ -150,7 +150,7 @@ def _scan_image_folder_unchecked(root: Path) -> dict[str, list[tuple[str, int, i
         for cls in class_dirs:
             files = []
             for entry in os.scandir(split_dir / cls):
-                if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+                if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():  # no Path(): fast
                     stat = entry.stat()
                     files.append((entry.name, stat.st_size, stat.st_mtime_ns))
             files.sort()
@@ -328,7 +328,7 @@ def _decode_image_folder(root: Path, entries, progress: bool):
     class_index = {name: i for i, name in enumerate(classes)}
     rels = [rel for split in ("train", "test") for rel, *_ in entries[split]]
     with tqdm(total=len(rels), desc="decoding images", unit="img", disable=not progress) as bar:
-        images = _decode_images([str(root / rel) for rel in rels], bar.update)  # both splits: one worker start-up
+        images = _decode_images([os.path.join(root, rel) for rel in rels], bar.update)  # both splits: one start-up
     n_train = len(entries["train"])
     labels = np.array([class_index[rel.split("/")[1]] for rel in rels], dtype=np.int64)
     out = {"train": (images[:n_train], labels[:n_train]), "test": (images[n_train:].copy(), labels[n_train:])}
