@@ -118,8 +118,9 @@ class HeadInfluence(InfluenceIndex):
     @classmethod
     def fit_arrays(cls, features: np.ndarray, labels: np.ndarray, head: LinearHead, *, l2: float,
                    label_smoothing: float = 0.0, damping: float | None = None,
-                   on_progress: Progress | None = None) -> "HeadInfluence":
-        """`damping` None: a small multiple (1e-4) of the Hessian's mean diagonal, for numerical safety."""
+                   on_progress: Progress | None = None, self_influence: bool = True) -> "HeadInfluence":
+        """`damping` None: a small multiple (1e-4) of the Hessian's mean diagonal, for numerical safety.
+        `self_influence=False` skips the self-influence pass (for callers that only need the factorised Hessian)."""
         report = on_progress or (lambda fraction: None)
         f = head.augmented(features)  # (n, D~) float64
         n, dim = f.shape
@@ -144,7 +145,8 @@ class HeadInfluence(InfluenceIndex):
         except np.linalg.LinAlgError:
             raise InfluenceError("The head's Hessian is not positive definite; add damping.") from None
         report(1.0)
-        return cls(f.astype(np.float32), residuals.astype(np.float32), head, np.tril(lower), label_smoothing)
+        return cls(f.astype(np.float32), residuals.astype(np.float32), head, np.tril(lower), label_smoothing,
+                   None if self_influence else np.full(n, np.nan))
 
     # ------------------------------------------------------------------ queries
 

@@ -116,6 +116,7 @@ class TrakInfluence(InfluenceIndex):
     def fit(cls, checkpoint, dataset, *, on_progress: Progress | None = None, k: int = PROJECTION_DIM,
             seed: int = 0, budget: int = PARAM_BUDGET):
         report = on_progress or (lambda fraction: None)
+        k = min(k, max(64, len(dataset.train) // 8))  # far fewer dimensions than images keeps Phi^T Phi well posed
         names = chosen_parameters(checkpoint.model, budget)
         gradients = MarginGradients(checkpoint.model, names, k, seed)
         train = dataset.train
@@ -142,6 +143,14 @@ class TrakInfluence(InfluenceIndex):
         idx = np.atleast_1d(np.asarray(test_indices))
         phi_test = self._gradients(dataset.test.images[idx], dataset.test.labels[idx]).numpy()
         return phi_test @ self.weighted.T
+
+    def mean_scores(self, checkpoint, dataset, test_indices, chunk: int = 256, limit: int = 256) -> np.ndarray:
+        """Linear in phi_test; each test image costs a per-example gradient, so a class's mean uses a fixed
+        random sample of at most `limit` of its images."""
+        idx = np.atleast_1d(np.asarray(test_indices))
+        if len(idx) > limit:
+            idx = np.sort(np.random.default_rng(0).choice(idx, limit, replace=False))
+        return super().mean_scores(checkpoint, dataset, idx, chunk)
 
     def self_influence(self) -> np.ndarray:
         return self.self_scores

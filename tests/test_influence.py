@@ -1,0 +1,234 @@
+"""Influence methods, proven on the real development data: against leave-one-out retraining, and at finding
+mislabelled training images; plus the lookup API, its cache, the CLI and the page."""
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from cifarviz.augment import AugmentConfig
+from cifarviz.checkpoint import load_checkpoint
+from cifarviz.cli import main
+from cifarviz.data import Split
+from cifarviz.explore import ImageRef
+from cifarviz.inference import predict
+from cifarviz.influence import (
+    METHODS,
+    class_lookup,
+    index_path,
+    load_or_fit,
+    lookup,
+    suspicious,
+    training_losses,
+)
+from cifarviz.influence.head import HeadInfluence, LinearHead, linear_head, smoothed_targets, softmax
+from cifarviz.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "checkpoints"
+
+
+# --------------------------------------------------------------------------- proof 1: leave-one-out retraining
+
+
+def retrain_head(features, labels, theta, head: LinearHead, l2: float, smoothing: float, tol: float = 1e-10):
+    """Minimise mean cross-entropy + (l2/2)|theta|^2 over the head to convergence (Newton's method; the
+    gradient and the stopping rule are computed here, independently of the method under test)."""
+    f = head.augmented(features)
+    targets = smoothed_targets(labels, head.weight.shape[0], smoothing)
+    for _ in range(50):
+        gradient = (softmax(f @ theta.T) - targets).T @ f / len(f) + l2 * theta
+        if np.abs(gradient).max() < tol:
+            return theta
+        current = LinearHead(*_split(theta, head), head.scale)
+        newton = HeadInfluence.fit_arrays(features, labels, current, l2=l2, label_smoothing=smoothing, damping=0.0,
+                                          self_influence=False)
+        from scipy.linalg import cho_solve
+
+        theta = theta - cho_solve((newton.cholesky, True), gradient.ravel()).reshape(theta.shape)
+    raise AssertionError("the head did not converge")
+
+
+def _split(theta, head):
+    return (theta, None) if head.bias is None else (theta[:, :-1], theta[:, -1])
+
+
+def test_head_influence_predicts_leave_one_out_retraining(cifar):
+    """Frozen features of a shipped checkpoint, 5,000 training images, the head retrained to convergence without
+    each of a test image's 50 most influential images: predicted and actual loss changes agree (Pearson >= 0.9),
+    and helpful images (positive score) are the ones whose removal raises the loss."""
+    checkpoint = load_checkpoint(SHIPPED / "s8net-bn.safetensors")
+    l2 = checkpoint.meta["train_config"]["weight_decay"]
+    smoothing = checkpoint.meta["train_config"]["label_smoothing"]
+    rng = np.random.default_rng(0)
+    subset = np.sort(rng.choice(len(cifar.train), 5000, replace=False))
+    features = predict(checkpoint.model, cifar.train.images[subset]).features.astype(np.float64)
+    labels = cifar.train.labels[subset]
+    start = linear_head(checkpoint.model)
+    theta = retrain_head(features, labels, start.theta.copy(), start, l2, smoothing)
+    head = LinearHead(*_split(theta, start), start.scale)
+    index = HeadInfluence.fit_arrays(features, labels, head, l2=l2, label_smoothing=smoothing, damping=0.0)
+
+    test_idx = rng.choice(len(cifar.test), 3, replace=False)
+    test = predict(checkpoint.model, cifar.test.images[test_idx])
+
+    def test_loss(theta_, t):
+        f = head.augmented(test.features[[t]])
+        return -np.log(softmax(f @ theta_.T)[0, cifar.test.labels[test_idx[t]]])
+
+    for t in range(len(test_idx)):
+        scores = index.scores_for_features(test.features[[t]], cifar.test.labels[test_idx[[t]]])[0]
+        top = np.argsort(-np.abs(scores))[:50]
+        base = test_loss(theta, t)
+        actual = []
+        for i in top:
+            keep = np.arange(len(labels)) != i
+            actual.append(test_loss(retrain_head(features[keep], labels[keep], theta.copy(), head, l2, smoothing), t)
+                          - base)
+        actual = np.array(actual)
+        assert np.corrcoef(scores[top], actual)[0, 1] >= 0.9, (t, np.corrcoef(scores[top], actual)[0, 1])
+        strong = np.abs(scores[top]) > 0.2 * np.abs(scores[top]).max()
+        assert (np.sign(scores[top][strong]) == np.sign(actual[strong])).all()  # one sign convention
+
+
+# --------------------------------------------------------------------------- proof 2: finding mislabelled images
+
+
+def test_self_influence_finds_flipped_labels(cifar, record_property):
+    """Flip 5% of the labels of 5,000 training images, train lenet on them, and self-influence puts at least
+    half of the flipped images in its top 10%. The plain training-loss ranking is reported beside it."""
+    rng = np.random.default_rng(0)
+    subset = np.sort(rng.choice(len(cifar.train), 5000, replace=False))
+    labels = cifar.train.labels[subset].copy()
+    flipped = rng.choice(len(subset), 250, replace=False)
+    labels[flipped] = (labels[flipped] + rng.integers(1, 10, len(flipped))) % 10
+    noisy = dataclasses.replace(
+        cifar, train=Split("train", cifar.train.images[subset], labels, cifar.train.source_index[subset]),
+        val=Split("val", cifar.val.images[:500], cifar.val.labels[:500], cifar.val.source_index[:500]))
+    config = TrainConfig(model="lenet", epochs=30, batch_size=128, lr=0.05, weight_decay=5e-4,
+                         augment=AugmentConfig(translate=2, flip=True))
+    model = train(config, noisy).model
+    out = predict(model, noisy.train.images)
+    index = HeadInfluence.fit_arrays(out.features, labels, linear_head(model), l2=config.weight_decay)
+    top_tenth = np.argsort(-index.self_influence())[:500]
+    recall = np.isin(flipped, top_tenth).mean()
+    loss = -np.log(out.probs[np.arange(len(labels)), labels] + 1e-12)
+    loss_recall = np.isin(flipped, np.argsort(-loss)[:500]).mean()
+    record_property("self_influence_recall", recall)
+    record_property("training_loss_recall", loss_recall)
+    print(f"flipped labels in the top 10%: self-influence {recall:.1%}, training loss {loss_recall:.1%}")
+    assert recall >= 0.5
+
+
+# --------------------------------------------------------------------------- lookups, cache, methods
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    return load_checkpoint(SHIPPED / "lenet.safetensors")
+
+
+def test_lookup_lists_and_json(cifar, lenet):
+    index = load_or_fit("head", lenet, cifar)
+    result = lookup(index, lenet, cifar, test_index=7, k=5)
+    helpful, harmful = [e.score for e in result.helpful], [e.score for e in result.harmful]
+    assert len(helpful) == len(harmful) == 5
+    assert helpful == sorted(helpful, reverse=True) and harmful == sorted(harmful)
+    assert helpful[0] > 0 > harmful[0]
+    entry = result.helpful[0]
+    assert cifar.train.source_index[entry.train_index] == entry.source_index
+    assert cifar.classes[cifar.train.labels[entry.train_index]] == entry.label
+    payload = json.loads(result.to_json())
+    assert payload["query"] == {"test_index": 7} and payload["data_fingerprint"] == cifar.fingerprint
+    assert set(payload["helpful"][0]) == {"train_index", "source_index", "label", "predicted", "score"}
+    everything = lookup(index, lenet, cifar, test_index=7, k=len(cifar.train))  # k may be the whole split
+    assert len(everything.helpful) == len(cifar.train)
+    assert sorted(e.train_index for e in everything.helpful) == list(range(len(cifar.train)))
+
+
+def test_index_is_fitted_once_and_reused(cifar, lenet):
+    path = index_path("head", lenet, cifar)
+    load_or_fit("head", lenet, cifar)
+    stamp = path.stat().st_mtime_ns
+    started = time.perf_counter()
+    again = load_or_fit("head", lenet, cifar)
+    assert path.stat().st_mtime_ns == stamp and time.perf_counter() - started < 5
+    assert index_path("similarity", lenet, cifar) != path
+    # a class lookup is the mean over the class's test images, computed in one solve
+    members = np.flatnonzero(cifar.test.labels == 0)[:40]
+    np.testing.assert_allclose(again.mean_scores(lenet, cifar, members), again.scores(lenet, cifar, members).mean(0),
+                               rtol=1e-4, atol=1e-9)
+    assert class_lookup(again, lenet, cifar, cifar.classes[0], k=3).query["test_images"] == 1000
+
+
+def test_every_method_ranks_same_label_images_as_helpful(cifar, lenet):
+    """Sanity across methods: the most helpful images share the test image's label far more often than the
+    most harmful ones (the one sign convention, seen from the outside)."""
+    for method in METHODS:
+        index = load_or_fit(method, lenet, cifar)
+        same = {"helpful": [], "harmful": []}
+        for t in range(0, len(cifar.test), len(cifar.test) // 20):
+            result = lookup(index, lenet, cifar, t, k=10)
+            true = cifar.classes[cifar.test.labels[t]]
+            same["helpful"].append(np.mean([e.label == true for e in result.helpful]))
+            same["harmful"].append(np.mean([e.label == true for e in result.harmful]))
+        assert np.mean(same["helpful"]) > np.mean(same["harmful"]) + 0.3, (method, same)
+
+
+def test_suspicious_and_training_loss_rankings(cifar, lenet):
+    index = load_or_fit("head", lenet, cifar)
+    order, scores = suspicious(index, top=50)
+    assert len(order) == 50 and (np.diff(scores) <= 0).all()
+    losses = training_losses(lenet, cifar)
+    assert losses[order].mean() > 5 * losses.mean()  # suspicious images are the ones the model gets badly wrong
+    with pytest.raises(Exception, match="no self-influence"):
+        load_or_fit("similarity", lenet, cifar).self_influence()
+
+
+# --------------------------------------------------------------------------- CLI and page
+
+
+def test_cli_influence(cifar, capsys):
+    assert main(["influence", "-c", "lenet", "--data", str(cifar.root), "--test-index", "3", "--k", "4",
+                 "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["method"] == "head" and len(payload["helpful"]) == 4 and payload["query"]["test_index"] == 3
+    assert main(["influence", "-c", "lenet", "--data", str(cifar.root), "--self", "--top", "5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["suspicious"]
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5] and rows[0]["self_influence"] >= rows[-1]["self_influence"]
+    assert main(["influence", "-c", "lenet", "--data", str(cifar.root), "--class", "ship", "--k", "2"]) == 0
+    assert "most harmful" in capsys.readouterr().out
+    assert main(["influence", "-c", "lenet", "--data", str(cifar.root), "--k", "2"]) == 2
+    assert "exactly one of" in capsys.readouterr().err
+    assert main(["influence", "-c", "lenet", "--data", str(cifar.root), "--test-index", "99999"]) == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_influence_page_click_a_test_image(cifar, lenet):
+    load_or_fit("head", lenet, cifar)  # the page reads the index the library built
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = str(cifar.root)
+    at.run()
+    at.sidebar.selectbox(key="checkpoint_label").set_value("lenet (shipped)").run()
+    at.switch_page("pages/influence.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.selectbox(key="influence_kind").set_value("misclassified").run()
+    picks = [b for b in at.button if b.key and b.key.startswith("influence-pick-test-")]
+    chosen = int(picks[0].key.rsplit("-", 1)[1])
+    picks[0].click().run()
+    page = "\n".join(m.value for m in at.markdown)
+    assert f"Test image #{chosen}" in page and "Most helpful" in page and "Most harmful" in page
+    expected = lookup(load_or_fit("head", lenet, cifar), lenet, cifar, chosen, k=8)
+    shown = [int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith(f"test-{chosen}-helpful-")]
+    assert shown == [e.train_index for e in expected.helpful]
+    # each image opens the inspector, and a test image's inspector lists its influential training images
+    next(b for b in at.button if b.key and b.key.startswith(f"test-{chosen}-helpful-")).click().run()
+    assert f"Train image #{expected.helpful[0].train_index}" in "\n".join(m.value for m in at.markdown)
+    at.session_state["inspect"] = ImageRef("test", chosen)
+    at.run()
+    inspector_helpful = [b for b in at.button if b.key and b.key.startswith("inspector-helpful-")]
+    assert [int(b.key.rsplit("-", 1)[1]) for b in inspector_helpful] == [e.train_index for e in expected.helpful[:4]]
