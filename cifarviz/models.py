@@ -285,8 +285,10 @@ class CIFAR10Net(ZooModel):
         self.features = nn.Sequential(
             nn.Conv2d(3, 20, 3), nn.BatchNorm2d(20), nn.ReLU(), nn.MaxPool2d(2),  # 32 -> 30 -> 15
             nn.Conv2d(20, 40, 4), nn.BatchNorm2d(40), nn.ReLU(), nn.MaxPool2d(2),  # 15 -> 12 -> 6
-            nn.Flatten(),
-            nn.Dropout(dropout), nn.Linear(40 * 6 * 6, fc1), nn.BatchNorm1d(fc1), nn.ReLU(),
+            # No dropout on the convolutional output (the source put it in the FC layers only); the Identity keeps
+            # the layer numbering, and so the tensor names, of earlier checkpoints.
+            nn.Flatten(), nn.Identity(),
+            nn.Linear(40 * 6 * 6, fc1), nn.BatchNorm1d(fc1), nn.ReLU(),
             nn.Dropout(dropout), nn.Linear(fc1, fc2), nn.BatchNorm1d(fc2), nn.ReLU(),
         )  # fmt: skip
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(fc2, num_classes))

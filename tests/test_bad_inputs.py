@@ -1,7 +1,8 @@
 """Broken and hostile checkpoint files: each gives one clear CheckpointError naming the file, never a crash.
 
-CASES is the table: a case id, how to build the bad file, and the words its message must contain. Rows run
-through the entry point named by `via` (a key of LOADERS); add a runner there for the CLI or the app.
+CASES is the table: a case id, how to build the bad file, and the words its message must contain. Every row runs
+through every entry point in LOADERS (the library and the CLI); the app's uploads are tested on the Models page
+in tests/test_app.py.
 """
 
 from __future__ import annotations
@@ -102,7 +103,6 @@ class Case:
     id: str
     make: Callable[[Path], Path]  # writes the bad file into a temporary folder and returns its path
     words: tuple[str, ...]  # each must appear in the message
-    via: str = "library"  # the entry point that reads it: a key of LOADERS
 
 
 CASES = [
@@ -174,13 +174,29 @@ def _via_library(path: Path) -> str:
     return str(info.value)
 
 
-LOADERS: dict[str, Callable[[Path], str]] = {"library": _via_library}  # each returns the message shown
+def _via_cli(path: Path) -> str:
+    """`python -m cifarviz evaluate -c FILE`: one `error:` line on stderr and exit status 2 (the data folder does
+    not exist: the checkpoint must be refused before any data is looked for)."""
+    import contextlib
+
+    from cifarviz.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(["evaluate", "-c", str(path), "--data", str(path.parent / "no-data-here")])
+    lines = err.getvalue().strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), err.getvalue()
+    return lines[0]
 
 
+LOADERS: dict[str, Callable[[Path], str]] = {"library": _via_library, "cli": _via_cli}  # each returns the message
+
+
+@pytest.mark.parametrize("via", ["library", "cli"])
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-def test_bad_checkpoint_gives_one_clear_message(case, tmp_path):
+def test_bad_checkpoint_gives_one_clear_message(case, via, tmp_path):
     path = case.make(tmp_path)
-    message = LOADERS[case.via](path)
+    message = LOADERS[via](path)
     assert path.name in message, message
     for word in case.words:
         assert word in message, f"{word!r} not in: {message}"
