@@ -127,13 +127,21 @@ class TrakInfluence(InfluenceIndex):
             phi[start:start + BATCH] = gradients(images, labels).numpy()
             q[start:start + BATCH] = 1 - gradients.probabilities(images)[np.arange(len(labels)), labels]
             report(0.95 * min(1.0, (start + BATCH) / len(train)))
-        kernel = phi.T.astype(np.float64) @ phi
+        # In chunks, and Phi overwritten in place by the weighted rows: peak memory stays about one Phi.
+        kernel = np.zeros((k, k))
+        for start in range(0, len(phi), 4096):
+            chunk = phi[start:start + 4096].astype(np.float64)
+            kernel += chunk.T @ chunk
         kernel[np.diag_indices_from(kernel)] += 1e-3 * float(np.mean(np.diag(kernel)))  # ridge for stability
-        inverse = np.linalg.inv(kernel)
-        weighted = (phi @ inverse.astype(np.float32)) * q[:, None].astype(np.float32)
-        self_scores = np.einsum("nk,nk->n", weighted, phi)
+        inverse = np.linalg.inv(kernel).astype(np.float32)
+        self_scores = np.empty(len(phi))
+        for start in range(0, len(phi), 4096):
+            rows = phi[start:start + 4096]
+            weighted = (rows @ inverse) * q[start:start + 4096, None].astype(np.float32)
+            self_scores[start:start + 4096] = np.einsum("nk,nk->n", weighted, rows)
+            rows[:] = weighted
         report(1.0)
-        index = cls(weighted.astype(np.float32), self_scores, names, k, seed)
+        index = cls(phi, self_scores, names, k, seed)
         index._gradients = gradients
         return index
 
