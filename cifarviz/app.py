@@ -122,7 +122,7 @@ def get_influence_index(method: str, checkpoint: Checkpoint, dataset):
     return _influence_index(method, str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix())
 
 
-@st.cache_resource(show_spinner=False, max_entries=6)
+@st.cache_resource(show_spinner=False, max_entries=4)  # a TRAK index holds ~370 MB
 def _influence_index(method: str, path: str, stamp: float, root: str):
     return load_or_fit(method, get_checkpoint(path, stamp), get_dataset(root))
 

@@ -20,6 +20,7 @@ is reached); the index records which.
 from __future__ import annotations
 
 import copy
+import threading
 
 import numpy as np
 import torch
@@ -81,11 +82,13 @@ class MarginGradients:
             return (logits * is_label).sum() - torch.logsumexp(others, 0)
 
         self._per_example = vmap(grad(margin), in_dims=(None, 0, 0))
+        self._lock = threading.Lock()  # functional_call swaps the copy's parameters: one call at a time
 
     def __call__(self, images: np.ndarray, labels: np.ndarray) -> torch.Tensor:
         """(B, k) projected margin gradients of uint8 images (B, 32, 32, 3)."""
         x = to_float(torch.from_numpy(np.ascontiguousarray(images)))
-        grads = self._per_example(self.chosen, x, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+        with self._lock:
+            grads = self._per_example(self.chosen, x, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
         return self.sketch(torch.cat([grads[n].flatten(1) for n in self.names], 1))
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
@@ -106,7 +109,8 @@ class TrakInfluence(InfluenceIndex):
         self.names = names
         self.k = k
         self.seed = seed
-        self._gradients = None  # built lazily from the checkpoint at the first query
+        self._gradients = None  # built once, from the checkpoint, at the first query
+        self._building = threading.Lock()
 
     @property
     def n_train(self) -> int:
@@ -146,8 +150,9 @@ class TrakInfluence(InfluenceIndex):
         return index
 
     def scores(self, checkpoint, dataset, test_indices) -> np.ndarray:
-        if self._gradients is None:
-            self._gradients = MarginGradients(checkpoint.model, self.names, self.k, self.seed)
+        with self._building:  # an index is shared by every user of the server
+            if self._gradients is None:
+                self._gradients = MarginGradients(checkpoint.model, self.names, self.k, self.seed)
         idx = np.atleast_1d(np.asarray(test_indices))
         phi_test = self._gradients(dataset.test.images[idx], dataset.test.labels[idx]).numpy()
         return phi_test @ self.weighted.T
