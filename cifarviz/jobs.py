@@ -86,7 +86,8 @@ class JobRegistry:
         """The job for `key`: the one under way (or queued), else a new one running `fn(report_progress)`."""
         with self._lock:
             job = self._jobs.get(key)
-            if job is None or (job.done and job.error is not None):  # a failed job may be retried
+            # a failed job is retried when someone asks for it, not by background prefetching on every rerun
+            if job is None or (job.done and job.error is not None and not background):
                 job = self._jobs[key] = Job(key, fn)
                 fresh = True
             else:

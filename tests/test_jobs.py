@@ -53,6 +53,7 @@ def test_a_failed_job_reports_its_error_and_can_be_retried():
     jobs = JobRegistry()
     failed = jobs.start("k", lambda report: 1 / 0)
     assert failed.wait(5) and isinstance(failed.error, ZeroDivisionError)
+    assert jobs.start("k", lambda report: None, background=True) is failed  # prefetching does not retry it
     retry = jobs.start("k", lambda report: None)
     assert retry is not failed and retry.wait(5) and retry.error is None
 
