@@ -212,6 +212,17 @@ def sidebar() -> None:
                      help="Shipped checkpoints, your runs (runs/), and checkpoints uploaded on the Models page.")
 
 
+def data_and_checkpoint_page(title: str):
+    """The start of a page that needs both: sidebar, title, then (dataset, checkpoint), or a stop after a message
+    that says what is missing."""
+    sidebar()
+    st.title(title)
+    dataset, checkpoint = current_dataset(), current_checkpoint()
+    if dataset is None or checkpoint is None:
+        st.stop()
+    return dataset, checkpoint
+
+
 def current_dataset(required: bool = True):
     """The selected dataset, or None after drawing a page that explains how to get data."""
     root = canonical_root(st.session_state.get("data_root", ""))

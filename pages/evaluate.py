@@ -8,12 +8,7 @@ from cifarviz.artifacts import split_tta
 from cifarviz.explore import ImageRef, confusion_cell_indices, misclassified_by_confidence
 from cifarviz.metrics import classification_report, most_confused_pairs, reliability
 
-app.sidebar()
-st.title("Evaluate")
-dataset = app.current_dataset()
-checkpoint = app.current_checkpoint()
-if dataset is None or checkpoint is None:
-    st.stop()
+dataset, checkpoint = app.data_and_checkpoint_page("Evaluate")
 classes = list(dataset.classes)
 
 split = st.segmented_control("Split", ["test", "val"], default="test", key="eval_split", required=True)

@@ -5,12 +5,7 @@ from cifarviz import app
 from cifarviz.explore import ImageRef, to_png
 from cifarviz.influence import DEFAULT_METHOD, METHODS, class_lookup, lookup, suspicious, training_losses
 
-app.sidebar()
-st.title("Influence")
-dataset = app.current_dataset()
-checkpoint = app.current_checkpoint()
-if dataset is None or checkpoint is None:
-    st.stop()
+dataset, checkpoint = app.data_and_checkpoint_page("Influence")
 classes = list(dataset.classes)
 
 st.markdown(
