@@ -23,6 +23,12 @@ from typing import Callable
 
 from filelock import FileLock
 
+_STOPPING = threading.Event()  # set when the interpreter exits: running jobs stop at their next progress report
+
+
+class JobCancelled(Exception):
+    """The process is exiting; the job's partial work is discarded (its output file was never written)."""
+
 
 @contextlib.contextmanager
 def file_lock(target: Path, timeout: float = -1):
@@ -56,6 +62,8 @@ class Job:
         return self._finished.wait(timeout)
 
     def _report(self, fraction: float) -> None:
+        if _STOPPING.is_set():
+            raise JobCancelled
         self.progress = max(self.progress, min(1.0, float(fraction)))
 
     def run(self) -> None:
@@ -92,11 +100,19 @@ class JobRegistry:
                 fresh = True
             else:
                 fresh = False
+        if _STOPPING.is_set():
+            return job
         if fresh and background:
             self._prefetch.submit(self._run, job)
         elif not job.started and not background:
-            threading.Thread(target=self._run, args=(job,), name=f"cifarviz-{key[:40]}", daemon=True).start()
+            threading.Thread(target=self._run, args=(job,), name=f"cifarviz-{key[:40]}").start()
         return job
+
+    def stop(self) -> None:
+        """Let running jobs end at their next progress report and drop queued ones (the interpreter is exiting:
+        a thread killed inside torch would abort the process)."""
+        _STOPPING.set()
+        self._prefetch.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, job: Job) -> None:
         job.run()
@@ -111,3 +127,5 @@ class JobRegistry:
 
 
 JOBS = JobRegistry()
+# Runs at interpreter exit before non-daemon threads are joined (the hook concurrent.futures itself uses).
+threading._register_atexit(JOBS.stop)

@@ -25,17 +25,23 @@ def app_at(page: str, cifar) -> AppTest:
     at.run()
     at.switch_page(page).run()
     assert not at.exception, [e.value for e in at.exception]
+    run_until(at, lambda at: len(at.progress) == 0, f"{page} without a progress bar")  # first visits compute
     return at
 
 
-def wait_for_neighbours(at, timeout: float = 300) -> None:
-    """The inspector fills in its neighbours when the training features (computed in the background) are ready."""
+def run_until(at, ready, what: str, timeout: float = 300) -> None:
+    """Rerun the page until `ready(at)`: pages draw a progress bar and fill in when background work finishes."""
     deadline = time.monotonic() + timeout
-    while not any(b.key and b.key.startswith("neighbours-train-") for b in at.button):
-        assert time.monotonic() < deadline, "the neighbours never arrived"
+    while not ready(at):
+        assert time.monotonic() < deadline, f"{what} never arrived"
         time.sleep(1)
         at.run()
         assert not at.exception, [e.value for e in at.exception]
+
+
+def wait_for_neighbours(at) -> None:
+    """The inspector fills in its neighbours when the training features (computed in the background) are ready."""
+    run_until(at, lambda at: any(b.key and b.key.startswith("neighbours-train-") for b in at.button), "neighbours")
 
 
 def texts(at) -> str:
@@ -105,6 +111,7 @@ def test_switching_checkpoint_changes_the_numbers(cifar):
     at = app_at("pages/evaluate.py", cifar)
     fast = at.metric[0].value
     at.sidebar.selectbox(key="checkpoint_label").set_value("lenet (shipped)").run()
+    run_until(at, lambda at: len(at.metric) > 0, "lenet's metrics")  # computed in the background, then shown
     stored = json.loads((SHIPPED / "lenet.json").read_text())["metrics"]["test_accuracy"]
     assert at.metric[0].value == f"{stored:.2%}" != fast
     at.switch_page("pages/dataset.py").run()  # the choice holds across pages

@@ -80,12 +80,15 @@ def test_precompute_warms_the_app_caches(cifar):
 
     result = run("precompute", "-c", "lenet", "--data", str(cifar.root))
     assert result.returncode == 0, result.stderr
+    from cifarviz.influence import index_path
+
     lines = [line.split() for line in result.stdout.splitlines()]
-    assert [line[1] for line in lines] == ["test", "val", "train"]
+    assert [line[1] for line in lines] == ["test", "val", "train", "head"]  # artifacts, then the influence index
     checkpoint = load_checkpoint(REPO / "checkpoints" / "lenet.safetensors")
     assert all(artifact_path(checkpoint, cifar, split).is_file() for split in ("test", "val", "train"))
+    assert index_path("head", checkpoint, cifar).is_file()
     again = run("precompute", "-c", "lenet", "--data", str(cifar.root))
-    assert again.stdout.count("already cached") == 3
+    assert again.stdout.count("already cached") == 4
 
 
 # ----------------------------------------------------------------- in-process: cifarviz.cli.main([...])
