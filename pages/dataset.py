@@ -28,6 +28,87 @@ def statistics(root: str, fingerprint: str):
 
 
 counts, hist, means = statistics(dataset.root.as_posix(), dataset.fingerprint)
+# A click on an image inside a tab's fragment reruns only that fragment, but the inspector dialog is drawn by
+# the full page (at its end): a full run notes the image shown, and a fragment that sees another reruns the page.
+st.session_state["_inspected"] = st.session_state.get(app.INSPECT_KEY)
+
+
+def open_clicked_image() -> None:
+    if st.session_state.get(app.INSPECT_KEY) != st.session_state.get("_inspected"):
+        st.rerun()
+
+
+def tiles(images: np.ndarray, refs: list[ImageRef], captions: list[str], key: str, width: int) -> None:
+    """Clickable images in tiles `width` pixels wide that wrap: as many per row as the screen fits, so captions
+    are never squeezed on a projector's narrow page."""
+    with st.container(horizontal=True, wrap=True, gap="small"):
+        for i in range(len(refs)):
+            with st.container(width=width):
+                app.image_grid(images[i : i + 1], refs[i : i + 1], captions[i : i + 1], key=key, columns=1)
+
+
+def reroll(key: str) -> None:
+    st.session_state[key] = st.session_state.get(key, 0) + 1
+
+
+@st.fragment
+def samples_tab() -> None:
+    shown = st.pills("Classes", classes, selection_mode="multi", default=classes, key="sample_classes", wrap=True,
+                     width="stretch")
+    st.button("Reshuffle", icon=":material/shuffle:", key="sample_reshuffle", on_click=reroll, args=("sample_seed",))
+    per_class = sample_per_class(dataset.train.labels, 8, st.session_state.get("sample_seed", 0))
+    for name in shown:
+        idx = per_class[classes.index(name)]
+        st.markdown(f"**{name}**")
+        tiles(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], [f"#{i}" for i in idx],
+              key=f"sample-{name}", width=96)
+    open_clicked_image()
+
+
+@st.fragment
+def augmentation_tab() -> None:
+    st.markdown("The training engine's own batched augmentations, applied to a few training images.")
+    c1, c2 = st.columns(2)
+    config = AugmentConfig(translate=c1.slider("Translate (pixels)", 0, 8, 2, key="augment_translate"),
+                           rotate=c2.slider("Rotate (degrees)", 0, 90, 0, key="augment_rotate"),
+                           color_jitter=c1.slider("Colour jitter", 0.0, 0.5, 0.0, key="augment_jitter"),
+                           flip=c2.checkbox("Flip left-right", True, key="augment_flip"))  # fmt: skip
+    b1, b2, _ = st.columns([1, 1, 2])
+    b1.button("Re-roll", icon=":material/casino:", key="augment_reroll", on_click=reroll, args=("augment_seed",),
+              help="New random augmentations of the same images", width="stretch")
+    b2.button("Other images", icon=":material/shuffle:", key="augment_images", on_click=reroll,
+              args=("augment_images_seed",), width="stretch")
+    rng = np.random.default_rng(st.session_state.get("augment_images_seed", 0))
+    idx = rng.choice(len(dataset.train), 8, replace=False)
+    batch = to_float(torch.from_numpy(dataset.train.images[idx]))
+    generator = torch.Generator().manual_seed(st.session_state.get("augment_seed", 0))
+    rows = [dataset.train.images[idx]] + [
+        (augment_batch(batch, config, generator).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        for _ in range(3)]  # fmt: skip
+    for label, row in zip(["original", "augmented 1", "augmented 2", "augmented 3"], rows):
+        st.caption(label)
+        for col, image in zip(st.columns(8), row):
+            col.image(to_png(image, scale=3), width="stretch")
+
+
+@st.fragment
+def browser_tab() -> None:
+    a, b, c = st.columns([1, 3, 1])
+    split = a.selectbox("Split", ["train", "val", "test"], key="browse_split")
+    chosen = b.multiselect("Classes", classes, key="browse_classes", placeholder="all classes")
+    data = dataset.split(split)
+    idx = filter_indices(data.labels, [classes.index(x) for x in chosen])
+    per_page = 32
+    pages = max(1, -(-len(idx) // per_page))
+    page = c.number_input(f"Page (of {pages:,})", 1, pages, 1, key="browse_page")
+    page_idx = idx[(page - 1) * per_page : page * per_page]
+    st.caption(f"{len(idx):,} images")
+    # Short captions fit a projector's narrow columns; the inspector shows the image's number.
+    tiles(data.images[page_idx], [ImageRef(split, int(i)) for i in page_idx],
+          [f"{classes[data.labels[i]]}" for i in page_idx], key="browse", width=112)
+    open_clicked_image()
+
+
 overview, samples, stats, augmentation, browser = st.tabs(
     ["Class counts", "Samples", "Statistics", "Augmentation", "Browser"])
 
@@ -36,67 +117,41 @@ with overview:
                 f"**{len(dataset.test):,}** test images from `{dataset.root}` ({dataset.layout}); "
                 f"the validation images are split off the training set with seed {dataset.split_seed}.")
     st.altair_chart(alt.Chart(counts).mark_bar().encode(
-        x=alt.X("class:N", sort=classes), y="images:Q", color="split:N", xOffset="split:N",
-        tooltip=["split", "class", "images"]).properties(height=300), width="stretch")
+        x=alt.X("class:N", sort=classes, title=None,
+                axis=alt.Axis(labelAngle=-40, labelFontSize=14, labelOverlap=False, labelLimit=0)),
+        y=alt.Y("images:Q", axis=alt.Axis(format=",.0f", labelFontSize=14, titleFontSize=15)),
+        color=alt.Color("split:N", scale=alt.Scale(domain=["train", "val", "test"],
+                                                   range=["#1f77b4", "#ff7f0e", "#2ca02c"]),
+                        legend=alt.Legend(orient="top", labelFontSize=14, title=None)),
+        xOffset=alt.XOffset("split:N", sort=["train", "val", "test"]),
+        tooltip=["split", "class", alt.Tooltip("images:Q", format=",")]).properties(height=320), width="stretch")
 
 with samples:
-    left, right = st.columns([3, 1])
-    shown = left.multiselect("Classes", classes, default=classes, key="sample_classes")
-    if right.button("Reshuffle", icon=":material/shuffle:"):
-        st.session_state["sample_seed"] = st.session_state.get("sample_seed", 0) + 1
-    per_class = sample_per_class(dataset.train.labels, 8, st.session_state.get("sample_seed", 0))
-    for name in shown:
-        c = classes.index(name)
-        st.markdown(f"**{name}**")
-        idx = per_class[c]
-        app.image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx],
-                       [f"#{i}" for i in idx], key=f"sample-{name}", columns=8)
+    samples_tab()
 
 with stats:
-    a, b = st.columns(2)
-    a.markdown("**Per-channel mean / std (training split, pixel values in [0, 1])**")
+    a, b = st.columns([1, 1.4])
+    a.markdown("**Per-channel mean / std** (training split, pixel values in [0, 1])")
     a.dataframe(pd.DataFrame({"channel": ["red", "green", "blue"], "mean": dataset.mean, "std": dataset.std}),
-                hide_index=True)
-    b.markdown("**Pixel histograms (training split)**")
-    b.altair_chart(alt.Chart(hist).mark_line().encode(
-        x=alt.X("value:Q", title="pixel value"), y="count:Q",
-        color=alt.Color("channel:N", scale=alt.Scale(domain=["red", "green", "blue"], range=["#d62728", "#2ca02c", "#1f77b4"]))
-    ).properties(height=220), width="stretch")
+                hide_index=True,
+                column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("mean", "std")})
+    b.markdown("**Pixel histograms** (training split)")
+    b.altair_chart(alt.Chart(hist).mark_line(strokeWidth=2.5).encode(
+        x=alt.X("value:Q", title="pixel value", axis=alt.Axis(labelFontSize=13, titleFontSize=14)),
+        y=alt.Y("count:Q", axis=alt.Axis(format="~s", labelFontSize=13, titleFontSize=14)),
+        color=alt.Color("channel:N", scale=alt.Scale(domain=["red", "green", "blue"],
+                                                     range=["#d62728", "#2ca02c", "#1f77b4"]),
+                        legend=alt.Legend(orient="top", labelFontSize=13, title=None)),
+        tooltip=["channel", "value", alt.Tooltip("count:Q", format=",")]).properties(height=240), width="stretch")
     st.markdown("**The mean image of each class**: the average of all its training pictures")
-    cols = st.columns(len(classes))
-    for col, name, image in zip(cols, classes, means):
-        col.image(to_png(image, scale=4), caption=name, width="stretch")
+    for row in range(0, len(classes), 5):  # five per row: big enough to see, names never cut
+        for col, name, image in zip(st.columns(5), classes[row : row + 5], means[row : row + 5]):
+            col.image(to_png(image, scale=4), caption=name, width="stretch")
 
 with augmentation:
-    st.markdown("The training engine's own batched augmentations, applied to a few training images.")
-    c1, c2, c3, c4 = st.columns(4)
-    config = AugmentConfig(translate=c1.slider("Translate (pixels)", 0, 8, 2), flip=c2.checkbox("Flip", True),
-                           rotate=c3.slider("Rotate (degrees)", 0, 90, 0), color_jitter=c4.slider("Colour jitter", 0.0, 0.5, 0.0))
-    seed = st.session_state.get("sample_seed", 0)
-    idx = np.random.default_rng(seed).choice(len(dataset.train), 8, replace=False)
-    batch = to_float(torch.from_numpy(dataset.train.images[idx]))
-    rows = [dataset.train.images[idx]]
-    for k in range(3):
-        out = augment_batch(batch, config, torch.Generator().manual_seed(seed * 10 + k))
-        rows.append((out.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
-    for label, row in zip(["original", "augmented 1", "augmented 2", "augmented 3"], rows):
-        st.caption(label)
-        cols = st.columns(8)
-        for col, image in zip(cols, row):
-            col.image(to_png(image, scale=3), width="stretch")
+    augmentation_tab()
 
 with browser:
-    a, b, c = st.columns([1, 3, 1])
-    split = a.selectbox("Split", ["train", "val", "test"], key="browse_split")
-    chosen = b.multiselect("Classes", classes, key="browse_classes", placeholder="all classes")
-    data = dataset.split(split)
-    idx = filter_indices(data.labels, [classes.index(x) for x in chosen])
-    per_page = 32
-    pages = max(1, -(-len(idx) // per_page))
-    page = c.number_input(f"Page (of {pages})", 1, pages, 1, key="browse_page")
-    page_idx = idx[(page - 1) * per_page : page * per_page]
-    st.caption(f"{len(idx):,} images")
-    app.image_grid(data.images[page_idx], [ImageRef(split, int(i)) for i in page_idx],
-                   [f"{classes[data.labels[i]]} #{i}" for i in page_idx], key="browse", columns=8)
+    browser_tab()
 
 app.inspector(dataset, app.current_checkpoint(quiet=True))

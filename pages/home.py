@@ -1,6 +1,12 @@
+from pathlib import Path
+
+import pandas as pd
 import streamlit as st
 
 from cifarviz import app
+from cifarviz.checkpoint import SHIPPED_DIR, read_metadata
+from cifarviz.models import list_models
+from cifarviz.summary import describe_args, model_for_summary, shipped_checkpoints
 
 app.sidebar()
 st.title("cifarviz: watch a CNN learn CIFAR-10")
@@ -25,13 +31,47 @@ st.subheader("Data")
 st.markdown(app.data_status(st.session_state.get("data_root", "")))
 
 st.subheader("Checkpoint zoo")
-table = app.checkpoint_table()
+
+
+@st.cache_data(show_spinner=False)
+def zoo(stamps: tuple) -> pd.DataFrame:  # stamps: a replaced checkpoint is read again
+    """One row per shipped checkpoint, every figure read from the checkpoint itself."""
+    rows = []
+    for row in shipped_checkpoints():
+        meta = read_metadata(row["path"])
+        measured = (meta.get("metrics") or {}).get("measured_on") or {}
+        test_images = (measured.get("sizes") or {}).get("test")
+        device = meta.get("device")
+        rows.append({
+            "model": row["name"],
+            "parameters": row["parameters"],
+            "arguments": describe_args(model_for_summary(row["path"])) if row["arch_args"] else "defaults",
+            "test accuracy": row["test_accuracy"],
+            "measured on": (f"{Path(measured['root']).name}, {test_images:,} test images"
+                            if measured.get("root") and test_images else None),
+            "epochs": (meta.get("train_config") or {}).get("epochs"),
+            "minutes": meta["train_seconds"] / 60 if meta.get("train_seconds") else None,
+            "device": f"{device} ({meta['cpu_threads']} threads)" if meta.get("cpu_threads") and device == "cpu"
+                      else device,
+        })  # fmt: skip
+    if not rows:
+        return pd.DataFrame()
+    order = {name: i for i, name in enumerate(list_models())}  # the zoo's order: classic nets first, fastnet last
+    return pd.DataFrame(rows).sort_values("model", key=lambda m: m.map(order), kind="stable", ignore_index=True)
+
+
+table = zoo(tuple((p.name, app.file_stamp(p)) for p in sorted(SHIPPED_DIR.glob("*.safetensors"))))
 if table.empty:
     st.info("No shipped checkpoints found in checkpoints/.")
 else:
-    st.dataframe(
-        table,
-        hide_index=True,
-        column_config={"test accuracy": st.column_config.ProgressColumn(format="percent", min_value=0, max_value=1),
-                       "parameters": st.column_config.NumberColumn(format="localized")},
-    )
+    # A column with one value for every checkpoint is a sentence, not a column: the table fits a projector.
+    same = [c for c in ("measured on", "device") if table[c].notna().all() and table[c].nunique() == 1]
+    st.dataframe(table.drop(columns=same), hide_index=True, placeholder="—", height=36 * len(table) + 40,
+                 column_config={
+        "test accuracy": st.column_config.NumberColumn(format="percent"),
+        "parameters": st.column_config.NumberColumn(format="localized"),
+        "minutes": st.column_config.NumberColumn(format="%.1f", help="Training time in minutes"),
+    })  # fmt: skip
+    if same:
+        said = {"measured on": "test accuracy measured on", "device": "trained on"}
+        st.caption("Every checkpoint: " + "; ".join(f"{said[c]} {table[c].iat[0]}" for c in same) + ".")

@@ -1,118 +1,237 @@
+import itertools
+
 import altair as alt
+import numpy as np
 import pandas as pd
 import streamlit as st
 
 from cifarviz import app
 from cifarviz.checkpoint import SHIPPED_DIR, read_metadata
 from cifarviz.errors import CifarvizError
-from cifarviz.models import count_parameters, create_model, list_models, model_entry
-from cifarviz.recipes import SOURCE_REPORTED
-from cifarviz.summary import layer_table
+from cifarviz.models import count_parameters, list_models, model_entry
+from cifarviz.recipes import SOURCE_REPORTED, SOURCE_TARGETS
+from cifarviz.summary import changed_args, describe_args, layer_table, model_for_summary, shipped_checkpoints
 
 app.sidebar()
 st.title("Models")
 
+# A clearly different, strong hue per shipped model, in zoo order, so each compared trio gets three unlike
+# colours (Streamlit's own palette pairs dark and light shades of one hue).
+PALETTE = ["#8c564b", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#e377c2", "#393b79", "#17becf", "#b8860b",
+           "#d62728", "#7f7f7f", "#637939", "#ad494a"]
+SPLIT_DASH = alt.Scale(domain=["train", "val"], range=[[1, 0], [6, 4]])
+SPLITS_NOTE = "Solid lines: training split; dashed lines: validation split."
+COUNT = st.column_config.NumberColumn(format="localized")
+TABLE_FORMATS = {
+    "parameters": COUNT, "trainable": COUNT,
+    "test accuracy": st.column_config.NumberColumn(
+        format="percent", help="The shipped checkpoint's test accuracy, measured on the data named on the Home page"),
+    "source reported": st.column_config.NumberColumn(
+        format="percent", help="Test accuracy the source project reported for its own run (original CIFAR-10)"),
+    "source target": st.column_config.NumberColumn(
+        format="percent", help="Accuracy the source project set out to reach: a goal, not a measured result"),
+}  # fmt: skip
+
 
 @st.cache_data(show_spinner=False)
-def zoo_table() -> pd.DataFrame:
-    shipped = {p.stem: read_metadata(p) for p in SHIPPED_DIR.glob("*.safetensors")}
+def zoo_table(stamps: tuple) -> pd.DataFrame:  # stamps: a replaced checkpoint is read again
+    """One row per zoo model; a shipped model's size, arguments and accuracy are its checkpoint's own."""
+    shipped = {row["name"]: row for row in shipped_checkpoints()}
     rows = []
-    for name in list_models():
-        entry = model_entry(name)
-        model = create_model(name, **({"pretrained": False} if name == "resnet18-transfer" else {}))
-        meta = shipped.get(name, {})
-        rows.append({"model": name, "parameters": count_parameters(model),
-                     "trainable": count_parameters(model, trainable_only=True),
-                     "shipped test accuracy": (meta.get("metrics") or {}).get("test_accuracy"),
-                     "source reported": SOURCE_REPORTED.get(name), "source": entry.source,
-                     "description": entry.description})  # fmt: skip
+    for name in list_models() + sorted(set(shipped) - set(list_models())):
+        model = model_for_summary(name)  # a shipped name: its checkpoint's architecture and arguments
+        row = shipped.get(name, {})
+        entry = model_entry(model.arch_name)
+        rows.append({
+            "model": name, "shipped": name in shipped,
+            "parameters": row.get("parameters", count_parameters(model)),
+            "arguments": describe_args(model) if changed_args(model) else "defaults",
+            "test accuracy": row.get("test_accuracy"),
+            "source reported": SOURCE_REPORTED.get(name), "source target": SOURCE_TARGETS.get(name),
+            "source": entry.source, "description": entry.description,
+        })  # fmt: skip
     return pd.DataFrame(rows)
 
 
 @st.cache_data(show_spinner=False)
-def summary_rows(name: str) -> pd.DataFrame:
-    model = create_model(name, **({"pretrained": False} if name == "resnet18-transfer" else {}))
+def summary_rows(name: str, stamps: tuple) -> tuple[pd.DataFrame, int, int]:
+    """The layer table of what ships under `name` (its checkpoint's arguments), else of the zoo defaults."""
+    model = model_for_summary(name)
     rows = pd.DataFrame(layer_table(model))
-    rows["output_shape"] = rows["output_shape"].map(lambda shape: " x ".join(map(str, shape)))
-    return rows
+    rows["output_shape"] = rows["output_shape"].map(lambda shape: " × ".join(map(str, shape)))
+    rows = rows.rename(columns={"output_shape": "output shape", "name": "module"})
+    return rows, count_parameters(model), count_parameters(model, trainable_only=True)
 
 
 @st.cache_data(show_spinner=False)
-def histories() -> pd.DataFrame:
-    rows = []
-    for path in sorted(SHIPPED_DIR.glob("*.safetensors")):
-        for h in read_metadata(path).get("history", []):
-            for metric in ("train_acc", "val_acc", "train_loss", "val_loss"):
-                rows.append({"model": path.stem, "epoch": h["epoch"], "metric": metric, "value": h[metric]})
-    return pd.DataFrame(rows)
+def histories(stamps: tuple) -> pd.DataFrame:
+    rows = [{"model": path.stem, "epoch": h["epoch"], "split": split, "metric": metric, "value": h[f"{split}_{metric}"]}
+            for path in sorted(SHIPPED_DIR.glob("*.safetensors")) for h in read_metadata(path).get("history", [])
+            for split in ("train", "val") for metric in ("acc", "loss")]  # fmt: skip
+    return pd.DataFrame(rows, columns=["model", "epoch", "split", "metric", "value"])
 
 
-zoo = zoo_table()
-percent = st.column_config.NumberColumn(format="percent")
-st.dataframe(zoo, hide_index=True, column_config={"shipped test accuracy": percent, "source reported": percent})
+def styled(chart: alt.Chart) -> alt.Chart:
+    """Type a projector can show: larger axis and legend text, legend names never cut."""
+    return (chart.configure_axis(labelFontSize=14, titleFontSize=15)
+            .configure_legend(labelFontSize=14, titleFontSize=14, labelLimit=0, orient="bottom", columns=3)
+            .configure_title(fontSize=16))  # fmt: skip
 
-tab_summary, tab_curves, tab_compare, tab_upload = st.tabs(["Layer summary", "Training curves", "Comparisons", "Upload a checkpoint"])
 
-with tab_summary:
-    name = st.selectbox("Model", list_models(), index=list_models().index("s8net-bn"), key="summary_model")
-    rows = summary_rows(name)
-    st.caption(f"{model_entry(name).description}. Total parameters: {int(zoo.set_index('model').loc[name, 'parameters']):,}")
-    st.dataframe(rows, hide_index=True)
+def model_colour(models) -> alt.Color:
+    """The same colour for a model in every chart of this page; the legend lists only `models`."""
+    models = [m for m in COLOURS if m in set(models)]
+    return alt.Color("model:N", scale=alt.Scale(domain=models, range=[COLOURS[m] for m in models]),
+                     legend=alt.Legend(title=None, symbolStrokeWidth=4))
 
-curves = histories()
-with tab_curves:
+
+def curve_chart(frame: pd.DataFrame, metric: str, height: int) -> alt.Chart:
+    """Lines per model (colour) and split (solid: train, dashed: validation), the y axis fitted to the data."""
+    accuracy = metric == "acc"
+    return alt.Chart(frame).mark_line(point=alt.OverlayMarkDef(size=30), strokeWidth=2.5).encode(
+        x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1, format="d")),
+        y=alt.Y("value:Q", title="accuracy" if accuracy else "loss", scale=alt.Scale(zero=False, nice=True),
+                axis=alt.Axis(format="%" if accuracy else ".2f")),
+        color=model_colour(frame["model"].unique()),
+        strokeDash=alt.StrokeDash("split:N", scale=SPLIT_DASH, legend=None),  # said in SPLITS_NOTE
+        tooltip=["model", "split", "epoch", alt.Tooltip("value:Q", format=".2%" if accuracy else ".3f")],
+    ).properties(height=height)  # fmt: skip
+
+
+def shown_table(frame: pd.DataFrame, all_rows: bool = False) -> None:
+    height = 36 * len(frame) + 40 if all_rows else "auto"
+    st.dataframe(frame, hide_index=True, column_config=TABLE_FORMATS, placeholder="—", height=height)
+
+
+stamps = tuple((p.name, app.file_stamp(p)) for p in sorted(SHIPPED_DIR.glob("*.safetensors")))
+zoo = zoo_table(stamps)
+curves = histories(stamps)
+shipped_names = set(zoo.loc[zoo["shipped"], "model"])
+all_models = list(zoo["model"])
+COLOURS = dict(zip(sorted(all_models, key=lambda m: m not in shipped_names), itertools.cycle(PALETTE)))
+st.caption("Parameters, arguments and accuracy of a shipped model are its checkpoint's own; "
+           "models without a checkpoint show the zoo's default arguments.")
+shown_table(zoo.drop(columns="shipped"), all_rows=True)
+
+tab_summary, tab_curves, tab_compare, tab_upload = st.tabs(
+    ["Layer summary", "Training curves", "Comparisons", "Upload a checkpoint"])
+
+
+@st.fragment
+def layer_summary() -> None:
+    name = st.selectbox("Model", all_models, index=all_models.index("s8net-bn"), key="summary_model",
+                        format_func=lambda n: f"{n} ({'shipped checkpoint' if n in shipped_names else 'zoo defaults'})")
+    rows, total, trainable = summary_rows(name, stamps)
+    row = zoo.set_index("model").loc[name]
+    made = "as shipped" if name in shipped_names else "with the zoo's defaults (no checkpoint shipped)"
+    args = "default arguments" if row["arguments"] == "defaults" else row["arguments"]
+    st.markdown(f"{row['description']}.  \n**{name}** {made} ({args}): "
+                f"**{total:,}** parameters ({trainable:,} trainable).")
+    shown_table(rows)
+
+
+@st.fragment
+def training_curves() -> None:
     if curves.empty:
         st.info("No shipped checkpoints with histories.")
-    else:
-        names = sorted(curves["model"].unique())
-        chosen = st.multiselect("Checkpoints", names, default=[n for n in ("fastnet", "s8net-bn") if n in names], key="curve_models")
-        metric = st.segmented_control("Metric", ["accuracy", "loss"], default="accuracy", key="curve_metric", required=True)
-        shown = curves[curves["model"].isin(chosen) & curves["metric"].str.endswith("acc" if metric == "accuracy" else "loss")]
-        st.altair_chart(alt.Chart(shown).mark_line(point=True).encode(
-            x="epoch:Q", y=alt.Y("value:Q", title=metric), color="model:N",
-            strokeDash=alt.StrokeDash("metric:N", title="split"), tooltip=["model", "metric", "epoch", "value"],
-        ).properties(height=360), width="stretch")
+        return
+    names = sorted(curves["model"].unique())
+    a, b = st.columns([3, 2], vertical_alignment="bottom")
+    chosen = a.multiselect("Checkpoints", names, default=[n for n in ("fastnet", "s8net-bn", "lenet") if n in names],
+                           key="curve_models")
+    metric = b.segmented_control("Metric", ["accuracy", "loss"], default="accuracy", key="curve_metric", required=True)
+    key = "acc" if metric == "accuracy" else "loss"
+    shown = curves[curves["model"].isin(chosen) & (curves["metric"] == key)]
+    st.caption(SPLITS_NOTE)
+    st.altair_chart(styled(curve_chart(shown, key, 460)), width="stretch")
 
 
 def comparison(models: list[str], title: str) -> None:
-    present = [m for m in models if not curves.empty and m in set(curves["model"])]
+    present = [m for m in models if m in set(curves["model"])]
     if not present:
         st.info(f"No shipped checkpoints for {title}.")
         return
-    table = zoo.set_index("model").loc[present, ["parameters", "shipped test accuracy", "source reported"]].reset_index()
-    a, b = st.columns([1, 1.4])
-    a.dataframe(table, hide_index=True, column_config={"shipped test accuracy": percent, "source reported": percent})
-    val = curves[curves["model"].isin(present) & (curves["metric"] == "val_acc")]
-    b.altair_chart(alt.Chart(val).mark_line(point=True).encode(
-        x="epoch:Q", y=alt.Y("value:Q", title="validation accuracy"), color="model:N").properties(height=240, title=title),
-        width="stretch")
+    table = zoo.set_index("model").loc[present, ["parameters", "arguments", "test accuracy", "source reported",
+                                                 "source target"]].dropna(axis=1, how="all").reset_index()
+    shown_table(table)
+    shown = curves[curves["model"].isin(present) & (curves["metric"] == "acc")]
+    st.caption(SPLITS_NOTE)
+    st.altair_chart(styled(curve_chart(shown, "acc", 440).properties(title=title)), width="stretch")
 
+
+def label_heights(frame: pd.DataFrame, gap: float) -> np.ndarray:
+    """Label heights that keep labels of nearby points (within half a decade) at least `gap` apart."""
+    placed: list[tuple[float, float]] = []
+    heights = np.empty(len(frame))
+    for i in np.argsort(frame["test accuracy"].to_numpy(), kind="stable"):
+        x, y = np.log10(frame["parameters"].iat[i]), frame["test accuracy"].iat[i]
+        for px, py in sorted(placed, key=lambda p: p[1]):
+            if abs(px - x) < 0.5 and abs(py - y) < gap:
+                y = py + gap
+        placed.append((x, y))
+        heights[i] = y
+    return heights
+
+
+def parameters_vs_accuracy() -> None:
+    frame = zoo.dropna(subset=["test accuracy"])[["model", "parameters", "test accuracy", "arguments"]].copy()
+    if frame.empty:
+        return
+    low, high = frame["test accuracy"].min() - 0.02, frame["test accuracy"].max() + 0.03
+    height = 420
+    frame["label"] = label_heights(frame, gap=(high - low) * 18 / height)  # 18 px between labels
+    decades = [m * 10**e for e in range(3, 9) for m in (1, 3)]
+    ticks = [t for t in decades if frame["parameters"].min() / 3 <= t <= frame["parameters"].max() * 3]
+    x = alt.X("parameters:Q", scale=alt.Scale(type="log", domain=[ticks[0], ticks[-1]]),
+              axis=alt.Axis(values=ticks, format="~s", title="parameters (log scale)"))
+    y = alt.Y("test accuracy:Q", scale=alt.Scale(domain=[low, high]), axis=alt.Axis(format="%"))
+    base = alt.Chart(frame)
+    points = base.mark_circle(size=160, opacity=1).encode(
+        x=x, y=y, color=model_colour(frame["model"]).legend(None),
+        tooltip=["model", "arguments", alt.Tooltip("parameters:Q", format=","),
+                 alt.Tooltip("test accuracy:Q", format=".2%")])  # fmt: skip
+    labels = base.mark_text(align="left", dx=10, fontSize=14, fontWeight="bold").encode(  # in its point's colour
+        x=x, y=alt.Y("label:Q", scale=alt.Scale(domain=[low, high]), title="test accuracy"), text="model:N",
+        color=model_colour(frame["model"]).legend(None))
+    st.altair_chart(styled((points + labels).properties(height=height)), width="stretch")
+
+
+with tab_summary:
+    layer_summary()
+
+with tab_curves:
+    training_curves()
 
 with tab_compare:
     st.markdown("**Normalisation** (s8 source): the same 37,664-parameter network with BatchNorm, GroupNorm, LayerNorm")
     comparison(["s8net-bn", "s8net-gn", "s8net-ln"], "BatchNorm vs GroupNorm vs LayerNorm")
     st.markdown("**Blocks** (ResNet source): six plain, residual, or skip-concatenation blocks")
     comparison(["deepnet-conv", "deepnet-res", "deepnet-skip"], "plain vs residual vs skip")
-    st.markdown("**Parameters vs accuracy** for every shipped checkpoint")
-    scatter = zoo.dropna(subset=["shipped test accuracy"])
-    st.altair_chart(alt.Chart(scatter).mark_circle(size=120).encode(
-        x=alt.X("parameters:Q", scale=alt.Scale(type="log")), y=alt.Y("shipped test accuracy:Q", scale=alt.Scale(zero=False)),
-        color="model:N", tooltip=["model", "parameters", "shipped test accuracy"]).properties(height=320), width="stretch")
+    st.markdown("**Parameters vs accuracy** of every shipped checkpoint (test accuracy on the data it was measured on)")
+    parameters_vs_accuracy()
 
 with tab_upload:
-    st.markdown("Upload a `.safetensors` checkpoint, or a `.pt`/`.pth` **state dict** of a zoo architecture. "
-                "Files are read without executing any code (safetensors, or `torch.load(weights_only=True)`).")
-    upload = st.file_uploader("Checkpoint", type=["safetensors", "pt", "pth"], key="checkpoint_upload")
-    if upload is not None and st.session_state.get("checkpoint_upload_done") != upload.file_id:
-        try:
-            label, checkpoint = app.save_uploaded_checkpoint(upload.name, upload.getvalue())
-            st.session_state["checkpoint_upload_done"] = upload.file_id
-            st.session_state["checkpoint_label_request"] = label
-            st.session_state["upload_message"] = (
-                f"Loaded {upload.name}: architecture {checkpoint.model.arch_name}, "
-                f"{count_parameters(checkpoint.model):,} parameters. It is now the sidebar's checkpoint.")
-            st.rerun()  # so the sidebar, drawn before this page, selects it
-        except CifarvizError as exc:
-            st.error(str(exc))
-    if "upload_message" in st.session_state:
-        st.success(st.session_state.pop("upload_message"))
+
+    @st.fragment
+    def upload_checkpoint() -> None:
+        if not app.uploads_allowed():
+            st.caption("Uploads are turned off on this server.")
+            return
+        st.markdown("Upload a `.safetensors` checkpoint, or a `.pt`/`.pth` **state dict** of a zoo architecture. "
+                    "Files are read without executing any code (safetensors, or `torch.load(weights_only=True)`).")
+        upload = st.file_uploader("Checkpoint", type=["safetensors", "pt", "pth"], key="checkpoint_upload")
+        if upload is not None and st.session_state.get("checkpoint_upload_done") != upload.file_id:
+            try:
+                label, checkpoint = app.save_uploaded_checkpoint(upload.name, upload.getvalue())
+                st.session_state["checkpoint_upload_done"] = upload.file_id
+                st.session_state["checkpoint_label_request"] = label
+                st.session_state["upload_message"] = (
+                    f"Loaded {upload.name}: architecture {checkpoint.model.arch_name}, "
+                    f"{count_parameters(checkpoint.model):,} parameters. It is now the sidebar's checkpoint.")
+                st.rerun()  # the whole app, so the sidebar, drawn before this page, selects it
+            except CifarvizError as exc:
+                st.error(str(exc))
+        if "upload_message" in st.session_state:
+            st.success(st.session_state.pop("upload_message"))
+
+    upload_checkpoint()
