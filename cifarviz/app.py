@@ -314,19 +314,18 @@ def close_inspector() -> None:
     st.session_state.pop(INSPECT_KEY, None)
 
 
-def image_grid(images: np.ndarray, refs: list[ImageRef], captions: list[str], key: str, columns: int = 8,
+def image_grid(images: np.ndarray, refs: list[ImageRef], captions: list[str], key: str, tile_width: int = 112,
                on_click=None, help: str = "Open in the image inspector") -> None:
-    """A grid of images; each one's button (its caption, wrapped, never cut) opens it in the inspector, or calls
+    """Clickable images in tiles `tile_width` pixels wide that wrap, as many per row as the screen fits (so captions
+    are never squeezed on a projector's narrow page). Each button opens its image in the inspector, or calls
     `on_click(split, index)` instead."""
     if len(refs) == 0:
         st.caption("No images.")
         return
-    for row_start in range(0, len(refs), columns):
-        cols = st.columns(columns)
-        for col, i in zip(cols, range(row_start, min(row_start + columns, len(refs)))):
-            with col:
+    with st.container(horizontal=True, wrap=True, gap="small"):
+        for i, ref in enumerate(refs):
+            with st.container(width=tile_width):
                 st.image(to_png(images[i], scale=3), width="stretch")
-                ref = refs[i]
                 st.button(captions[i], key=f"{key}-{ref.split}-{ref.index}", on_click=on_click or open_inspector,
                           args=(ref.split, ref.index), help=help, width="stretch", wrap=True)
 
@@ -358,7 +357,7 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
 
     with st.container(key="inspector"):
         title = f"{ref.split.capitalize()} image #{ref.index}" if ref.split != "upload" else "Your uploaded image"
-        st.markdown(f"#### {title}" + (f" · true label: {classes[label]}" if label is not None else ""))
+        st.markdown(f"#### {title}")
         left, middle, right = st.columns([1, 1.5, 1.1])
         with left:
             st.image(to_png(image, scale=8), width="stretch")
@@ -371,11 +370,12 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
         predicted = int(probs.argmax())
         verdict = "" if label is None else (" — correct" if predicted == label else " — wrong")
         with left:
-            st.markdown(f"**Predicted:** {classes[predicted]} ({probs[predicted]:.1%}){verdict}",
-                        help=f"by {checkpoint.name}" + (" with flip test-time augmentation"
-                                                         if _tta(checkpoint, ref) == "flip" else ""))
+            st.markdown(f"**Predicted:** {classes[predicted]} ({probs[predicted]:.1%}){verdict}")
+            st.caption(f"by {checkpoint.name}" + (" with flip test-time augmentation"
+                                                  if _tta(checkpoint, ref) == "flip" else ""))
         with middle:
-            st.altair_chart(probability_chart(probs, classes, predicted, checkpoint.name), width="stretch")
+            chart = probability_chart(probs, classes, predicted, checkpoint.name)
+            st.altair_chart(chart, width="stretch", height=PROBABILITY_CHART_HEIGHT)
         with right:
             explained = st.selectbox("Grad-CAM explains", classes, index=predicted, key=f"cam-{ref.split}-{ref.index}",
                                      help="Defaults to the predicted class; pick another to see its evidence.")
@@ -407,6 +407,9 @@ def image_probabilities(checkpoint: Checkpoint, dataset, ref: ImageRef, image: n
     return predict(checkpoint.model, image[None], tta=_tta(checkpoint, ref), features=False).probs[0]
 
 
+PROBABILITY_CHART_HEIGHT = 330  # every class label readable on a projector
+
+
 def probability_chart(probs: np.ndarray, classes: list[str], predicted: int, model_name: str) -> alt.Chart:
     frame = pd.DataFrame({"class": classes, "probability": probs})
     return alt.Chart(frame, title=alt.Title(f"Class probabilities ({model_name})", fontSize=15)).mark_bar().encode(
@@ -415,7 +418,7 @@ def probability_chart(probs: np.ndarray, classes: list[str], predicted: int, mod
                 axis=alt.Axis(labelFontSize=14, labelOverlap=False, labelLimit=200)),
         color=alt.condition(alt.datum["class"] == classes[predicted], alt.value("#d62728"), alt.value("#4c78a8")),
         tooltip=["class", alt.Tooltip("probability:Q", format=".2%")],
-    ).properties(height=26 * len(classes) + 30)
+    ).properties(height=PROBABILITY_CHART_HEIGHT - 40)
 
 
 def neighbours_section(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np.ndarray, k: int = 8) -> None:
@@ -426,7 +429,7 @@ def neighbours_section(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np
         idx, sims = nearest_training_images(checkpoint, dataset, ref, image, k)
         refs = [ImageRef("train", int(i)) for i in idx]
         captions = [f"{dataset.classes[dataset.train.labels[i]]} {s:.2f}" for i, s in zip(idx, sims)]
-        image_grid(dataset.train.images[idx], refs, captions, key="neighbours", columns=len(refs))
+        image_grid(dataset.train.images[idx], refs, captions, key="neighbours", tile_width=96)
         return
 
     pending(job, f"Computing the features of the {len(dataset.train):,} training images (once per checkpoint, "
@@ -457,19 +460,19 @@ def influence_section(checkpoint: Checkpoint, dataset, ref: ImageRef, k: int = 4
     helpful, harmful = st.columns(2)
     with helpful:
         st.caption("Helpful")
-        influence_grid(dataset, result.helpful, key="inspector-helpful", columns=k)
+        influence_grid(dataset, result.helpful, key="inspector-helpful", tile_width=96)
     with harmful:
         st.caption("Harmful")
-        influence_grid(dataset, result.harmful, key="inspector-harmful", columns=k)
+        influence_grid(dataset, result.harmful, key="inspector-harmful", tile_width=96)
 
 
-def influence_grid(dataset, entries, key: str, columns: int = 8) -> None:
+def influence_grid(dataset, entries, key: str, tile_width: int = 112) -> None:
     """Training images of an influence result, each opening the inspector: label, prediction, score."""
     idx = np.array([e.train_index for e in entries], dtype=np.int64)
     captions = [f"{e.label}" + ("" if e.predicted == e.label else f" (pred. {e.predicted})") + f" {e.score:+.2g}"
                 for e in entries]
     image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions, key=key,
-               columns=columns)
+               tile_width=tile_width)
 
 
 def nearest_training_images(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np.ndarray, k: int = 8):

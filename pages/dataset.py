@@ -38,15 +38,6 @@ def open_clicked_image() -> None:
         st.rerun()
 
 
-def tiles(images: np.ndarray, refs: list[ImageRef], captions: list[str], key: str, width: int) -> None:
-    """Clickable images in tiles `width` pixels wide that wrap: as many per row as the screen fits, so captions
-    are never squeezed on a projector's narrow page."""
-    with st.container(horizontal=True, wrap=True, gap="small"):
-        for i in range(len(refs)):
-            with st.container(width=width):
-                app.image_grid(images[i : i + 1], refs[i : i + 1], captions[i : i + 1], key=key, columns=1)
-
-
 def reroll(key: str) -> None:
     st.session_state[key] = st.session_state.get(key, 0) + 1
 
@@ -60,8 +51,8 @@ def samples_tab() -> None:
     for name in shown:
         idx = per_class[classes.index(name)]
         st.markdown(f"**{name}**")
-        tiles(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], [f"#{i}" for i in idx],
-              key=f"sample-{name}", width=96)
+        app.image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], [f"#{i}" for i in idx],
+                       key=f"sample-{name}", tile_width=96)
     open_clicked_image()
 
 
@@ -104,8 +95,8 @@ def browser_tab() -> None:
     page_idx = idx[(page - 1) * per_page : page * per_page]
     st.caption(f"{len(idx):,} images")
     # Short captions fit a projector's narrow columns; the inspector shows the image's number.
-    tiles(data.images[page_idx], [ImageRef(split, int(i)) for i in page_idx],
-          [f"{classes[data.labels[i]]}" for i in page_idx], key="browse", width=112)
+    app.image_grid(data.images[page_idx], [ImageRef(split, int(i)) for i in page_idx],
+                   [f"{classes[data.labels[i]]}" for i in page_idx], key="browse", tile_width=112)
     open_clicked_image()
 
 

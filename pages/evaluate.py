@@ -34,7 +34,8 @@ confusion = np.array(report["confusion_matrix"])
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Accuracy", f"{report['accuracy']:.2%}", help=f"{len(data):,} {split} images of {dataset.root}")
 m2.metric("Macro F1", f"{report['macro']['f1']:.3f}")
-m3.metric("Expected calibration error", f"{ece:.3f}")
+m3.metric("Calibration error", f"{ece:.3f}", help="Expected calibration error (ECE): the average gap between "
+          "confidence and accuracy, over confidence bins")
 m4.metric("Mistakes", f"{int((arts.predicted != arts.labels).sum()):,}")
 
 st.session_state.setdefault("cm_true", "cat" if "cat" in classes else classes[0])
@@ -46,34 +47,31 @@ def _cell_picked_by_hand() -> None:
     st.session_state["cm_chart_round"] = st.session_state.get("cm_chart_round", 0) + 1
 
 
-left, right = st.columns([1.2, 1])
-with left:
-    st.subheader("Confusion matrix")
-    st.caption("Rows: true class, columns: predicted class. Click a cell to see its images below.")
-    cells = pd.DataFrame([{"true": classes[i], "predicted": classes[j], "count": int(confusion[i, j])}
-                          for i in range(len(classes)) for j in range(len(classes))])  # fmt: skip
-    pick = alt.selection_point(name="cell", fields=["true", "predicted"], on="click", clear=False)
-    axis = {"labelFontSize": 13, "titleFontSize": 15, "labelOverlap": False, "labelLimit": 120}
-    base = alt.Chart(cells).encode(x=alt.X("predicted:N", sort=classes, axis=alt.Axis(labelAngle=-45, **axis)),
-                                   y=alt.Y("true:N", sort=classes, axis=alt.Axis(**axis)))
-    shown_cell = (alt.datum.true == st.session_state["cm_true"]) & (alt.datum.predicted == st.session_state["cm_pred"])
-    heat = base.mark_rect().encode(
-        color=alt.Color("count:Q", scale=alt.Scale(type="symlog", scheme="blues"), legend=None),
-        stroke=alt.condition(shown_cell, alt.value("#d62728"), alt.value(None)), strokeWidth=alt.value(4),
-        tooltip=["true", "predicted", "count"]).add_params(pick)
-    text = base.mark_text(fontSize=13).encode(
-        text="count:Q", color=alt.condition(alt.datum.count > confusion.max() / 3, alt.value("white"), alt.value("black")))
-    event = st.altair_chart((heat + text).properties(height=470), on_select="rerun", width="stretch",
-                            key=f"confusion-{st.session_state.get('cm_chart_round', 0)}")
-    chosen = (event.selection.get("cell") or [None])[0] if event else None
-    if chosen:
-        st.session_state["cm_true"], st.session_state["cm_pred"] = chosen["true"], chosen["predicted"]
-with right:
-    st.subheader("Per-class precision, recall, F1")
-    share = st.column_config.NumberColumn(format="percent")
-    st.dataframe(pd.DataFrame(report["per_class"]), hide_index=True, height=420,
-                 column_config={"precision": share, "recall": share, "f1": share,
-                                "support": st.column_config.NumberColumn(format="localized")})
+st.subheader("Confusion matrix")
+st.caption("Rows: true class, columns: predicted class. Click a cell to see its images below.")
+cells = pd.DataFrame([{"true": classes[i], "predicted": classes[j], "count": int(confusion[i, j])}
+                      for i in range(len(classes)) for j in range(len(classes))])  # fmt: skip
+pick = alt.selection_point(name="cell", fields=["true", "predicted"], on="click", clear=False)
+axis = {"labelFontSize": 13, "titleFontSize": 15, "labelOverlap": False, "labelLimit": 120}
+base = alt.Chart(cells).encode(x=alt.X("predicted:N", sort=classes, axis=alt.Axis(labelAngle=-45, **axis)),
+                               y=alt.Y("true:N", sort=classes, axis=alt.Axis(**axis)))
+shown_cell = (alt.datum.true == st.session_state["cm_true"]) & (alt.datum.predicted == st.session_state["cm_pred"])
+heat = base.mark_rect().encode(
+    color=alt.Color("count:Q", scale=alt.Scale(type="symlog", scheme="blues"), legend=None),
+    stroke=alt.condition(shown_cell, alt.value("#d62728"), alt.value(None)), strokeWidth=alt.value(4),
+    tooltip=["true", "predicted", "count"]).add_params(pick)
+text = base.mark_text(fontSize=13).encode(
+    text="count:Q", color=alt.condition(alt.datum.count > confusion.max() / 3, alt.value("white"), alt.value("black")))
+event = st.altair_chart((heat + text).properties(height=470), on_select="rerun", width="stretch",
+                        key=f"confusion-{st.session_state.get('cm_chart_round', 0)}")
+chosen = (event.selection.get("cell") or [None])[0] if event else None
+if chosen:
+    st.session_state["cm_true"], st.session_state["cm_pred"] = chosen["true"], chosen["predicted"]
+st.subheader("Per-class precision, recall, F1")
+share = st.column_config.NumberColumn(format="percent")
+st.dataframe(pd.DataFrame(report["per_class"]), hide_index=True, height=420,
+             column_config={"precision": share, "recall": share, "f1": share,
+                            "support": st.column_config.NumberColumn(format="localized")})
 
 st.subheader("Images of one cell")
 a, b = st.columns(2)
@@ -84,13 +82,13 @@ cell = cell[np.argsort(-arts.probs[cell, classes.index(pred_name)], kind="stable
 st.caption(f"{int(confusion[classes.index(true_name), classes.index(pred_name)])} {split} images are {true_name} "
            f"predicted as {pred_name}" + (" (showing the 48 most confident)" if len(cell) == 48 else ""))
 app.image_grid(data.images[cell], [ImageRef(split, int(i)) for i in cell],
-               [f"#{i} {arts.probs[i, classes.index(pred_name)]:.0%}" for i in cell], key="cell", columns=8)
+               [f"#{i} {arts.probs[i, classes.index(pred_name)]:.0%}" for i in cell], key="cell", tile_width=96)
 
 st.subheader("Most confident mistakes")
 wrong = misclassified_by_confidence(arts.probs, arts.labels)[:24]
 app.image_grid(data.images[wrong], [ImageRef(split, int(i)) for i in wrong],
-               [f"{classes[arts.labels[i]]}→{classes[arts.predicted[i]]} {arts.probs[i].max():.0%}" for i in wrong],
-               key="mistakes", columns=8)
+               [f"{classes[arts.labels[i]]} → {classes[arts.predicted[i]]} {arts.probs[i].max():.0%}" for i in wrong],
+               key="mistakes", tile_width=120)
 
 c1, c2 = st.columns(2)
 with c1:
@@ -99,9 +97,10 @@ with c1:
 with c2:
     st.subheader("Reliability diagram")
     frame = pd.DataFrame(bins)
-    bars = alt.Chart(frame).mark_bar(opacity=0.8).encode(
-        x=alt.X("confidence:Q", scale=alt.Scale(domain=[0, 1]), title="mean confidence in bin"),
-        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), tooltip=["confidence", "accuracy", "count"])
+    unit = alt.Scale(domain=[0, 1], nice=False, clamp=True)
+    bars = alt.Chart(frame).mark_bar(opacity=0.8, size=18).encode(
+        x=alt.X("confidence:Q", scale=unit, title="mean confidence in bin", axis=alt.Axis(format="%")),
+        y=alt.Y("accuracy:Q", scale=unit, axis=alt.Axis(format="%")), tooltip=["confidence", "accuracy", "count"])
     diagonal = alt.Chart(pd.DataFrame({"x": [0, 1], "y": [0, 1]})).mark_line(strokeDash=[4, 4], color="gray").encode(x="x", y="y")
     st.altair_chart((bars + diagonal).properties(height=260, title=f"ECE {ece:.3f}"), width="stretch")
 

@@ -25,10 +25,10 @@ def show_result(result, key: str) -> None:
     helpful, harmful = st.columns(2)
     with helpful:
         st.markdown("**Most helpful** (removing it would raise the loss)")
-        app.influence_grid(dataset, result.helpful, key=f"{key}-helpful", columns=4)
+        app.influence_grid(dataset, result.helpful, key=f"{key}-helpful")
     with harmful:
         st.markdown("**Most harmful** (removing it would lower the loss)")
-        app.influence_grid(dataset, result.harmful, key=f"{key}-harmful", columns=4)
+        app.influence_grid(dataset, result.harmful, key=f"{key}-harmful")
     st.download_button("Export as JSON", result.to_json(), file_name=f"influence-{checkpoint.name}-{key}.json",
                        mime="application/json", key=f"{key}-export", icon=":material/download:")
 
@@ -98,6 +98,6 @@ with suspects:
                 st.markdown(f"**{title}**")
                 captions = [f"{classes[dataset.train.labels[i]]} (pred. {classes[train_predicted[i]]})" for i in idx]
                 app.image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions,
-                               key=f"suspect-{key}", columns=4)
+                               key=f"suspect-{key}")
 
 app.inspector(dataset, checkpoint)
