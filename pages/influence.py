@@ -53,8 +53,8 @@ with one:
         keep &= (test_arts.predicted == test_arts.labels) == (kind == "correct")
     candidates = np.flatnonzero(keep)
     st.caption(f"{len(candidates):,} test images match; click one to see the training images that helped and "
-               "hurt it (showing up to 16).")
-    shown = candidates[:16]
+               "hurt it (showing 16 of them, picked at random).")
+    shown = np.sort(np.random.default_rng(0).permutation(candidates)[:16])  # a mix of classes, the same each visit
     app.image_grid(dataset.test.images[shown], [ImageRef("test", int(i)) for i in shown],
                    [f"#{i} {'✓' if test_arts.predicted[i] == test_arts.labels[i] else '✗'} "
                     f"{classes[test_arts.predicted[i]]}" for i in shown],

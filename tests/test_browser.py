@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = REPO / "bench" / "results" / "screenshots"
 PAGES = (("home", "", "cifarviz"), ("dataset", "dataset", "Dataset"), ("evaluate", "evaluate", "Evaluate"),
-         ("models", "models", "Models"))
+         ("influence", "influence", "Influence"), ("models", "models", "Models"))
 VIEWPORTS = ((1024, 768), (1400, 900))
-TRUNCATION_CHECKED = {"home", "dataset", "models"}  # Evaluate and the inspector: see cut_off_texts' callers
+TRUNCATION_CHECKED = {name for name, _, _ in PAGES}
 
 
 def free_port() -> int:
