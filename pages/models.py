@@ -7,7 +7,7 @@ import streamlit as st
 
 from cifarviz import app
 from cifarviz.checkpoint import SHIPPED_DIR, read_metadata
-from cifarviz.errors import CifarvizError
+from cifarviz.errors import AmbiguousArchitectureError, CifarvizError
 from cifarviz.models import count_parameters, list_models, model_entry
 from cifarviz.recipes import SOURCE_REPORTED, SOURCE_TARGETS
 from cifarviz.summary import changed_args, describe_args, layer_table, model_for_summary, shipped_checkpoints
@@ -222,13 +222,19 @@ with tab_upload:
         upload = st.file_uploader("Checkpoint", type=["safetensors", "pt", "pth"], key="checkpoint_upload")
         if upload is not None and st.session_state.get("checkpoint_upload_done") != upload.file_id:
             try:
-                label, checkpoint = app.save_uploaded_checkpoint(upload.name, upload.getvalue())
+                architecture = st.session_state.get(f"upload_arch_{upload.file_id}")
+                label, checkpoint = app.save_uploaded_checkpoint(upload.name, upload.getvalue(), architecture)
                 st.session_state["checkpoint_upload_done"] = upload.file_id
                 st.session_state["checkpoint_label_request"] = label
                 st.session_state["upload_message"] = (
                     f"Loaded {upload.name}: architecture {checkpoint.model.arch_name}, "
                     f"{count_parameters(checkpoint.model):,} parameters. It is now the sidebar's checkpoint.")
                 st.rerun()  # the whole app, so the sidebar, drawn before this page, selects it
+            except AmbiguousArchitectureError as exc:  # never guess: the user says which network it is
+                st.warning(f"{upload.name} fits {len(exc.candidates)} zoo architectures with identical tensor shapes "
+                           f"({', '.join(exc.candidates)}). Which one was it saved from?")
+                st.selectbox("Architecture", exc.candidates, index=None, key=f"upload_arch_{upload.file_id}",
+                             placeholder="Choose the architecture")
             except CifarvizError as exc:
                 st.error(str(exc))
         if "upload_message" in st.session_state:

@@ -228,3 +228,36 @@ def test_one_dataset_cache_entry_per_folder(tmp_path):
     spellings = [str(tmp_path / "data"), str(tmp_path / "data") + "/", str(tmp_path / "data" / ".." / "data"),
                  str(tmp_path / "." / "data")]
     assert len({canonical_root(s) for s in spellings}) == 1
+
+
+def test_ambiguous_state_dict_upload_asks_which_architecture(cifar):
+    from cifarviz.models import create_model
+
+    buffer = io.BytesIO()
+    torch.manual_seed(0)
+    torch.save(create_model("deepnet-res").state_dict(), buffer)
+    at = app_at("pages/models.py", cifar)
+    at.file_uploader(key="checkpoint_upload").set_value(("mine.pth", buffer.getvalue(), "application/octet-stream")).run()
+    assert not at.exception and any("deepnet-conv, deepnet-res" in w.value for w in at.warning)
+    assert at.sidebar.selectbox(key="checkpoint_label").value != "mine (uploaded)"  # nothing guessed
+    choice = next(s for s in at.selectbox if s.key and s.key.startswith("upload_arch_"))
+    choice.set_value("deepnet-res").run()
+    assert any("architecture deepnet-res" in s.value for s in at.success)
+    assert at.sidebar.selectbox(key="checkpoint_label").value == "mine (uploaded)"
+
+
+def test_hostile_uploads_get_clear_messages_and_the_server_keeps_serving(cifar, tmp_path):
+    """Rows of the bad-input table (tests/test_bad_inputs.py) through the app's upload."""
+    from test_bad_inputs import CASES
+
+    at = app_at("pages/models.py", cifar)
+    for case in [c for c in CASES if c.id in {"widths-3000", "tta-bogus", "pt-random-bytes", "pt-needs-code",
+                                               "input-std-zero", "pt-empty"}]:
+        path = case.make(tmp_path / case.id if (tmp_path / case.id).mkdir() is None else tmp_path)
+        at.file_uploader(key="checkpoint_upload").set_value((path.name, path.read_bytes(), "application/octet-stream"))
+        at.run()
+        assert not at.exception, case.id
+        message = "\n".join(e.value for e in at.error)
+        assert all(word in message for word in case.words), (case.id, message)
+    at.switch_page("pages/evaluate.py").run()  # and every page still works
+    assert not at.exception and at.metric
