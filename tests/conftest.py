@@ -26,7 +26,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def real_data_root() -> Path:
-    return Path(os.environ.get("CIFARVIZ_DATA") or DEV_DATA)
+    """Absolute, so tests that change the working folder still find it (CI passes a relative path)."""
+    return Path(os.environ.get("CIFARVIZ_DATA") or DEV_DATA).resolve()
 
 
 @pytest.fixture(scope="session")
