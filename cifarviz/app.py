@@ -24,7 +24,7 @@ import streamlit as st
 import torch
 
 from .artifacts import artifact_path, split_artifacts, split_tta
-from .checkpoint import SHIPPED_DIR, Checkpoint, load_checkpoint, read_metadata, save_checkpoint
+from .checkpoint import SHIPPED_DIR, Checkpoint, load_checkpoint, save_checkpoint
 from .data import default_data_root, detect_layout, load_cifar10, load_image_file
 from .errors import CifarvizError
 from .explore import ImageRef, grad_cam, nearest_neighbours, overlay_heatmap, to_png
@@ -492,26 +492,6 @@ def read_upload_image(uploaded) -> np.ndarray | None:
     except CifarvizError as exc:
         st.error(f"{uploaded.name}: {exc}")
         return None
-
-
-def checkpoint_table() -> pd.DataFrame:
-    """One row per shipped checkpoint: what the Home and Models pages list."""
-    rows = []
-    for path in sorted(SHIPPED_DIR.glob("*.safetensors")):
-        meta = read_metadata(path)
-        metrics = meta.get("metrics", {})
-        measured = metrics.get("measured_on", {})
-        rows.append({
-            "model": path.stem,
-            "architecture": meta.get("architecture"),
-            "parameters": meta.get("parameters"),
-            "test accuracy": metrics.get("test_accuracy"),
-            "measured on": f"{Path(measured.get('root', '?')).name} test split ({measured.get('sizes', {}).get('test', '?')} images)",
-            "epochs": meta.get("train_config", {}).get("epochs"),
-            "training time (min)": round(meta.get("train_seconds", 0) / 60, 1),
-            "device": f"{meta.get('device')} ({meta.get('cpu_threads')} threads)" if meta.get("device") == "cpu" else meta.get("device"),
-        })  # fmt: skip
-    return pd.DataFrame(rows)
 
 
 def data_status(root: str) -> str:

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from cifarviz.artifacts import artifact_path, split_artifacts
 from cifarviz.checkpoint import Checkpoint
