@@ -37,7 +37,9 @@ RUNS_DIR = Path(os.environ.get("CIFARVIZ_RUNS", "runs"))
 PAGES = (  # (file, title, icon): the explorer's pages, in menu order
     ("pages/home.py", "Home", ":material/home:"),
     ("pages/dataset.py", "Dataset", ":material/photo_library:"),
+    ("pages/train.py", "Train", ":material/model_training:"),
     ("pages/evaluate.py", "Evaluate", ":material/fact_check:"),
+    ("pages/embeddings.py", "Embeddings", ":material/scatter_plot:"),
     ("pages/influence.py", "Influence", ":material/hub:"),
     ("pages/models.py", "Models", ":material/account_tree:"),
 )

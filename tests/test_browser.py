@@ -7,129 +7,18 @@ an open inspector at a projector's 1024x768 and a laptop's 1400x900 (into bench/
 git-ignored) and checks that no page shows an exception, a traceback or text cut off with an ellipsis.
 """
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
+from browser import REPO, assert_healthy, cut_off_texts, new_page, screenshot, wait_idle  # fixtures: conftest.py
 
 from cifarviz.artifacts import split_artifacts
 from cifarviz.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-SHOTS = REPO / "bench" / "results" / "screenshots"
 PAGES = (("home", "", "cifarviz"), ("dataset", "dataset", "Dataset"), ("evaluate", "evaluate", "Evaluate"),
          ("influence", "influence", "Influence"), ("models", "models", "Models"))
 VIEWPORTS = ((1024, 768), (1400, 900))
 TRUNCATION_CHECKED = {name for name, _, _ in PAGES}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(cifar):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"browser test: Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    port = free_port()
-    env = {**os.environ, "CIFARVIZ_DATA": str(cifar.root)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not start: " + proc.stdout.read().decode(errors="replace")[-2000:])
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
-
-
-@pytest.fixture(scope="module")
-def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        yield browser
-        browser.close()
-
-
-def new_page(browser, width: int, height: int):
-    page = browser.new_page(viewport={"width": width, "height": height})
-    page.set_default_timeout(300_000)  # a busy 2-core machine: first visits compute and cache
-    return page
-
-
-@pytest.fixture(scope="module")
-def page(browser):
-    page = new_page(browser, 1600, 1200)
-    yield page
-    page.close()
-
-
-def wait_idle(page, quiet_ms: int = 1500, timeout_s: float = 600):
-    """Until Streamlit has finished running: no 'running' status widget and no progress bar for `quiet_ms`
-    in a row (a page waiting for a background computation reruns itself twice a second)."""
-    busy = "document.querySelector('[data-testid=\"stStatusWidget\"], [data-testid=\"stProgress\"]')"
-    deadline = time.monotonic() + timeout_s
-    quiet_since = None
-    while True:
-        page.wait_for_timeout(250)
-        if page.evaluate(f"!!{busy}"):
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since >= quiet_ms / 1000:
-            return
-        assert time.monotonic() < deadline, f"{page.url} was still running after {timeout_s:.0f} s"
-
-
-def assert_healthy(page, where: str) -> None:
-    shown = page.locator("[data-testid='stException']")
-    assert shown.count() == 0, f"{where}: an exception is shown: {shown.first.inner_text()[:2000]}"
-    assert "Traceback" not in page.inner_text("body"), f"{where}: a raw traceback is shown"
-
-
-def cut_off_texts(page, scope: str) -> list[str]:
-    """Visible texts inside `scope` that CSS cuts off with an ellipsis (wider than their box)."""
-    return page.evaluate(
-        """(scope) => [...document.querySelectorAll(scope + ' *')].filter(el => {
-               if (!el.offsetParent || !el.innerText || !el.innerText.trim()) return false;
-               const style = getComputedStyle(el);
-               return style.textOverflow === 'ellipsis' && el.scrollWidth > el.clientWidth + 1;
-           }).map(el => el.innerText.trim())""", scope)
-
-
-def screenshot(page, name: str, scroller: str = "[data-testid='stMain']") -> None:
-    """The viewport as seen, and the whole of `scroller` (the viewport stretched to its height)."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    size = page.viewport_size
-    page.screenshot(path=SHOTS / f"{name}.png")
-    height = page.evaluate(f"() => document.querySelector(\"{scroller}\")?.scrollHeight || 0")
-    if height > size["height"]:
-        page.set_viewport_size({"width": size["width"], "height": min(height + 40, 12_000)})
-        page.wait_for_timeout(1500)  # charts re-render at the new size
-        page.screenshot(path=SHOTS / f"{name}-full.png")
-        page.set_viewport_size(size)
-        page.wait_for_timeout(500)
 
 
 def test_every_page_renders(page, server):

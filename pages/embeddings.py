@@ -1,0 +1,7 @@
+import streamlit as st
+
+from cifarviz import app
+
+app.sidebar()
+st.title("Embeddings")
+st.info("This page is being built.")
