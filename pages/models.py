@@ -25,11 +25,10 @@ COUNT = st.column_config.NumberColumn(format="localized")
 TABLE_FORMATS = {
     "parameters": COUNT, "trainable": COUNT,
     "test accuracy": st.column_config.NumberColumn(
-        format="percent", help="The shipped checkpoint's test accuracy, measured on the data named on the Home page"),
-    "source reported": st.column_config.NumberColumn(
-        format="percent", help="Test accuracy the source project reported for its own run (original CIFAR-10)"),
-    "source target": st.column_config.NumberColumn(
-        format="percent", help="Accuracy the source project set out to reach: a goal, not a measured result"),
+        format="%.2f%%", help="The shipped checkpoint's test accuracy, measured on the data named on the Home page"),
+    "source's figure": st.column_config.TextColumn(
+        help="What the source project wrote: a test accuracy it reported for its own run (original CIFAR-10), "
+             "or a target it set out to reach (a goal, not a measured result)"),
 }  # fmt: skip
 
 
@@ -98,7 +97,23 @@ def curve_chart(frame: pd.DataFrame, metric: str, height: int) -> alt.Chart:
     ).properties(height=height)  # fmt: skip
 
 
+def source_figure(name: str) -> str | None:
+    if name in SOURCE_REPORTED:
+        return f"{SOURCE_REPORTED[name]:.2%} reported"
+    if name in SOURCE_TARGETS:
+        return f"{SOURCE_TARGETS[name]:.0%} target, not a result"
+    return None
+
+
 def shown_table(frame: pd.DataFrame, all_rows: bool = False) -> None:
+    """Accuracies as percentages with two decimals; few enough columns to fit a 1024-pixel projector."""
+    frame = frame.copy()
+    if "test accuracy" in frame:
+        frame["test accuracy"] = 100 * frame["test accuracy"]
+    if "source reported" in frame:
+        frame.insert(frame.columns.get_loc("source reported"), "source's figure", frame["model"].map(source_figure))
+        frame = frame.drop(columns=["source reported", "source target"], errors="ignore")
+    frame = frame.dropna(axis=1, how="all")
     height = 36 * len(frame) + 40 if all_rows else "auto"
     st.dataframe(frame, hide_index=True, column_config=TABLE_FORMATS, placeholder="—", height=height)
 
@@ -109,9 +124,9 @@ curves = histories(stamps)
 shipped_names = set(zoo.loc[zoo["shipped"], "model"])
 all_models = list(zoo["model"])
 COLOURS = dict(zip(sorted(all_models, key=lambda m: m not in shipped_names), itertools.cycle(PALETTE)))
-st.caption("Parameters, arguments and accuracy of a shipped model are its checkpoint's own; "
-           "models without a checkpoint show the zoo's default arguments.")
-shown_table(zoo.drop(columns="shipped"), all_rows=True)
+st.caption("Parameters and accuracy of a shipped model are its checkpoint's own; models without a checkpoint "
+           "show the zoo's defaults. The layer summary below names each model's source and arguments.")
+shown_table(zoo[["model", "parameters", "test accuracy", "source reported", "source target"]], all_rows=True)
 
 tab_summary, tab_curves, tab_compare, tab_upload = st.tabs(
     ["Layer summary", "Training curves", "Comparisons", "Upload a checkpoint"])
@@ -125,7 +140,7 @@ def layer_summary() -> None:
     row = zoo.set_index("model").loc[name]
     made = "as shipped" if name in shipped_names else "with the zoo's defaults (no checkpoint shipped)"
     args = "default arguments" if row["arguments"] == "defaults" else row["arguments"]
-    st.markdown(f"{row['description']}.  \n**{name}** {made} ({args}): "
+    st.markdown(f"{row['description']} (source: *{row['source']}*).  \n**{name}** {made} ({args}): "
                 f"**{total:,}** parameters ({trainable:,} trainable).")
     shown_table(rows)
 
@@ -152,7 +167,7 @@ def comparison(models: list[str], title: str) -> None:
         st.info(f"No shipped checkpoints for {title}.")
         return
     table = zoo.set_index("model").loc[present, ["parameters", "arguments", "test accuracy", "source reported",
-                                                 "source target"]].dropna(axis=1, how="all").reset_index()
+                                                 "source target"]].reset_index()
     shown_table(table)
     shown = curves[curves["model"].isin(present) & (curves["metric"] == "acc")]
     st.caption(SPLITS_NOTE)

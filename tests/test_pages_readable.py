@@ -40,28 +40,34 @@ def test_models_page_shows_each_shipped_checkpoints_own_numbers(cifar):
     zoo = at.dataframe[0].value.set_index("model")
     for name, meta in shipped().items():
         assert zoo.loc[name, "parameters"] == meta["parameters"], name
-        assert zoo.loc[name, "test accuracy"] == pytest.approx(meta["metrics"]["test_accuracy"]), name
+        assert zoo.loc[name, "test accuracy"] == pytest.approx(100 * meta["metrics"]["test_accuracy"]), name
     fastnet = load_checkpoint(SHIPPED / "fastnet.safetensors").model
     assert zoo.loc["fastnet", "parameters"] == count_parameters(fastnet)  # the network that ships, not the defaults
-    widths = read_metadata(SHIPPED / "fastnet.safetensors")["arch_args"]["widths"]
-    assert json.dumps(widths) in zoo.loc["fastnet", "arguments"]
+    # few columns, so the table fits a 1024-pixel projector without scrolling sideways
+    assert list(zoo.columns) == ["parameters", "test accuracy", "source's figure"]
 
-    # "source reported" holds only what a source reported; a source's goal is a separate, labelled column
+    # a source's figure says whether it was a reported result or only a target
     for name in zoo.index:
-        for column, values in (("source reported", SOURCE_REPORTED), ("source target", SOURCE_TARGETS)):
-            shown = zoo.loc[name, column]
-            assert (pd.isna(shown) and name not in values) or shown == pytest.approx(values[name]), (name, column)
+        shown = zoo.loc[name, "source's figure"]
+        if name in SOURCE_REPORTED:
+            assert shown == f"{SOURCE_REPORTED[name]:.2%} reported", name
+        elif name in SOURCE_TARGETS:
+            assert shown == f"{SOURCE_TARGETS[name]:.0%} target, not a result", name
+        else:
+            assert pd.isna(shown), name
     config = json.loads(at.dataframe[0].proto.columns)
     assert config["parameters"]["type_config"]["format"] == "localized"
-    assert {config[c]["type_config"]["format"] for c in ("test accuracy", "source reported", "source target")} == {
-        "percent"}
+    assert config["test accuracy"]["type_config"]["format"] == "%.2f%%"  # 75.00%, never 75%
     assert at.dataframe[0].proto.placeholder == "—"  # missing values are a dash, never "None"
 
     # the layer summary of a shipped model is of the shipped architecture
     at.selectbox(key="summary_model").set_value("fastnet").run()
     assert not at.exception
     assert at.dataframe[1].value["parameters"].sum() == count_parameters(fastnet)
-    assert f"**{count_parameters(fastnet):,}** parameters" in "\n".join(m.value for m in at.markdown)
+    summary = "\n".join(m.value for m in at.markdown)
+    assert f"**{count_parameters(fastnet):,}** parameters" in summary
+    widths = read_metadata(SHIPPED / "fastnet.safetensors")["arch_args"]["widths"]
+    assert json.dumps(widths) in summary  # the shipped arguments, not the zoo defaults
 
 
 def test_models_charts_label_points_and_fit_their_axes(cifar):
