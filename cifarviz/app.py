@@ -196,10 +196,15 @@ def file_stamp(path) -> float:
 
 def checkpoint_choices() -> dict[str, str]:
     """Label -> path for shipped checkpoints, the user's own runs, and this session's uploads."""
+    from .runs import list_runs
+
     choices = {}
     for folder, tag in ((SHIPPED_DIR, "shipped"), (RUNS_DIR, "your run")):
         for path in sorted(Path(folder).glob("*.safetensors")):
             choices[f"{path.stem} ({tag})"] = str(path)
+    for run in list_runs(RUNS_DIR):  # runs trained on the Train page that completed or were stopped
+        if run.has_model:
+            choices[f"{run.id} (your run)"] = str(run.checkpoint)
     for label, path in st.session_state.get("uploaded_checkpoints", {}).items():
         if Path(path).is_file():  # uploads are pruned on disk when many accumulate
             choices[label] = path
