@@ -5,7 +5,8 @@
 
 Per step the loop slices a uint8 batch, converts it to float, augments it as a
 batch, and steps the optimiser. It reports through `callback` ({"event": "step"}
-and {"event": "epoch"} dicts: losses, accuracies, lr, images/s, elapsed), stops
+and {"event": "epoch"} dicts: losses, accuracies, lr, images/s, elapsed), hands
+the model to `on_epoch` after every finished epoch (checkpoints, snapshots), stops
 between batches when `cancel()` returns True, and raises TrainingError on a
 non-finite loss with the history so far. CUDA gets bf16 autocast; CPU runs fp32
 on all cores; both use channels_last.
@@ -30,6 +31,10 @@ from .utils import pick_device, seed_everything
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
+# How `weight_decay` is read. "coefficient": the optimiser's own coefficient, so each step shrinks the weights by
+# lr x weight_decay and a new lr changes the decay too. "per_step": the shrink per step at the peak lr (lr x
+# coefficient); the coefficient is weight_decay / lr, so a new lr keeps the recipe's decay (airbench's convention).
+WEIGHT_DECAY_MODES = ("coefficient", "per_step")
 
 
 @dataclass
@@ -42,6 +47,7 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    weight_decay_mode: str = "coefficient"  # see WEIGHT_DECAY_MODES
     label_smoothing: float = 0.0
     schedule: str = "onecycle"  # linear warm-up then linear decay; or cosine; or constant
     warmup: float = 0.2  # fraction of steps spent warming up (onecycle, cosine)
@@ -68,7 +74,8 @@ class TrainConfig:
         except TypeError as exc:
             raise ModelError(f"Bad model_args (--model-args) for {self.model!r}: {exc}. "
                              f"Its arguments: {entry.defaults()}.") from None
-        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("tta", TTA_MODES)):
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("tta", TTA_MODES),
+                              ("weight_decay_mode", WEIGHT_DECAY_MODES)):
             if getattr(self, name) not in allowed:
                 raise TrainingError(f"{name} (--{name}) must be one of {', '.join(allowed)}, not {getattr(self, name)!r}.")
         check_range("epochs", self.epochs, 1, whole=True)
@@ -85,6 +92,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def decay_coefficient(self) -> float:
+        """The optimiser's weight-decay coefficient (at lr scale 1), whichever way `weight_decay` is written."""
+        return self.weight_decay / self.lr if self.weight_decay_mode == "per_step" else self.weight_decay
 
 
 def check_device_name(device: str) -> None:
@@ -134,7 +146,7 @@ def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
 def build_optimizer(model: ZooModel, config: TrainConfig) -> torch.optim.Optimizer:
     # Groups with a larger lr keep the same absolute decay (airbench's bias trick), hence wd / scale.
     groups = [
-        {"params": params, "lr": config.lr * scale, "weight_decay": config.weight_decay / scale, "lr_scale": scale}
+        {"params": params, "lr": config.lr * scale, "weight_decay": config.decay_coefficient / scale, "lr_scale": scale}
         for params, scale in model.param_groups()
         if params
     ]
@@ -167,12 +179,18 @@ def train(
     cancel: Callable[[], bool] | None = None,
     model: ZooModel | None = None,
     step_every: int = 10,
+    on_epoch: Callable[[ZooModel, list[dict]], None] | None = None,
+    validate_partial: bool = True,
 ) -> TrainResult:
     """Train `config.model` on `dataset.train`, validating on `dataset.val` after every epoch.
 
     A `model` passed in is trained as it is: its normalisation and any data-dependent
     initialisation (fastnet's whitening) are kept. Only a model created here from
     `config.model` gets the training split's statistics and `prepare()`.
+
+    `on_epoch(model, history)` runs after each finished epoch (the model in train mode on the device: save it,
+    don't change it). A cancelled epoch is validated and recorded as partial unless `validate_partial` is False,
+    in which case `cancel()` ends training at once and the history holds finished epochs only.
     """
     seed_everything(config.seed)
     device = resolve_device(config.device)
@@ -222,9 +240,9 @@ def train(
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise TrainingError(
-                    f"The loss became {loss_value} at epoch {epoch}, step {step} (lr {config.lr * factor:.3g}). "
-                    "Training stopped; the history so far is kept. Try a smaller learning rate, "
-                    "a warm-up, or a different optimizer.",
+                    f"The loss became {loss_value} at epoch {epoch}, step {step} (lr {config.lr * factor:.3g}): "
+                    "the weights diverged. Training stopped; the history so far is kept. Try a smaller learning "
+                    f"rate (e.g. {config.lr / 10:.3g}), a warm-up, or a different optimizer.",
                     history=history,
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -241,11 +259,12 @@ def train(
             if step % step_every == 0 or batch_start + n >= len(labels):
                 notify({
                     "event": "step", "step": step, "total_steps": total_steps, "epoch": epoch,
-                    "loss": loss_value, "lr": config.lr * factor,
+                    "loss": loss_value, "lr": config.lr * factor, "steps_per_epoch": steps_per_epoch,
+                    "train_loss": loss_sum / seen, "train_acc": correct_sum / seen,
                     "images_per_s": seen / (time.perf_counter() - epoch_start),
                     "elapsed": time.perf_counter() - start,
                 })  # fmt: skip
-        if status == "cancelled" and seen == 0:
+        if status == "cancelled" and (seen == 0 or not validate_partial):
             break
 
         if lookahead is not None and epoch == config.epochs and status == "completed":
@@ -266,6 +285,8 @@ def train(
         notify({"event": "epoch", **record})
         if status == "cancelled":
             break
+        if on_epoch is not None:
+            on_epoch(model, history)
 
     model.eval()
     return TrainResult(model, config, history, status, time.perf_counter() - start, str(device))

@@ -1,0 +1,514 @@
+"""Training runs that live outside the app: a folder and a worker process per run, and a server-wide queue.
+
+    run_id = submit_training(TrainConfig(model="lenet", epochs=2), data_root, subset=5000)
+    schedule()                      # starts queued runs while fewer than CIFARVIZ_MAX_RUNS (default 1) run
+    read_metrics(run_id)            # the steps and epochs logged so far
+    request_stop(run_id); cancel(run_id); list_runs()
+
+Every run is a folder RUNS/<run id>/ (RUNS: $CIFARVIZ_RUNS, else ./runs):
+
+    config.json      what to run: its kind ("train"), the worker function, the kind's settings
+    status.json      queued | running | completed | stopped | failed | cancelled, error, pid, heartbeat, times
+    metrics.jsonl    one JSON object per line, appended as it trains ({"event": "step" | "epoch" | ...})
+    worker.log       the worker's stdout and stderr (a crash's traceback ends up here)
+    stop             present: a stop request (the worker ends within one batch)
+    model.safetensors (+ .json)  the last finished epoch, replaced atomically after every epoch
+    epochs/epoch-NNN.safetensors  per-epoch snapshots, when asked for
+
+A worker is `python -m cifarviz.runs worker RUN_DIR` in a session of its own (a Streamlit rerun or a server
+restart does not end it), at the lowest CPU priority, so people browsing the other pages come first. Every
+change of status.json happens under one file lock (RUNS/queue.lock), so the server, the CLI and the workers
+agree on how many runs are running. A run whose worker died without a word (killed, out of memory) is
+reported as failed, with the last lines of its log, the next time anyone looks.
+
+Other kinds of work (a tuning study) can share the queue: `submit(kind, spec, target="cifarviz.module:function")`,
+where the function takes a RunContext and returns ("completed" | "stopped", a note).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CifarvizError
+from .jobs import file_lock
+from .utils import atomic_write
+
+DEFAULT_RUNS_DIR = "runs"
+QUEUED, RUNNING, COMPLETED, STOPPED, FAILED, CANCELLED = "queued", "running", "completed", "stopped", "failed", "cancelled"
+ACTIVE = (QUEUED, RUNNING)
+WITH_MODEL = (COMPLETED, STOPPED)  # runs whose checkpoint the other pages offer
+CHECKPOINT = "model.safetensors"
+WORKER_NICE = 19  # the lowest priority: a viewer's rerun preempts training at once
+HEARTBEAT_SECONDS = 5.0
+METRICS_EVERY_SECONDS = 0.5  # step lines in metrics.jsonl at most this often (the page redraws every 2 s)
+KINDS = {"train": "cifarviz.runs:train_worker"}
+
+
+class RunError(CifarvizError):
+    """A run cannot be submitted, found, stopped or cancelled as asked."""
+
+
+def runs_dir(root: str | os.PathLike | None = None) -> Path:
+    """`root`, else $CIFARVIZ_RUNS, else ./runs."""
+    return Path(root or os.environ.get("CIFARVIZ_RUNS") or DEFAULT_RUNS_DIR)
+
+
+def _env_count(name: str, default: int, least: int) -> int:
+    text = os.environ.get(name, "").strip()
+    try:
+        value = int(text) if text else default
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise RunError(f"{name}={text!r}: it must be a whole number of at least {least} (default {default}).")
+    return value
+
+
+def max_running() -> int:
+    """How many runs may train at once on this server: $CIFARVIZ_MAX_RUNS (default 1)."""
+    return _env_count("CIFARVIZ_MAX_RUNS", 1, 1)
+
+
+def max_queued() -> int:
+    """How many runs may wait: $CIFARVIZ_MAX_QUEUED (default 8), so a class cannot queue a day of training."""
+    return _env_count("CIFARVIZ_MAX_QUEUED", 8, 0)
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+@dataclass
+class Run:
+    id: str
+    dir: Path
+    config: dict
+    status: dict
+
+    @property
+    def state(self) -> str:
+        return self.status.get("state", FAILED)
+
+    @property
+    def error(self) -> str | None:
+        return self.status.get("error")
+
+    @property
+    def kind(self) -> str:
+        return self.config.get("kind", "")
+
+    @property
+    def train_config(self) -> dict:
+        return self.config.get("spec", {}).get("train_config", {})
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.dir / CHECKPOINT
+
+    @property
+    def has_model(self) -> bool:
+        return self.state in WITH_MODEL and self.checkpoint.is_file()
+
+
+def _read_json(path: Path) -> dict:
+    with contextlib.suppress(OSError, ValueError):
+        value = json.loads(path.read_text())
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+def _write_json(path: Path, value: dict) -> None:
+    with atomic_write(path, "w") as fh:
+        json.dump(value, fh, indent=1)
+
+
+def load_run(run_id: str, root=None) -> Run:
+    folder = runs_dir(root) / run_id
+    config = _read_json(folder / "config.json") if "/" not in run_id and run_id not in ("", ".", "..") else {}
+    if not config:
+        known = ", ".join(r.id for r in list_runs(root)[-5:]) or "none yet"
+        raise RunError(f"No run {run_id!r} in {runs_dir(root)} (latest: {known}). `python -m cifarviz runs` lists them.")
+    return Run(run_id, folder, config, _read_json(folder / "status.json"))
+
+
+def list_runs(root=None) -> list[Run]:
+    """Every run in the runs folder, oldest first (folders without a config.json, such as a study database's, are
+    not runs)."""
+    runs = []
+    with contextlib.suppress(OSError):
+        for folder in runs_dir(root).iterdir():
+            config = _read_json(folder / "config.json") if folder.is_dir() else {}
+            if config:
+                runs.append(Run(folder.name, folder, config, _read_json(folder / "status.json")))
+    return sorted(runs, key=lambda r: (r.status.get("queued_at", 0), r.id))
+
+
+def queue_position(run: Run, runs: list[Run] | None = None) -> int | None:
+    """1 for the next run to start, 2 for the one after, ...; None when `run` is not waiting."""
+    waiting = [r.id for r in (runs if runs is not None else list_runs(run.dir.parent)) if r.state == QUEUED]
+    return waiting.index(run.id) + 1 if run.id in waiting else None
+
+
+def read_metrics(run: Run | str, root=None) -> list[dict]:
+    """The lines logged so far (a line still being written is left for the next read)."""
+    run = load_run(run, root) if isinstance(run, str) else run
+    try:
+        text = (run.dir / "metrics.jsonl").read_text()
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines(keepends=True):
+        if line.endswith("\n"):
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+    return rows
+
+
+def log_tail(run: Run, lines: int = 12) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join((run.dir / "worker.log").read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+# --------------------------------------------------------------------------- submitting and controlling
+
+
+def _lock(root=None):
+    return file_lock(runs_dir(root) / "queue", timeout=60)
+
+
+def submit(kind: str, spec: dict, *, name: str, target: str | None = None, root=None, owner: str = "",
+           start: bool = True) -> str:
+    """Queue a run of `kind` (its worker function: `target`, else KINDS[kind]); start it if a slot is free."""
+    target = target or KINDS.get(kind)
+    if not target or not target.startswith("cifarviz.") or ":" not in target:
+        raise RunError(f"Unknown kind of run {kind!r}: give target='cifarviz.module:function' (known: {', '.join(KINDS)}).")
+    root = runs_dir(root)
+    with _lock(root):
+        waiting = sum(r.state == QUEUED for r in list_runs(root))
+        if waiting >= max_queued():
+            raise RunError(f"{waiting} runs are already waiting (CIFARVIZ_MAX_QUEUED={max_queued()}): wait for one to "
+                           "start, or cancel one, before adding another.")
+        run_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        folder = root / run_id
+        folder.mkdir(parents=True)
+        _write_json(folder / "config.json", {"kind": kind, "target": target, "spec": spec, "owner": owner,
+                                             "submitted_at": time.time()})
+        _write_json(folder / "status.json", {"state": QUEUED, "queued_at": time.time()})
+    if start:
+        schedule(root)
+    return run_id
+
+
+def submit_training(config, data_root, *, subset: int | None = None, snapshots: bool = False, val_size: int = 5000,
+                    split_seed: int = 0, root=None, owner: str = "", start: bool = True) -> str:
+    """Queue the training of a TrainConfig on the data at `data_root` (its first `subset` training images, drawn
+    with the config's seed, when given). Every setting is checked now, not in the worker."""
+    from .train import TrainConfig, resolve_device
+
+    config = config if isinstance(config, TrainConfig) else TrainConfig(**config)
+    resolve_device(config.device)
+    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+        raise RunError(f"subset must be a whole number of training images (1 or more), or None for all, not {subset!r}.")
+    spec = {"train_config": config.to_dict(), "subset": subset, "snapshots": bool(snapshots),
+            "data": {"root": str(Path(data_root).resolve()), "val_size": val_size, "split_seed": split_seed}}
+    return submit("train", spec, name=config.model, root=root, owner=owner, start=start)
+
+
+def request_stop(run_id: str, root=None) -> str:
+    """Ask a running run to stop (within one batch; it keeps its last finished epoch); a queued one is cancelled."""
+    run = load_run(run_id, root)
+    if run.state == QUEUED:
+        return cancel(run_id, root)
+    if run.state == RUNNING:
+        (run.dir / "stop").touch()
+    return run.state
+
+
+def cancel(run_id: str, root=None) -> str:
+    """Take a queued run off the queue (it never starts); a running one is asked to stop. Returns the state."""
+    with _lock(root):
+        run = load_run(run_id, root)
+        if run.state == QUEUED:
+            _set_status(run, state=CANCELLED, ended_at=time.time())
+            return CANCELLED
+    return request_stop(run_id, root) if run.state == RUNNING else run.state
+
+
+def _set_status(run: Run, **changes) -> dict:
+    """Call with the queue lock held."""
+    run.status = {**_read_json(run.dir / "status.json"), **changes}
+    _write_json(run.dir / "status.json", run.status)
+    return run.status
+
+
+# --------------------------------------------------------------------------- the scheduler
+
+
+_CHILDREN: dict[str, subprocess.Popen] = {}  # workers this process started: polled so they never linger as zombies
+
+
+def _alive(pid, run_dir: Path) -> bool:
+    """Whether `pid` is still this run's worker (not a zombie, not a new process that reuses the number)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    proc = Path(f"/proc/{pid}")
+    if Path("/proc/self").exists():
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X") and str(run_dir.name) in command
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _exit_note(run: Run) -> str:
+    child = _CHILDREN.get(run.id)
+    code = child.poll() if child is not None else None
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"it was killed by {signal.Signals(-code).name}"
+    return f"it exited with status {code}" if code is not None else "it was killed or ran out of memory"
+
+
+def schedule(root=None) -> list[str]:
+    """Mark runs whose worker died as failed, then start queued runs while fewer than max_running() run.
+    Pages call this on every render, and every worker calls it as it ends. Returns the runs started."""
+    root = runs_dir(root)
+    for run_id, child in list(_CHILDREN.items()):
+        if child.poll() is not None:
+            _CHILDREN.pop(run_id, None)
+    started = []
+    if not root.is_dir():
+        return started
+    with _lock(root):
+        runs = list_runs(root)
+        for run in runs:
+            if run.state == RUNNING and not _alive(run.status.get("pid"), run.dir):
+                tail = log_tail(run)
+                _set_status(run, state=FAILED, ended_at=time.time(),
+                            error=f"The training process (pid {run.status.get('pid')}) ended without reporting: "
+                                  f"{_exit_note(run)}." + (f" The last lines of its log:\n{tail}" if tail else ""))
+        running = sum(r.state == RUNNING for r in runs)
+        for run in runs:
+            if running >= max_running():
+                break
+            if run.state == QUEUED:
+                child = _launch(run)
+                _set_status(run, state=RUNNING, pid=child.pid, started_at=time.time(), heartbeat=time.time())
+                started.append(run.id)
+                running += 1
+    return started
+
+
+def _launch(run: Run) -> subprocess.Popen:
+    package_root = str(Path(__file__).resolve().parent.parent)  # importable from any working folder
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    with open(run.dir / "worker.log", "ab") as log:
+        child = subprocess.Popen([sys.executable, "-m", "cifarviz.runs", "worker", str(run.dir.resolve())],
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True, close_fds=True)  # fmt: skip
+    _CHILDREN[run.id] = child
+    return child
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+class RunContext:
+    """What a worker function gets: its folder and settings, a metrics log, and the stop request."""
+
+    def __init__(self, run: Run):
+        self.run, self.dir, self.spec = run, run.dir, run.config.get("spec", {})
+        self._stop_file = run.dir / "stop"
+        self._metrics = open(run.dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def log(self, event: dict) -> None:
+        """Append one line to metrics.jsonl (flushed at once: the page reads it while training goes on)."""
+        self._metrics.write(json.dumps({**event, "time": time.time()}) + "\n")
+        self._metrics.flush()
+
+    def stop_requested(self) -> bool:
+        return self._stop_file.exists()
+
+
+def worker_main(run_dir: str) -> int:
+    """Run one queued run to its end and record how it ended; then start whatever waits next."""
+    folder = Path(run_dir)
+    root, run = folder.parent, load_run(folder.name, folder.parent)
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICE)
+    signal.signal(signal.SIGTERM, _terminated)
+    with _lock(root):
+        run = load_run(folder.name, root)
+        if run.state != RUNNING:  # cancelled between launch and now
+            return 0
+        _set_status(run, pid=os.getpid())
+    done = threading.Event()
+    threading.Thread(target=_heartbeat, args=(run, done), daemon=True).start()
+    state, note, error = FAILED, None, None
+    try:
+        module, function = run.config["target"].split(":")
+        state, note = getattr(importlib.import_module(module), function)(RunContext(run))
+    except CifarvizError as exc:  # a message for people: a diverging loss, missing data
+        error = str(exc)
+    except BaseException as exc:  # noqa: BLE001 - recorded, with the traceback in worker.log
+        traceback.print_exc()
+        error = (f"The training process stopped: {exc}" if isinstance(exc, _Terminated)
+                 else f"Unexpected error ({type(exc).__name__}: {exc}); the traceback is in {folder / 'worker.log'}.")
+    finally:
+        done.set()
+        with _lock(root):
+            _set_status(run, state=state if error is None else FAILED, error=error, note=note, ended_at=time.time())
+    with contextlib.suppress(Exception):  # the next run starts even when nobody has a page open
+        schedule(root)
+    return 0
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _terminated(signum, frame):
+    raise _Terminated("it was asked to terminate (SIGTERM)")
+
+
+def _heartbeat(run: Run, done: threading.Event) -> None:
+    while not done.wait(HEARTBEAT_SECONDS):
+        with contextlib.suppress(Exception), _lock(run.dir.parent):
+            if _read_json(run.dir / "status.json").get("state") == RUNNING:
+                _set_status(run, heartbeat=time.time())
+
+
+def training_subset(dataset, size: int | None, seed: int = 0):
+    """The dataset with `size` training images drawn at random (seeded; all when None or larger)."""
+    import dataclasses
+
+    import numpy as np
+
+    from .data import Split
+
+    train = dataset.train
+    if size is None or size >= len(train):
+        return dataset
+    idx = np.sort(np.random.default_rng(seed).choice(len(train), size, replace=False))
+    return dataclasses.replace(dataset, train=Split("train", train.images[idx], train.labels[idx], train.source_index[idx]))
+
+
+def train_threads() -> int:
+    """CPU threads for training: $CIFARVIZ_TRAIN_THREADS, else all cores but one, which the viewers keep. (Measured
+    on 2 cores beside other work: a 2-thread lenet epoch ran 3-6x slower than a 1-thread one, its threads waiting
+    for each other whenever one was preempted.)"""
+    return _env_count("CIFARVIZ_TRAIN_THREADS", max(1, (os.cpu_count() or 1) - 1), 1)
+
+
+def train_worker(ctx: RunContext) -> tuple[str, str | None]:
+    """The "train" kind: train, checkpoint every finished epoch, and keep the last one when asked to stop."""
+    import torch
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .data import load_cifar10
+    from .recipes import checkpoint_meta, save_snapshot
+    from .train import TrainConfig, resolve_device, train
+
+    spec, run_id = ctx.spec, ctx.run.id
+    config = TrainConfig(**spec["train_config"])
+    device = resolve_device(config.device)
+    if device.type == "cpu":
+        torch.set_num_threads(train_threads())
+    data = spec["data"]
+    dataset = load_cifar10(data["root"], download=False, progress=False, val_size=data["val_size"],
+                           split_seed=data["split_seed"])
+    dataset = training_subset(dataset, spec.get("subset"), config.seed)
+    steps_per_epoch = -(-len(dataset.train) // config.batch_size)
+    ctx.log({"event": "start", "device": device.type, "threads": torch.get_num_threads(),
+             "train_images": len(dataset.train), "val_images": len(dataset.val), "steps_per_epoch": steps_per_epoch,
+             "total_steps": steps_per_epoch * config.epochs, "epochs": config.epochs})
+    path = ctx.dir / CHECKPOINT
+    last_logged = [0.0]
+
+    def callback(event: dict) -> None:
+        now = time.monotonic()
+        if event["event"] == "epoch" or now - last_logged[0] >= METRICS_EVERY_SECONDS:
+            last_logged[0] = now
+            ctx.log(event)
+
+    def on_epoch(model, history) -> None:
+        meta = checkpoint_meta(config, dataset, model, history, RUNNING, notes=f"run {run_id} in progress")
+        save_checkpoint(path, model, {**meta, "name": run_id})
+        if spec.get("snapshots"):
+            save_snapshot(ctx.dir / "epochs", model, meta)
+
+    result = train(config, dataset, callback=callback, cancel=ctx.stop_requested, on_epoch=on_epoch, step_every=1,
+                   validate_partial=False)
+    state = COMPLETED if result.status == "completed" else STOPPED
+    if not result.history:
+        return state, "Stopped before the first epoch finished: there is no checkpoint to keep."
+    # Stopped mid-epoch: the checkpoint of the last finished epoch is the one to keep, not the half-trained weights.
+    model = result.model if state == COMPLETED else load_checkpoint(path).model
+    ctx.log({"event": "finishing", "state": state})
+    meta = checkpoint_meta(config, dataset, model, result.history, state, result.history[-1]["elapsed"],
+                           measure_test=True, notes=f"trained in the app as run {run_id}")
+    meta["device"] = result.device
+    save_checkpoint(path, model, {**meta, "name": run_id})
+    test = meta["metrics"]["test_accuracy"]
+    ctx.log({"event": "saved", "state": state, "test_accuracy": test})
+    epochs = len(result.history)
+    return state, (f"{epochs} epoch{'s' * (epochs != 1)}, test accuracy {test:.2%}" +
+                   ("" if state == COMPLETED else f" (stopped; epoch {epochs} kept)"))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def cli(args) -> int:
+    """`python -m cifarviz runs [list|stop|cancel] [RUN_ID] [--json]`."""
+    if args.action != "list" and not args.run_id:
+        raise RunError(f"usage: python -m cifarviz runs {args.action} RUN_ID (`python -m cifarviz runs` lists them)")
+    if args.action == "stop":
+        state = request_stop(args.run_id)
+        print(f"{args.run_id}: {state}" + (" (asked to stop; it keeps its last finished epoch)" if state == RUNNING else ""))
+        return 0
+    if args.action == "cancel":
+        print(f"{args.run_id}: {cancel(args.run_id)}")
+        return 0
+    schedule()
+    runs = list_runs()
+    if args.json:
+        print(json.dumps([{"id": r.id, "kind": r.kind, **r.status, "checkpoint": str(r.checkpoint) if r.has_model
+                           else None, "queue_position": queue_position(r, runs)} for r in runs], indent=2))
+        return 0
+    if not runs:
+        print(f"no runs in {runs_dir()}")
+    for run in runs:
+        where = f"#{queue_position(run, runs)} in the queue" if run.state == QUEUED else run.status.get("note") or ""
+        error = (run.error or "").splitlines()[0] if run.error else ""
+        print(f"{run.id:40} {run.state:10} {where or error}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "worker":
+        from cifarviz import runs  # the module itself, not a second copy named __main__
+
+        sys.exit(runs.worker_main(sys.argv[2]))
+    sys.exit("usage: python -m cifarviz.runs worker RUN_DIR (started by cifarviz.runs.schedule)")
