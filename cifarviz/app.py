@@ -149,38 +149,56 @@ def _influence_index(method: str, path: str, stamp: float, root: str):
     return load_or_fit(method, get_checkpoint(path, stamp), get_dataset(root))
 
 
-def get_artifacts(checkpoint: Checkpoint, dataset, split: str):
+def get_artifacts(checkpoint: Checkpoint, dataset, split: str, *, early: bool = False):
     """Predictions/features of a split. If they are still being computed, this run ends with a progress bar
-    that fills in by itself and reruns the page when they are ready (nothing stale stays on screen)."""
+    that fills in by itself and reruns the page when they are ready (nothing stale stays on screen).
+
+    `early`: with test-time augmentation, return the plain pass's predictions as soon as they exist (their
+    `tta` is "none") under a progress bar that reruns the page when the augmented ones arrive."""
     job = artifacts_job(checkpoint, dataset, split)
+    tta = split_tta(checkpoint, split)
     if job is not None:
         label = (f"Computing {checkpoint.name} on the {len(dataset.split(split)):,} {split} images "
                  "(first visit only; cached on disk for everyone)")
-        wait_for(job, label)
-    return _artifacts(str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix(), split)
+        plain = artifact_path(checkpoint, dataset, split, "none")
+        if early and tta != "none" and not (job.done and job.error is not None):
+            if not plain.is_file():
+                wait_for(job, label, until=plain.is_file)
+            progress_bar(job, f"Showing predictions without test-time augmentation until the {tta}-averaged "
+                              "ones are ready")
+            tta = "none"
+        else:
+            wait_for(job, label)
+    return _artifacts(str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix(), split, tta)
 
 
-def wait_for(job: Job, label: str) -> None:
-    """Return at once if `job` is done; else draw its progress (refreshed twice a second) and stop this run."""
+def wait_for(job: Job, label: str, until=None) -> None:
+    """Return at once if `job` is done; else draw its progress (refreshed twice a second) and stop this run.
+    The page reruns when the job ends, or as soon as `until()` is true."""
     if job.done and job.error is None:
         return
     if job.done:
         st.error(f"{label} failed: {job.error}")
         st.stop()
+    progress_bar(job, label, until)
+    st.stop()
 
-    @st.fragment(run_every=0.5)
+
+def progress_bar(job: Job, label: str, until=None, every: float = 0.5) -> None:
+    """The job's progress, refreshed (only it) every `every` seconds; the whole page reruns when the job ends
+    (or `until()` holds)."""
+    @st.fragment(run_every=every)
     def progress() -> None:
-        if job.done:
+        if job.done or (until is not None and until()):
             st.rerun()  # the whole page, now with the result
         st.progress(job.progress, text=f"{label}: {job.progress:.0%}")
 
     progress()
-    st.stop()
 
 
 @st.cache_resource(show_spinner=False, max_entries=24)
-def _artifacts(path: str, stamp: float, root: str, split: str):
-    return split_artifacts(get_checkpoint(path, stamp), get_dataset(root), split)
+def _artifacts(path: str, stamp: float, root: str, split: str, tta: str):
+    return split_artifacts(get_checkpoint(path, stamp), get_dataset(root), split, tta=tta)
 
 
 def file_stamp(path) -> float:
@@ -460,27 +478,15 @@ def neighbours_section(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np
         image_grid(dataset.train.images[idx], refs, captions, key="neighbours", tile_width=96)
         return
 
-    pending(job, f"Computing the features of the {len(dataset.train):,} training images (once per checkpoint, "
+    progress_bar(job, f"Computing the features of the {len(dataset.train):,} training images (once per checkpoint, "
                  "for everyone)")
-
-
-def pending(job: Job, label: str) -> None:
-    """A progress bar that refreshes itself (only it) every second and redraws the page when `job` is done."""
-
-    @st.fragment(run_every=1.0)
-    def progress() -> None:
-        if job.done:
-            st.rerun()
-        st.progress(job.progress, text=f"{label}: {job.progress:.0%}")
-
-    progress()
 
 
 def influence_section(checkpoint: Checkpoint, dataset, ref: ImageRef, k: int = 4) -> None:
     """The inspector's top-k helpful and harmful training images for a test image (the default method)."""
     job = influence_job(DEFAULT_METHOD, checkpoint, dataset)
     if job is not None:
-        pending(job, "Building the influence index (once per checkpoint, for everyone)")
+        progress_bar(job, "Building the influence index (once per checkpoint, for everyone)")
         return
     index = _influence_index(DEFAULT_METHOD, str(checkpoint.path), file_stamp(checkpoint.path),
                              dataset.root.as_posix())

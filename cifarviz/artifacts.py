@@ -32,6 +32,7 @@ class SplitArtifacts:
     features: np.ndarray
     labels: np.ndarray
     split: str
+    tta: str = "none"  # the test-time augmentation the logits were computed with
 
     @cached_property  # pages read these many times per rerun
     def probs(self) -> np.ndarray:
@@ -71,38 +72,53 @@ def split_tta(checkpoint: Checkpoint, split: str) -> str:
     return "none" if split == "train" else checkpoint.tta
 
 
-def artifact_path(checkpoint: Checkpoint, dataset, split: str) -> Path:
-    key = (f"v{ARTIFACT_VERSION}-{checkpoint_digest(checkpoint)}-{split_digest(dataset, split)}-{split}"
-           f"-{split_tta(checkpoint, split)}")
+def artifact_path(checkpoint: Checkpoint, dataset, split: str, tta: str | None = None) -> Path:
+    """The cache file of a split's artifacts with test-time augmentation `tta` (default: the split's own)."""
+    tta = split_tta(checkpoint, split) if tta is None else tta
+    key = f"v{ARTIFACT_VERSION}-{checkpoint_digest(checkpoint)}-{split_digest(dataset, split)}-{split}-{tta}"
     return cache_dir() / "artifacts" / f"{key}.npz"
 
 
-def _read(path: Path, split: str) -> SplitArtifacts | None:
+def _read(path: Path, split: str, tta: str) -> SplitArtifacts | None:
     try:
-        return _load(path, split)
+        return _load(path, split, tta)
     except Exception:  # noqa: BLE001 - a missing or damaged cache file is (re)computed
         return None
 
 
 @lru_cache(maxsize=12)  # the files are content-addressed and never rewritten; failures raise, so are not kept
-def _load(path: Path, split: str) -> SplitArtifacts:
+def _load(path: Path, split: str, tta: str) -> SplitArtifacts:
     with np.load(path) as z:
-        return SplitArtifacts(z["logits"], z["features"], z["labels"], split)
+        return SplitArtifacts(z["logits"], z["features"], z["labels"], split, tta)
 
 
-def split_artifacts(checkpoint: Checkpoint, dataset, split: str = "test", *, progress: bool = False,
-                    device: str = "auto", on_progress=None) -> SplitArtifacts:
-    """Logits, features and labels of `split`, from the disk cache or computed (and cached) now."""
-    path = artifact_path(checkpoint, dataset, split)
-    if path.is_file() and (arts := _read(path, split)) is not None:
+def split_artifacts(checkpoint: Checkpoint, dataset, split: str = "test", *, tta: str | None = None,
+                    progress: bool = False, device: str = "auto", on_progress=None) -> SplitArtifacts:
+    """Logits, features and labels of `split`, from the disk cache or computed (and cached) now.
+
+    With flip test-time augmentation the plain pass is computed and cached first, on its own: a page can
+    show those predictions while the flipped pass runs, and the second pass reuses the first."""
+    tta = split_tta(checkpoint, split) if tta is None else tta
+    path = artifact_path(checkpoint, dataset, split, tta)
+    if path.is_file() and (arts := _read(path, split, tta)) is not None:
         return arts
     with file_lock(path):  # another process may be computing it: wait, then read its result
-        if path.is_file() and (arts := _read(path, split)) is not None:
+        if path.is_file() and (arts := _read(path, split, tta)) is not None:
             return arts
         data = dataset.split(split)
-        preds = predict(checkpoint.model, data.images, tta=split_tta(checkpoint, split), progress=progress,
-                        device=device, desc=f"{checkpoint.name} on {split}", on_progress=on_progress)
-        arts = SplitArtifacts(preds.logits.astype(np.float32), preds.features.astype(np.float32), data.labels, split)
+        desc = f"{checkpoint.name} on {split}"
+        if tta == "none":
+            preds = predict(checkpoint.model, data.images, progress=progress, device=device, desc=desc,
+                            on_progress=on_progress)
+            logits, features = preds.logits, preds.features
+        else:  # "flip": the mean of the plain and the mirrored image's logits
+            half = (lambda start: lambda f: on_progress(start + 0.5 * f)) if on_progress else (lambda start: None)
+            plain = split_artifacts(checkpoint, dataset, split, tta="none", progress=progress, device=device,
+                                    on_progress=half(0.0))
+            mirrored = predict(checkpoint.model, np.ascontiguousarray(data.images[:, :, ::-1]), features=False,
+                               progress=progress, device=device, desc=f"{desc}, mirrored", on_progress=half(0.5))
+            logits, features = 0.5 * (plain.logits + mirrored.logits), plain.features
+        arts = SplitArtifacts(logits.astype(np.float32), features.astype(np.float32), data.labels, split, tta)
         with atomic_write(path) as fh:
             np.savez(fh, logits=arts.logits, features=arts.features, labels=arts.labels)
     return arts

@@ -13,22 +13,33 @@ classes = list(dataset.classes)
 
 split = st.segmented_control("Split", ["test", "val"], default="test", key="eval_split", required=True)
 data = dataset.split(split)
-tta = " with flip test-time augmentation" if split_tta(checkpoint, split) == "flip" else ""
-st.markdown(f"Evaluating **{checkpoint.name}** ({checkpoint.model.arch_name}, "
-            f"{sum(p.numel() for p in checkpoint.model.parameters()):,} parameters) on the **{len(data):,} {split} "
-            f"images** of `{dataset.root.name}`{tta}.")
-arts = app.get_artifacts(checkpoint, dataset, split)
+header = st.empty()
+
+
+def describe(tta: str) -> None:
+    how = {"flip": " with flip test-time augmentation", "none": ""}[tta]
+    if tta == "none" and split_tta(checkpoint, split) != "none":
+        how = " without test-time augmentation for now (the augmented predictions are on their way)"
+    header.markdown(f"Evaluating **{checkpoint.name}** ({checkpoint.model.arch_name}, "
+                    f"{sum(p.numel() for p in checkpoint.model.parameters()):,} parameters) on the **{len(data):,} "
+                    f"{split} images** of `{dataset.root.name}`{how}.")
+
+
+describe(split_tta(checkpoint, split))  # shown while the first predictions are computed
+arts = app.get_artifacts(checkpoint, dataset, split, early=True)  # plain predictions first, then flip-averaged
+describe(arts.tta)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def report_for(path: str, stamp: float, root: str, split: str):
-    a = app.get_artifacts(app.get_checkpoint(path, stamp), app.get_dataset(root), split)
+def report_for(path: str, stamp: float, root: str, split: str, tta: str):
+    a = app._artifacts(path, stamp, root, split, tta)
     report = classification_report(a.labels, a.predicted, app.get_dataset(root).classes)
     bins, ece = reliability(a.probs, a.labels)
     return report, bins, ece
 
 
-report, bins, ece = report_for(str(checkpoint.path), app.file_stamp(checkpoint.path), dataset.root.as_posix(), split)
+report, bins, ece = report_for(str(checkpoint.path), app.file_stamp(checkpoint.path), dataset.root.as_posix(), split,
+                               arts.tta)
 confusion = np.array(report["confusion_matrix"])
 
 m1, m2, m3, m4 = st.columns(4)

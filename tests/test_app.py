@@ -271,4 +271,31 @@ def test_imported_modules_are_kept_out_of_the_collectors_reach(cifar):
 
     app_at("pages/home.py", cifar)
     assert gc.get_freeze_count() > 100_000
-    assert sys.modules["torch"].nn.Module.__init__ not in gc.get_objects(generation=2)
+    init = sys.modules["torch"].nn.Module.__init__
+    assert not any(obj is init for obj in gc.get_objects(generation=2))
+
+
+def test_evaluate_shows_plain_predictions_until_the_augmented_ones_arrive(cifar):
+    """A cold Evaluate is usable after one pass over the test images: fastnet's flip test-time augmentation needs a
+    second, mirrored pass, and the page shows the plain pass's numbers (saying so) until it is done."""
+    from cifarviz.artifacts import artifact_path
+    from cifarviz.jobs import file_lock
+
+    checkpoint = load_checkpoint(SHIPPED / "fastnet.safetensors")
+    plain = split_artifacts(checkpoint, cifar, "test", tta="none")
+    final_path = artifact_path(checkpoint, cifar, "test")
+    final_path.unlink(missing_ok=True)
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = str(cifar.root)
+    at.run()
+    with file_lock(final_path):  # the augmented predictions cannot finish while the page is first drawn
+        at.switch_page("pages/evaluate.py").run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert at.metric[0].value == f"{(plain.predicted == plain.labels).mean():.2%}"
+        assert "without test-time augmentation for now" in at.markdown[0].value
+        assert len(at.progress) == 1
+    run_until(at, lambda at: len(at.progress) == 0, "the flip-averaged predictions")
+    final = split_artifacts(checkpoint, cifar, "test")
+    assert final.tta == "flip"
+    assert at.metric[0].value == f"{(final.predicted == final.labels).mean():.2%}"
+    assert "with flip test-time augmentation" in at.markdown[0].value
