@@ -331,6 +331,86 @@ def cmd_influence(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import contextlib
+
+    from tqdm.auto import tqdm
+
+    from .recipes import RECIPES
+    from .tune import (DEFAULT_MODEL, SearchSpace, StudySettings, beside, best_config, best_trial, check_same,
+                       check_trials, default_storage_url, exclusive, run_study, stored_settings)
+
+    check_trials(args.trials)
+    storage = args.storage or default_storage_url()
+    stored = stored_settings(storage, args.study)  # joining a study: what was not asked for is the study's own
+    asked = {k: v for k, v in (("epochs_per_trial", args.epochs), ("subset", args.subset)) if v is not None}
+    space = {k: getattr(args, k) for k in (*SearchSpace.RANGES, *SearchSpace.CHOICES) if getattr(args, k) is not None}
+    if stored is None:
+        settings = StudySettings.for_model(args.model or DEFAULT_MODEL, space=SearchSpace(**space), **asked)
+    else:
+        merged = {**stored.to_dict(), **asked, "space": {**stored.space.to_dict(), **space}}
+        if args.model:
+            merged["base_config"] = StudySettings.for_model(args.model).base_config
+        settings = StudySettings.from_dict(merged)
+        check_same(args.study, stored, settings)  # before any data is loaded
+    lock = Path(args.lock) if args.lock else None
+    holding = exclusive(lock, {"study": args.study, "storage": storage, "trials": args.trials}) if lock \
+        else contextlib.nullcontext()
+    with holding:
+        dataset = _load_data(args)
+        bar = tqdm(total=args.trials, desc=f"tuning {args.study}", unit="trial")
+
+        def on_epoch(number, event):
+            bar.set_postfix(trial=number, epoch=event["epoch"], val_loss=f"{event['val_loss']:.3f}")
+
+        def on_trial(study, trial):
+            bar.update(1)
+            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+            value = "" if trial.value is None else f" val loss {trial.value:.4f}"
+            bar.write(f"trial {trial.number:3d} {trial.state.name.lower():8}{value}  {shown}")
+
+        stop_file = beside(lock, ".stop") if lock else None
+        study = run_study(storage, args.study, dataset, settings, n_trials=args.trials, seed=args.seed,
+                          device=args.device, on_trial=on_trial, on_epoch=on_epoch,
+                          should_stop=(lambda: stop_file.exists()) if stop_file else None)
+        bar.close()
+    best = best_trial(study)
+    if best is None:
+        print(f"study {args.study} in {storage}: no finished trial yet")
+        return 0
+    config = best_config(study)
+    print(f"best trial {best.number}: val loss {best.value:.4f}; {len(study.trials)} trials in {args.study} ({storage})")
+    start = f"--recipe {config['model']}" if config["model"] in RECIPES else f"--model {config['model']}"
+    print(f"train with them: python -m cifarviz train {start} --model-args '{json.dumps(config['model_args'])}' "
+          f"--lr {config['lr']:.4g} --weight-decay {config['weight_decay']:.4g} --batch-size {config['batch_size']}")
+    return 0
+
+
+def add_tune_parser(sub, data_args) -> None:
+    p = sub.add_parser("tune", parents=[data_args], help="search hyperparameters with Optuna (shared study storage)")
+    p.add_argument("--storage", help="Optuna database URL (default sqlite:///$CIFARVIZ_RUNS/optuna.db, runs/ by "
+                   "default); give every machine the same URL, e.g. postgresql://user:password@host/db")
+    p.add_argument("--study", default="cifar10net", help="study name (default cifar10net); an existing study is "
+                   "joined with its own settings")
+    p.add_argument("--trials", type=int, default=30, help="trials this process runs (default 30, as the source)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default 5, as the source)")
+    p.add_argument("--subset", type=int, help="training images per trial, a fixed random subset (default: all)")
+    p.add_argument("--model", help="zoo model whose recipe is the base (default cifar10net-dropout)")
+    p.add_argument("--lr", nargs=2, type=float, metavar=("LOW", "HIGH"), help="learning-rate range, log scale "
+                   "(default 1e-4 1e-1)")
+    p.add_argument("--weight-decay", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   help="weight-decay range, log scale (default 5e-4 1e-1)")
+    p.add_argument("--dropout", nargs=2, type=float, metavar=("LOW", "HIGH"), help="dropout range (default 0.1 0.9)")
+    for name in ("batch-size", "fc1", "fc2"):
+        p.add_argument(f"--{name}", nargs="+", type=int, metavar="N",
+                       help=f"{name} choices (default 32 64 128 256 512)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0); give each machine its own")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps (this machine's; not stored)")
+    p.add_argument("--lock", help="hold this lock file while tuning; another run with it refuses to start, and "
+                   "creating LOCK.stop stops the run (the app runs one study at a time this way)")
+    p.set_defaults(func=cmd_tune)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -414,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--influence", action="append", choices=[*METHODS, "none"],
                    help=f"influence indexes to build; repeatable (default {DEFAULT_INFLUENCE}; none to skip)")
     p.set_defaults(func=cmd_precompute)
+    add_tune_parser(sub, data_args)
     return parser
 
 

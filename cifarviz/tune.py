@@ -1,0 +1,458 @@
+"""Hyperparameter search with Optuna: the cs231n-style source's search, kept in storage several machines can share.
+
+    study = run_study(default_storage_url(), "cifar10net", dataset, n_trials=30)   # the source's search
+    trials_table(study); param_importances(study); best_config(study)              # a TrainConfig dict
+
+Each trial trains the study's base recipe (default: cifar10net-dropout's) with sampled values
+for a few epochs on a fixed subset of the training split. Every epoch's validation loss is
+reported to a median pruner, which stops trials that trail the others at the same epoch; a
+finished trial's value is its last validation loss (lower is better, as in the source). The
+study and its settings live in Optuna's storage at a database URL (SQLite in the runs folder by
+default), so processes on several machines that open one URL and study name share its trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from .data import Split
+from .errors import CifarvizError, TrainingError
+from .jobs import file_lock
+from .models import model_entry
+from .recipes import RECIPES
+from .train import TrainConfig, resolve_device, train
+from .utils import atomic_write
+
+SIZES = (32, 64, 128, 256, 512)  # the source's choices for batch size and both FC widths
+DEFAULT_MODEL = "cifar10net-dropout"
+
+
+class TuningError(CifarvizError):
+    """A bad search space, storage URL or study name, or a study that cannot be joined as asked."""
+
+
+def runs_dir() -> Path:
+    """Where runs, the default study database and the app's tuning lock live: $CIFARVIZ_RUNS, else ./runs."""
+    return Path(os.environ.get("CIFARVIZ_RUNS", "runs"))
+
+
+def default_storage_url() -> str:
+    return f"sqlite:///{(runs_dir() / 'optuna.db').resolve().as_posix()}"
+
+
+# --------------------------------------------------------------------------- the search space
+
+
+@dataclass
+class SearchSpace:
+    """Ranges are (low, high), sampled on a log scale for lr and weight decay; sizes are choices."""
+
+    lr: tuple[float, float] = (1e-4, 1e-1)
+    weight_decay: tuple[float, float] = (5e-4, 1e-1)
+    dropout: tuple[float, float] = (0.1, 0.9)
+    batch_size: tuple[int, ...] = SIZES
+    fc1: tuple[int, ...] = SIZES
+    fc2: tuple[int, ...] = SIZES
+
+    RANGES = ("lr", "weight_decay", "dropout")
+    CHOICES = ("batch_size", "fc1", "fc2")
+
+    def __post_init__(self):
+        for name in self.RANGES:
+            value = getattr(self, name)
+            if not _is_pair(value):
+                raise TuningError(f"Search space: {name} needs two numbers (low, high), not {value!r}.")
+            low, high = (float(v) for v in value)
+            dropout = name == "dropout"
+            if not ((low >= 0 and high < 1) if dropout else low > 0) or low >= high:
+                bounds = "both at least 0 and below 1" if dropout else "both above 0 (it is sampled on a log scale)"
+                raise TuningError(f"Search space: {name} range ({low:g}, {high:g}) must have low below high, "
+                                  f"{bounds}. The source's range is {getattr(SearchSpace, name)}.")
+            setattr(self, name, (low, high))
+        for name in self.CHOICES:
+            value = getattr(self, name)
+            values = list(value) if isinstance(value, (list, tuple)) else []
+            if not values or not all(_is_whole(v) and 1 <= v <= 65536 for v in values):
+                raise TuningError(f"Search space: {name} needs one or more whole numbers from 1 to 65536 to choose "
+                                  f"from, not {value!r}. The source chose from {', '.join(map(str, SIZES))}.")
+            setattr(self, name, tuple(sorted({int(v) for v in values})))
+
+    def to_dict(self) -> dict:
+        return {name: list(getattr(self, name)) for name in (*self.RANGES, *self.CHOICES)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SearchSpace:
+        unknown = set(values) - {*cls.RANGES, *cls.CHOICES}
+        if unknown:
+            raise TuningError(f"Search space: unknown setting(s) {', '.join(sorted(unknown))}; "
+                              f"its settings: {', '.join((*cls.RANGES, *cls.CHOICES))}.")
+        return cls(**values)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, (int, float, np.integer)) and not isinstance(value, bool) and float(value).is_integer()
+
+
+def _is_pair(value) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def tuned_parameters(model: str) -> list[str]:
+    """The space's parameters that apply to `model`: the optimiser's always; dropout, fc1, fc2 when it takes them."""
+    takes = inspect.signature(model_entry(model).builder).parameters
+    return ["lr", "weight_decay", "batch_size", *(name for name in ("dropout", "fc1", "fc2") if name in takes)]
+
+
+# --------------------------------------------------------------------------- a study's settings
+
+
+@dataclass
+class StudySettings:
+    """What every trial of one study shares; stored with the study so another machine joins with the same."""
+
+    base_config: dict = field(default_factory=lambda: RECIPES[DEFAULT_MODEL].to_dict())
+    space: SearchSpace = field(default_factory=SearchSpace)
+    epochs_per_trial: int = 5  # the source's budget
+    subset: int | None = None  # training images per trial (a fixed random subset); None: the whole split
+
+    def __post_init__(self):
+        if isinstance(self.space, dict):
+            self.space = SearchSpace.from_dict(self.space)
+        try:
+            self.base_config = TrainConfig(**self.base_config).to_dict()  # checks the model and every setting
+        except TypeError as exc:
+            raise TuningError(f"Base training config: {exc}.") from None
+        if not _is_whole(self.epochs_per_trial) or self.epochs_per_trial < 1:
+            raise TuningError(f"epochs per trial (--epochs) must be a whole number of at least 1, "
+                              f"not {self.epochs_per_trial!r}.")
+        if self.subset is not None and (not _is_whole(self.subset) or self.subset < 1):
+            raise TuningError(f"training images per trial (--subset) must be a whole number of at least 1, "
+                              f"not {self.subset!r}.")
+        self.epochs_per_trial = int(self.epochs_per_trial)
+        self.subset = None if self.subset is None else int(self.subset)
+
+    @classmethod
+    def for_model(cls, model: str = DEFAULT_MODEL, **settings) -> StudySettings:
+        """The model's shipped recipe (or TrainConfig's defaults) as the base."""
+        base = RECIPES[model] if model in RECIPES else TrainConfig(model=model)
+        return cls(base_config=base.to_dict(), **settings)
+
+    def to_dict(self) -> dict:
+        return {"base_config": self.base_config, "space": self.space.to_dict(),
+                "epochs_per_trial": self.epochs_per_trial, "subset": self.subset}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> StudySettings:
+        return cls(**values)
+
+    def config(self, params: dict, epochs: int | None = None) -> TrainConfig:
+        """The base recipe with `params` (a trial's values) for `epochs` (default: the recipe's own)."""
+        base = dict(self.base_config)
+        model_args = {**base["model_args"], **{k: params[k] for k in ("dropout", "fc1", "fc2") if k in params}}
+        chosen = {k: params[k] for k in ("lr", "weight_decay", "batch_size") if k in params}
+        return TrainConfig(**{**base, **chosen, "model_args": model_args, "epochs": epochs or base["epochs"]})
+
+    def suggest(self, trial: optuna.Trial) -> dict:
+        space, params = self.space, {}
+        for name in tuned_parameters(self.base_config["model"]):
+            if name in SearchSpace.RANGES:
+                params[name] = trial.suggest_float(name, *getattr(space, name), log=name != "dropout")
+            else:
+                params[name] = trial.suggest_categorical(name, list(getattr(space, name)))
+        return params
+
+
+# --------------------------------------------------------------------------- storage
+
+
+_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna's database storage at `url` (once per process). A SQLite file's folder is created.
+
+    Heartbeats mark the running trials of a worker that died as failed, so they do not stay "running" forever."""
+    if url in _STORAGES:
+        return _STORAGES[url]
+    engine_kwargs = {}
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # several local processes: wait for the writer
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9; say it once, not per process
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
+                                                 grace_period=180)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's URL, driver and connection errors have no common base
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TuningError(f"Storage {url!r} (--storage) could not be opened: {reason}. Give a database URL such "
+                          "as sqlite:///runs/optuna.db, or postgresql://user:password@host/database with its "
+                          "driver installed (pip install psycopg2-binary).") from None
+    _STORAGES[url] = storage
+    return storage
+
+
+def _check_name(study_name: str) -> None:
+    if not isinstance(study_name, str) or not study_name.strip() or len(study_name) > 200:
+        raise TuningError(f"Study name (--study) must be 1 to 200 characters, not {study_name!r}.")
+
+
+def study_names(storage_url: str) -> list[str]:
+    return sorted(optuna.get_all_study_names(open_storage(storage_url)))
+
+
+def load_study(storage_url: str, study_name: str) -> optuna.Study:
+    _check_name(study_name)
+    try:
+        return optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    except KeyError:
+        names = ", ".join(study_names(storage_url)) or "none yet"
+        raise TuningError(f"No study named {study_name!r} in {storage_url}. Studies there: {names}.") from None
+
+
+def stored_settings(storage_url: str, study_name: str) -> StudySettings | None:
+    """The settings a study was started with, or None when there is no such study yet."""
+    if study_name not in study_names(storage_url):
+        return None
+    stored = load_study(storage_url, study_name).user_attrs.get("settings")
+    return StudySettings.from_dict(stored) if stored else None
+
+
+def check_same(study_name: str, stored: StudySettings, asked: StudySettings) -> None:
+    """A study is joined only with the settings it was started with (its trials must stay comparable)."""
+    theirs, ours = stored.to_dict(), asked.to_dict()
+    if theirs != ours:
+        differ = "; ".join(f"{k}: study {json.dumps(theirs[k])}, asked {json.dumps(ours[k])}"
+                           for k in theirs if theirs[k] != ours[k])
+        raise TuningError(f"Study {study_name!r} was started with other settings ({differ}). Join it with "
+                          "its own settings (leave those flags out) or give a new study name (--study).")
+
+
+def _settle(study: optuna.Study, settings: StudySettings | None) -> StudySettings:
+    """The study's stored settings (a new study stores `settings`, or the defaults); a mismatch is an error."""
+    stored = study.user_attrs.get("settings")
+    if stored is None:
+        settings = settings or StudySettings()
+        study.set_user_attr("settings", settings.to_dict())
+        return settings
+    stored = StudySettings.from_dict(stored)
+    if settings is not None:
+        check_same(study.study_name, stored, settings)
+    return stored
+
+
+# --------------------------------------------------------------------------- running a study
+
+
+def training_subset(dataset, size: int | None, seed: int = 0):
+    """`dataset` with `size` training images drawn at random (the same ones for every trial and machine)."""
+    train_split = dataset.train
+    if size is None or size >= len(train_split):
+        return dataset
+    index = np.sort(np.random.default_rng(seed).choice(len(train_split), size, replace=False))
+    subset = Split(train_split.name, train_split.images[index], train_split.labels[index],
+                   train_split.source_index[index])
+    return dataclasses.replace(dataset, train=subset)
+
+
+def check_trials(n_trials) -> None:
+    if not _is_whole(n_trials) or n_trials < 1:
+        raise TuningError(f"Number of trials (--trials) must be a whole number of at least 1, not {n_trials!r}.")
+
+
+class _StopRequested(Exception):
+    """The user asked the study to stop; the trial under way is recorded as failed."""
+
+
+def run_study(
+    storage_url: str,
+    study_name: str,
+    dataset,
+    settings: StudySettings | None = None,
+    *,
+    n_trials: int,
+    seed: int = 0,
+    device: str | None = None,
+    on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> optuna.Study:
+    """Run `n_trials` more trials of the study (created when new, else joined with its stored settings).
+
+    TPE samples (seeded: give each machine its own `seed`), a median pruner stops trials that trail
+    the others at the same epoch, and a non-finite loss prunes its trial. `should_stop` is asked
+    between batches; when it returns True the trial under way is marked failed and the study stops.
+    `device` (this machine's, not the study's) overrides the base recipe's."""
+    check_trials(n_trials)
+    if len(dataset.val) == 0:
+        raise TuningError("Tuning compares validation losses, but the validation split is empty: "
+                          "give --val-size above 0.")
+    _check_name(study_name)
+    if device is not None:
+        resolve_device(device)  # a missing GPU fails now, not as a failed trial
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(
+            storage=open_storage(storage_url), study_name=study_name, direction="minimize", load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.MedianPruner(n_startup_trials=5))
+    except ValueError as exc:  # e.g. an existing study that maximises
+        raise TuningError(f"Study {study_name!r} in {storage_url} cannot be used: {exc}") from None
+    settings = _settle(study, settings)
+    settings.config({"lr": settings.space.lr[0]}, settings.epochs_per_trial)  # a bad base fails now, not per trial
+    data = training_subset(dataset, settings.subset)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = settings.suggest(trial)
+        config = settings.config(params, settings.epochs_per_trial)
+        if device is not None:
+            config = dataclasses.replace(config, device=device)
+
+        def report(event: dict) -> None:
+            if event["event"] != "epoch" or event["partial"]:
+                return
+            loss, epoch = event["val_loss"], event["epoch"]
+            if loss is None or not math.isfinite(loss):
+                raise TrainingError(f"The validation loss became {loss} at epoch {epoch}.")
+            trial.report(loss, epoch)
+            trial.set_user_attr("val_acc", event["val_acc"])
+            if on_epoch is not None:
+                on_epoch(trial.number, event)
+            if epoch < config.epochs and trial.should_prune():
+                raise optuna.TrialPruned(f"validation loss {loss:.4f} at epoch {epoch} trails the median")
+
+        try:
+            result = train(config, data, callback=report, cancel=should_stop)
+        except TrainingError as exc:  # diverged: prune, so the sampler learns to avoid that region
+            trial.set_user_attr("diverged", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        if result.status == "cancelled":
+            study.stop()
+            raise _StopRequested("stopped on request")
+        return result.history[-1]["val_loss"]
+
+    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if on_trial is not None:
+            on_trial(study, trial)
+        if should_stop is not None and should_stop():
+            study.stop()
+
+    study.optimize(objective, n_trials=int(n_trials), catch=(_StopRequested,), callbacks=[after_trial])
+    return study
+
+
+# --------------------------------------------------------------------------- reading a study
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, validation loss and accuracy, epochs run, seconds, and its parameters."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        end = t.datetime_complete or (None if t.datetime_start is None else pd.Timestamp.now())
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        rows.append({
+            "trial": t.number, "state": t.state.name.lower(),
+            "val_loss": t.value if t.value is not None else last, "val_acc": t.user_attrs.get("val_acc"),
+            "epochs": len(t.intermediate_values),
+            "seconds": None if end is None else round((pd.Timestamp(end) - pd.Timestamp(t.datetime_start)).total_seconds()),
+            **t.params,
+        })  # fmt: skip
+    columns = ["trial", "state", "val_loss", "val_acc", "epochs", "seconds"]
+    return pd.DataFrame(rows, columns=columns + sorted({k for r in rows for k in r} - set(columns)))
+
+
+def epoch_table(study: optuna.Study) -> pd.DataFrame:
+    """Every reported (trial, epoch, validation loss, state): the learning curves the pruner compared."""
+    rows = [{"trial": t.number, "epoch": epoch, "val_loss": value, "state": t.state.name.lower()}
+            for t in study.get_trials(deepcopy=False) for epoch, value in sorted(t.intermediate_values.items())]
+    return pd.DataFrame(rows, columns=["trial", "epoch", "val_loss", "state"])
+
+
+def history_table(study: optuna.Study) -> pd.DataFrame:
+    """Finished trials in order with their value and the best value so far (the optimisation history)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    table = pd.DataFrame({"trial": [t.number for t in done], "val_loss": [t.value for t in done]})
+    table["best_so_far"] = table["val_loss"].cummin()
+    return table
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return min(done, key=lambda t: t.value) if done else None
+
+
+def best_config(study: optuna.Study) -> dict | None:
+    """The study's base recipe with the best trial's values, for its full number of epochs (a TrainConfig dict)."""
+    best = best_trial(study)
+    if best is None:
+        return None
+    settings = StudySettings.from_dict(study.user_attrs["settings"])
+    return settings.config(best.params).to_dict()
+
+
+def param_importances(study: optuna.Study) -> dict[str, float]:
+    """Optuna's parameter importances (PED-ANOVA, Optuna's default) over the finished trials; {} with too few."""
+    if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) < 2:
+        return {}
+    try:
+        return dict(optuna.importance.get_param_importances(study))
+    except (RuntimeError, ValueError, ZeroDivisionError):  # e.g. every finished trial has the same value
+        return {}
+
+
+# --------------------------------------------------------------------------- one study at a time (the app)
+
+
+def lock_target() -> Path:
+    """The app's tuning lock (`tuning.lock`), with `tuning.json` (what runs) and `tuning.stop` (a stop request)."""
+    return runs_dir() / "tuning"
+
+
+def beside(target: Path, suffix: str) -> Path:
+    return Path(f"{target}{suffix}")
+
+
+@contextlib.contextmanager
+def exclusive(target: Path, status: dict):
+    """Hold `target`'s lock while tuning and record `status` beside it; another holder makes this fail at once."""
+    from filelock import Timeout
+
+    try:
+        with file_lock(target, timeout=0):
+            beside(target, ".stop").unlink(missing_ok=True)  # an old stop request is not for this run
+            with atomic_write(beside(target, ".json"), "w") as f:
+                json.dump({**status, "pid": os.getpid(), "started": time.time()}, f)
+            yield
+    except Timeout:
+        running = running_study(target) or {}
+        raise TuningError(f"Another study is running ({running.get('study', 'unknown')}, process "
+                          f"{running.get('pid', '?')}); one study runs at a time here. Wait for it or stop it.") from None
+
+
+def running_study(target: Path | None = None) -> dict | None:
+    """The status of the study holding `target`'s lock, or None when none is running."""
+    from filelock import Timeout
+
+    target = target or lock_target()
+    try:
+        with file_lock(target, timeout=0):
+            return None
+    except Timeout:
+        try:
+            return json.loads(beside(target, ".json").read_text())
+        except (OSError, ValueError):
+            return {}

@@ -1,0 +1,240 @@
+"""The Tuning tab of the Train page: an Optuna study of the cs231n-style source's search, run in the background.
+
+`tuning_tab(dataset)` draws the editable search space and budget, starts the study as a detached,
+low-priority `python -m cifarviz tune` process (the script thread never waits on training; one study
+runs at a time per server, held by a file lock), and shows the study's trials, best parameters,
+optimisation history, learning curves and parameter importances, read from Optuna's storage and
+refreshed every two seconds while a study runs. "Train with the best parameters" puts the best
+TrainConfig dict in `st.session_state["train_config_request"]` for the Train form.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from .. import app, tune
+from ..errors import CifarvizError
+from ..models import list_models
+
+TRAIN_REQUEST_KEY = "train_config_request"
+SIZE_OPTIONS = (8, 16, 32, 64, 128, 256, 512, 1024)
+_LAUNCHED: list[subprocess.Popen] = []  # studies this server started (a child not yet holding the lock counts)
+_LAUNCH_LOCK = threading.Lock()
+
+
+def log_path() -> Path:
+    return tune.runs_dir() / "tuning.log"
+
+
+def study_running() -> dict | None:
+    """The running study's status (from its lock), or {} for one this server just started; None when idle."""
+    status = tune.running_study()
+    if status is not None:
+        return status
+    return {} if any(process.poll() is None for process in _LAUNCHED) else None
+
+
+def launch(storage: str, study_name: str, settings: tune.StudySettings, n_trials: int, dataset) -> None:
+    """Start `python -m cifarviz tune` detached and niced; its output goes to runs/tuning.log."""
+    space = settings.space
+    command = [
+        sys.executable, "-m", "cifarviz", "tune", "--storage", storage, "--study", study_name,
+        "--trials", str(n_trials), "--epochs", str(settings.epochs_per_trial),
+        "--model", settings.base_config["model"], "--lock", str(tune.lock_target().resolve()),
+        "--data", str(Path(dataset.root).resolve()), "--val-size", str(len(dataset.val)),
+        "--split-seed", str(dataset.split_seed),
+        "--lr", *map(repr, space.lr), "--weight-decay", *map(repr, space.weight_decay),
+        "--dropout", *map(repr, space.dropout), "--batch-size", *map(str, space.batch_size),
+        "--fc1", *map(str, space.fc1), "--fc2", *map(str, space.fc2),
+        *(["--subset", str(settings.subset)] if settings.subset else []),
+    ]  # fmt: skip
+    package_parent = str(Path(tune.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])),
+           "TQDM_MININTERVAL": "5"}  # a log file, not a terminal: fewer progress lines
+    if os.name == "posix":
+        detach = {"start_new_session": True, "preexec_fn": lambda: os.nice(10)}
+    else:
+        detach = {"creationflags": subprocess.BELOW_NORMAL_PRIORITY_CLASS | subprocess.CREATE_NEW_PROCESS_GROUP}
+    log = log_path()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with _LAUNCH_LOCK:
+        if study_running() is not None:
+            raise tune.TuningError("A study is already running on this server; one runs at a time.")
+        with open(log, "wb") as out:
+            _LAUNCHED[:] = [p for p in _LAUNCHED if p.poll() is None]
+            _LAUNCHED.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                              env=env, close_fds=True, **detach))
+
+
+def request_stop() -> None:
+    tune.beside(tune.lock_target(), ".stop").touch()
+
+
+# --------------------------------------------------------------------------- the tab
+
+
+def tuning_tab(dataset, train_page: str | None = "pages/train.py") -> None:
+    """The whole tab. `train_page`: where "Train with the best parameters" goes (None: rerun this page)."""
+    st.caption("Optuna searches the cs231n-style source's space (30 trials of 5 epochs there, kept by the lowest "
+               "validation loss) with a small budget per trial; a median pruner stops trials that trail the others "
+               "after an epoch. The study lives in a database several machines can share (see the README).")
+    locked = app.data_locked()
+    left, right = st.columns(2)
+    storage = left.text_input(
+        "Optuna storage URL", value=tune.default_storage_url(), key="tune_storage", disabled=locked,
+        help="Set by the server for this class." if locked else
+        "sqlite:///path/optuna.db, or a shared database such as postgresql://user:password@host/db")
+    storage = tune.default_storage_url() if locked else storage.strip()
+    study_name = right.text_input("Study name", value="cifar10net", key="tune_study").strip()
+    try:
+        stored = tune.stored_settings(storage, study_name)
+    except CifarvizError as exc:
+        st.error(str(exc))
+        return
+    running = study_running()
+    if running is not None:
+        status_line(running)
+    settings_form(dataset, storage, study_name, stored, busy=running is not None)
+    live = running is not None and running.get("study", study_name) == study_name
+    st.fragment(run_every=2 if live else None)(results)(storage, study_name, live, train_page)
+
+
+def status_line(running: dict) -> None:
+    name = running.get("study")
+    stopping = tune.beside(tune.lock_target(), ".stop").exists()
+    text = (f"Study **{name}** is running (process {running.get('pid')}, {running.get('trials')} trials); "
+            "one study runs at a time on this server." if name else "A study is starting...")
+    columns = st.columns([4, 1])
+    columns[0].info(text + (" Stopping after the current batch..." if stopping else ""), icon=":material/tune:")
+    if name and columns[1].button("Stop the study", key="tune_stop", disabled=stopping,
+                                  help="The trial under way is recorded as failed; finished trials stay."):
+        request_stop()
+        st.rerun()
+
+
+def settings_form(dataset, storage: str, study_name: str, stored: tune.StudySettings | None, busy: bool) -> None:
+    """The search space and budget, prefilled from the study when it exists (joining needs the same settings)."""
+    start = stored or tune.StudySettings(epochs_per_trial=3, subset=10_000)
+    space, base = start.space, start.base_config
+    if stored is not None:
+        st.caption(f"Study **{study_name}** exists: the form holds its settings (new trials must use the same).")
+    with st.form(f"tune_form_{study_name}", border=True):
+        models = list_models()
+        model = st.selectbox("Model (its shipped recipe is the base)", models, index=models.index(base["model"]),
+                             help="dropout, fc1 and fc2 are searched for models that take them (the cifar10net family)")
+        c = st.columns(3)
+        lr = (c[0].number_input("lr from", value=space.lr[0], format="%.1e", step=None),
+              c[0].number_input("lr to", value=space.lr[1], format="%.1e", step=None))
+        wd = (c[1].number_input("weight decay from", value=space.weight_decay[0], format="%.1e", step=None),
+              c[1].number_input("weight decay to", value=space.weight_decay[1], format="%.1e", step=None))
+        dropout = (c[2].number_input("dropout from", value=space.dropout[0], min_value=0.0, max_value=0.99, step=0.05),
+                   c[2].number_input("dropout to", value=space.dropout[1], min_value=0.0, max_value=0.99, step=0.05))
+        c = st.columns(3)
+        choices = {name: c[i].multiselect(f"{name} choices", SIZE_OPTIONS, default=list(getattr(space, name)))
+                   for i, name in enumerate(tune.SearchSpace.CHOICES)}
+        c = st.columns(3)
+        n_trials = c[0].number_input("Trials", min_value=1, max_value=500, value=20, step=1)
+        epochs = c[1].number_input("Epochs per trial", min_value=1, max_value=50, value=start.epochs_per_trial, step=1)
+        subset = c[2].number_input("Training images per trial (0: all)", min_value=0, max_value=len(dataset.train),
+                                   value=min(start.subset or 0, len(dataset.train)), step=1000)
+        submitted = st.form_submit_button("Start the study", type="primary", disabled=busy,
+                                          help="A study is running; one runs at a time." if busy else None)
+    if not submitted:
+        return
+    try:
+        settings = tune.StudySettings.for_model(model, epochs_per_trial=int(epochs), subset=int(subset) or None,
+                                                space=tune.SearchSpace(lr, wd, dropout, **choices))
+        if stored is not None:
+            tune.check_same(study_name, stored, settings)
+        launch(storage, study_name, settings, int(n_trials), dataset)
+    except CifarvizError as exc:
+        st.error(str(exc))
+        return
+    st.rerun()
+
+
+def results(storage: str, study_name: str, live: bool, train_page: str | None) -> None:
+    """The study's trials, best parameters and charts (a fragment: refreshed every 2 s while the study runs)."""
+    if live and study_running() is None:
+        st.rerun()  # the study ended: redraw the whole tab (Start is enabled again)
+    failed_launch = [p for p in _LAUNCHED if p.poll() not in (None, 0)]
+    if failed_launch and log_path().is_file():
+        with st.expander("The last study stopped with an error", expanded=True):
+            st.code(log_path().read_text(errors="replace")[-3000:] or "(no output)")
+    try:
+        study = tune.load_study(storage, study_name)
+    except CifarvizError:
+        st.caption(f"No study named {study_name} yet: start one above.")
+        return
+    table = tune.trials_table(study)
+    st.subheader(f"Trials of {study_name}: {len(table)}")
+    if table.empty:
+        st.caption("No trials yet.")
+        return
+    counts = table["state"].value_counts()
+    st.caption(", ".join(f"{n} {state}" for state, n in counts.items()))
+    st.dataframe(table, hide_index=True, key="tune_trials", column_config={
+        "val_loss": st.column_config.NumberColumn("val loss", format="%.4f"),
+        "val_acc": st.column_config.NumberColumn("val acc", format="percent"),
+        "lr": st.column_config.NumberColumn(format="%.2e"),
+        "weight_decay": st.column_config.NumberColumn("weight decay", format="%.2e"),
+        "dropout": st.column_config.NumberColumn(format="%.2f"),
+    })  # fmt: skip
+    best = tune.best_trial(study)
+    if best is None:
+        st.caption("The best parameters appear when a trial finishes.")
+    else:
+        best_section(study, best, train_page)
+    charts(study)
+
+
+def best_section(study, best, train_page: str | None) -> None:
+    st.subheader(f"Best: trial {best.number}, validation loss {best.value:.4f}")
+    params = pd.DataFrame({"parameter": list(best.params), "value": [f"{v:.4g}" if isinstance(v, float) else str(v)
+                                                                    for v in best.params.values()]})
+    st.dataframe(params, hide_index=True, width="content")
+    config = tune.best_config(study)
+    if st.button("Train with the best parameters", key="tune_train_best", type="primary",
+                 help=f"Fills the Train form: {config['model']}'s recipe with these values, {config['epochs']} epochs"):
+        st.session_state[TRAIN_REQUEST_KEY] = config
+        if train_page:
+            st.switch_page(train_page)
+        st.rerun(scope="app")
+
+
+def charts(study) -> None:
+    history, curves, importances = tune.history_table(study), tune.epoch_table(study), tune.param_importances(study)
+    left, right = st.columns(2)
+    if not history.empty:
+        base = alt.Chart(history).encode(x=alt.X("trial:Q", title="trial", axis=alt.Axis(tickMinStep=1)))
+        points = base.mark_circle(size=70).encode(
+            y=alt.Y("val_loss:Q", title="validation loss", scale=alt.Scale(zero=False)),
+            tooltip=["trial", alt.Tooltip("val_loss", format=".4f")])
+        line = base.mark_line(interpolate="step-after", color="#d62728").encode(y="best_so_far:Q")
+        left.altair_chart((points + line).properties(title="Optimisation history (line: best so far)", height=300),
+                          width="stretch")
+    if not curves.empty:
+        chart = alt.Chart(curves).mark_line(point=True).encode(
+            x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1)),
+            y=alt.Y("val_loss:Q", title="validation loss", scale=alt.Scale(zero=False)),
+            color=alt.Color("state:N", title="trial state"), detail="trial:N",
+            tooltip=["trial", "epoch", alt.Tooltip("val_loss", format=".4f"), "state"])
+        right.altair_chart(chart.properties(title="Validation loss per epoch (what the pruner compares)", height=300),
+                           width="stretch")
+    if importances:
+        frame = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
+        chart = alt.Chart(frame).mark_bar().encode(
+            x=alt.X("importance:Q", title="importance (PED-ANOVA, sums to 1)"),
+            y=alt.Y("parameter:N", sort="-x", title=None),
+            tooltip=["parameter", alt.Tooltip("importance", format=".3f")])
+        st.altair_chart(chart.properties(title="Parameter importances", height=40 + 28 * len(frame)), width="stretch")
+    else:
+        st.caption("Parameter importances appear after two finished trials.")
