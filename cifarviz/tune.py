@@ -362,13 +362,13 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: number, state, validation loss and accuracy, epochs run, seconds, and its parameters."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        end = t.datetime_complete or (None if t.datetime_start is None else pd.Timestamp.now())
+        start, end = t.datetime_start, t.datetime_complete or pd.Timestamp.now()  # running: so far
         last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
         rows.append({
             "trial": t.number, "state": t.state.name.lower(),
             "val_loss": t.value if t.value is not None else last, "val_acc": t.user_attrs.get("val_acc"),
             "epochs": len(t.intermediate_values),
-            "seconds": None if end is None else round((pd.Timestamp(end) - pd.Timestamp(t.datetime_start)).total_seconds()),
+            "seconds": None if start is None else round((pd.Timestamp(end) - pd.Timestamp(start)).total_seconds()),
             **t.params,
         })  # fmt: skip
     columns = ["trial", "state", "val_loss", "val_acc", "epochs", "seconds"]
@@ -405,11 +405,14 @@ def best_config(study: optuna.Study) -> dict | None:
 
 
 def param_importances(study: optuna.Study) -> dict[str, float]:
-    """Optuna's parameter importances (PED-ANOVA, Optuna's default) over the finished trials; {} with too few."""
+    """PED-ANOVA parameter importances (Optuna 5's default) over the finished trials; {} with fewer than two."""
     if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) < 2:
         return {}
     try:
-        return dict(optuna.importance.get_param_importances(study))
+        with warnings.catch_warnings():  # experimental before Optuna 5, which made it the default
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
     except (RuntimeError, ValueError, ZeroDivisionError):  # e.g. every finished trial has the same value
         return {}
 
@@ -440,7 +443,8 @@ def exclusive(target: Path, status: dict):
     except Timeout:
         running = running_study(target) or {}
         raise TuningError(f"Another study is running ({running.get('study', 'unknown')}, process "
-                          f"{running.get('pid', '?')}); one study runs at a time here. Wait for it or stop it.") from None
+                          f"{running.get('pid', '?')}); one study runs at a time here. Wait for it or stop it."
+                          ) from None
 
 
 def running_study(target: Path | None = None) -> dict | None:
