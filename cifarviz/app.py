@@ -371,7 +371,7 @@ def image_grid(images: np.ndarray, refs: list[ImageRef], captions: list[str], ke
     with st.container(horizontal=True, wrap=True, gap="small"):
         for i, ref in enumerate(refs):
             with st.container(width=tile_width):
-                st.image(to_png(images[i], scale=3), width="stretch")
+                st.image(to_png(images[i], scale=3), width="stretch", output_format="PNG")
                 st.button(captions[i], key=f"{key}-{ref.split}-{ref.index}", on_click=on_click or open_inspector,
                           args=(ref.split, ref.index), help=help, width="stretch", wrap=True)
 
@@ -406,7 +406,7 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
         st.markdown(f"#### {title}")
         left, middle, right = st.columns([1, 1.5, 1.1])
         with left:
-            st.image(to_png(image, scale=8), width="stretch")
+            st.image(to_png(image, scale=8), width="stretch", output_format="PNG")
             if label is not None:
                 st.markdown(f"**True label:** {classes[label]}")
         if checkpoint is None:
@@ -427,7 +427,7 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
                                      help="Defaults to the predicted class; pick another to see its evidence.")
             heat, target = grad_cam(checkpoint.model, image, target_class=classes.index(explained))
             note = "the predicted class" if target == predicted else "not the predicted class"
-            st.image(to_png(overlay_heatmap(image, heat), scale=8), width="stretch",
+            st.image(to_png(overlay_heatmap(image, heat), scale=8), width="stretch", output_format="PNG",
                      caption=f"Where the model found evidence for '{classes[target]}' ({note})")
         if ref.split != "upload":
             st.markdown("**Nearest training images in the model's feature space** (cosine similarity)")

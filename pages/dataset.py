@@ -79,7 +79,7 @@ def augmentation_tab() -> None:
     for label, row in zip(["original", "augmented 1", "augmented 2", "augmented 3"], rows):
         st.caption(label)
         for col, image in zip(st.columns(8), row):
-            col.image(to_png(image, scale=3), width="stretch")
+            col.image(to_png(image, scale=3), width="stretch", output_format="PNG")
 
 
 @st.fragment
@@ -137,7 +137,7 @@ with stats:
     st.markdown("**The mean image of each class**: the average of all its training pictures")
     for row in range(0, len(classes), 5):  # five per row: big enough to see, names never cut
         for col, name, image in zip(st.columns(5), classes[row : row + 5], means[row : row + 5]):
-            col.image(to_png(image, scale=4), caption=name, width="stretch")
+            col.image(to_png(image, scale=4), caption=name, width="stretch", output_format="PNG")
 
 with augmentation:
     augmentation_tab()

@@ -65,7 +65,7 @@ with one:
         st.divider()
         left, right = st.columns([1, 5])
         with left:
-            st.image(to_png(dataset.test.images[chosen], scale=4), width="stretch")
+            st.image(to_png(dataset.test.images[chosen], scale=4), width="stretch", output_format="PNG")
             st.button("Inspect", key=f"influence-inspect-{chosen}", on_click=app.open_inspector, args=("test", chosen),
                       icon=":material/zoom_in:", width="stretch")
         with right:

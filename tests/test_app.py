@@ -299,3 +299,12 @@ def test_evaluate_shows_plain_predictions_until_the_augmented_ones_arrive(cifar)
     assert final.tta == "flip"
     assert at.metric[0].value == f"{(final.predicted == final.labels).mean():.2%}"
     assert "with flip test-time augmentation" in at.markdown[0].value
+
+
+def test_image_tiles_are_sent_as_their_own_pngs(cifar):
+    """Streamlit re-encodes an image whose bytes differ from the asked-for format on every rerun (PNG -> JPEG by
+    default): 72 tiles on Evaluate were re-encoded each time. Tiles go out as the memoised PNGs they are."""
+    at = app_at("pages/evaluate.py", cifar)
+    urls = [img.url for element in at.main if type(element).__name__ == "Image" for img in element.proto.imgs]
+    assert len(urls) >= 24
+    assert all(url.endswith(".png") for url in urls), urls[:5]
