@@ -83,7 +83,7 @@ def max_running() -> int:
 
 def max_queued() -> int:
     """How many runs may wait: $CIFARVIZ_MAX_QUEUED (default 8), so a class cannot queue a day of training."""
-    return _env_count("CIFARVIZ_MAX_QUEUED", 8, 0)
+    return _env_count("CIFARVIZ_MAX_QUEUED", 8, 1)
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -195,11 +195,12 @@ def submit(kind: str, spec: dict, *, name: str, target: str | None = None, root=
     target = target or KINDS.get(kind)
     if not target or not target.startswith("cifarviz.") or ":" not in target:
         raise RunError(f"Unknown kind of run {kind!r}: give target='cifarviz.module:function' (known: {', '.join(KINDS)}).")
-    root = runs_dir(root)
+    root, limit = runs_dir(root), max_queued()
+    max_running()  # a bad setting is reported now, not by the scheduler
     with _lock(root):
         waiting = sum(r.state == QUEUED for r in list_runs(root))
-        if waiting >= max_queued():
-            raise RunError(f"{waiting} runs are already waiting (CIFARVIZ_MAX_QUEUED={max_queued()}): wait for one to "
+        if waiting >= limit:
+            raise RunError(f"{waiting} run(s) are already waiting (CIFARVIZ_MAX_QUEUED={limit}): wait for one to "
                            "start, or cancel one, before adding another.")
         run_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         folder = root / run_id
@@ -258,6 +259,7 @@ def _set_status(run: Run, **changes) -> dict:
 
 
 _CHILDREN: dict[str, subprocess.Popen] = {}  # workers this process started: polled so they never linger as zombies
+_EXIT_CODES: dict[str, int] = {}  # how they ended (a negative code: the signal that killed it)
 
 
 def _alive(pid, run_dir: Path) -> bool:
@@ -282,8 +284,11 @@ def _alive(pid, run_dir: Path) -> bool:
 
 
 def _exit_note(run: Run) -> str:
-    child = _CHILDREN.get(run.id)
-    code = child.poll() if child is not None else None
+    child = _CHILDREN.pop(run.id, None)
+    if child is not None:  # ours: dead by now (a zombie at worst), so its status is there to collect
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            _EXIT_CODES[run.id] = child.wait(timeout=2)
+    code = _EXIT_CODES.get(run.id)
     if code is not None and code < 0:
         with contextlib.suppress(ValueError):
             return f"it was killed by {signal.Signals(-code).name}"
@@ -293,10 +298,10 @@ def _exit_note(run: Run) -> str:
 def schedule(root=None) -> list[str]:
     """Mark runs whose worker died as failed, then start queued runs while fewer than max_running() run.
     Pages call this on every render, and every worker calls it as it ends. Returns the runs started."""
-    root = runs_dir(root)
+    root, limit = runs_dir(root), max_running()
     for run_id, child in list(_CHILDREN.items()):
         if child.poll() is not None:
-            _CHILDREN.pop(run_id, None)
+            _EXIT_CODES[run_id] = _CHILDREN.pop(run_id).returncode
     started = []
     if not root.is_dir():
         return started
@@ -310,7 +315,7 @@ def schedule(root=None) -> list[str]:
                                   f"{_exit_note(run)}." + (f" The last lines of its log:\n{tail}" if tail else ""))
         running = sum(r.state == RUNNING for r in runs)
         for run in runs:
-            if running >= max_running():
+            if running >= limit:
                 break
             if run.state == QUEUED:
                 child = _launch(run)
@@ -448,7 +453,8 @@ def train_worker(ctx: RunContext) -> tuple[str, str | None]:
 
     def callback(event: dict) -> None:
         now = time.monotonic()
-        if event["event"] == "epoch" or now - last_logged[0] >= METRICS_EVERY_SECONDS:
+        epoch_end = event["event"] == "epoch" or event["step"] % event["steps_per_epoch"] == 0
+        if epoch_end or now - last_logged[0] >= METRICS_EVERY_SECONDS:
             last_logged[0] = now
             ctx.log(event)
 

@@ -1,0 +1,173 @@
+"""Background training runs (cifarviz.runs) and the Train page, on real data: 1-epoch lenet runs on small subsets."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from test_app import run_until, texts
+from streamlit.testing.v1 import AppTest
+
+from cifarviz import runs
+from cifarviz.checkpoint import load_checkpoint
+from cifarviz.errors import CifarvizError
+from cifarviz.train import TrainConfig
+
+from conftest import REPO
+
+
+@pytest.fixture
+def runs_root(tmp_path, monkeypatch):
+    """A private runs folder for the library, the workers it starts (they inherit the environment) and the app."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("CIFARVIZ_RUNS", str(root))
+    monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "1")
+    monkeypatch.setattr("cifarviz.app.RUNS_DIR", root)
+    yield root
+    for run in runs.list_runs(root):  # never leave a worker behind
+        pid = run.status.get("pid")
+        if run.state == runs.RUNNING and runs._alive(pid, run.dir):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_until(check, what: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what} never happened"
+        time.sleep(0.1)
+    return value
+
+
+def ended(run_id: str) -> runs.Run:
+    runs.schedule()  # as a page render would: reports a dead worker
+    run = runs.load_run(run_id)
+    return run if run.state not in runs.ACTIVE else None
+
+
+def lenet(**settings) -> TrainConfig:
+    return TrainConfig(**{"model": "lenet", "epochs": 1, "batch_size": 64, "augment": {"flip": True}, **settings})
+
+
+def train_page(cifar) -> AppTest:
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = str(cifar.root)
+    at.run()
+    at.switch_page("pages/train.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_a_run_started_on_the_page_trains_to_a_checkpoint_every_page_accepts(cifar, runs_root):
+    at = train_page(cifar)
+    assert [t.label for t in at.tabs] == ["Train", "Compare", "Tune"]
+    at.select_slider(key="tr_subset").set_value(1000)
+    at.number_input(key="tr_epochs").set_value(2)
+    at.select_slider(key="tr_batch_size").set_value(64)
+    [b for b in at.button if b.label == "Start"][0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    [run] = runs.list_runs()
+    assert run.train_config["model"] == "lenet" and run.train_config["epochs"] == 2
+    assert run.config["spec"]["subset"] == 1000 and run.state == runs.RUNNING
+    assert [b for b in at.button if b.label == "Start"][0].disabled  # one run at a time per browser session
+
+    run_until(at, lambda at: runs.load_run(run.id).state not in runs.ACTIVE, "the end of the run", timeout=120)
+    run = runs.load_run(run.id)
+    assert run.state == runs.COMPLETED, (run.error, runs.log_tail(run))
+    rows = runs.read_metrics(run)
+    steps, epochs = [r for r in rows if r["event"] == "step"], [r for r in rows if r["event"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2] and steps and all(s["images_per_s"] > 0 for s in steps)
+    assert steps[-1]["step"] == steps[-1]["total_steps"] == 2 * 16  # 1,000 images in batches of 64, twice
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= set(epochs[-1])
+
+    checkpoint = load_checkpoint(run.checkpoint)
+    assert checkpoint.meta["status"] == "completed" and len(checkpoint.meta["history"]) == 2
+    assert checkpoint.meta["data"]["sizes"]["train"] == 1000 and checkpoint.meta["data"]["fingerprint"] == cifar.fingerprint
+    assert 0 < checkpoint.test_accuracy < 1  # measured on the real test split
+    assert run.status["note"].startswith("2 epochs, test accuracy")
+
+    # the page shows it as finished; its button selects it in the sidebar, and Evaluate works on it
+    at.run()
+    assert any(run.id in e.value for e in at.success)
+    [b for b in at.button if b.key == f"use-{run.id}"][0].click().run()
+    at.run()
+    assert at.selectbox(key="checkpoint_label").value == f"{run.id} (your run)"
+    at.switch_page("pages/evaluate.py").run()
+    run_until(at, lambda at: len(at.progress) == 0, "Evaluate's artifacts")
+    assert run.id in texts(at) and at.metric[0].label == "Accuracy"
+    assert float(at.metric[0].value.rstrip("%")) / 100 == pytest.approx(checkpoint.test_accuracy, abs=1e-4)
+
+    # the Compare tab overlays it with a shipped checkpoint's curves, configs side by side
+    at.switch_page("pages/train.py").run()
+    at.multiselect(key="compare_runs").set_value([run.id, "lenet (shipped)"]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = next(d.value for d in at.dataframe if run.id in d.value.columns)
+    assert list(table.columns) == [run.id, "lenet (shipped)"] and table.loc["epochs", run.id] == "2"
+
+
+def test_stop_mid_epoch_keeps_the_last_finished_epoch(cifar, runs_root):
+    run_id = runs.submit_training(lenet(epochs=3, batch_size=32), cifar.root, subset=8000, snapshots=True)
+    run = runs.load_run(run_id)
+    wait_until(lambda: any(r["event"] == "epoch" for r in runs.read_metrics(run)), "the first epoch")
+    asked = time.time()
+    assert runs.request_stop(run_id) == runs.RUNNING
+    run = wait_until(lambda: ended(run_id), "the stop")
+    assert run.state == runs.STOPPED, (run.error, runs.log_tail(run))
+    rows = runs.read_metrics(run)
+    finishing = next(r for r in rows if r["event"] == "finishing")
+    assert finishing["time"] - asked < 10  # within a batch, not after the epoch (250 batches)
+    assert max(r["step"] for r in rows if r["event"] == "step") < 2 * 250
+    assert [r["epoch"] for r in rows if r["event"] == "epoch"] == [1]
+
+    kept = load_checkpoint(run.checkpoint)
+    snapshot = load_checkpoint(run.dir / "epochs" / "epoch-001.safetensors")
+    assert kept.meta["status"] == "stopped" and len(kept.meta["history"]) == 1 and 0 < kept.test_accuracy < 1
+    state, epoch_one = kept.model.state_dict(), snapshot.model.state_dict()
+    assert all(torch.equal(state[k], epoch_one[k]) for k in state)  # epoch 1's weights, not the half-trained ones
+    assert "epoch 1 kept" in run.status["note"]
+
+
+def test_queue_cancel_killed_worker_and_a_diverging_run(cifar, runs_root):
+    first = runs.submit_training(lenet(epochs=200), cifar.root, subset=1000)
+    second = runs.submit_training(lenet(), cifar.root, subset=1000)
+    assert runs.load_run(first).state == runs.RUNNING and runs.load_run(second).state == runs.QUEUED
+    assert runs.queue_position(runs.load_run(second)) == 1
+    assert runs.cancel(second) == runs.CANCELLED
+    absurd = runs.submit_training(lenet(lr=1e6, schedule="constant", momentum=0.0), cifar.root, subset=1000)
+    assert runs.queue_position(runs.load_run(absurd)) == 1  # the cancelled run gave up its place
+
+    at = train_page(cifar)
+    assert any("#1 in the queue" in i.value for i in at.info)
+    run = runs.load_run(first)
+    wait_until(lambda: any(r["event"] == "step" for r in runs.read_metrics(run)), "the first run's training")
+    os.kill(run.status["pid"], signal.SIGKILL)
+    failed = wait_until(lambda: ended(first), "the killed run's report")
+    assert failed.state == runs.FAILED and "SIGKILL" in failed.error
+    assert runs.load_run(second).state == runs.CANCELLED  # never started
+
+    diverged = wait_until(lambda: ended(absurd), "the diverging run")  # started when the killed one was reported
+    assert diverged.state == runs.FAILED
+    assert "smaller learning rate" in diverged.error and "diverged" in diverged.error
+    at.run()  # the app keeps serving and explains both
+    assert not at.exception, [e.value for e in at.exception]
+    errors = "\n".join(e.value for e in at.error)
+    assert "SIGKILL" in errors and "smaller learning rate" in errors
+    assert f"{first} (your run)" not in at.selectbox(key="checkpoint_label").options
+
+
+def test_bad_requests_get_one_clear_message(cifar, runs_root, monkeypatch):
+    with pytest.raises(CifarvizError, match="lr"):
+        runs.submit_training({"model": "lenet", "lr": -1}, cifar.root)
+    with pytest.raises(CifarvizError, match="subset"):
+        runs.submit_training(lenet(), cifar.root, subset=0)
+    with pytest.raises(CifarvizError, match="No run 'nope'"):
+        runs.request_stop("nope")
+    monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "none")
+    with pytest.raises(CifarvizError, match="CIFARVIZ_MAX_RUNS='none'"):
+        runs.submit_training(lenet(), cifar.root)
+    monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "1")
+    monkeypatch.setenv("CIFARVIZ_MAX_QUEUED", "1")
+    waiting = runs.submit_training(lenet(), cifar.root, start=False)
+    with pytest.raises(CifarvizError, match="1 run.s. are already waiting"):
+        runs.submit_training(lenet(), cifar.root, start=False)
+    assert [r.id for r in runs.list_runs()] == [waiting]
