@@ -494,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--influence", action="append", choices=[*METHODS, "none"],
                    help=f"influence indexes to build; repeatable (default {DEFAULT_INFLUENCE}; none to skip)")
     p.set_defaults(func=cmd_precompute)
+    p = sub.add_parser("runs", help="training runs started on the Train page: list them, stop or cancel one")
+    p.add_argument("action", nargs="?", choices=["list", "stop", "cancel"], default="list",
+                   help="list (default); stop RUN_ID (keeps its last finished epoch); cancel RUN_ID (a queued run)")
+    p.add_argument("run_id", nargs="?", help="a run's id, as `runs` lists it")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=lambda args: __import__("cifarviz.runs", fromlist=["cli"]).cli(args))
     add_tune_parser(sub, data_args)
     return parser
 
