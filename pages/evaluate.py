@@ -38,6 +38,40 @@ def report_for(path: str, stamp: float, root: str, split: str, tta: str):
     return report, bins, ece
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def confusion_spec(confusion: np.ndarray, classes: tuple, shown: tuple) -> dict:
+    """The heat map's Vega-Lite spec, built once per (matrix, outlined cell): Altair's build and schema
+    check cost ~20 ms, on every rerun of every viewer otherwise."""
+    classes = list(classes)
+    cells = pd.DataFrame([{"true": classes[i], "predicted": classes[j], "count": int(confusion[i, j])}
+                          for i in range(len(classes)) for j in range(len(classes))])  # fmt: skip
+    pick = alt.selection_point(name="cell", fields=["true", "predicted"], on="click", clear=False)
+    axis = {"labelFontSize": 13, "titleFontSize": 15, "labelOverlap": False, "labelLimit": 120}
+    base = alt.Chart(cells).encode(x=alt.X("predicted:N", sort=classes, axis=alt.Axis(labelAngle=-45, **axis)),
+                                   y=alt.Y("true:N", sort=classes, axis=alt.Axis(**axis)))
+    outlined = (alt.datum.true == shown[0]) & (alt.datum.predicted == shown[1])
+    heat = base.mark_rect().encode(
+        color=alt.Color("count:Q", scale=alt.Scale(type="symlog", scheme="blues"), legend=None),
+        stroke=alt.condition(outlined, alt.value("#d62728"), alt.value(None)), strokeWidth=alt.value(4),
+        tooltip=["true", "predicted", "count"]).add_params(pick)
+    text = base.mark_text(fontSize=13).encode(
+        text="count:Q",
+        color=alt.condition(alt.datum.count > confusion.max() / 3, alt.value("white"), alt.value("black")))
+    return (heat + text).properties(height=470).to_dict()
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def reliability_spec(bins: list[dict], ece: float) -> dict:
+    frame = pd.DataFrame(bins)
+    unit = alt.Scale(domain=[0, 1], nice=False, clamp=True)
+    bars = alt.Chart(frame).mark_bar(opacity=0.8, size=18).encode(
+        x=alt.X("confidence:Q", scale=unit, title="mean confidence in bin", axis=alt.Axis(format="%")),
+        y=alt.Y("accuracy:Q", scale=unit, axis=alt.Axis(format="%")), tooltip=["confidence", "accuracy", "count"])
+    diagonal = alt.Chart(pd.DataFrame({"x": [0, 1], "y": [0, 1]})).mark_line(strokeDash=[4, 4], color="gray").encode(
+        x="x", y="y")
+    return (bars + diagonal).properties(height=260, title=f"ECE {ece:.3f}").to_dict()
+
+
 report, bins, ece = report_for(str(checkpoint.path), app.file_stamp(checkpoint.path), dataset.root.as_posix(), split,
                                arts.tta)
 confusion = np.array(report["confusion_matrix"])
@@ -60,21 +94,11 @@ def _cell_picked_by_hand() -> None:
 
 st.subheader("Confusion matrix")
 st.caption("Rows: true class, columns: predicted class. Click a cell to see its images below.")
-cells = pd.DataFrame([{"true": classes[i], "predicted": classes[j], "count": int(confusion[i, j])}
-                      for i in range(len(classes)) for j in range(len(classes))])  # fmt: skip
-pick = alt.selection_point(name="cell", fields=["true", "predicted"], on="click", clear=False)
-axis = {"labelFontSize": 13, "titleFontSize": 15, "labelOverlap": False, "labelLimit": 120}
-base = alt.Chart(cells).encode(x=alt.X("predicted:N", sort=classes, axis=alt.Axis(labelAngle=-45, **axis)),
-                               y=alt.Y("true:N", sort=classes, axis=alt.Axis(**axis)))
-shown_cell = (alt.datum.true == st.session_state["cm_true"]) & (alt.datum.predicted == st.session_state["cm_pred"])
-heat = base.mark_rect().encode(
-    color=alt.Color("count:Q", scale=alt.Scale(type="symlog", scheme="blues"), legend=None),
-    stroke=alt.condition(shown_cell, alt.value("#d62728"), alt.value(None)), strokeWidth=alt.value(4),
-    tooltip=["true", "predicted", "count"]).add_params(pick)
-text = base.mark_text(fontSize=13).encode(
-    text="count:Q", color=alt.condition(alt.datum.count > confusion.max() / 3, alt.value("white"), alt.value("black")))
-event = st.altair_chart((heat + text).properties(height=470), on_select="rerun", width="stretch",
-                        key=f"confusion-{st.session_state.get('cm_chart_round', 0)}")
+
+
+event = st.vega_lite_chart(spec=confusion_spec(confusion, tuple(classes), (st.session_state["cm_true"],
+                                                                            st.session_state["cm_pred"])),
+                           on_select="rerun", width="stretch", key=f"confusion-{st.session_state.get('cm_chart_round', 0)}")
 chosen = (event.selection.get("cell") or [None])[0] if event else None
 if chosen:
     st.session_state["cm_true"], st.session_state["cm_pred"] = chosen["true"], chosen["predicted"]
@@ -107,13 +131,8 @@ with c1:
     st.dataframe(pd.DataFrame(most_confused_pairs(confusion, classes, top=8))[["pair", "count"]], hide_index=True)
 with c2:
     st.subheader("Reliability diagram")
-    frame = pd.DataFrame(bins)
-    unit = alt.Scale(domain=[0, 1], nice=False, clamp=True)
-    bars = alt.Chart(frame).mark_bar(opacity=0.8, size=18).encode(
-        x=alt.X("confidence:Q", scale=unit, title="mean confidence in bin", axis=alt.Axis(format="%")),
-        y=alt.Y("accuracy:Q", scale=unit, axis=alt.Axis(format="%")), tooltip=["confidence", "accuracy", "count"])
-    diagonal = alt.Chart(pd.DataFrame({"x": [0, 1], "y": [0, 1]})).mark_line(strokeDash=[4, 4], color="gray").encode(x="x", y="y")
-    st.altair_chart((bars + diagonal).properties(height=260, title=f"ECE {ece:.3f}"), width="stretch")
+    st.vega_lite_chart(spec=reliability_spec(bins, ece), width="stretch")
+
 
 st.subheader("Try your own image")
 upload = None
