@@ -275,10 +275,6 @@ def check_trials(n_trials) -> None:
         raise TuningError(f"Number of trials (--trials) must be a whole number of at least 1, not {n_trials!r}.")
 
 
-class _StopRequested(Exception):
-    """The user asked the study to stop; the trial under way is recorded as failed."""
-
-
 def run_study(
     storage_url: str,
     study_name: str,
@@ -340,9 +336,10 @@ def run_study(
         except TrainingError as exc:  # diverged: prune, so the sampler learns to avoid that region
             trial.set_user_attr("diverged", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
-        if result.status == "cancelled":
+        if result.status == "cancelled":  # recorded as failed (NaN), without a traceback in the log
+            trial.set_user_attr("stopped", "stopped on request")
             study.stop()
-            raise _StopRequested("stopped on request")
+            return math.nan
         return result.history[-1]["val_loss"]
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -351,7 +348,7 @@ def run_study(
         if should_stop is not None and should_stop():
             study.stop()
 
-    study.optimize(objective, n_trials=int(n_trials), catch=(_StopRequested,), callbacks=[after_trial])
+    study.optimize(objective, n_trials=int(n_trials), callbacks=[after_trial])
     return study
 
 
@@ -365,7 +362,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         start, end = t.datetime_start, t.datetime_complete or pd.Timestamp.now()  # running: so far
         last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
         rows.append({
-            "trial": t.number, "state": t.state.name.lower(),
+            "trial": t.number, "state": _state(t),
             "val_loss": t.value if t.value is not None else last, "val_acc": t.user_attrs.get("val_acc"),
             "epochs": len(t.intermediate_values),
             "seconds": None if start is None else round((pd.Timestamp(end) - pd.Timestamp(start)).total_seconds()),
@@ -375,9 +372,15 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns + sorted({k for r in rows for k in r} - set(columns)))
 
 
+def _state(trial: optuna.trial.FrozenTrial) -> str:
+    """Optuna's state, with why: "stopped" (on request) rather than "fail", "diverged" rather than "pruned"."""
+    return ("stopped" if "stopped" in trial.user_attrs else "diverged" if "diverged" in trial.user_attrs
+            else trial.state.name.lower())
+
+
 def epoch_table(study: optuna.Study) -> pd.DataFrame:
     """Every reported (trial, epoch, validation loss, state): the learning curves the pruner compared."""
-    rows = [{"trial": t.number, "epoch": epoch, "val_loss": value, "state": t.state.name.lower()}
+    rows = [{"trial": t.number, "epoch": epoch, "val_loss": value, "state": _state(t)}
             for t in study.get_trials(deepcopy=False) for epoch, value in sorted(t.intermediate_values.items())]
     return pd.DataFrame(rows, columns=["trial", "epoch", "val_loss", "state"])
 
@@ -439,7 +442,10 @@ def exclusive(target: Path, status: dict):
             beside(target, ".stop").unlink(missing_ok=True)  # an old stop request is not for this run
             with atomic_write(beside(target, ".json"), "w") as f:
                 json.dump({**status, "pid": os.getpid(), "started": time.time()}, f)
-            yield
+            try:
+                yield
+            finally:
+                beside(target, ".json").unlink(missing_ok=True)
     except Timeout:
         running = running_study(target) or {}
         raise TuningError(f"Another study is running ({running.get('study', 'unknown')}, process "

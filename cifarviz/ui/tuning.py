@@ -26,6 +26,8 @@ from ..models import list_models
 
 TRAIN_REQUEST_KEY = "train_config_request"
 SIZE_OPTIONS = (8, 16, 32, 64, 128, 256, 512, 1024)
+LABELS = {"lr": "lr", "weight_decay": "weight decay", "dropout": "dropout", "batch_size": "batch size",
+          "fc1": "fc1 width", "fc2": "fc2 width"}
 _LAUNCHED: list[subprocess.Popen] = []  # studies this server started (a child not yet holding the lock counts)
 _LAUNCH_LOCK = threading.Lock()
 
@@ -99,15 +101,20 @@ def tuning_tab(dataset, train_page: str | None = "pages/train.py") -> None:
     except CifarvizError as exc:
         st.error(str(exc))
         return
+    busy = study_running() is not None
+    every = 2 if busy else None  # fragments that follow a running study; the form between them stays put
+    st.fragment(run_every=every)(status_line)(busy)
+    settings_form(dataset, storage, study_name, stored, busy)
+    st.fragment(run_every=every)(results)(storage, study_name, train_page)
+
+
+def status_line(was_busy: bool) -> None:
+    """Which study runs, with a Stop button; when the one that ran has ended, the whole tab is drawn again."""
     running = study_running()
-    if running is not None:
-        status_line(running)
-    settings_form(dataset, storage, study_name, stored, busy=running is not None)
-    live = running is not None and running.get("study", study_name) == study_name
-    st.fragment(run_every=2 if live else None)(results)(storage, study_name, live, train_page)
-
-
-def status_line(running: dict) -> None:
+    if running is None:
+        if was_busy:
+            st.rerun()  # Start is enabled again, and the results stop refreshing
+        return
     name = running.get("study")
     stopping = tune.beside(tune.lock_target(), ".stop").exists()
     text = (f"Study **{name}** is running (process {running.get('pid')}, {running.get('trials')} trials); "
@@ -137,9 +144,9 @@ def settings_form(dataset, storage: str, study_name: str, stored: tune.StudySett
               c[1].number_input("weight decay to", value=space.weight_decay[1], format="%.1e", step=None))
         dropout = (c[2].number_input("dropout from", value=space.dropout[0], min_value=0.0, max_value=0.99, step=0.05),
                    c[2].number_input("dropout to", value=space.dropout[1], min_value=0.0, max_value=0.99, step=0.05))
-        c = st.columns(3)
-        choices = {name: c[i].multiselect(f"{name} choices", SIZE_OPTIONS, default=list(getattr(space, name)))
-                   for i, name in enumerate(tune.SearchSpace.CHOICES)}
+        choices = {name: st.pills(f"{LABELS[name]} choices", SIZE_OPTIONS, selection_mode="multi",
+                                  default=list(getattr(space, name)))  # one row each: every option readable
+                   for name in tune.SearchSpace.CHOICES}
         c = st.columns(3)
         n_trials = c[0].number_input("Trials", min_value=1, max_value=500, value=20, step=1)
         epochs = c[1].number_input("Epochs per trial", min_value=1, max_value=50, value=start.epochs_per_trial, step=1)
@@ -161,10 +168,8 @@ def settings_form(dataset, storage: str, study_name: str, stored: tune.StudySett
     st.rerun()
 
 
-def results(storage: str, study_name: str, live: bool, train_page: str | None) -> None:
-    """The study's trials, best parameters and charts (a fragment: refreshed every 2 s while the study runs)."""
-    if live and study_running() is None:
-        st.rerun()  # the study ended: redraw the whole tab (Start is enabled again)
+def results(storage: str, study_name: str, train_page: str | None) -> None:
+    """The study's trials, best parameters and charts."""
     failed_launch = [p for p in _LAUNCHED if p.poll() not in (None, 0)]
     if failed_launch and log_path().is_file():
         with st.expander("The last study stopped with an error", expanded=True):
@@ -187,6 +192,8 @@ def results(storage: str, study_name: str, live: bool, train_page: str | None) -
         "lr": st.column_config.NumberColumn(format="%.2e"),
         "weight_decay": st.column_config.NumberColumn("weight decay", format="%.2e"),
         "dropout": st.column_config.NumberColumn(format="%.2f"),
+        "batch_size": st.column_config.NumberColumn("batch size"),
+        "fc1": st.column_config.NumberColumn("fc1 width"), "fc2": st.column_config.NumberColumn("fc2 width"),
     })  # fmt: skip
     best = tune.best_trial(study)
     if best is None:
@@ -198,8 +205,8 @@ def results(storage: str, study_name: str, live: bool, train_page: str | None) -
 
 def best_section(study, best, train_page: str | None) -> None:
     st.subheader(f"Best: trial {best.number}, validation loss {best.value:.4f}")
-    params = pd.DataFrame({"parameter": list(best.params), "value": [f"{v:.4g}" if isinstance(v, float) else str(v)
-                                                                    for v in best.params.values()]})
+    shown = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in best.params.values()]
+    params = pd.DataFrame({"parameter": [LABELS.get(k, k) for k in best.params], "value": shown})
     st.dataframe(params, hide_index=True, width="content")
     config = tune.best_config(study)
     if st.button("Train with the best parameters", key="tune_train_best", type="primary",
@@ -229,12 +236,14 @@ def charts(study) -> None:
             tooltip=["trial", "epoch", alt.Tooltip("val_loss", format=".4f"), "state"])
         right.altair_chart(chart.properties(title="Validation loss per epoch (what the pruner compares)", height=300),
                            width="stretch")
+    left, right = st.columns(2)
     if importances:
-        frame = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
+        frame = pd.DataFrame({"parameter": [LABELS.get(k, k) for k in importances],
+                              "importance": list(importances.values())})
         chart = alt.Chart(frame).mark_bar().encode(
             x=alt.X("importance:Q", title="importance (PED-ANOVA, sums to 1)"),
-            y=alt.Y("parameter:N", sort="-x", title=None),
+            y=alt.Y("parameter:N", sort="-x", title=None, axis=alt.Axis(labelOverlap=False)),
             tooltip=["parameter", alt.Tooltip("importance", format=".3f")])
-        st.altair_chart(chart.properties(title="Parameter importances", height=40 + 28 * len(frame)), width="stretch")
+        left.altair_chart(chart.properties(title="Parameter importances", height=alt.Step(32)), width="stretch")
     else:
-        st.caption("Parameter importances appear after two finished trials.")
+        left.caption("Parameter importances appear after two finished trials.")
