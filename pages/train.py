@@ -237,8 +237,8 @@ def draw_running(run: runs.Run) -> None:
         fraction = last["step"] / last["total_steps"]
         seconds_per_step = last["elapsed"] / last["step"]
         eta = seconds_per_step * (last["total_steps"] - last["step"])
-        text = (f"Measuring the test accuracy of the kept epoch..." if p["finishing"] else
-                f"Stopping after this batch..." if stopping else
+        text = ("Measuring the test accuracy of the kept epoch..." if p["finishing"] else
+                "Stopping after this batch..." if stopping else
                 f"Epoch {last['epoch']}/{config.get('epochs')}, step {last['step']:,}/{last['total_steps']:,}")
         st.progress(min(fraction, 1.0), text=text)
         c = st.columns(5)
@@ -296,7 +296,7 @@ def live_view() -> None:
         st.caption(f"Nothing is training. At most {runs.max_running()} run(s) train at once on this server; "
                    "others wait in the queue.")
     for run in running:
-        with st.container(border=True):
+        with st.container(border=True, key=f"live-{run.id}"):
             draw_running(run)
     for run in (r for r in active if r.state == runs.QUEUED):
         left, right = st.columns([4, 1])

@@ -1,0 +1,71 @@
+"""The Train page in a real browser: Start a short run with the demo defaults, watch its curve grow, Stop it.
+
+The run lands in the server's own runs folder ($CIFARVIZ_RUNS, else REPO/runs); the test removes what it created.
+"""
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from browser import REPO, assert_healthy, screenshot, wait_idle  # fixtures: conftest.py
+
+from cifarviz import runs
+
+STEP_TEXT = re.compile(r"Epoch (\d+)/(\d+), step ([\d,]+)/([\d,]+)")
+VAL_SHOWN = re.compile(r"Val accuracy\s+\d+\.\d%")
+
+
+def server_runs_dir() -> Path:
+    return REPO / os.environ.get("CIFARVIZ_RUNS", runs.DEFAULT_RUNS_DIR)  # the server runs in REPO
+
+
+def current_step(page) -> int:
+    text = page.get_by_text(STEP_TEXT).first.inner_text(timeout=120_000)
+    return int(STEP_TEXT.search(text).group(3).replace(",", ""))
+
+
+def test_start_watch_the_curve_grow_and_stop(page, server):
+    root = server_runs_dir()
+    before = {r.id for r in runs.list_runs(root)}
+    try:
+        page.goto(f"{server}/train")
+        page.get_by_role("heading", name="Train").first.wait_for()
+        wait_idle(page)
+        assert_healthy(page, "train")
+        epochs = page.get_by_label("Epochs", exact=True)
+        epochs.fill("20")  # long enough that Stop is what ends it
+        epochs.press("Enter")
+        wait_idle(page)
+        page.get_by_role("button", name="Start", exact=True).click()
+        first = current_step(page)  # the live view appears by itself (no reload) once the worker trains
+
+        live = page.locator("[class*='st-key-live-']").first
+        loss_chart = live.locator("[data-testid='stVegaLiteChart']").first
+        loss_chart.wait_for(timeout=60_000)
+        early = loss_chart.screenshot()
+        deadline = time.monotonic() + 180
+        while current_step(page) <= first or not VAL_SHOWN.search(live.inner_text()):
+            assert time.monotonic() < deadline, "the run made no progress in 3 minutes"
+            page.wait_for_timeout(1000)  # the page redraws itself every 2 s
+        page.wait_for_timeout(2500)
+        assert loss_chart.screenshot() != early, "the loss curve did not change while the run trained"
+        assert VAL_SHOWN.search(live.inner_text())  # an epoch ended: a validation point
+        screenshot(page, "train-live")
+        assert_healthy(page, "train while training")
+
+        [run_id] = {r.id for r in runs.list_runs(root)} - before
+        live.get_by_role("button", name="Stop").click()
+        page.get_by_text(re.compile(re.escape(run_id) + r" (stopped|completed)")).wait_for(timeout=120_000)
+        assert runs.load_run(run_id, root).has_model
+        assert_healthy(page, "train after the run")
+    finally:
+        for run in runs.list_runs(root):
+            if run.id in before:
+                continue
+            runs.request_stop(run.id, root)
+            deadline = time.monotonic() + 60
+            while runs.load_run(run.id, root).state in runs.ACTIVE and time.monotonic() < deadline:
+                time.sleep(0.5)
+            shutil.rmtree(run.dir, ignore_errors=True)
