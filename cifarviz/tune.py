@@ -270,6 +270,12 @@ def training_subset(dataset, size: int | None, seed: int = 0):
     return dataclasses.replace(dataset, train=subset)
 
 
+def check_dataset(dataset) -> None:
+    if len(dataset.val) == 0:
+        raise TuningError("Tuning compares validation losses, but the validation split is empty: "
+                          "give --val-size above 0.")
+
+
 def check_trials(n_trials) -> None:
     if not _is_whole(n_trials) or n_trials < 1:
         raise TuningError(f"Number of trials (--trials) must be a whole number of at least 1, not {n_trials!r}.")
@@ -295,9 +301,7 @@ def run_study(
     between batches; when it returns True the trial under way is marked failed and the study stops.
     `device` (this machine's, not the study's) overrides the base recipe's."""
     check_trials(n_trials)
-    if len(dataset.val) == 0:
-        raise TuningError("Tuning compares validation losses, but the validation split is empty: "
-                          "give --val-size above 0.")
+    check_dataset(dataset)
     _check_name(study_name)
     if device is not None:
         resolve_device(device)  # a missing GPU fails now, not as a failed trial

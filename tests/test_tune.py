@@ -90,8 +90,9 @@ def test_a_diverging_trial_is_pruned_with_its_reason(cifar_small, tmp_path):
 
 def test_a_stop_request_ends_the_study_and_marks_the_trial(cifar_small, tmp_path):
     url, epochs = f"sqlite:///{tmp_path / 'optuna.db'}", []
-    study = tune.run_study(url, "stop", cifar_small, tune.StudySettings(epochs_per_trial=3, subset=400), n_trials=3,
-                           on_epoch=lambda number, event: epochs.append(event["epoch"]), should_stop=lambda: bool(epochs))
+    settings = tune.StudySettings(epochs_per_trial=3, subset=400)
+    study = tune.run_study(url, "stop", cifar_small, settings, n_trials=3, should_stop=lambda: bool(epochs),
+                           on_epoch=lambda number, event: epochs.append(event["epoch"]))
     assert epochs == [1] and len(study.trials) == 1  # stopped in its second epoch; no further trial started
     assert study.trials[0].state == optuna.trial.TrialState.FAIL
     assert list(tune.trials_table(study)["state"]) == ["stopped"]

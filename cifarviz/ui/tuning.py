@@ -11,6 +11,7 @@ TrainConfig dict in `st.session_state["train_config_request"]` for the Train for
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -46,6 +47,7 @@ def study_running() -> dict | None:
 
 def launch(storage: str, study_name: str, settings: tune.StudySettings, n_trials: int, dataset) -> None:
     """Start `python -m cifarviz tune` detached and niced; its output goes to runs/tuning.log."""
+    tune.check_dataset(dataset)
     space = settings.space
     command = [
         sys.executable, "-m", "cifarviz", "tune", "--storage", storage, "--study", study_name,
@@ -61,8 +63,9 @@ def launch(storage: str, study_name: str, settings: tune.StudySettings, n_trials
     package_parent = str(Path(tune.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])),
            "TQDM_MININTERVAL": "5"}  # a log file, not a terminal: fewer progress lines
-    if os.name == "posix":
-        detach = {"start_new_session": True, "preexec_fn": lambda: os.nice(10)}
+    if os.name == "posix":  # `nice`, not preexec_fn (unsafe in a threaded server)
+        command = (["nice", "-n", "10"] if shutil.which("nice") else []) + command
+        detach = {"start_new_session": True}
     else:
         detach = {"creationflags": subprocess.BELOW_NORMAL_PRIORITY_CLASS | subprocess.CREATE_NEW_PROCESS_GROUP}
     log = log_path()
@@ -138,10 +141,11 @@ def settings_form(dataset, storage: str, study_name: str, stored: tune.StudySett
         model = st.selectbox("Model (its shipped recipe is the base)", models, index=models.index(base["model"]),
                              help="dropout, fc1 and fc2 are searched for models that take them (the cifar10net family)")
         c = st.columns(3)
-        lr = (c[0].number_input("lr from", value=space.lr[0], format="%.1e", step=None),
-              c[0].number_input("lr to", value=space.lr[1], format="%.1e", step=None))
-        wd = (c[1].number_input("weight decay from", value=space.weight_decay[0], format="%.1e", step=None),
-              c[1].number_input("weight decay to", value=space.weight_decay[1], format="%.1e", step=None))
+        log_scale = {"format": "%.1e", "min_value": 1e-8, "step": 1e-4}  # typed, mostly: the +/- buttons are coarse
+        lr = (c[0].number_input("lr from", value=space.lr[0], **log_scale),
+              c[0].number_input("lr to", value=space.lr[1], **log_scale))
+        wd = (c[1].number_input("weight decay from", value=space.weight_decay[0], **log_scale),
+              c[1].number_input("weight decay to", value=space.weight_decay[1], **log_scale))
         dropout = (c[2].number_input("dropout from", value=space.dropout[0], min_value=0.0, max_value=0.99, step=0.05),
                    c[2].number_input("dropout to", value=space.dropout[1], min_value=0.0, max_value=0.99, step=0.05))
         choices = {name: st.pills(f"{LABELS[name]} choices", SIZE_OPTIONS, selection_mode="multi",
