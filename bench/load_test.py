@@ -502,6 +502,39 @@ def run_load(server: Server, args) -> dict:
     }  # fmt: skip
 
 
+@contextlib.contextmanager
+def background_training(model: str, data: str):
+    """A training run of `model` in a worker process (the Train page's machinery, a private runs folder) for the
+    duration of the block; then stopped. Yields a dict filled in at the end: images/s, epochs, state."""
+    from cifarviz import runs
+    from cifarviz.train import TrainConfig
+
+    root = Path(tempfile.mkdtemp(prefix="load-test-runs-"))
+    run_id = runs.submit_training(TrainConfig(model=model, epochs=500), data, root=root)
+    deadline = time.monotonic() + 300
+    while not any(m.get("event") == "step" for m in runs.read_metrics(run_id, root)):  # past data loading
+        if runs.load_run(run_id, root).state not in runs.ACTIVE or time.monotonic() > deadline:
+            raise RuntimeError(f"the training run did not start: {runs.log_tail(runs.load_run(run_id, root))}")
+        time.sleep(1)
+    print(f"training {model} in the background (run {run_id}) ...", flush=True)
+    started = time.time()
+    result = {"model": model, "run_id": run_id}
+    try:
+        yield result
+    finally:
+        runs.request_stop(run_id, root)
+        steps = [m for m in runs.read_metrics(run_id, root) if m.get("event") == "step" and m.get("time", started) >= started]
+        speeds = [m["images_per_s"] for m in steps if "images_per_s" in m]
+        epochs = [m for m in runs.read_metrics(run_id, root) if m.get("event") == "epoch"]
+        for _ in range(60):
+            if runs.load_run(run_id, root).state not in runs.ACTIVE:
+                break
+            time.sleep(1)
+        result.update(images_per_s=statistics.median(speeds) if speeds else 0.0, epochs_finished=len(epochs),
+                      state=runs.load_run(run_id, root).state)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def print_load(report: dict) -> None:
     print(f"\n{report['clients']} viewers for {report['seconds']:.0f} s (think {report['think_seconds']} s), "
           f"data {report['data']}, checkpoint {CHECKPOINT}, warm caches, server options {report['streamlit_options']}")
@@ -627,6 +660,9 @@ def parse_args():
     parser.add_argument("--data", default=default_data())
     parser.add_argument("--streamlit-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra server config, e.g. runner.postScriptGC=false (repeatable)")
+    parser.add_argument("--train", metavar="MODEL", default=None,
+                        help="while the viewers load the server, train MODEL (all training images) as a background "
+                             "run through the Train page's own machinery (cifarviz.runs), and report its images/s")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the load: one viewer, Evaluate reruns and inspectors, server CPU per run and "
                              "(with py-spy installed) where the server's time goes")
@@ -655,9 +691,17 @@ def main() -> None:
             if not args.py_spy:
                 print("py-spy not found (pip install py-spy): server CPU per run only")
             report["profile"] = asyncio.run(profile_actions(server, args.reruns, args.py_spy, args.rate))
+        elif args.train:
+            with background_training(args.train, args.data) as training:
+                report.update(run_load(server, args))
+            report["training"] = training
         else:
             report.update(run_load(server, args))
     print_profile(report) if args.profile else print_load(report)
+    if "training" in report:
+        t = report["training"]
+        print(f"training {t['model']} during the load: {t['images_per_s']:.0f} images/s (median of its step reports), "
+              f"{t['epochs_finished']} epoch(s) finished, state {t['state']}")
     out = RESULTS / f"{'profile' if args.profile else 'load_test'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     with atomic_write(out, "w") as fh:
         json.dump(report, fh, indent=2)
