@@ -213,16 +213,18 @@ def _check_name(study_name: str) -> None:
 
 
 def study_names(storage_url: str) -> list[str]:
+    if storage_url.startswith("sqlite:///") and not Path(storage_url[len("sqlite:///"):]).is_file():
+        return []  # looking creates no database file
     return sorted(optuna.get_all_study_names(open_storage(storage_url)))
 
 
 def load_study(storage_url: str, study_name: str) -> optuna.Study:
     _check_name(study_name)
-    try:
-        return optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
-    except KeyError:
-        names = ", ".join(study_names(storage_url)) or "none yet"
-        raise TuningError(f"No study named {study_name!r} in {storage_url}. Studies there: {names}.") from None
+    names = study_names(storage_url)
+    if study_name not in names:
+        raise TuningError(f"No study named {study_name!r} in {storage_url}. "
+                          f"Studies there: {', '.join(names) or 'none yet'}.")
+    return optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
 
 
 def stored_settings(storage_url: str, study_name: str) -> StudySettings | None:

@@ -174,6 +174,7 @@ def test_tuning_tab_shows_a_study_and_hands_its_best_config_to_training(two_tria
     assert not at.exception, [e.value for e in at.exception]
     assert at.text_input(key="tune_storage").value == f"sqlite:///{(tmp_path / 'optuna.db').as_posix()}"
     assert any("No study named cifar10net yet" in c.value for c in at.caption)
+    assert not (tmp_path / "optuna.db").exists()  # looking creates no database
     at.text_input(key="tune_storage").set_value(url).run()
     at.text_input(key="tune_study").set_value("source-space").run()
     assert not at.exception, [e.value for e in at.exception]

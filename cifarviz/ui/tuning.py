@@ -230,16 +230,16 @@ def charts(study) -> None:
             y=alt.Y("val_loss:Q", title="validation loss", scale=alt.Scale(zero=False)),
             tooltip=["trial", alt.Tooltip("val_loss", format=".4f")])
         line = base.mark_line(interpolate="step-after", color="#d62728").encode(y="best_so_far:Q")
-        left.altair_chart((points + line).properties(title="Optimisation history (line: best so far)", height=300),
-                          width="stretch")
+        left.altair_chart((points + line).properties(title="Optimisation history", height=300), width="stretch")
+        left.caption("Each finished trial's validation loss; the line is the best so far.")
     if not curves.empty:
         chart = alt.Chart(curves).mark_line(point=True).encode(
             x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1)),
             y=alt.Y("val_loss:Q", title="validation loss", scale=alt.Scale(zero=False)),
             color=alt.Color("state:N", title="trial state"), detail="trial:N",
             tooltip=["trial", "epoch", alt.Tooltip("val_loss", format=".4f"), "state"])
-        right.altair_chart(chart.properties(title="Validation loss per epoch (what the pruner compares)", height=300),
-                           width="stretch")
+        right.altair_chart(chart.properties(title="Validation loss per epoch", height=300), width="stretch")
+        right.caption("What the median pruner compares: a trial above the others' median at an epoch is stopped.")
     left, right = st.columns(2)
     if importances:
         frame = pd.DataFrame({"parameter": [LABELS.get(k, k) for k in importances],
