@@ -267,7 +267,11 @@ def checkpoint_label(run: runs.Run) -> str | None:
 def draw_finished(run: runs.Run) -> None:
     note = run.status.get("note") or ""
     if run.state == runs.FAILED:
-        st.error(f"**{run.id}** failed. {run.error}", icon=":material/error:")
+        message, _, log = (run.error or "").partition("\n")  # a dead worker's report ends with its log's last lines
+        st.error(f"**{run.id}** failed. {message}", icon=":material/error:")
+        if log.strip():
+            with st.expander(f"The end of {run.id}'s log"):
+                st.code(log, language=None)
     elif run.state == runs.CANCELLED:
         st.caption(f"{run.id}: cancelled before it started.")
     else:

@@ -155,6 +155,30 @@ def test_queue_cancel_killed_worker_and_a_diverging_run(cifar, runs_root):
     assert f"{first} (your run)" not in at.selectbox(key="checkpoint_label").options
 
 
+def test_weight_decay_coupling_is_explicit():
+    """fastnet's recipe fixes the decay per step (lr x coefficient): another lr keeps it; coefficient mode does not."""
+    import dataclasses
+    import json
+
+    from cifarviz.models import create_model
+    from cifarviz.recipes import RECIPES
+    from cifarviz.train import build_optimizer
+
+    fastnet = RECIPES["fastnet"]
+    shipped = json.loads((REPO / "checkpoints" / "fastnet.json").read_text())["train_config"]
+    assert fastnet.decay_coefficient == shipped["weight_decay"]  # the shipped checkpoint's own optimiser setting
+    assert TrainConfig(**shipped).decay_coefficient == shipped["weight_decay"]  # old configs: coefficient mode
+    slower = dataclasses.replace(fastnet, lr=fastnet.lr / 2)
+    assert slower.lr * slower.decay_coefficient == pytest.approx(fastnet.lr * fastnet.decay_coefficient)
+    plain = dataclasses.replace(fastnet, weight_decay_mode="coefficient", weight_decay=shipped["weight_decay"])
+    assert dataclasses.replace(plain, lr=plain.lr / 2).decay_coefficient == shipped["weight_decay"]
+    model = create_model("fastnet", widths=[8, 16, 16])
+    groups = build_optimizer(model, slower).param_groups
+    assert [g["weight_decay"] * g["lr_scale"] for g in groups] == pytest.approx([slower.decay_coefficient] * len(groups))
+    with pytest.raises(CifarvizError, match="weight_decay_mode"):
+        TrainConfig(weight_decay_mode="per_epoch")
+
+
 def test_bad_requests_get_one_clear_message(cifar, runs_root, monkeypatch):
     with pytest.raises(CifarvizError, match="lr"):
         runs.submit_training({"model": "lenet", "lr": -1}, cifar.root)
