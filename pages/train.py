@@ -124,6 +124,8 @@ def training_form() -> None:
             if st.session_state.get(KEY + "dropout") is None:
                 st.session_state[KEY + "dropout"] = model_entry(model).defaults()["dropout"]
             st.slider("Dropout", 0.0, 0.9, step=0.05, key=KEY + "dropout")
+        if st.session_state.get(KEY + "model_args"):
+            st.caption("Model arguments: " + ", ".join(f"{k} {v}" for k, v in st.session_state[KEY + "model_args"].items()))
         st.number_input("Epochs", 1, 200, key=KEY + "epochs")
         st.select_slider("Training images", SUBSETS, key=KEY + "subset",
                          format_func=lambda n: f"{n:,}" + (" (all)" if n >= len(dataset.train) else ""),
@@ -137,7 +139,8 @@ def training_form() -> None:
         st.number_input("Learning rate (peak)", min_value=0.0, format="%g", step=None, key=KEY + "lr")
         st.selectbox("Schedule", SCHEDULES, key=KEY + "schedule",
                      help="onecycle: linear warm-up then linear decay; cosine: warm-up then cosine; constant")
-        st.select_slider("Batch size", BATCH_SIZES, key=KEY + "batch_size")
+        st.select_slider("Batch size", sorted({*BATCH_SIZES, st.session_state[KEY + "batch_size"]}),
+                         key=KEY + "batch_size")
         st.number_input("Weight decay", min_value=0.0, format="%g", step=None, key=KEY + "weight_decay")
         st.radio("Weight decay is", WEIGHT_DECAY_MODES, key=KEY + "weight_decay_mode",
                  format_func=DECAY_MODE_LABELS.get,

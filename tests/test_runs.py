@@ -179,6 +179,24 @@ def test_weight_decay_coupling_is_explicit():
         TrainConfig(weight_decay_mode="per_epoch")
 
 
+def test_a_configuration_sent_to_the_form_fills_it(cifar, runs_root):
+    """The Tune tab (or anything else) hands the form a TrainConfig dict; nothing starts until Start."""
+    from cifarviz.recipes import RECIPES
+
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = str(cifar.root)
+    at.session_state["train_config_request"] = {**RECIPES["fastnet"].to_dict(), "lr": 0.75, "batch_size": 768}
+    at.run()
+    at.switch_page("pages/train.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox(key="tr_model").value == "fastnet" and at.number_input(key="tr_lr").value == 0.75
+    assert at.select_slider(key="tr_batch_size").value == 768 and at.radio(key="tr_weight_decay_mode").value == "per_step"
+    coefficient = RECIPES["fastnet"].weight_decay / 0.75
+    assert any(f"coefficient {coefficient:.4g}" in c.value for c in at.caption)
+    assert any("widths [48, 192, 192]" in c.value for c in at.caption)
+    assert runs.list_runs() == []
+
+
 def test_bad_requests_get_one_clear_message(cifar, runs_root, monkeypatch):
     with pytest.raises(CifarvizError, match="lr"):
         runs.submit_training({"model": "lenet", "lr": -1}, cifar.root)
