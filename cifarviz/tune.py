@@ -227,6 +227,11 @@ def load_study(storage_url: str, study_name: str) -> optuna.Study:
     return optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
 
 
+def has_running_trials(storage_url: str, study_name: str) -> bool:
+    running = (optuna.trial.TrialState.RUNNING,)
+    return bool(load_study(storage_url, study_name).get_trials(deepcopy=False, states=running))
+
+
 def stored_settings(storage_url: str, study_name: str) -> StudySettings | None:
     """The settings a study was started with, or None when there is no such study yet."""
     if study_name not in study_names(storage_url):
@@ -298,9 +303,10 @@ def run_study(
 ) -> optuna.Study:
     """Run `n_trials` more trials of the study (created when new, else joined with its stored settings).
 
-    TPE samples (seeded: give each machine its own `seed`), a median pruner stops trials that trail
-    the others at the same epoch, and a non-finite loss prunes its trial. `should_stop` is asked
-    between batches; when it returns True the trial under way is marked failed and the study stops.
+    TPE samples (seeded, offset by the trials already stored; machines that start together need
+    their own `seed`), a median pruner stops trials that trail the others at the same epoch, and a
+    non-finite loss prunes its trial. `should_stop` is asked between batches; when it returns True
+    the trial under way is marked failed and the study stops.
     `device` (this machine's, not the study's) overrides the base recipe's."""
     check_trials(n_trials)
     check_dataset(dataset)
@@ -311,9 +317,11 @@ def run_study(
     try:
         study = optuna.create_study(
             storage=open_storage(storage_url), study_name=study_name, direction="minimize", load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.MedianPruner(n_startup_trials=5))
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=5))
     except ValueError as exc:  # e.g. an existing study that maximises
         raise TuningError(f"Study {study_name!r} in {storage_url} cannot be used: {exc}") from None
+    # Seeded, and offset by the trials already there: a resumed study does not repeat its first random points.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
     settings = _settle(study, settings)
     settings.config({"lr": settings.space.lr[0]}, settings.epochs_per_trial)  # a bad base fails now, not per trial
     data = training_subset(dataset, settings.subset)

@@ -105,7 +105,8 @@ def tuning_tab(dataset, train_page: str | None = "pages/train.py") -> None:
         st.error(str(exc))
         return
     busy = study_running() is not None
-    every = 2 if busy else None  # fragments that follow a running study; the form between them stays put
+    elsewhere = stored is not None and tune.has_running_trials(storage, study_name)  # e.g. other machines
+    every = 2 if busy or elsewhere else None  # fragments that follow a running study; the form stays put
     st.fragment(run_every=every)(status_line)(busy)
     settings_form(dataset, storage, study_name, stored, busy)
     st.fragment(run_every=every)(results)(storage, study_name, train_page)
