@@ -425,9 +425,10 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
         with right:
             explained = st.selectbox("Grad-CAM explains", classes, index=predicted, key=f"cam-{ref.split}-{ref.index}",
                                      help="Defaults to the predicted class; pick another to see its evidence.")
-            heat, target = grad_cam(checkpoint.model, image, target_class=classes.index(explained))
+            target = classes.index(explained)
             note = "the predicted class" if target == predicted else "not the predicted class"
-            st.image(to_png(overlay_heatmap(image, heat), scale=8), width="stretch", output_format="PNG",
+            st.image(saliency_png(checkpoint, str(checkpoint.path), file_stamp(checkpoint.path), image, target),
+                     width="stretch", output_format="PNG",
                      caption=f"Where the model found evidence for '{classes[target]}' ({note})")
         if ref.split != "upload":
             st.markdown("**Nearest training images in the model's feature space** (cosine similarity)")
@@ -439,6 +440,14 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
         if st.button("Close", key="inspector-close", icon=":material/close:"):
             close_inspector()
             st.rerun()
+
+
+@st.cache_data(show_spinner=False, max_entries=1024)  # ~20 KB each; a class opens the same images again and again
+def saliency_png(_checkpoint: Checkpoint, path: str, stamp: float, image: np.ndarray, target: int) -> bytes:
+    """The Grad-CAM overlay of `image` for class `target`, enlarged, as PNG (keyed by the checkpoint file, not the
+    model object)."""
+    heat, _ = grad_cam(_checkpoint.model, image, target_class=target)
+    return to_png(overlay_heatmap(image, heat), scale=8)
 
 
 def _tta(checkpoint: Checkpoint, ref: ImageRef) -> str:
