@@ -275,6 +275,7 @@ def cmd_precompute(args) -> int:
             load_or_fit(method, checkpoint, dataset, progress=not cached)
             state = "already cached" if cached else f"built in {time.perf_counter() - start:.1f} s"
             print(f"{checkpoint.name:20} {method} influence index {state}")
+        precompute_maps(checkpoint, dataset)
     return 0
 
 
@@ -411,6 +412,80 @@ def add_tune_parser(sub, data_args) -> None:
     p.set_defaults(func=cmd_tune)
 
 
+def cmd_embed(args) -> int:
+    """A 2-D map (t-SNE, UMAP or PCA) of a checkpoint's penultimate features, or of raw pixels; the same cached
+    map the Embeddings page shows, with its 10-NN accuracy; --out writes it as CSV."""
+    from tqdm.auto import tqdm
+
+    from .embed import check_params, embedding, embedding_path, knn_accuracy, subset_indices
+
+    if (args.checkpoint is None) == (not args.pixels):
+        raise CifarvizError("Give exactly one of --checkpoint NAME (its features) or --pixels (the raw-pixel "
+                            "baseline).")
+    given = {"perplexity": args.perplexity, "n_neighbors": args.n_neighbors, "min_dist": args.min_dist}
+    params = check_params(args.method, {k: v for k, v in given.items() if v is not None})  # before any data
+    out = ensure_writable(Path(args.out), "--out") if args.out else None
+    checkpoint = None if args.pixels else load_named_checkpoint(args.checkpoint, args.arch)
+    dataset = _load_data(args)
+    subset = subset_indices(len(dataset.split(args.split)), args.subset, seed=args.seed)
+    cached = embedding_path(checkpoint, dataset, args.split, args.method, params, subset, args.seed).is_file()
+    with tqdm(total=100, desc=f"{args.method} map", unit="%", disable=cached or args.json) as bar:
+        emb = embedding(checkpoint, dataset, args.split, args.method, params, subset, seed=args.seed,
+                        on_progress=lambda fraction: bar.update(round(100 * fraction) - bar.n))
+    accuracy = knn_accuracy(emb.coords, emb.labels, k=args.k)
+    if out is not None:
+        from .utils import atomic_write
+
+        with atomic_write(out, "w") as fh:
+            fh.write("index,x,y,label,predicted\n")
+            for row, (i, (x, y)) in enumerate(zip(emb.indices, emb.coords)):
+                predicted = "" if emb.predicted is None else dataset.classes[emb.predicted[row]]
+                fh.write(f"{i},{x:.5g},{y:.5g},{dataset.classes[emb.labels[row]]},{predicted}\n")
+    summary = {**emb.info, "cached": cached, "knn_k": args.k, "knn_accuracy": accuracy,
+               "out": str(out) if out else None}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    state = "already cached" if cached else f"computed in {emb.info['seconds']:.1f} s"
+    print(f"{emb.info['source']}: {args.method} map of {len(emb):,} {args.split} images ({params or 'no parameters'}), "
+          f"{state}; {args.k}-NN accuracy in the map {accuracy:.4f}" + (f"; wrote {out}" if out else ""))
+    return 0
+
+
+def precompute_maps(checkpoint, dataset) -> None:
+    """The Embeddings page's default map (t-SNE of the test images) for `precompute`."""
+    from tqdm.auto import tqdm
+
+    from .embed import DEFAULT_PARAMS, embedding, embedding_path
+
+    cached = embedding_path(checkpoint, dataset, "test", "tsne", DEFAULT_PARAMS["tsne"]).is_file()
+    with tqdm(total=100, desc=f"{checkpoint.name} t-SNE map", unit="%", disable=cached) as bar:
+        emb = embedding(checkpoint, dataset, "test", "tsne", DEFAULT_PARAMS["tsne"],
+                        on_progress=lambda fraction: bar.update(round(100 * fraction) - bar.n))
+    print(f"{checkpoint.name:20} tsne  map of the test images " +
+          ("already cached" if cached else f"computed in {emb.info['seconds']:.1f} s"))
+
+
+def add_embed_parser(sub, data_args, arch_args) -> None:
+    from .embed import DEFAULT_PARAMS, METHODS as MAP_METHODS
+
+    p = sub.add_parser("embed", parents=[data_args, arch_args],
+                       help="2-D map (t-SNE, UMAP, PCA) of a checkpoint's features or raw pixels, with its k-NN accuracy")
+    p.add_argument("--checkpoint", "-c", help="checkpoint file, or a shipped name such as fastnet")
+    p.add_argument("--pixels", action="store_true", help="map the raw pixels instead (the baseline)")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split (default test)")
+    p.add_argument("--method", choices=list(MAP_METHODS), default="tsne", help="tsne (openTSNE, default), umap, pca")
+    p.add_argument("--perplexity", type=float, help=f"t-SNE perplexity (default {DEFAULT_PARAMS['tsne']['perplexity']:g})")
+    p.add_argument("--n-neighbors", type=int, help=f"UMAP n_neighbors (default {DEFAULT_PARAMS['umap']['n_neighbors']})")
+    p.add_argument("--min-dist", type=float, help=f"UMAP min_dist (default {DEFAULT_PARAMS['umap']['min_dist']})")
+    p.add_argument("--subset", type=int, metavar="N", help="map N images of the split picked at random (default all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the map and of the subset (default 0)")
+    p.add_argument("--k", type=int, default=10, help="neighbours of the k-NN accuracy in the map (default 10)")
+    p.add_argument("--out", help="write the map as CSV: index,x,y,label,predicted")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_embed)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -501,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=lambda args: __import__("cifarviz.runs", fromlist=["cli"]).cli(args))
     add_tune_parser(sub, data_args)
+    add_embed_parser(sub, data_args, arch_args)
     return parser
 
 

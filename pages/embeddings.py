@@ -1,7 +1,106 @@
+import numpy as np
+import pandas as pd
 import streamlit as st
 
 from cifarviz import app
+from cifarviz.embed import DEFAULT_PARAMS, METHODS, class_mix, selected_indices, subset_indices
+from cifarviz.explore import ImageRef
+from cifarviz.ui import embeddings as ui
 
-app.sidebar()
-st.title("Embeddings")
-st.info("This page is being built.")
+dataset, checkpoint = app.data_and_checkpoint_page("Embeddings")
+classes = list(dataset.classes)
+st.markdown(f"Each point is an image, placed by a 2-D map of **{checkpoint.name}**'s penultimate features: images "
+            "the network sees as similar land close together. Hover a point to see the image, click it to inspect "
+            "it, drag a box to see the images inside; click a legend entry to show only that class.")
+
+a, b, c = st.columns([1.2, 1.4, 1.6])
+split = a.segmented_control("Images", ["test", "train"], default="test", key="emb_split", required=True,
+                            format_func={"test": "Test", "train": "Training"}.get)
+method = b.segmented_control("Method", list(METHODS), default="tsne", key="emb_method", required=True,
+                             format_func=lambda m: METHODS[m].split(" (")[0])
+colour_by = c.segmented_control("Colour by", list(ui.COLOUR_BY), default="true class", key="emb_colour",
+                                required=True)
+a, b, c = st.columns([1.2, 1.4, 1.6])
+subset = None
+if split == "train":
+    size = a.select_slider("Training images", [2_000, 5_000, 10_000, 20_000, len(dataset.train)], value=5_000,
+                           key="emb_train_size", format_func="{:,}".format,
+                           help="A random sample (the same each time); all 45,000 take a few minutes to map once.")
+    subset = subset_indices(len(dataset.train), size)
+params = dict(DEFAULT_PARAMS[method])
+if method == "tsne":
+    params["perplexity"] = float(b.slider("Perplexity", 5, 100, 30, key="emb_perplexity",
+                                          help="About how many neighbours each point keeps close (t-SNE)."))
+elif method == "umap":
+    params["n_neighbors"] = b.slider("n_neighbors", 5, 100, 15, key="emb_neighbors",
+                                     help="Larger: more global structure (UMAP).")
+    params["min_dist"] = c.slider("min_dist", 0.0, 0.99, 0.1, step=0.05, key="emb_min_dist",
+                                  help="How tightly points may pack (UMAP).")
+others = {label: path for label, path in app.checkpoint_choices().items() if path != str(checkpoint.path)}
+compare = st.selectbox("Side by side with", ["nothing", "raw pixels (PCA to 50 dimensions first)", *others],
+                       key="emb_compare", help="The same map of another checkpoint, or of the raw pixels: what the "
+                       "network learned that the pixels alone do not show.")
+
+arts = app.get_artifacts(checkpoint, dataset, split)
+sources = [(checkpoint.name, checkpoint)]
+if compare.startswith("raw pixels"):
+    sources.append(("raw pixels", None))
+elif compare != "nothing":
+    other = app.get_checkpoint(others[compare], app.file_stamp(others[compare]))
+    other_predicted = app.get_artifacts(other, dataset, split).predicted
+    sources.append((other.name, other))
+maps = ui.get_maps(sources, dataset, split, method, params, subset)
+
+st.html(ui.TOOLTIP_CSS)
+urls = ui.thumbnails(dataset.root.as_posix(), split)
+columns = st.columns(len(maps)) if len(maps) > 1 else [st.container()]
+events = []
+for column, (name, source), emb in zip(columns, sources, maps):
+    with column:
+        st.subheader(f"{name}: {METHODS[method]}" if len(maps) > 1 else METHODS[method])
+        if source is None:
+            predicted = arts.predicted[emb.indices]
+            st.caption(f"Pixels carry no prediction: colours and outlines use {checkpoint.name}'s.")
+        else:
+            predicted = (arts.predicted if source is checkpoint else other_predicted)[emb.indices]
+        key = f"emb-map-{name}-{st.session_state.get('emb_round', 0)}"
+        events.append(ui.show_map(emb, predicted, classes, colour_by, key=key, height=560 if len(maps) == 1 else 460,
+                                  urls=urls))
+        st.caption(f"{len(emb):,} {split} images; outlined: misclassified by "
+                   f"{name if source is not None else checkpoint.name}; computed in {emb.info['seconds']:.1f} s.")
+
+for emb, event in zip(maps, events):
+    selection = event.selection if event else {}
+    picked = [p["index"] for p in selection.get("pick") or [] if "index" in p]
+    if picked:  # a click: inspect that image, and start the chart afresh so the same point can be clicked again
+        app.open_inspector(split, int(picked[0]))
+        st.session_state["emb_round"] = st.session_state.get("emb_round", 0) + 1
+    box = selection.get("box")
+    if box and "x" in box and "y" in box:
+        st.session_state["emb_selected"] = (split, selected_indices(emb, box=box).tolist())
+
+chosen_split, chosen = st.session_state.get("emb_selected", (split, []))
+if chosen_split == split and chosen:
+    chosen = np.asarray(chosen)
+    data = dataset.split(split)
+    st.subheader(f"{len(chosen):,} images in the box")
+    mix = class_mix(data.labels[chosen], len(classes))
+    wrong = int((arts.predicted[chosen] != data.labels[chosen]).sum())
+    st.markdown(f"**Class mix:** " + ", ".join(f"{classes[i]} {mix[i]}" for i in np.argsort(-mix) if mix[i]) +
+                f". **{wrong}** misclassified by {checkpoint.name}.")
+    st.bar_chart(pd.DataFrame({"class": classes, "images": mix}), x="class", y="images", height=220,
+                 horizontal=False)
+    shown = chosen[:60]
+    if len(chosen) > 60:
+        st.caption("Showing the first 60; drag a smaller box to see the rest.")
+    app.image_grid(data.images[shown], [ImageRef(split, int(i)) for i in shown],
+                   [f"#{i} {classes[arts.predicted[i]]}" + ("" if arts.predicted[i] == data.labels[i] else " ✗")
+                    for i in shown], key="emb-selection", tile_width=96)
+    if st.button("Clear the selection", key="emb-clear", icon=":material/close:"):
+        st.session_state.pop("emb_selected", None)
+        st.session_state["emb_round"] = st.session_state.get("emb_round", 0) + 1  # a fresh chart, without the box
+        st.rerun()
+else:
+    st.caption("Drag a box on a map to see its images here.")
+
+app.inspector(dataset, checkpoint)

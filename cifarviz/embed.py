@@ -1,0 +1,293 @@
+"""2-D maps of what a network learned: t-SNE, UMAP or PCA of a split's penultimate features (or raw pixels).
+
+    emb = embedding(checkpoint, dataset, "test", "tsne", {"perplexity": 30})   # cached on disk, once ever
+    emb.coords, emb.indices, emb.labels, emb.predicted                         # (n, 2) and per-point arrays
+    knn_accuracy(emb.coords, emb.labels)                                       # how well the map separates classes
+
+A map is computed once per (checkpoint weights and test-time augmentation, the split's exact images, method,
+parameters, subset, seed) and kept as a plain .npz under the cache folder (no pickle); a file lock per map makes a
+second process wait for the first one's file. `checkpoint=None` maps the raw pixels, the baseline that shows what
+the network added. Inputs with more than 50 dimensions (fastnet's 192 features, 3,072 pixels) are first reduced to
+50 with PCA, as openTSNE's and UMAP's guides advise: faster neighbour search, the same map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import checkpoint_digest, split_artifacts, split_digest, split_tta
+from .errors import CifarvizError
+from .jobs import file_lock
+from .utils import atomic_write, cache_dir
+
+EMBED_VERSION = 1
+SEED = 0
+PCA_DIMS = 50  # inputs wider than this are reduced with PCA before t-SNE / UMAP
+METHODS = {"tsne": "t-SNE (openTSNE)", "umap": "UMAP (umap-learn)", "pca": "PCA (scikit-learn)"}
+DEFAULT_PARAMS = {"tsne": {"perplexity": 30.0}, "umap": {"n_neighbors": 15, "min_dist": 0.1}, "pca": {}}
+TSNE_EXAGGERATION_ITERS, TSNE_ITERS = 250, 500  # openTSNE's defaults
+MIN_POINTS = 20
+# openTSNE's threads busy-wait: on a small machine shared with a server and other work, 2 threads were 3-10x slower
+# than 1 for maps of 600-2,000 points and no faster for 10,000 (bench/bench_embed.py); big machines get 4.
+TSNE_JOBS = 1 if (os.cpu_count() or 1) <= 4 else 4
+FFT_FROM = 10_000  # openTSNE's own rule: Barnes-Hut below, FFT-interpolated gradients from here on
+
+
+class EmbeddingError(CifarvizError):
+    """A bad method, parameter, split or subset for a 2-D map."""
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: maps are loaded once per file and cached
+class Embedding:
+    coords: np.ndarray  # (n, 2) float32
+    indices: np.ndarray  # (n,) image indices into the split
+    labels: np.ndarray  # (n,) true classes
+    predicted: np.ndarray | None  # (n,) the checkpoint's predictions; None for raw pixels
+    info: dict  # source, split, method, params, seed, seconds (the computation's own time)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def check_params(method: str, params: dict | None, n_points: int | None = None) -> dict:
+    """The method's full parameters (defaults filled in, canonical types), or one EmbeddingError saying what to fix."""
+    if method not in METHODS:
+        raise EmbeddingError(f"Unknown embedding method {method!r}. Methods: {', '.join(METHODS)}.")
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(DEFAULT_PARAMS[method]))
+    if unknown:
+        allowed = ", ".join(DEFAULT_PARAMS[method]) or "none"
+        raise EmbeddingError(f"{method} takes no parameter {', '.join(unknown)} (its parameters: {allowed}).")
+    full = {**DEFAULT_PARAMS[method], **params}
+    try:
+        full = {key: type(DEFAULT_PARAMS[method][key])(value) for key, value in full.items()}
+    except (TypeError, ValueError):
+        raise EmbeddingError(f"{method} parameters must be numbers, not {params}.") from None
+    if method == "tsne":
+        perplexity = full["perplexity"]
+        if not 2 <= perplexity <= 100:
+            raise EmbeddingError(f"perplexity {perplexity:g} is out of range: choose 2 to 100 (30 is usual).")
+        if n_points is not None and perplexity >= (n_points - 1) / 3:
+            raise EmbeddingError(f"perplexity {perplexity:g} is too large for {n_points:,} points: choose less than "
+                                 f"{(n_points - 1) / 3:.0f}, or map more points.")
+    elif method == "umap":
+        if not 2 <= full["n_neighbors"] <= 200:
+            raise EmbeddingError(f"n_neighbors {full['n_neighbors']} is out of range: choose 2 to 200 (15 is usual).")
+        if n_points is not None and full["n_neighbors"] >= n_points:
+            raise EmbeddingError(f"n_neighbors {full['n_neighbors']} needs more than {n_points:,} points: choose "
+                                 "fewer neighbours, or map more points.")
+        if not 0 <= full["min_dist"] <= 1:
+            raise EmbeddingError(f"min_dist {full['min_dist']:g} is out of range: choose 0 to 1 (0.1 is usual).")
+    return full
+
+
+def subset_indices(n_total: int, size: int | None, seed: int = SEED) -> np.ndarray | None:
+    """`size` images of a split picked at random (sorted), the same ones for the same seed; None means all."""
+    if size is None or size >= n_total:
+        return None
+    if size < MIN_POINTS:
+        raise EmbeddingError(f"A map of {size} images is too small: choose at least {MIN_POINTS}.")
+    return np.sort(np.random.default_rng(seed).choice(n_total, size, replace=False))
+
+
+def _check_subset(subset, n_total: int, split: str) -> np.ndarray:
+    if subset is None:
+        return np.arange(n_total)
+    idx = np.asarray(subset)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise EmbeddingError("A subset is a list of image indices (integers).")
+    if len(idx) < MIN_POINTS:
+        raise EmbeddingError(f"A map of {len(idx)} images is too small: choose at least {MIN_POINTS}.")
+    if idx.min() < 0 or idx.max() >= n_total:
+        raise EmbeddingError(f"Subset indices must be 0 to {n_total - 1:,} (the {split} split has {n_total:,} images).")
+    if len(np.unique(idx)) != len(idx):
+        raise EmbeddingError("A subset lists some images twice; give each image once.")
+    return idx.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def embedding_path(checkpoint, dataset, split: str, method: str, params: dict | None = None, subset=None,
+                   seed: int = SEED) -> Path:
+    """The cache file of one map: keyed by everything that determines its content."""
+    if split not in ("train", "val", "test"):
+        raise EmbeddingError(f"Unknown split {split!r}: choose train, val or test.")
+    n_total = len(dataset.split(split))
+    idx = _check_subset(subset, n_total, split)
+    full = check_params(method, params, len(idx))
+    source = "pixels" if checkpoint is None else f"{checkpoint_digest(checkpoint)}-{split_tta(checkpoint, split)}"
+    which = "all" if subset is None else hashlib.sha256(idx.tobytes()).hexdigest()[:16]
+    key = json.dumps([EMBED_VERSION, source, split_digest(dataset, split), split, method, full, which, seed])
+    return cache_dir() / "embeddings" / f"{method}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+
+
+@lru_cache(maxsize=16)  # content-addressed files, never rewritten
+def _load(path: Path) -> Embedding:
+    with np.load(path, allow_pickle=False) as z:
+        predicted = z["predicted"] if z["predicted"].size else None
+        return Embedding(z["coords"], z["indices"], z["labels"], predicted, json.loads(str(z["info"])))
+
+
+def _read(path: Path) -> Embedding | None:
+    try:
+        return _load(path) if path.is_file() else None
+    except Exception:  # noqa: BLE001 - a damaged cache file is computed again
+        return None
+
+
+def embedding(checkpoint, dataset, split: str, method: str, params: dict | None = None, subset=None, *,
+              seed: int = SEED, on_progress=None) -> Embedding:
+    """The 2-D map of `split` (or of the images `subset` of it): from the disk cache, or computed and cached now.
+
+    `checkpoint=None` maps the raw pixels. `on_progress(fraction)` is called while it runs."""
+    path = embedding_path(checkpoint, dataset, split, method, params, subset, seed)
+    if (emb := _read(path)) is not None:
+        return emb
+    with file_lock(path):  # another process may be computing it: wait, then read its file
+        if (emb := _read(path)) is not None:
+            return emb
+        data = dataset.split(split)
+        idx = _check_subset(subset, len(data), split)
+        full = check_params(method, params, len(idx))
+        if checkpoint is None:
+            inputs, predicted = data.images[idx].reshape(len(idx), -1).astype(np.float32) / 255, None
+        else:
+            arts = split_artifacts(checkpoint, dataset, split)
+            inputs, predicted = arts.features[idx], arts.predicted[idx]
+        start = time.perf_counter()
+        coords = compute_embedding(inputs, method, full, seed=seed, on_progress=on_progress)
+        info = {"source": "raw pixels" if checkpoint is None else checkpoint.name, "split": split, "method": method,
+                "params": full, "seed": seed, "points": len(idx), "seconds": round(time.perf_counter() - start, 2)}
+        with atomic_write(path) as fh:
+            np.savez(fh, coords=coords, indices=idx, labels=data.labels[idx],
+                     predicted=np.zeros(0, np.int64) if predicted is None else predicted, info=json.dumps(info))
+    return _load(path)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def compute_embedding(inputs: np.ndarray, method: str, params: dict | None = None, *, seed: int = SEED,
+                      on_progress=None) -> np.ndarray:
+    """(n, 2) float32 coordinates of `inputs` (n, d), uncached. Deterministic for a seed."""
+    report = on_progress or (lambda fraction: None)
+    params = check_params(method, params, len(inputs))
+    x = np.ascontiguousarray(inputs, dtype=np.float32)
+    report(0.01)
+    if method == "pca" or x.shape[1] > PCA_DIMS:
+        from sklearn.decomposition import PCA
+
+        x = PCA(2 if method == "pca" else PCA_DIMS, random_state=seed).fit_transform(x).astype(np.float32)
+    report(0.05)
+    if method == "tsne":
+        x = _tsne(x, params["perplexity"], seed, report)
+    elif method == "umap":
+        x = _umap(x, params["n_neighbors"], params["min_dist"], seed, report)
+    report(1.0)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _tsne(x: np.ndarray, perplexity: float, seed: int, report) -> np.ndarray:
+    """openTSNE in its two phases (early exaggeration, then the rest), so progress is reported per iteration.
+
+    From 10,000 points the gradients are FFT-interpolated with ints_in_interval=2, half the grid resolution of
+    openTSNE's default: about 1.5x faster on 10,000 points with the same 10-NN accuracy in the map (0.879 both, for
+    fastnet's test features)."""
+    from openTSNE import TSNEEmbedding, affinity, initialization
+
+    affinities = affinity.PerplexityBasedNN(x, perplexity=perplexity, n_jobs=TSNE_JOBS, random_state=seed)
+    report(0.15)
+    total = TSNE_EXAGGERATION_ITERS + TSNE_ITERS
+    done = [0]
+
+    def callback(iteration, error, embedding):  # openTSNE restarts the count in each phase
+        report(0.15 + 0.85 * (done[0] + iteration) / total)
+        return False
+
+    fft = {"negative_gradient_method": "fft", "ints_in_interval": 2} if len(x) >= FFT_FROM else {
+        "negative_gradient_method": "bh"}
+    emb = TSNEEmbedding(initialization.pca(x, random_state=seed), affinities, n_jobs=TSNE_JOBS, random_state=seed,
+                        callbacks=callback, callbacks_every_iters=25, **fft)
+    emb = emb.optimize(TSNE_EXAGGERATION_ITERS, exaggeration=12, momentum=0.5)
+    done[0] = TSNE_EXAGGERATION_ITERS
+    emb = emb.optimize(TSNE_ITERS, momentum=0.8)
+    return np.asarray(emb)
+
+
+class _EpochReader:
+    """A file for umap-learn's tqdm bar (its documented `tqdm_kwds`): turns "n/total" writes into progress."""
+
+    def __init__(self, report, start: float):
+        self.report, self.start = report, start
+
+    def write(self, text: str) -> None:
+        done, _, total = text.strip().partition("/")
+        if done.isdigit() and total.isdigit() and int(total):
+            self.report(self.start + (1 - self.start) * int(done) / int(total))
+
+    def flush(self) -> None:
+        pass
+
+
+def _umap(x: np.ndarray, n_neighbors: int, min_dist: float, seed: int, report) -> np.ndarray:
+    """umap-learn, seeded (which makes it single-threaded: reproducible maps matter more in a class).
+    The first call in a process compiles umap's numba functions (see bench/bench_embed.py)."""
+    import umap
+
+    reader = _EpochReader(report, 0.4)  # neighbours and the graph (and the first call's compilation) come first
+    model = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed, n_jobs=1,
+                      tqdm_kwds={"disable": False, "file": reader, "bar_format": "{n}/{total}", "mininterval": 0.2})
+    return model.fit_transform(x)
+
+
+# --------------------------------------------------------------------------- reading a map
+
+
+def knn_accuracy(coords: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
+    """Leave-one-out k-nearest-neighbour accuracy in the map: how often a point's k nearest other points vote for
+    its own class (ties go to the nearest of the tied classes). Chance is about 1/classes."""
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(coords)
+    if not 1 <= k < n:
+        raise EmbeddingError(f"k = {k} must be 1 to {n - 1} for {n:,} points.")
+    neighbours = NearestNeighbors(n_neighbors=k + 1).fit(coords).kneighbors(coords, return_distance=False)
+    not_self = neighbours != np.arange(n)[:, None]
+    not_self[not_self.all(1), -1] = False  # a point tied with k others at distance 0 may not list itself
+    neighbours = neighbours[not_self].reshape(n, k)
+    votes = labels[neighbours]
+    counts = (votes[:, :, None] == np.arange(labels.max() + 1)).sum(1)
+    best = counts.max(1, keepdims=True)
+    tied = counts[np.arange(n)[:, None], votes] == best  # the nearest neighbour whose class has the most votes
+    winner = votes[np.arange(n), tied.argmax(1)]
+    return float((winner == labels).mean())
+
+
+def selected_indices(emb: Embedding, box: dict | None = None, points=None) -> np.ndarray:
+    """Image indices (into the split) selected on a map: inside a box {"x": [lo, hi], "y": [lo, hi]} (either order)
+    and/or the points given as image indices. Indices that are not on the map are ignored."""
+    chosen = np.zeros(len(emb), dtype=bool)
+    if box:
+        (x0, x1), (y0, y1) = sorted(box["x"]), sorted(box["y"])
+        x, y = emb.coords[:, 0], emb.coords[:, 1]
+        chosen |= (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+    if points is not None:
+        chosen |= np.isin(emb.indices, np.asarray(list(points), dtype=np.int64))
+    return emb.indices[chosen]
+
+
+def class_mix(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """How many of the given labels fall in each class."""
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)

@@ -1,0 +1,131 @@
+"""The Embeddings page's Streamlit side: maps computed in the background (one job per map, as cifarviz.app does for
+artifacts), their Altair charts with hover thumbnails, and what a click or a box on a map selects."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from functools import lru_cache
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+from PIL import Image
+
+from .. import app
+from ..embed import METHODS, Embedding, embedding, embedding_path, knn_accuracy
+from ..jobs import JOBS, Job
+
+# points per map whose tooltip shows the picture; a server can lower it (bench/bench_embed.py measures both)
+HOVER_THUMBNAILS = int(os.environ.get("CIFARVIZ_HOVER_THUMBNAILS", "10000"))
+TRUE_COLOURS = "tableau10"
+STATUS_COLOURS = {"correct": "#9ecae1", "wrong": "#d62728"}
+COLOUR_BY = {"true class": "true", "predicted class": "predicted", "correct / wrong": "status"}
+# vega-tooltip shows an `image` field at its natural 32x32: enlarge it, pixelated, for a projector
+TOOLTIP_CSS = "<style>#vg-tooltip-element img{width:128px;height:128px;image-rendering:pixelated}</style>"
+
+
+def map_job(checkpoint, dataset, split: str, method: str, params: dict, subset) -> Job | None:
+    """The computation of a map, started (or joined) if it is not on disk yet; None if it is."""
+    path = embedding_path(checkpoint, dataset, split, method, params, subset)
+    if path.is_file():
+        return None
+    return JOBS.start(str(path), lambda report: embedding(checkpoint, dataset, split, method, params, subset,
+                                                          on_progress=report))
+
+
+def get_maps(requests: list[tuple], dataset, split: str, method: str, params: dict, subset) -> list[Embedding]:
+    """The maps of several sources (a checkpoint or None for pixels), each computed once for everyone. All missing
+    ones start at once; while any runs, this run ends with progress bars that fill in by themselves."""
+    jobs = [(name, map_job(source, dataset, split, method, params, subset)) for name, source in requests]
+    waiting = [(name, job) for name, job in jobs if job is not None]
+    for name, job in waiting:
+        if job.done and job.error is not None:
+            st.error(f"The {METHODS[method]} map of {name} failed: {job.error}")
+            st.stop()
+    if waiting:
+        points = len(dataset.split(split)) if subset is None else len(subset)
+
+        @st.fragment(run_every=0.5)
+        def progress() -> None:
+            if all(job.done for _, job in waiting):
+                st.rerun()  # the whole page, now with the maps
+            for name, job in waiting:
+                st.progress(job.progress, text=f"{METHODS[method]} map of {name}, {points:,} {split} images (once, "
+                                               f"then cached for everyone): {job.progress:.0%}")
+
+        progress()
+        st.stop()
+    return [embedding(source, dataset, split, method, params, subset) for _, source in requests]
+
+
+@lru_cache(maxsize=32)
+def map_knn_accuracy(emb: Embedding) -> float:
+    """10-NN accuracy in the map, once per map (a map file is loaded once, so it is the same object)."""
+    return knn_accuracy(emb.coords, emb.labels)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def thumbnails(root: str, split: str) -> np.ndarray:
+    """Every image of a split as a small WebP data URL (about 0.6 KB each), for hover tooltips."""
+    images = app.get_dataset(root).split(split).images
+    urls = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="WEBP", quality=80)
+        urls.append("data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode())
+    return np.array(urls, dtype=object)
+
+
+def map_frame(emb: Embedding, predicted: np.ndarray, classes: list[str], urls: np.ndarray | None) -> pd.DataFrame:
+    """One row per point: coordinates, image index, true and predicted class, correct or wrong, thumbnail."""
+    correct = predicted == emb.labels
+    frame = pd.DataFrame({"x": emb.coords[:, 0], "y": emb.coords[:, 1], "index": emb.indices,
+                          "true": np.asarray(classes, dtype=object)[emb.labels],
+                          "predicted": np.asarray(classes, dtype=object)[predicted],
+                          "status": np.where(correct, "correct", "wrong")})
+    if urls is not None and HOVER_THUMBNAILS > 0:
+        shown = np.zeros(len(emb), dtype=bool)
+        shown[np.random.default_rng(0).permutation(len(emb))[:HOVER_THUMBNAILS]] = True
+        frame["image"] = np.where(shown, urls[emb.indices], None)
+    return frame.sort_values("status", kind="stable")  # wrong points drawn last, on top
+
+
+def map_chart(frame: pd.DataFrame, classes: list[str], colour_by: str, height: int) -> alt.Chart:
+    """The scatter: coloured by the chosen field, misclassified points outlined in black, a legend that toggles its
+    entries, a click selects one point ("pick"), a drag a box ("box")."""
+    field = COLOUR_BY[colour_by]
+    if field == "status":
+        scale = alt.Scale(domain=list(STATUS_COLOURS), range=list(STATUS_COLOURS.values()))
+    else:
+        scale = alt.Scale(domain=classes, scheme=TRUE_COLOURS)
+    legend = alt.selection_point(name="legend", fields=[field], bind="legend")
+    pick = alt.selection_point(name="pick", fields=["index"], on="click", clear=False)
+    box = alt.selection_interval(name="box", encodings=["x", "y"])
+    tooltip = (["image"] if "image" in frame else []) + [
+        alt.Tooltip("index:Q", title="image #"), alt.Tooltip("true:N", title="true class"),
+        alt.Tooltip("predicted:N", title="predicted")]
+    bare = alt.Axis(labels=False, ticks=False, title=None, grid=False, domain=False)
+    return alt.Chart(frame).mark_point(filled=True, size=22).encode(
+        x=alt.X("x:Q", axis=bare, scale=alt.Scale(zero=False, nice=False)),
+        y=alt.Y("y:Q", axis=bare, scale=alt.Scale(zero=False, nice=False)),
+        color=alt.Color(f"{field}:N", scale=scale, title=colour_by,
+                        legend=alt.Legend(labelFontSize=14, titleFontSize=14, symbolSize=160, orient="right")),
+        stroke=alt.condition(alt.datum.status == "wrong", alt.value("black"), alt.value(None)),
+        strokeWidth=alt.value(0.8),
+        opacity=alt.condition(legend, alt.value(0.85), alt.value(0.04)),
+        tooltip=tooltip,
+    ).add_params(legend, pick, box).properties(height=height)
+
+
+def show_map(emb: Embedding, predicted: np.ndarray, classes: list[str], colour_by: str, key: str, height: int,
+             urls: np.ndarray | None):
+    """Draw a map and its class-separation score; return Streamlit's selection event."""
+    chart = map_chart(map_frame(emb, predicted, classes, urls), classes, colour_by, height)
+    event = st.altair_chart(chart, on_select="rerun", selection_mode=["pick", "box"], key=key, width="stretch")
+    score = map_knn_accuracy(emb)
+    st.markdown(f"**10-nearest-neighbour accuracy in this map: {score:.1%}** (chance {1 / len(classes):.0%}) — "
+                f"how often a point's 10 nearest points on the map share its true class.")
+    return event
