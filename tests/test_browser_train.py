@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from browser import REPO, assert_healthy, screenshot, wait_idle  # fixtures: conftest.py
+from browser import REPO, assert_healthy, cut_off_texts, screenshot, wait_idle  # fixtures: conftest.py
 
 from cifarviz import runs
 
@@ -54,6 +54,7 @@ def test_start_watch_the_curve_grow_and_stop(page, server):
         assert VAL_SHOWN.search(live.inner_text())  # an epoch ended: a validation point
         screenshot(page, "train-live")
         assert_healthy(page, "train while training")
+        assert cut_off_texts(page, "[data-testid='stMain']") == []
 
         [run_id] = {r.id for r in runs.list_runs(root)} - before
         live.get_by_role("button", name="Stop").click()
