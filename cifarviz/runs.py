@@ -360,7 +360,7 @@ def worker_main(run_dir: str) -> int:
     """Run one queued run to its end and record how it ended; then start whatever waits next."""
     folder = Path(run_dir)
     root, run = folder.parent, load_run(folder.name, folder.parent)
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: no os.nice (Windows)
         os.nice(WORKER_NICE)
     signal.signal(signal.SIGTERM, _terminated)
     with _lock(root):
