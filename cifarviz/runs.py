@@ -295,9 +295,10 @@ def _exit_note(run: Run) -> str:
     return f"it exited with status {code}" if code is not None else "it was killed or ran out of memory"
 
 
-def schedule(root=None) -> list[str]:
-    """Mark runs whose worker died as failed, then start queued runs while fewer than max_running() run.
-    Pages call this on every render, and every worker calls it as it ends. Returns the runs started."""
+def schedule(root=None, start: bool = True) -> list[str]:
+    """Mark runs whose worker died as failed, then (unless `start` is False) start queued runs while fewer than
+    max_running() run. Pages call this on every render, and every worker calls it as it ends. Returns the runs
+    started."""
     root, limit = runs_dir(root), max_running()
     for run_id, child in list(_CHILDREN.items()):
         if child.poll() is not None:
@@ -314,7 +315,7 @@ def schedule(root=None) -> list[str]:
                             error=f"The training process (pid {run.status.get('pid')}) ended without reporting: "
                                   f"{_exit_note(run)}." + (f" The last lines of its log:\n{tail}" if tail else ""))
         running = sum(r.state == RUNNING for r in runs)
-        for run in runs:
+        for run in runs if start else ():
             if running >= limit:
                 break
             if run.state == QUEUED:
@@ -497,7 +498,7 @@ def cli(args) -> int:
     if args.action == "cancel":
         print(f"{args.run_id}: {cancel(args.run_id)}")
         return 0
-    schedule()
+    schedule(start=False)  # a dead worker's run is listed as failed; listing starts nothing
     runs = list_runs()
     if args.json:
         print(json.dumps([{"id": r.id, "kind": r.kind, **r.status, "checkpoint": str(r.checkpoint) if r.has_model

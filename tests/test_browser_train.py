@@ -55,6 +55,12 @@ def test_start_watch_the_curve_grow_and_stop(page, server):
         screenshot(page, "train-live")
         assert_healthy(page, "train while training")
         assert cut_off_texts(page, "[data-testid='stMain']") == []
+        size = page.viewport_size
+        page.set_viewport_size({"width": 1024, "height": 768})  # a projector
+        page.wait_for_timeout(2500)  # a redraw at the new size
+        screenshot(page, "train-live-1024x768")
+        assert cut_off_texts(page, "[data-testid='stMain']") == []
+        page.set_viewport_size(size)
 
         [run_id] = {r.id for r in runs.list_runs(root)} - before
         live.get_by_role("button", name="Stop").click()

@@ -197,6 +197,21 @@ def test_a_configuration_sent_to_the_form_fills_it(cifar, runs_root):
     assert runs.list_runs() == []
 
 
+def test_the_cli_lists_stops_and_cancels(cifar, runs_root, capsys):
+    from cifarviz.cli import main
+
+    waiting = runs.submit_training(lenet(), cifar.root, start=False)
+    assert main(["runs"]) == 0 and f"{waiting}" in (out := capsys.readouterr().out) and "#1 in the queue" in out
+    assert main(["runs", "stop"]) == 2 and "RUN_ID" in capsys.readouterr().err
+    assert main(["runs", "cancel", "lenet-nope"]) == 2 and "No run 'lenet-nope'" in capsys.readouterr().err
+    assert main(["runs", "stop", waiting]) == 0 and "cancelled" in capsys.readouterr().out  # a queued run: cancelled
+    assert main(["runs", "--json"]) == 0
+    import json
+
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["id"] == waiting and row["state"] == "cancelled" and row["checkpoint"] is None
+
+
 def test_bad_requests_get_one_clear_message(cifar, runs_root, monkeypatch):
     with pytest.raises(CifarvizError, match="lr"):
         runs.submit_training({"model": "lenet", "lr": -1}, cifar.root)
