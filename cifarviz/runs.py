@@ -86,6 +86,12 @@ def max_queued() -> int:
     return _env_count("CIFARVIZ_MAX_QUEUED", 8, 1)
 
 
+def max_per_session() -> int:
+    """How many runs one browser session may have waiting or training: $CIFARVIZ_SESSION_RUNS (default 3, enough
+    to queue a BN/GN/LN comparison in one go)."""
+    return _env_count("CIFARVIZ_SESSION_RUNS", 3, 1)
+
+
 # --------------------------------------------------------------------------- reading runs
 
 

@@ -173,8 +173,10 @@ def training_form() -> None:
                    f"{config.decay_coefficient:.4g}.")
     where = "a CUDA GPU" if CUDA else f"the CPU ({runs.train_threads()} thread, at low priority)"
     mine = [r for r in runs.list_runs() if r.state in runs.ACTIVE and r.config.get("owner") == owner]
-    start = st.button("Start", type="primary", icon=":material/play_arrow:", disabled=bool(mine),
-                      help="One run at a time per browser session: stop or cancel yours first." if mine else
+    full = len(mine) >= runs.max_per_session()
+    start = st.button("Start", type="primary", icon=":material/play_arrow:", disabled=full,
+                      help=f"{len(mine)} of your runs wait or train (at most {runs.max_per_session()} per browser "
+                           "session): stop or cancel one first." if full else
                            f"Trains on {where}; the run goes on if you leave or reload the page.")
     if start:
         try:
