@@ -211,9 +211,9 @@ def submit(kind: str, spec: dict, *, name: str, target: str | None = None, root=
         run_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         folder = root / run_id
         folder.mkdir(parents=True)
-        _write_json(folder / "config.json", {"kind": kind, "target": target, "spec": spec, "owner": owner,
-                                             "submitted_at": time.time()})
         _write_json(folder / "status.json", {"state": QUEUED, "queued_at": time.time()})
+        _write_json(folder / "config.json", {"kind": kind, "target": target, "spec": spec, "owner": owner,
+                                             "submitted_at": time.time()})  # last: a folder with it is a run
     if start:
         schedule(root)
     return run_id
