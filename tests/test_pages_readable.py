@@ -14,7 +14,7 @@ from test_app import SHIPPED, app_at
 
 from cifarviz.checkpoint import load_checkpoint, read_metadata
 from cifarviz.models import count_parameters
-from cifarviz.recipes import SOURCE_REPORTED, SOURCE_TARGETS
+from cifarviz.recipes import DEEPNET_SEED_STUDY, SOURCE_REPORTED, SOURCE_TARGETS
 
 
 def shipped() -> dict[str, dict]:
@@ -135,3 +135,18 @@ def test_augmentation_preview_rerolls_on_its_own(cifar):
     at.button(key="augment_images").click().run()
     assert augmentation_images(at)[:8] != rerolled[:8]
     assert not at.exception
+
+
+def test_block_comparison_shows_the_seed_spread(cifar):
+    """The plain / residual / skip ranking comes with the same recipes under other seeds: seed 0 is each shipped
+    checkpoint's own accuracy, the others the seed study's, with their mean and spread."""
+    at = app_at("pages/models.py", cifar)
+    table = next(d.value for d in at.dataframe if "spread" in d.value.columns).set_index("model")
+    metas = shipped()
+    for name in ("deepnet-conv", "deepnet-res", "deepnet-skip"):
+        by_seed = {0: metas[name]["metrics"]["test_accuracy"], **DEEPNET_SEED_STUDY[name]}
+        for seed, accuracy in by_seed.items():
+            assert table.loc[name, f"seed {seed}"] == pytest.approx(100 * accuracy)
+        assert table.loc[name, "mean"] == pytest.approx(100 * np.mean(list(by_seed.values())))
+        assert table.loc[name, "spread"] == pytest.approx(100 * (max(by_seed.values()) - min(by_seed.values())))
+    assert any("The source found residual > skip > plain" in m.value for m in at.markdown)
