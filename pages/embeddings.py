@@ -13,14 +13,11 @@ st.markdown(f"Each point is an image, placed by a 2-D map of **{checkpoint.name}
             "the network sees as similar land close together. Hover a point to see the image, click it to inspect "
             "it, drag a box to see the images inside; click a legend entry to show only that class.")
 
-a, b, c = st.columns([1.2, 1.4, 1.6])
+a, b, c = st.columns([1, 1.2, 1.6])
 split = a.segmented_control("Images", ["test", "train"], default="test", key="emb_split", required=True,
                             format_func={"test": "Test", "train": "Training"}.get)
 method = b.segmented_control("Method", list(METHODS), default="tsne", key="emb_method", required=True,
                              format_func=lambda m: METHODS[m].split(" (")[0])
-colour_by = c.segmented_control("Colour by", list(ui.COLOUR_BY), default="true class", key="emb_colour",
-                                required=True)
-a, b, c = st.columns([1.2, 1.4, 1.6])
 subset = None
 if split == "train":
     size = a.select_slider("Training images", [2_000, 5_000, 10_000, 20_000, len(dataset.train)], value=5_000,
@@ -29,15 +26,18 @@ if split == "train":
     subset = subset_indices(len(dataset.train), size)
 params = dict(DEFAULT_PARAMS[method])
 if method == "tsne":
-    params["perplexity"] = float(b.slider("Perplexity", 5, 100, 30, key="emb_perplexity",
+    params["perplexity"] = float(c.slider("Perplexity", 5, 100, 30, key="emb_perplexity",
                                           help="About how many neighbours each point keeps close (t-SNE)."))
 elif method == "umap":
-    params["n_neighbors"] = b.slider("n_neighbors", 5, 100, 15, key="emb_neighbors",
+    params["n_neighbors"] = c.slider("n_neighbors", 5, 100, 15, key="emb_neighbors",
                                      help="Larger: more global structure (UMAP).")
     params["min_dist"] = c.slider("min_dist", 0.0, 0.99, 0.1, step=0.05, key="emb_min_dist",
                                   help="How tightly points may pack (UMAP).")
+a, b = st.columns([1.3, 1])
+colour_by = a.segmented_control("Colour by", list(ui.COLOUR_BY), default="true class", key="emb_colour",
+                                required=True)
 others = {label: path for label, path in app.checkpoint_choices().items() if path != str(checkpoint.path)}
-compare = st.selectbox("Side by side with", ["nothing", "raw pixels (PCA to 50 dimensions first)", *others],
+compare = b.selectbox("Side by side with", ["nothing", "raw pixels (PCA to 50 dimensions first)", *others],
                        key="emb_compare", help="The same map of another checkpoint, or of the raw pixels: what the "
                        "network learned that the pixels alone do not show.")
 
@@ -57,17 +57,19 @@ columns = st.columns(len(maps)) if len(maps) > 1 else [st.container()]
 events = []
 for column, (name, source), emb in zip(columns, sources, maps):
     with column:
-        st.subheader(f"{name}: {METHODS[method]}" if len(maps) > 1 else METHODS[method])
-        if source is None:
+        st.subheader(f"{name}: {METHODS[method].split(' (')[0]}" if len(maps) > 1 else METHODS[method])
+        if source is None:  # pixels carry no prediction: the sidebar checkpoint's colours and outlines
             predicted = arts.predicted[emb.indices]
-            st.caption(f"Pixels carry no prediction: colours and outlines use {checkpoint.name}'s.")
         else:
             predicted = (arts.predicted if source is checkpoint else other_predicted)[emb.indices]
         key = f"emb-map-{name}-{st.session_state.get('emb_round', 0)}"
         events.append(ui.show_map(emb, predicted, classes, colour_by, key=key, height=560 if len(maps) == 1 else 460,
-                                  urls=urls))
+                                  urls=urls, legend_below=len(maps) > 1))
         st.caption(f"{len(emb):,} {split} images; outlined: misclassified by "
                    f"{name if source is not None else checkpoint.name}; computed in {emb.info['seconds']:.1f} s.")
+st.caption("10-NN accuracy: how often a point's 10 nearest points on the map share its true class (leave-one-out); "
+           f"higher means the classes are better separated. {METHODS[method]} of the penultimate features"
+           + (", or of the raw pixels (reduced to 50 dimensions with PCA first)" if len(maps) > 1 else "") + ".")
 
 for emb, event in zip(maps, events):
     selection = event.selection if event else {}

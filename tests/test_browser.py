@@ -16,7 +16,8 @@ from cifarviz.artifacts import split_artifacts
 from cifarviz.checkpoint import load_checkpoint
 
 PAGES = (("home", "", "cifarviz"), ("dataset", "dataset", "Dataset"), ("evaluate", "evaluate", "Evaluate"),
-         ("influence", "influence", "Influence"), ("models", "models", "Models"))
+         ("embeddings", "embeddings", "Embeddings"), ("influence", "influence", "Influence"),
+         ("models", "models", "Models"))
 VIEWPORTS = ((1024, 768), (1400, 900))
 TRUNCATION_CHECKED = {name for name, _, _ in PAGES}
 
@@ -58,6 +59,55 @@ def test_confusion_cell_then_image_opens_the_inspector(page, server, cifar):
     assert cifar.classes[arts.predicted[index]] == pred_name
     probability = arts.probs[index].max()
     assert f"Predicted: {pred_name} ({probability:.1%})" in text
+
+
+def hover_a_point(page, chart, tries: int = 400):
+    """Move the mouse over the map until the tooltip shows an image: (x, y, image index, true class)."""
+    import random
+
+    box = chart.bounding_box()
+    rng = random.Random(0)
+    for _ in range(tries):  # the middle of the plot, where the points are (the legend is on the right)
+        x, y = box["x"] + box["width"] * rng.uniform(0.1, 0.7), box["y"] + box["height"] * rng.uniform(0.1, 0.9)
+        page.mouse.move(x, y)
+        page.wait_for_timeout(60)
+        text = page.evaluate("() => { const t = document.querySelector('#vg-tooltip-element');"
+                             " return t && t.classList.contains('visible') ? t.innerText : ''; }")
+        found = re.search(r"image #\s*(\d+).*?true class\s*(\w+)", text, re.S)
+        if found:
+            return x, y, int(found.group(1)), found.group(2)
+    raise AssertionError("no point of the map showed a tooltip")
+
+
+def test_embedding_map_hover_shows_the_image_and_a_click_opens_its_inspector(page, server, cifar):
+    page.goto(f"{server}/embeddings")
+    chart = page.locator("[data-testid='stVegaLiteChart']").first
+    chart.wait_for()
+    wait_idle(page)
+    x, y, index, true_name = hover_a_point(page, chart)
+    assert page.locator("#vg-tooltip-element img").count() == 1  # the thumbnail
+    assert cifar.classes[cifar.test.labels[index]] == true_name
+    page.mouse.click(x, y)
+    inspector = page.locator("[role=dialog] .st-key-inspector")
+    inspector.wait_for()
+    wait_idle(page)
+    text = inspector.inner_text()
+    assert f"test image #{index}" in text.lower() and f"True label: {true_name}" in text
+    arts = split_artifacts(load_checkpoint(REPO / "checkpoints" / "fastnet.safetensors"), cifar, "test")
+    assert f"Predicted: {cifar.classes[arts.predicted[index]]} ({arts.probs[index].max():.1%})" in text
+    page.keyboard.press("Escape")
+    inspector.wait_for(state="detached")
+    wait_idle(page)  # the map is drawn afresh after a click
+
+    box = page.locator("[data-testid='stVegaLiteChart']").first.bounding_box()  # drag a box: its images below
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.45, steps=8)
+    page.mouse.up()
+    page.get_by_text(re.compile(r"[\d,]+ images in the box")).wait_for()
+    wait_idle(page)
+    assert page.locator("[class*='st-key-emb-selection-test-'] button").count() > 0
+    assert_healthy(page, "embeddings selection")
 
 
 @pytest.mark.parametrize("width,height", VIEWPORTS, ids=[f"{w}x{h}" for w, h in VIEWPORTS])

@@ -22,7 +22,7 @@ from ..jobs import JOBS, Job
 HOVER_THUMBNAILS = int(os.environ.get("CIFARVIZ_HOVER_THUMBNAILS", "10000"))
 TRUE_COLOURS = "tableau10"
 STATUS_COLOURS = {"correct": "#9ecae1", "wrong": "#d62728"}
-COLOUR_BY = {"true class": "true", "predicted class": "predicted", "correct / wrong": "status"}
+COLOUR_BY = {"true class": "true", "prediction": "predicted", "right or wrong": "status"}
 # vega-tooltip shows an `image` field at its natural 32x32: enlarge it, pixelated, for a projector
 TOOLTIP_CSS = "<style>#vg-tooltip-element img{width:128px;height:128px;image-rendering:pixelated}</style>"
 
@@ -93,7 +93,8 @@ def map_frame(emb: Embedding, predicted: np.ndarray, classes: list[str], urls: n
     return frame.sort_values("status", kind="stable")  # wrong points drawn last, on top
 
 
-def map_chart(frame: pd.DataFrame, classes: list[str], colour_by: str, height: int) -> alt.Chart:
+def map_chart(frame: pd.DataFrame, classes: list[str], colour_by: str, height: int,
+              legend_below: bool = False) -> alt.Chart:
     """The scatter: coloured by the chosen field, misclassified points outlined in black, a legend that toggles its
     entries, a click selects one point ("pick"), a drag a box ("box")."""
     field = COLOUR_BY[colour_by]
@@ -112,7 +113,9 @@ def map_chart(frame: pd.DataFrame, classes: list[str], colour_by: str, height: i
         x=alt.X("x:Q", axis=bare, scale=alt.Scale(zero=False, nice=False)),
         y=alt.Y("y:Q", axis=bare, scale=alt.Scale(zero=False, nice=False)),
         color=alt.Color(f"{field}:N", scale=scale, title=colour_by,
-                        legend=alt.Legend(labelFontSize=14, titleFontSize=14, symbolSize=160, orient="right")),
+                        legend=alt.Legend(labelFontSize=14, titleFontSize=14, symbolSize=160,
+                                          orient="bottom" if legend_below else "right",
+                                          columns=4 if legend_below else 1)),
         stroke=alt.condition(alt.datum.status == "wrong", alt.value("black"), alt.value(None)),
         strokeWidth=alt.value(0.8),
         opacity=alt.condition(legend, alt.value(0.85), alt.value(0.04)),
@@ -121,11 +124,10 @@ def map_chart(frame: pd.DataFrame, classes: list[str], colour_by: str, height: i
 
 
 def show_map(emb: Embedding, predicted: np.ndarray, classes: list[str], colour_by: str, key: str, height: int,
-             urls: np.ndarray | None):
+             urls: np.ndarray | None, legend_below: bool = False):
     """Draw a map and its class-separation score; return Streamlit's selection event."""
-    chart = map_chart(map_frame(emb, predicted, classes, urls), classes, colour_by, height)
+    chart = map_chart(map_frame(emb, predicted, classes, urls), classes, colour_by, height, legend_below)
     event = st.altair_chart(chart, on_select="rerun", selection_mode=["pick", "box"], key=key, width="stretch")
     score = map_knn_accuracy(emb)
-    st.markdown(f"**10-nearest-neighbour accuracy in this map: {score:.1%}** (chance {1 / len(classes):.0%}) — "
-                f"how often a point's 10 nearest points on the map share its true class.")
+    st.markdown(f"**10-NN accuracy in this map: {score:.1%}** (chance {1 / len(classes):.0%})")
     return event
