@@ -198,6 +198,23 @@ def test_a_configuration_sent_to_the_form_fills_it(cifar, runs_root):
     assert runs.list_runs() == []
 
 
+def test_the_engine_saves_a_snapshot_per_epoch_on_request(cifar_small, tmp_path):
+    from cifarviz.recipes import train_and_save
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the app's workers do: on 2 shared cores, 2 threads wait for each other
+    try:
+        path, result = train_and_save(lenet(epochs=2), cifar_small, tmp_path / "final", snapshot_dir=tmp_path / "epochs")
+    finally:
+        torch.set_num_threads(threads)
+    snapshots = sorted((tmp_path / "epochs").glob("*.safetensors"))
+    assert [p.name for p in snapshots] == ["epoch-001.safetensors", "epoch-002.safetensors"]
+    first, last, final = (load_checkpoint(p) for p in (*snapshots, path))
+    assert first.meta["epoch"] == 1 and first.meta["history"] == result.history[:1] and "metrics" not in first.meta
+    assert all(torch.equal(v, final.model.state_dict()[k]) for k, v in last.model.state_dict().items())
+    assert not all(torch.equal(v, final.model.state_dict()[k]) for k, v in first.model.state_dict().items())
+
+
 def test_the_cli_lists_stops_and_cancels(cifar, runs_root, capsys):
     from cifarviz.cli import main
 
