@@ -34,9 +34,10 @@ from .explore import ImageRef, grad_cam, nearest_neighbours, overlay_heatmap, to
 from .influence import DEFAULT_METHOD, METHODS, index_path, load_or_fit, lookup
 from .inference import predict, ready_for
 from .jobs import JOBS, Job
+from .runs import list_runs, runs_dir
 from .utils import atomic_write, cache_dir, pick_device
 
-RUNS_DIR = Path(os.environ.get("CIFARVIZ_RUNS", "runs"))
+RUNS_DIR = runs_dir()  # $CIFARVIZ_RUNS, else ./runs: the Train page's runs and older flat checkpoints
 PAGES = (  # (file, title, icon): the explorer's pages, in menu order
     ("pages/home.py", "Home", ":material/home:"),
     ("pages/dataset.py", "Dataset", ":material/photo_library:"),
@@ -214,8 +215,6 @@ def file_stamp(path) -> float:
 
 def checkpoint_choices() -> dict[str, str]:
     """Label -> path for shipped checkpoints, the user's own runs, and this session's uploads."""
-    from .runs import list_runs
-
     choices = {}
     for folder, tag in ((SHIPPED_DIR, "shipped"), (RUNS_DIR, "your run")):
         for path in sorted(Path(folder).glob("*.safetensors")):

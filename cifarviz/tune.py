@@ -47,7 +47,9 @@ class TuningError(CifarvizError):
 
 def runs_dir() -> Path:
     """Where runs, the default study database and the app's tuning lock live: $CIFARVIZ_RUNS, else ./runs."""
-    return Path(os.environ.get("CIFARVIZ_RUNS", "runs"))
+    from .runs import runs_dir as runs_root
+
+    return runs_root()
 
 
 def default_storage_url() -> str:

@@ -232,3 +232,19 @@ def test_influence_page_click_a_test_image(cifar, lenet):
     at.run()
     inspector_helpful = [b for b in at.button if b.key and b.key.startswith("inspector-helpful-")]
     assert [int(b.key.rsplit("-", 1)[1]) for b in inspector_helpful] == [e.train_index for e in expected.helpful[:4]]
+
+
+def test_head_loss_reads_the_optimisers_decay_whichever_way_the_config_writes_it():
+    """A decay written per step at the peak lr (fastnet's recipe) is weight_decay / lr as an L2 coefficient; the
+    shipped checkpoints wrote the coefficient itself."""
+    from types import SimpleNamespace
+
+    from cifarviz.influence.head import training_loss_settings
+    from cifarviz.train import TrainConfig
+
+    per_step = TrainConfig(model="lenet", lr=1.5, weight_decay=0.002, weight_decay_mode="per_step", label_smoothing=0.2)
+    decay, smoothing = training_loss_settings(SimpleNamespace(meta={"train_config": per_step.to_dict()}))
+    assert decay == pytest.approx(per_step.decay_coefficient) == pytest.approx(0.002 / 1.5)
+    assert smoothing == 0.2
+    shipped = load_checkpoint(SHIPPED / "fastnet.safetensors")
+    assert training_loss_settings(shipped)[0] == pytest.approx(shipped.meta["train_config"]["weight_decay"])

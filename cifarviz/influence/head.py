@@ -69,8 +69,12 @@ def training_loss_settings(checkpoint) -> tuple[float, float]:
     """(L2 strength, label smoothing) of the loss the checkpoint was trained with, from its metadata."""
     config = checkpoint.meta.get("train_config") or {}
     # SGD and Adam add weight_decay * theta to the gradient: an L2 penalty (wd/2)|theta|^2. AdamW decouples
-    # it, which is the same penalty up to the learning-rate schedule; we use wd for all three.
-    return float(config.get("weight_decay") or 0.0), float(config.get("label_smoothing") or 0.0)
+    # it, which is the same penalty up to the learning-rate schedule; we use wd for all three. A decay written
+    # per step at the peak lr (weight_decay_mode "per_step", airbench's convention) is that coefficient times lr.
+    decay = float(config.get("weight_decay") or 0.0)
+    if config.get("weight_decay_mode") == "per_step" and config.get("lr"):
+        decay /= float(config["lr"])
+    return decay, float(config.get("label_smoothing") or 0.0)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
