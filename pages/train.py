@@ -2,7 +2,6 @@
 
 import math
 import secrets
-import time
 
 import altair as alt
 import pandas as pd
@@ -15,6 +14,7 @@ from cifarviz.errors import CifarvizError
 from cifarviz.models import list_models, model_entry
 from cifarviz.recipes import RECIPES
 from cifarviz.train import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES, TrainConfig
+from cifarviz.ui.tuning import tuning_tab
 
 CUDA = torch.cuda.is_available()
 BATCH_SIZES = [32, 64, 128, 256, 512, 1024]
@@ -404,16 +404,13 @@ def compare_tab() -> None:
 # --------------------------------------------------------------------------- the page
 
 
-train_tab, compare, tune = st.tabs(["Train", "Compare", "Tune"])
+if "train_config_request" in st.session_state:  # "Train with the best parameters" on the Tune tab: show the form
+    st.session_state["train_tabs"] = "Train"
+train_tab, compare, tune = st.tabs(["Train", "Compare", "Tune"], key="train_tabs", on_change="rerun")
 with train_tab:
     training_form()
     live_view()
 with compare:
     compare_tab()
 with tune:
-    try:
-        from cifarviz.ui.tuning import tuning_tab
-    except ImportError:
-        st.info("Hyperparameter search (Optuna) is not installed in this version yet.")
-    else:
-        tuning_tab(dataset)
+    tuning_tab(dataset)

@@ -187,9 +187,11 @@ def test_a_configuration_sent_to_the_form_fills_it(cifar, runs_root):
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
     at.session_state["_data_root"] = str(cifar.root)
     at.session_state["train_config_request"] = {**RECIPES["fastnet"].to_dict(), "lr": 0.75, "batch_size": 768}
+    at.session_state["train_tabs"] = "Tune"  # the button is on the Tune tab; the form is on the Train tab
     at.run()
     at.switch_page("pages/train.py").run()
     assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["train_tabs"] == "Train"
     assert at.selectbox(key="tr_model").value == "fastnet" and at.number_input(key="tr_lr").value == 0.75
     assert at.select_slider(key="tr_batch_size").value == 768 and at.radio(key="tr_weight_decay_mode").value == "per_step"
     coefficient = RECIPES["fastnet"].weight_decay / 0.75
