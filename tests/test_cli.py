@@ -83,12 +83,13 @@ def test_precompute_warms_the_app_caches(cifar):
     from cifarviz.influence import index_path
 
     lines = [line.split() for line in result.stdout.splitlines()]
-    assert [line[1] for line in lines] == ["test", "val", "train", "head"]  # artifacts, then the influence index
+    # artifacts, the influence index, then the Embeddings page's default map
+    assert [line[1] for line in lines] == ["test", "val", "train", "head", "tsne"]
     checkpoint = load_checkpoint(REPO / "checkpoints" / "lenet.safetensors")
     assert all(artifact_path(checkpoint, cifar, split).is_file() for split in ("test", "val", "train"))
     assert index_path("head", checkpoint, cifar).is_file()
     again = run("precompute", "-c", "lenet", "--data", str(cifar.root))
-    assert again.stdout.count("already cached") == 4
+    assert again.stdout.count("already cached") == 5
 
 
 # ----------------------------------------------------------------- in-process: cifarviz.cli.main([...])
