@@ -15,9 +15,9 @@ from browser import REPO, assert_healthy, cut_off_texts, new_page, screenshot, w
 from cifarviz.artifacts import split_artifacts
 from cifarviz.checkpoint import load_checkpoint
 
-PAGES = (("home", "", "cifarviz"), ("dataset", "dataset", "Dataset"), ("evaluate", "evaluate", "Evaluate"),
-         ("embeddings", "embeddings", "Embeddings"), ("influence", "influence", "Influence"),
-         ("models", "models", "Models"))
+PAGES = (("home", "", "cifarviz"), ("dataset", "dataset", "Dataset"), ("train", "train", "Train"),
+         ("evaluate", "evaluate", "Evaluate"), ("embeddings", "embeddings", "Embeddings"),
+         ("influence", "influence", "Influence"), ("models", "models", "Models"))
 VIEWPORTS = ((1024, 768), (1400, 900))
 TRUNCATION_CHECKED = {name for name, _, _ in PAGES}
 
