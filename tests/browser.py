@@ -94,13 +94,21 @@ def assert_healthy(page, where: str) -> None:
 
 
 def cut_off_texts(page, scope: str) -> list[str]:
-    """Visible texts inside `scope` that CSS cuts off with an ellipsis (wider than their box)."""
+    """Visible texts inside `scope` that CSS cuts off with an ellipsis (wider than their box), and options of
+    button groups (segmented controls, pills) that stick out of their column, where they are hidden."""
     return page.evaluate(
-        """(scope) => [...document.querySelectorAll(scope + ' *')].filter(el => {
-               if (!el.offsetParent || !el.innerText || !el.innerText.trim()) return false;
-               const style = getComputedStyle(el);
-               return style.textOverflow === 'ellipsis' && el.scrollWidth > el.clientWidth + 1;
-           }).map(el => el.innerText.trim())""", scope)
+        """(scope) => {
+               const ellipsis = [...document.querySelectorAll(scope + ' *')].filter(el => {
+                   if (!el.offsetParent || !el.innerText || !el.innerText.trim()) return false;
+                   const style = getComputedStyle(el);
+                   return style.textOverflow === 'ellipsis' && el.scrollWidth > el.clientWidth + 1;
+               }).map(el => el.innerText.trim());
+               const hidden = [...document.querySelectorAll(scope + ' [data-testid="stButtonGroup"] button')].filter(b => {
+                   const box = b.closest('[data-testid="stColumn"]') || b.closest('[data-testid="stVerticalBlock"]');
+                   return b.offsetParent && box && b.getBoundingClientRect().right > box.getBoundingClientRect().right + 1;
+               }).map(b => 'option out of its column: ' + b.innerText.trim());
+               return [...ellipsis, ...hidden];
+           }""", scope)
 
 
 def screenshot(page, name: str, scroller: str = "[data-testid='stMain']") -> None:
