@@ -13,7 +13,7 @@ st.markdown(f"Each point is an image, placed by a 2-D map of **{checkpoint.name}
             "the network sees as similar land close together. Hover a point to see the image, click it to inspect "
             "it, drag a box to see the images inside; click a legend entry to show only that class.")
 
-a, b, c = st.columns([1, 1.5, 1.3])  # "t-SNE | UMAP | PCA" fits a 1024-pixel projector  # "t-SNE | UMAP | PCA" fits a 1024-pixel projector
+a, b, c = st.columns([1, 1.5, 1.3])  # "t-SNE | UMAP | PCA" fits a 1024-pixel projector
 split = a.segmented_control("Images", ["test", "train"], default="test", key="emb_split", required=True,
                             format_func={"test": "Test", "train": "Training"}.get)
 method = b.segmented_control("Method", list(METHODS), default="tsne", key="emb_method", required=True,
