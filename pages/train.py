@@ -25,6 +25,7 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 DECAY_MODE_LABELS = {"coefficient": "coefficient (decay per step follows lr)",
                      "per_step": "per step at peak lr (kept when lr changes)"}
 KEY = "tr_"  # the form's widget keys
+METRIC_WIDTH = 140  # pixels: "Learning rate" and "0.0469" in full
 
 app.sidebar()
 st.title("Train")
@@ -246,14 +247,17 @@ def draw_running(run: runs.Run) -> None:
                 "Stopping after this batch..." if stopping else
                 f"Epoch {last['epoch']}/{config.get('epochs')}, step {last['step']:,}/{last['total_steps']:,}")
         st.progress(min(fraction, 1.0), text=text)
-        c = st.columns(5)
-        c[0].metric("Images/s", f"{last['images_per_s']:,.0f}", help="Training images per second in this epoch")
-        c[1].metric("ETA", f"{eta:,.0f} s" if eta < 120 else f"{eta / 60:,.1f} min",
-                    help="Time left for the remaining steps at the current speed (validation not included)")
-        c[2].metric("Learning rate", f"{last['lr']:.3g}")
-        c[3].metric("Train loss", f"{last['train_loss']:.3f}", help="Mean over this epoch so far")
         val = p["epochs"][-1]["val_acc"] if p["epochs"] else None
-        c[4].metric("Val accuracy", "—" if val is None else f"{val:.1%}", help="After the last finished epoch")
+        with st.container(horizontal=True, wrap=True, gap="medium"):  # wraps on a projector, never cuts a number
+            st.metric("Images/s", f"{last['images_per_s']:,.0f}", help="Training images per second in this epoch",
+                      width=METRIC_WIDTH)
+            st.metric("ETA", f"{eta:,.0f} s" if eta < 120 else f"{eta / 60:,.1f} min", width=METRIC_WIDTH,
+                      help="Time left for the remaining steps at the current speed (validation not included)")
+            st.metric("Learning rate", f"{last['lr']:.3g}", width=METRIC_WIDTH)
+            st.metric("Train loss", f"{last['train_loss']:.3f}", help="Mean over this epoch so far",
+                      width=METRIC_WIDTH)
+            st.metric("Val accuracy", "—" if val is None else f"{val:.1%}", help="After the last finished epoch",
+                      width=METRIC_WIDTH)
         frame = curve_frame(p["steps"], p["epochs"])
         left, right = st.columns(2)
         left.altair_chart(live_chart(frame, "loss", config.get("epochs", 1)), width="stretch")
