@@ -297,6 +297,7 @@ class InspectorSample:
 @dataclass
 class Tally:
     page_seconds: list = field(default_factory=list)
+    by_page: dict = field(default_factory=dict)  # page name -> its times
     inspector_seconds: list = field(default_factory=list)
     close_seconds: list = field(default_factory=list)
     errors: list = field(default_factory=list)  # short descriptions, the first few are printed
@@ -336,6 +337,7 @@ async def one_visit(client: StreamlitClient, tally: Tally, rng: random.Random, t
     page = rng.choice(list(PAGES))
     run = await client.open_page(PAGES[page][0])
     tally.page_seconds.append(run.seconds)
+    tally.by_page.setdefault(page, []).append(run.seconds)
     check_no_exceptions(run, f"page {page}", tally)
     buttons = run.image_buttons
     if not buttons or time.monotonic() >= deadline:  # Home and Models show no images
@@ -495,6 +497,7 @@ def run_load(server: Server, args) -> dict:
     return {
         "timings": {"page": percentiles(tally.page_seconds), "inspector": percentiles(tally.inspector_seconds),
                     "close": percentiles(tally.close_seconds)},
+        "pages": {name: percentiles(times) for name, times in sorted(tally.by_page.items())},
         "errors": len(tally.errors), "error_examples": tally.errors[:20], "timeouts": tally.timeouts,
         "inspectors_checked": len(tally.samples), "wrong_saliency": wrong, "wrong_saliency_examples": wrong_notes[:20],
         "largest_pixel_difference": largest, "server_max_rss_mb": max_rss, "server_cpu_seconds": server_cpu,
@@ -543,6 +546,8 @@ def print_load(report: dict) -> None:
         row = report["timings"][name]
         numbers = f" {row['p50']:8.2f} {row['p95']:8.2f} {row['max']:8.2f}" if row["n"] else ""
         print(f"{label:20} {row['n']:6d}{numbers}")
+    print("  by page: " + ", ".join(f"{name} p50 {row['p50']:.2f} / p95 {row['p95']:.2f} s"
+                                   for name, row in report.get("pages", {}).items()))
     print(f"errors {report['errors']}, time-outs {report['timeouts']}, wrong saliency maps {report['wrong_saliency']} "
           f"of {report['inspectors_checked']} checked "
           f"(largest difference {report['largest_pixel_difference']:.0f} levels)")
