@@ -29,6 +29,13 @@ def app_at(page: str, cifar) -> AppTest:
     return at
 
 
+def open_tab(at, key: str, label: str) -> None:
+    """Select a keyed tab (pages draw only the open one) and rerun, as a click on it does."""
+    at.session_state[key] = label
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+
+
 def run_until(at, ready, what: str, timeout: float = 300) -> None:
     """Rerun the page until `ready(at)`: pages draw a progress bar and fill in when background work finishes."""
     deadline = time.monotonic() + timeout
@@ -66,6 +73,8 @@ def test_home_lists_the_zoo_with_measured_accuracy(cifar):
 def test_dataset_page_grids_filters_and_inspector(cifar):
     at = app_at("pages/dataset.py", cifar)
     assert [t.label for t in at.tabs] == ["Class counts", "Samples", "Statistics", "Augmentation", "Browser"]
+    assert not [b for b in at.button if b.key and b.key.startswith("sample-")]  # only the open tab is drawn
+    open_tab(at, "dataset_tab", "Samples")
     first = [b for b in at.button if b.key and b.key.startswith("sample-airplane-")]
     assert len(first) == 8
     before = {b.key for b in first}
@@ -74,6 +83,8 @@ def test_dataset_page_grids_filters_and_inspector(cifar):
     assert after and after != before
 
     # browser: filter by class, every shown image is of that class
+    open_tab(at, "dataset_tab", "Browser")
+    assert not [b for b in at.button if b.key and b.key.startswith("sample-")]
     at.multiselect(key="browse_classes").set_value(["frog"]).run()
     at.selectbox(key="browse_split").set_value("test").run()
     shown = [b for b in at.button if b.key and b.key.startswith("browse-test-")]

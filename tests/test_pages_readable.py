@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
-from test_app import SHIPPED, app_at
+from test_app import SHIPPED, app_at, open_tab
 
 from cifarviz.checkpoint import load_checkpoint, read_metadata
 from cifarviz.models import count_parameters
@@ -124,13 +124,16 @@ def augmentation_images(at) -> list[str]:
 
 def test_augmentation_preview_rerolls_on_its_own(cifar):
     at = app_at("pages/dataset.py", cifar)
+    open_tab(at, "dataset_tab", "Augmentation")
     first = augmentation_images(at)
     assert len(first) == 32
     at.button(key="augment_reroll").click().run()
     rerolled = augmentation_images(at)
     assert rerolled[:8] == first[:8]  # the same pictures...
     assert rerolled[8:] != first[8:]  # ...augmented afresh
+    open_tab(at, "dataset_tab", "Samples")
     at.button(key="sample_reshuffle").click().run()  # the samples tab's reshuffle leaves the preview alone
+    open_tab(at, "dataset_tab", "Augmentation")
     assert augmentation_images(at) == rerolled
     at.button(key="augment_images").click().run()
     assert augmentation_images(at)[:8] != rerolled[:8]
