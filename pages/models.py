@@ -11,16 +11,11 @@ from cifarviz.errors import AmbiguousArchitectureError, CifarvizError
 from cifarviz.models import count_parameters, list_models, model_entry
 from cifarviz.recipes import DEEPNET_SEED_STUDY, SOURCE_REPORTED, SOURCE_TARGETS
 from cifarviz.summary import changed_args, describe_args, layer_table, model_for_summary, shipped_checkpoints
+from cifarviz.ui.charts import PALETTE, SPLITS_NOTE, epoch_curves
 
 app.sidebar()
 st.title("Models")
 
-# A clearly different, strong hue per shipped model, in zoo order, so each compared trio gets three unlike
-# colours (Streamlit's own palette pairs dark and light shades of one hue).
-PALETTE = ["#8c564b", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#e377c2", "#393b79", "#17becf", "#b8860b",
-           "#d62728", "#7f7f7f", "#637939", "#ad494a"]
-SPLIT_DASH = alt.Scale(domain=["train", "val"], range=[[1, 0], [6, 4]])
-SPLITS_NOTE = "Solid lines: training split; dashed lines: validation split."
 COUNT = st.column_config.NumberColumn(format="localized")
 TABLE_FORMATS = {
     "parameters": COUNT, "trainable": COUNT,
@@ -85,16 +80,8 @@ def model_colour(models) -> alt.Color:
 
 
 def curve_chart(frame: pd.DataFrame, metric: str, height: int) -> alt.Chart:
-    """Lines per model (colour) and split (solid: train, dashed: validation), the y axis fitted to the data."""
-    accuracy = metric == "acc"
-    return alt.Chart(frame).mark_line(point=alt.OverlayMarkDef(size=30), strokeWidth=2.5).encode(
-        x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1, format="d")),
-        y=alt.Y("value:Q", title="accuracy" if accuracy else "loss", scale=alt.Scale(zero=False, nice=True),
-                axis=alt.Axis(format="%" if accuracy else ".2f")),
-        color=model_colour(frame["model"].unique()),
-        strokeDash=alt.StrokeDash("split:N", scale=SPLIT_DASH, legend=None),  # said in SPLITS_NOTE
-        tooltip=["model", "split", "epoch", alt.Tooltip("value:Q", format=".2%" if accuracy else ".3f")],
-    ).properties(height=height)  # fmt: skip
+    """Lines per model (its colour on every chart of this page) and split, the y axis fitted to the data."""
+    return epoch_curves(frame, metric, model_colour(frame["model"].unique()), height=height)
 
 
 def source_figure(name: str) -> str | None:

@@ -14,14 +14,12 @@ from cifarviz.errors import CifarvizError
 from cifarviz.models import list_models, model_entry
 from cifarviz.recipes import RECIPES
 from cifarviz.train import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES, TrainConfig
+from cifarviz.ui.charts import PALETTE, SPLITS_NOTE, epoch_curves
 from cifarviz.ui.tuning import tuning_tab
 
 CUDA = torch.cuda.is_available()
 BATCH_SIZES = [32, 64, 128, 256, 512, 1024]
 SUBSETS = [1000, 2000, 5000, 10000, 20000, 45000]
-SPLIT_DASH = alt.Scale(domain=["train", "val"], range=[[1, 0], [6, 4]])  # as on the Models page
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#b8860b",
-           "#393b79", "#637939", "#7f7f7f"]  # strong, unlike hues: compared runs never share a shade
 DECAY_MODE_LABELS = {"coefficient": "coefficient (decay per step follows lr)",
                      "per_step": "per step at peak lr (kept when lr changes)"}
 KEY = "tr_"  # the form's widget keys
@@ -389,18 +387,12 @@ def compare_tab() -> None:
     if frame.empty:
         st.info("None of these runs has finished an epoch yet.")
     else:
-        colours = alt.Scale(domain=chosen, range=PALETTE[: len(chosen)])
-        chart = alt.Chart(frame).mark_line(point=alt.OverlayMarkDef(size=30), strokeWidth=2.5).encode(
-            x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1, format="d")),
-            y=alt.Y("value:Q", title=metric, scale=alt.Scale(zero=False, nice=True),
-                    axis=alt.Axis(format="%" if key == "acc" else ".2f")),
-            color=alt.Color("run:N", scale=colours, legend=alt.Legend(title=None, orient="bottom", columns=2,
-                                                                      labelLimit=0, labelFontSize=13)),
-            strokeDash=alt.StrokeDash("split:N", scale=SPLIT_DASH, legend=None),
-            tooltip=["run", "split", "epoch", alt.Tooltip("value:Q", format=".2%" if key == "acc" else ".3f")],
-        ).properties(height=380).configure_axis(labelFontSize=13, titleFontSize=14)
+        colour = alt.Color("run:N", scale=alt.Scale(domain=chosen, range=PALETTE[: len(chosen)]),
+                           legend=alt.Legend(title=None, orient="bottom", columns=2, labelLimit=0, labelFontSize=13))
+        chart = epoch_curves(frame, key, colour, series="run", height=380).configure_axis(labelFontSize=13,
+                                                                                          titleFontSize=14)
         st.altair_chart(chart, width="stretch")
-        st.caption("Solid lines: training split; dashed lines: validation split.")
+        st.caption(SPLITS_NOTE)
     st.markdown("**Configurations side by side**")
     st.dataframe(config_rows(data), width="stretch")
 

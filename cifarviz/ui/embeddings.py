@@ -47,16 +47,9 @@ def get_maps(requests: list[tuple], dataset, split: str, method: str, params: di
             st.stop()
     if waiting:
         points = len(dataset.split(split)) if subset is None else len(subset)
-
-        @st.fragment(run_every=0.5)
-        def progress() -> None:
-            if all(job.done for _, job in waiting):
-                st.rerun()  # the whole page, now with the maps
-            for name, job in waiting:
-                st.progress(job.progress, text=f"{METHODS[method]} map of {name}, {points:,} {split} images (once, "
-                                               f"then cached for everyone): {job.progress:.0%}")
-
-        progress()
+        for name, job in waiting:  # each bar reruns the page when its map is ready
+            app.progress_bar(job, f"{METHODS[method]} map of {name}, {points:,} {split} images (once, then cached "
+                                  "for everyone)")
         st.stop()
     return [embedding(source, dataset, split, method, params, subset) for _, source in requests]
 
