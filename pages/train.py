@@ -370,7 +370,9 @@ def compare_tab() -> None:
     sources = compare_sources()
     st.caption("Overlay the learning curves of any runs (and the shipped checkpoints' own training), e.g. s8net with "
                "BN, GN and LN, or deepnet conv / res / skip trained with the same settings.")
-    default = [name for name in sources if not name.endswith("(shipped)")][:3]
+    # your latest runs; before any, the s8 normalisation study the shipped checkpoints already hold
+    default = [name for name in sources if not name.endswith("(shipped)")][:3] or [
+        f"s8net-{norm} (shipped)" for norm in ("bn", "gn", "ln") if f"s8net-{norm} (shipped)" in sources]
     chosen = st.multiselect("Runs", list(sources), default=default, key="compare_runs", max_selections=len(PALETTE))
     if not chosen:
         st.info("Choose runs to compare.")

@@ -62,6 +62,8 @@ def test_a_run_started_on_the_page_trains_to_a_checkpoint_every_page_accepts(cif
     monkeypatch.setenv("CIFARVIZ_SESSION_RUNS", "1")
     at = train_page(cifar)
     assert [t.label for t in at.tabs] == ["Train", "Compare", "Tune"]
+    # before any run, Compare shows the shipped normalisation study rather than an empty chart
+    assert at.multiselect(key="compare_runs").value == [f"s8net-{n} (shipped)" for n in ("bn", "gn", "ln")]
     at.select_slider(key="tr_subset").set_value(1000)
     at.number_input(key="tr_epochs").set_value(2)
     at.select_slider(key="tr_batch_size").set_value(64)
