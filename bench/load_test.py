@@ -13,7 +13,7 @@ server's media URL, equals `overlay_heatmap(image, grad_cam(model, image, target
 serially, after the run (so this process does not compete with the server for the CPU during it).
 
     python bench/load_test.py [--clients 30] [--seconds 300] [--think 2] [--data PATH]
-                              [--streamlit-option runner.postScriptGC=false ...]
+                              [--streamlit-option runner.postScriptGC=true ...]
     python bench/load_test.py --profile [--reruns 30]   # one viewer: where the server's time goes (py-spy)
 
 Prints a table and writes JSON to bench/results/ (git-ignored).
@@ -91,7 +91,7 @@ class Server:
 @contextlib.contextmanager
 def streamlit_server(env: dict, log_path: Path, options: tuple = (), startup_timeout: float = 90):
     """`streamlit run streamlit_app.py` on a free loopback port (never any other address), until the block ends.
-    `options`: more command-line config, e.g. ("--runner.postScriptGC", "false")."""
+    `options`: more command-line config, e.g. ("--runner.postScriptGC", "true")."""
     port = free_port()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -612,30 +612,39 @@ def attribute(raw: Path) -> tuple[dict, int]:
 
 
 async def profile_actions(server: Server, reruns: int, py_spy: str | None, rate: int) -> dict:
+    """One viewer: `reruns` visits of every page (each from another page, as a sidebar click is), then `reruns`
+    inspectors opened and closed on Evaluate; server CPU per run, and with py-spy where the GIL time goes."""
     client = StreamlitClient(server.url)
     await client.connect()
-    page = await client.open_page("evaluate")
     report = {}
-    for action in ("evaluate", "inspector"):
+    for action in [*PAGES, "inspector"]:
         raw = Path(tempfile.mkstemp(prefix=f"profile-{action}-", suffix=".txt")[1])
         seconds, cpu = [], 0.0
+        page = await client.open_page("evaluate" if action == "inspector" else
+                                      PAGES["home" if action != "home" else "models"][0])
         with py_spy_recording(py_spy, server.pid, raw, rate):
             for i in range(reruns):
+                if action != "inspector":  # from another page: what a sidebar click asks of the server
+                    await client.open_page(PAGES["home" if action != "home" else "models"][0])
                 before = cpu_seconds(server.pid)
-                if action == "evaluate":
-                    run = await client.open_page("evaluate")
-                else:
+                if action == "inspector":
                     run = await client.click(page.image_buttons[i % len(page.image_buttons)].widget_id)
+                else:
+                    run = await client.open_page(PAGES[action][0])
                 seconds.append(run.seconds)
                 cpu += cpu_seconds(server.pid) - before
-                if run.open_dialog_id:
+                if action == "inspector" and run.open_dialog_id:
+                    before = cpu_seconds(server.pid)
                     page = await client.click(run.open_dialog_id)  # closing it is an Evaluate rerun, sampled too
+                    cpu += cpu_seconds(server.pid) - before
         report[action] = {"runs": reruns, "seconds": percentiles(seconds), "server_cpu_per_run": cpu / reruns}
         if py_spy and raw.stat().st_size:
             costs, total = attribute(raw)
-            per_run = 1 / rate / (reruns * (2 if action == "inspector" else 1))  # samples -> GIL seconds per rerun
-            report[action]["gil_seconds_per_rerun"] = total * per_run
-            report[action]["top_costs"] = [{"where": k, "share": n / total, "gil_seconds_per_rerun": n * per_run}
+            # samples -> GIL seconds per measured pair of runs: a page and the switch to Home (or Models) before
+            # it; an inspector's open and close
+            per_run = 1 / rate / reruns
+            report[action]["gil_seconds_per_pair"] = total * per_run
+            report[action]["top_costs"] = [{"where": k, "share": n / total, "gil_seconds_per_pair": n * per_run}
                                            for k, n in sorted(costs.items(), key=lambda kv: -kv[1])[:15]]  # fmt: skip
     await client.close()
     return report
@@ -646,10 +655,11 @@ def print_profile(report: dict) -> None:
         print(f"\n{action}: {row['runs']} runs by one viewer, median {row['seconds']['p50']:.3f} s, "
               f"server CPU {row['server_cpu_per_run']:.3f} s per run (all threads, torch included)")
         if "top_costs" in row:
-            note = " (an inspector is a click and a close: two reruns)" if action == "inspector" else ""
-            print(f"  GIL held {row['gil_seconds_per_rerun']:.3f} s per page rerun{note}; where:")
+            note = ("an inspector's open and close" if action == "inspector" else
+                    "the page and the switch to Home (Models) before it")
+            print(f"  GIL held {row['gil_seconds_per_pair']:.3f} s per pair of runs ({note}); where:")
             for cost in row["top_costs"]:
-                print(f"  {cost['share']:6.1%} {cost['gil_seconds_per_rerun']:7.3f} s  {cost['where']}")
+                print(f"  {cost['share']:6.1%} {cost['gil_seconds_per_pair']:7.3f} s  {cost['where']}")
 
 
 # --------------------------------------------------------------------------- main
@@ -664,7 +674,7 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=default_data())
     parser.add_argument("--streamlit-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra server config, e.g. runner.postScriptGC=false (repeatable)")
+                        help="extra server config, e.g. runner.postScriptGC=true, Streamlit's default (repeatable)")
     parser.add_argument("--train", metavar="MODEL", default=None,
                         help="while the viewers load the server, train MODEL (all training images) as a background "
                              "run through the Train page's own machinery (cifarviz.runs), and report its images/s")

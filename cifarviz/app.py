@@ -93,7 +93,9 @@ def canonical_root(text: str) -> str:
 
 @st.cache_resource(show_spinner="Loading CIFAR-10 (decoded once, then cached on disk)...", max_entries=2)
 def get_dataset(root: str):
-    return load_cifar10(root, download=False, progress=False)
+    # lazy: a first visit to Evaluate waits for the 10,000 test images only; the training images are decoded
+    # when a page, or the background computation of their features, first needs them.
+    return load_cifar10(root, download=False, progress=False, lazy=True)
 
 
 @st.cache_resource(show_spinner="Loading model...", max_entries=8)
@@ -257,22 +259,30 @@ def sidebar() -> None:
                      help="Shipped checkpoints, your runs (runs/), and checkpoints uploaded on the Models page.")
 
 
-def data_and_checkpoint_page(title: str):
+def data_and_checkpoint_page(title: str, training_images: bool = True):
     """The start of a page that needs both: sidebar, title, then (dataset, checkpoint), or a stop after a message
-    that says what is missing."""
+    that says what is missing. `training_images`: see `current_dataset`."""
     sidebar()
     st.title(title)
-    dataset, checkpoint = current_dataset(), current_checkpoint()
+    dataset, checkpoint = current_dataset(training_images=training_images), current_checkpoint()
     if dataset is None or checkpoint is None:
         st.stop()
     return dataset, checkpoint
 
 
-def current_dataset(required: bool = True):
-    """The selected dataset, or None after drawing a page that explains how to get data."""
+def current_dataset(required: bool = True, training_images: bool = True):
+    """The selected dataset, or None after drawing a page that explains how to get data.
+
+    `training_images`: decode the training images now, if no one has yet (a page that shows only test results
+    says False, and its first visit does not wait for them)."""
     root = canonical_root(st.session_state.get("data_root", ""))
     try:
-        return get_dataset(root)
+        dataset = get_dataset(root)
+        if training_images and not dataset.train.decoded:
+            with st.spinner(f"Decoding the {len(dataset.train) + len(dataset.val):,} training images "
+                            "(once, then cached on disk)..."):
+                dataset.train.images, dataset.val.images, dataset.mean  # noqa: B018 - decoded on first use
+        return dataset
     except CifarvizError as exc:
         if required:
             no_data_help(root, str(exc))

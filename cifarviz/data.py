@@ -60,17 +60,56 @@ def default_data_root() -> Path:
     return Path(os.environ.get("CIFARVIZ_DATA") or "data")
 
 
-@dataclass(frozen=True)
-class Split:
-    """One split: images (N, 32, 32, 3) uint8, labels (N,) int64, and where each came from."""
+class Once:
+    """A value computed on first use by the first thread that asks (the others wait for it); a failure is kept
+    and raised again to every later caller, so a bad image is reported the same way each time."""
 
-    name: str
-    images: np.ndarray
-    labels: np.ndarray
-    source_index: np.ndarray  # index into the source's own train (or test) order
+    def __init__(self, compute):
+        self._compute, self._lock, self._value, self._error = compute, threading.Lock(), None, None
+
+    @property
+    def done(self) -> bool:
+        return self._compute is None
+
+    def __call__(self):
+        if self._compute is not None:
+            with self._lock:
+                if self._compute is not None and self._error is None:
+                    try:
+                        self._value = self._compute()
+                        self._compute = None
+                    except DataError as exc:
+                        self._error = exc
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class Split:
+    """One split: images (N, 32, 32, 3) uint8, labels (N,) int64, and where each came from.
+
+    `images` may be given as a `Once`: the pixels are then decoded on first use, so the app can show the test
+    split's results while the training images are still on their way."""
+
+    __slots__ = ("name", "_images", "labels", "source_index")
+
+    def __init__(self, name: str, images, labels: np.ndarray, source_index: np.ndarray):
+        self.name, self._images, self.labels, self.source_index = name, images, labels, source_index
+
+    @property
+    def images(self) -> np.ndarray:
+        return self._images() if isinstance(self._images, Once) else self._images
+
+    @property
+    def decoded(self) -> bool:
+        """Whether `images` is at hand (no decoding on first use)."""
+        return not isinstance(self._images, Once) or self._images.done
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __repr__(self) -> str:
+        return f"Split({self.name!r}, {len(self)} images)"
 
 
 @dataclass(frozen=True)
@@ -81,12 +120,19 @@ class CIFAR10:
     val: Split
     test: Split
     classes: tuple[str, ...]
-    mean: tuple[float, float, float]  # per channel, on the training split, in [0, 1] units
-    std: tuple[float, float, float]
     root: Path
     layout: str  # "python" or "image-folder"
     fingerprint: str
     split_seed: int
+    stats: Once | tuple  # ((mean r, g, b), (std r, g, b)) of the training split, in [0, 1] units
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return (self.stats() if isinstance(self.stats, Once) else self.stats)[0]
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return (self.stats() if isinstance(self.stats, Once) else self.stats)[1]
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):
@@ -321,18 +367,23 @@ def _decode_in_processes(paths: list[str], images: np.ndarray, workers: int, pro
     return [s for s, ok in zip(slices, finished) if not ok]
 
 
-def _decode_image_folder(root: Path, entries, progress: bool):
+def _image_folder_classes(entries) -> tuple[str, ...]:
+    return tuple(sorted({rel.split("/")[1] for rel, *_ in entries["train"]}))
+
+
+def _image_folder_labels(entries, part: str) -> np.ndarray:
+    class_index = {name: i for i, name in enumerate(_image_folder_classes(entries))}
+    return np.array([class_index[rel.split("/")[1]] for rel, *_ in entries[part]], dtype=np.int64)
+
+
+def _decode_image_folder(root: Path, entries, part: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     from tqdm.auto import tqdm
 
-    classes = sorted({rel.split("/")[1] for rel, *_ in entries["train"]})
-    class_index = {name: i for i, name in enumerate(classes)}
-    rels = [rel for split in ("train", "test") for rel, *_ in entries[split]]
-    with tqdm(total=len(rels), desc="decoding images", unit="img", disable=not progress) as bar:
-        images = _decode_images([os.path.join(root, rel) for rel in rels], bar.update)  # both splits: one start-up
-    n_train = len(entries["train"])
-    labels = np.array([class_index[rel.split("/")[1]] for rel in rels], dtype=np.int64)
-    out = {"train": (images[:n_train], labels[:n_train]), "test": (images[n_train:].copy(), labels[n_train:])}
-    return out, tuple(classes)
+    rels = [rel for rel, *_ in entries[part]]
+    what = "training" if part == "train" else part
+    with tqdm(total=len(rels), desc=f"decoding {what} images", unit="img", disable=not progress) as bar:
+        images = _decode_images([os.path.join(root, rel) for rel in rels], bar.update)
+    return images, _image_folder_labels(entries, part)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -372,24 +423,28 @@ def _read_python_batch(path: Path, n_classes: int) -> tuple[np.ndarray, np.ndarr
     return np.ascontiguousarray(data), labels
 
 
-def _decode_python(root: Path):
+PYTHON_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def _python_classes(root: Path) -> tuple[str, ...]:
     base = root / PYTHON_DIR
-    names = [f"data_batch_{i}" for i in range(1, 6)]
-    missing = [n for n in names + ["test_batch"] if not (base / n).is_file()]
+    missing = [n for n in PYTHON_BATCHES["train"] + PYTHON_BATCHES["test"] if not (base / n).is_file()]
     if missing:
         raise DataError(f"{base} is incomplete: missing {', '.join(missing)}. Delete it and download again.")
-    classes = CIFAR10_CLASSES
     meta = base / "batches.meta"
     if meta.is_file():
         try:
             with open(meta, "rb") as fh:
-                names_ = _RestrictedUnpickler(fh, encoding="bytes").load()[b"label_names"]
-            classes = tuple(n.decode() for n in names_)
+                names = _RestrictedUnpickler(fh, encoding="bytes").load()[b"label_names"]
+            return tuple(n.decode() for n in names)
         except Exception:  # noqa: BLE001 - fall back to the canonical names
             pass
-    parts = {name: _read_python_batch(base / name, len(classes)) for name in names + ["test_batch"]}
-    train = tuple(np.concatenate([parts[name][i] for name in names]) for i in (0, 1))
-    return {"train": train, "test": parts["test_batch"]}, classes
+    return CIFAR10_CLASSES
+
+
+def _decode_python(root: Path, part: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    batches = [_read_python_batch(root / PYTHON_DIR / name, n_classes) for name in PYTHON_BATCHES[part]]
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 
 
 def download_cifar10(root: Path, progress: bool = True) -> None:
@@ -425,10 +480,13 @@ def load_cifar10(
     split_seed: int = 0,
     progress: bool = True,
     use_cache: bool = True,
+    lazy: bool = False,
 ) -> CIFAR10:
-    """Load CIFAR-10 from ROOT (default: ``CIFARVIZ_DATA`` or ``./data``), decoding at most once per source."""
-    from .utils import atomic_write, cache_dir
+    """Load CIFAR-10 from ROOT (default: ``CIFARVIZ_DATA`` or ``./data``), decoding at most once per source.
 
+    lazy: decode an image folder's training images on first use of ``train.images`` / ``val.images`` /
+    ``mean`` (a bad training image then raises there). The app's first visit shows test results while the
+    50,000 training images are still to be decoded."""
     root = Path(root) if root is not None else default_data_root()
     layout = detect_layout(root) if root.is_dir() else ""
     if not layout:
@@ -440,31 +498,50 @@ def load_cifar10(
         layout = detect_layout(root)
 
     fingerprint, cache_key, entries = _identify(root, layout)
-    cache_file = cache_dir() / "data" / f"{cache_key}.npz"
+    classes = _python_classes(root) if layout == "python" else _image_folder_classes(entries)
 
-    arrays = None
-    if use_cache and cache_file.is_file():
+    def part(name: str) -> tuple[np.ndarray, np.ndarray]:
+        return _decoded_part(root, layout, entries, name, classes, cache_key if use_cache else None, progress)
+
+    test_images, test_labels = part("test")
+    if lazy and layout == "image-folder":  # labels come from the folder names: only the pixels wait
+        train = (lambda: part("train")[0]), _image_folder_labels(entries, "train")
+    else:  # the python archive's labels are inside its batches (and reading them takes a second)
+        train = part("train")
+    test = Split("test", test_images, test_labels, np.arange(len(test_labels)))
+    return _split(train, test, classes, root, layout, fingerprint, val_size, split_seed, cache_key)
+
+
+def _decoded_part(root: Path, layout: str, entries, part: str, classes, cache_key: str | None, progress: bool):
+    """(images, labels) of the source's "train" or "test" part: from the disk cache, or decoded and cached
+    (a file lock per part: two processes that ask at once decode it once). `cache_key` None: no cache."""
+    from .jobs import file_lock
+    from .utils import atomic_write, cache_dir
+
+    def decode():
+        if layout == "python":
+            return _decode_python(root, part, len(classes))
+        return _decode_image_folder(root, entries, part, progress)
+
+    if cache_key is None:
+        return decode()
+    folder = cache_dir() / "data"
+    cache_file = folder / f"{cache_key}-{part}.npz"
+    with file_lock(cache_file):
         try:
             with np.load(cache_file) as z:
-                arrays = {s: (z[f"{s}_images"], z[f"{s}_labels"]) for s in ("train", "test")}
-                classes = tuple(json.loads(str(z["classes"])))
-        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
-            arrays = None
-    if arrays is None:
-        arrays, classes = _decode_python(root) if layout == "python" else _decode_image_folder(root, entries, progress)
-        if use_cache:
-            with atomic_write(cache_file) as fh:
-                np.savez(
-                    fh,
-                    classes=np.array(json.dumps(list(classes))),
-                    **{f"{s}_images": arrays[s][0] for s in arrays},
-                    **{f"{s}_labels": arrays[s][1] for s in arrays},
-                )
-            for stale in cache_file.parent.glob(f"{layout}-{fingerprint}-*.npz"):  # same files, older contents
-                if stale != cache_file:
-                    with contextlib.suppress(OSError):
-                        stale.unlink()
-    return _split(arrays, classes, root, layout, fingerprint, val_size, split_seed, cache_key)
+                return z["images"], z["labels"]
+        except Exception:  # noqa: BLE001 - missing or damaged: decoded again, never trusted
+            pass
+        images, labels = decode()
+        with atomic_write(cache_file) as fh:
+            np.savez(fh, images=images, labels=labels)
+    current = {f"{cache_key}-{name}.npz" for name in ("train", "test")}
+    for stale in folder.glob(f"{cache_key.rsplit('-', 1)[0]}-*.npz"):  # same files, older contents or format
+        if stale.name not in current:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    return images, labels
 
 
 def _identify(root: Path, layout: str):
@@ -485,8 +562,9 @@ def _identify(root: Path, layout: str):
     return fingerprint, f"{layout}-{fingerprint}-{_fingerprint([DECODE_VERSION, *stamps])}", entries
 
 
-def _split(arrays, classes, root, layout, fingerprint, val_size, split_seed, cache_key) -> CIFAR10:
-    full_images, full_labels = arrays["train"]
+def _split(train, test, classes, root, layout, fingerprint, val_size, split_seed, cache_key) -> CIFAR10:
+    """Split the source's training part (images, or a function that decodes them; labels) into train/val."""
+    full_images, full_labels = train
     if val_size < 0:
         raise DataError(f"val_size={val_size} must not be negative.")
     if val_size >= len(full_labels):
@@ -498,33 +576,35 @@ def _split(arrays, classes, root, layout, fingerprint, val_size, split_seed, cac
         val_size = len(full_labels) // 10  # the default on a small custom dataset: keep a tenth for validation
     order = np.random.default_rng(split_seed).permutation(len(full_labels))
     train_idx, val_idx = np.sort(order[val_size:]), np.sort(order[:val_size])
-    test_images, test_labels = arrays["test"]
-    train = Split("train", full_images[train_idx], full_labels[train_idx], train_idx)
-    val = Split("val", full_images[val_idx], full_labels[val_idx], val_idx)
-    test = Split("test", test_images, test_labels, np.arange(len(test_labels)))
-    mean, std = _train_stats(train.images, f"{cache_key}-{split_seed}-{val_size}")
+    stats_key = f"{cache_key}-{split_seed}-{val_size}"
+    if callable(full_images):  # decoded on first use; the whole part is dropped once it is split
+        pixels = Once(lambda: (lambda images: (images[train_idx], images[val_idx]))(full_images()))
+        train_images, val_images = Once(lambda: pixels()[0]), Once(lambda: pixels()[1])
+        stats = Once(lambda: _train_stats(train_images(), stats_key))
+    else:
+        train_images, val_images = full_images[train_idx], full_images[val_idx]
+        stats = _train_stats(train_images, stats_key)
     return CIFAR10(
-        train=train,
-        val=val,
+        train=Split("train", train_images, full_labels[train_idx], train_idx),
+        val=Split("val", val_images, full_labels[val_idx], val_idx),
         test=test,
         classes=tuple(classes),
-        mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std),
         root=root,
         layout=layout,
         fingerprint=fingerprint,
         split_seed=split_seed,
+        stats=stats,
     )
 
 
-def _train_stats(images: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarray]:
+def _train_stats(images: np.ndarray, key: str) -> tuple[tuple, tuple]:
     """Per-channel mean/std in [0, 1] units, computed exactly once per (data, split) and cached."""
     from .utils import atomic_write, cache_dir
 
     stats_file = cache_dir() / "data" / f"stats-{key}.json"
     try:
         stats = json.loads(stats_file.read_text())
-        return np.array(stats["mean"]), np.array(stats["std"])
+        return tuple(float(m) for m in stats["mean"]), tuple(float(x) for x in stats["std"])
     except (OSError, ValueError, KeyError):
         pass
     # Exact per-channel histograms of the 256 levels (6x faster than summing floats), then their moments.
@@ -539,7 +619,7 @@ def _train_stats(images: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarray]:
     std = np.sqrt(np.maximum(counts @ levels**2 / len(pixels) - mean**2, 0.0))
     with atomic_write(stats_file, "w") as fh:
         json.dump({"mean": mean.tolist(), "std": std.tolist()}, fh)
-    return mean, std
+    return tuple(float(m) for m in mean), tuple(float(x) for x in std)
 
 
 def load_image_file(data: bytes | str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:

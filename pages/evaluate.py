@@ -8,7 +8,7 @@ from cifarviz.artifacts import split_tta
 from cifarviz.explore import ImageRef, confusion_cell_indices, misclassified_by_confidence
 from cifarviz.metrics import classification_report, most_confused_pairs, reliability
 
-dataset, checkpoint = app.data_and_checkpoint_page("Evaluate")
+dataset, checkpoint = app.data_and_checkpoint_page("Evaluate", training_images=False)
 classes = list(dataset.classes)
 
 split = st.segmented_control("Split", ["test", "val"], default="test", key="eval_split", required=True)

@@ -37,9 +37,13 @@ def pick_test_image(split: str, index: int) -> None:
     st.session_state["influence_test"] = int(index)
 
 
-one, whole_class, suspects = st.tabs(["One test image", "A whole class", "Suspicious training images"])
+# Only the open tab is drawn (a tab switch reruns the page): three tabs of image tiles on every rerun of every
+# viewer made this one of the slowest pages for a class.
+one, whole_class, suspects = st.tabs(["One test image", "A whole class", "Suspicious training images"],
+                                     key="influence_tab", on_change="rerun")
 
-with one:
+
+def one_test_image() -> None:
     a, b, c = st.columns([1, 1, 1.4])
     class_name = a.selectbox("Class", ["all classes", *classes], key="influence_class_filter")
     kind = b.selectbox("Prediction", ["all", "misclassified", "correct"], key="influence_kind")
@@ -60,44 +64,54 @@ with one:
                     f"{classes[test_arts.predicted[i]]}" for i in shown],
                    key="influence-pick", on_click=pick_test_image,
                    help="Show its most helpful and harmful training images")
-    chosen = st.session_state.get("influence_test")
-    if chosen is not None and 0 <= chosen < len(dataset.test):
-        st.divider()
-        left, right = st.columns([1, 5])
-        with left:
-            st.image(to_png(dataset.test.images[chosen], scale=4), width="stretch", output_format="PNG")
-            st.button("Inspect", key=f"influence-inspect-{chosen}", on_click=app.open_inspector, args=("test", chosen),
-                      icon=":material/zoom_in:", width="stretch")
-        with right:
-            true, predicted = classes[test_arts.labels[chosen]], classes[test_arts.predicted[chosen]]
-            st.markdown(f"#### Test image #{chosen}: true label **{true}**, predicted **{predicted}** "
-                        f"({test_arts.probs[chosen].max():.0%})")
-            st.caption("Scores: the predicted change of this image's loss if the training image were removed.")
-        show_result(lookup(index, checkpoint, dataset, chosen, k=k), key=f"test-{chosen}")
+    # Until a click, the first image shown: the page opens with an answer, not an empty space.
+    chosen = st.session_state.get("influence_test", int(shown[0]) if len(shown) else None)
+    if chosen is None or not 0 <= chosen < len(dataset.test):
+        return
+    st.divider()
+    left, right = st.columns([1, 5])
+    with left:
+        st.image(to_png(dataset.test.images[chosen], scale=4), width="stretch", output_format="PNG")
+        st.button("Inspect", key=f"influence-inspect-{chosen}", on_click=app.open_inspector, args=("test", chosen),
+                  icon=":material/zoom_in:", width="stretch")
+    with right:
+        true, predicted = classes[test_arts.labels[chosen]], classes[test_arts.predicted[chosen]]
+        st.markdown(f"#### Test image #{chosen}: true label **{true}**, predicted **{predicted}** "
+                    f"({test_arts.probs[chosen].max():.0%})")
+        st.caption("Scores: the predicted change of this image's loss if the training image were removed.")
+    show_result(lookup(index, checkpoint, dataset, chosen, k=k), key=f"test-{chosen}")
 
-with whole_class:
+
+def a_whole_class() -> None:
     st.markdown("The training images that help and hurt **a whole test class** on average (the influence-functions "
                 "source project analysed the airplane class this way).")
     target = st.selectbox("Test class", classes, key="influence_whole_class")
     show_result(class_lookup(index, checkpoint, dataset, target, k=k), key=f"class-{target}")
 
-with suspects:
+
+def suspicious_training_images() -> None:
     if not index.has_self_influence:
         st.info(f"The {METHODS[method].title} method has no self-influence: pick another method above.")
-    else:
-        st.markdown("Training images ranked by **self-influence**: how much an image's own loss depends on it "
-                    "being in the training set. Mislabelled and atypical images come first. Beside it, the plain "
-                    "ranking by **training loss** for comparison.")
-        train_predicted = app.get_artifacts(checkpoint, dataset, "train").predicted
-        order, _ = suspicious(index, top=k * 2)
-        by_loss = np.argsort(-training_losses(checkpoint, dataset), kind="stable")[: k * 2]
-        left, right = st.columns(2)
-        for column, title, idx, key in ((left, "By self-influence", order, "self"),
-                                        (right, "By training loss", by_loss, "loss")):
-            with column:
-                st.markdown(f"**{title}**")
-                captions = [f"{classes[dataset.train.labels[i]]} (pred. {classes[train_predicted[i]]})" for i in idx]
-                app.image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions,
-                               key=f"suspect-{key}")
+        return
+    st.markdown("Training images ranked by **self-influence**: how much an image's own loss depends on it "
+                "being in the training set. Mislabelled and atypical images come first. Beside it, the plain "
+                "ranking by **training loss** for comparison.")
+    train_predicted = app.get_artifacts(checkpoint, dataset, "train").predicted
+    order, _ = suspicious(index, top=k * 2)
+    by_loss = np.argsort(-training_losses(checkpoint, dataset), kind="stable")[: k * 2]
+    left, right = st.columns(2)
+    for column, title, idx, key in ((left, "By self-influence", order, "self"),
+                                    (right, "By training loss", by_loss, "loss")):
+        with column:
+            st.markdown(f"**{title}**")
+            captions = [f"{classes[dataset.train.labels[i]]} (pred. {classes[train_predicted[i]]})" for i in idx]
+            app.image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions,
+                           key=f"suspect-{key}")
+
+
+for tab, draw in ((one, one_test_image), (whole_class, a_whole_class), (suspects, suspicious_training_images)):
+    with tab:
+        if tab.open:
+            draw()
 
 app.inspector(dataset, checkpoint)

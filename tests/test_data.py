@@ -53,11 +53,44 @@ def test_second_load_comes_from_the_cache(cifar):
     from cifarviz.utils import cache_dir
 
     fingerprint, key, _ = _identify(cifar.root, cifar.layout)
-    cache = cache_dir() / "data" / f"{key}.npz"
+    caches = [cache_dir() / "data" / f"{key}-{part}.npz" for part in ("train", "test")]
     assert fingerprint == cifar.fingerprint and key.startswith(f"image-folder-{fingerprint}-")
-    stamp = cache.stat().st_mtime_ns
-    load_cifar10(cifar.root, download=False, progress=False)
-    assert cache.stat().st_mtime_ns == stamp  # read, not rewritten
+    stamps = [cache.stat().st_mtime_ns for cache in caches]
+    again = load_cifar10(cifar.root, download=False, progress=False)
+    assert [cache.stat().st_mtime_ns for cache in caches] == stamps  # read, not rewritten
+    assert np.array_equal(again.test.images, cifar.test.images)
+
+
+def test_lazy_load_decodes_the_training_images_on_first_use(tmp_path, monkeypatch):
+    """The app's first visit to Evaluate waits for the test images only."""
+    monkeypatch.setenv("CIFARVIZ_CACHE", str(tmp_path / "cache"))
+    root = write_image_folder(tmp_path / "data", size=32, ext=".png")
+    eager = load_cifar10(root, download=False, progress=False, val_size=3, use_cache=False)
+    lazy = load_cifar10(root, download=False, progress=False, val_size=3, lazy=True)
+    assert lazy.test.decoded and not lazy.train.decoded and not lazy.val.decoded
+    assert np.array_equal(lazy.test.images, eager.test.images)
+    assert np.array_equal(lazy.train.labels, eager.train.labels) and len(lazy.val) == 3  # labels need no pixels
+    cached = sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "cache" / "data").glob("*.npz"))
+    assert cached == ["test.npz"]
+    assert lazy.mean == eager.mean and lazy.std == eager.std  # decodes the training part, once
+    assert lazy.train.decoded
+    assert np.array_equal(lazy.train.images, eager.train.images) and np.array_equal(lazy.val.images, eager.val.images)
+    cached = sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "cache" / "data").glob("*.npz"))
+    assert cached == ["test.npz", "train.npz"]
+
+
+def test_lazy_load_reports_a_bad_training_image_on_every_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFARVIZ_CACHE", str(tmp_path / "cache"))
+    root = write_image_folder(tmp_path / "data", size=32, ext=".png")
+    bad = next((root / "train" / "cat").iterdir())
+    bad.write_bytes(b"not an image at all")
+    lazy = load_cifar10(root, download=False, progress=False, val_size=3, lazy=True)
+    assert len(lazy.test) == 9
+    for _ in range(2):
+        with pytest.raises(DataError, match=bad.name):
+            lazy.train.images  # noqa: B018
+    with pytest.raises(DataError, match=bad.name):
+        load_cifar10(root, download=False, progress=False, val_size=3)  # eager: at load time
 
 
 # ----------------------------------------------------------------------------- synthetic layouts

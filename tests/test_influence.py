@@ -27,6 +27,7 @@ from cifarviz.influence import (
 )
 from cifarviz.influence.head import HeadInfluence, LinearHead, linear_head, smoothed_targets, softmax
 from cifarviz.train import TrainConfig, train
+from test_app import open_tab, run_until
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "checkpoints"
@@ -216,6 +217,10 @@ def test_influence_page_click_a_test_image(cifar, lenet):
     at.sidebar.selectbox(key="checkpoint_label").set_value("lenet (shipped)").run()
     at.switch_page("pages/influence.py").run()
     assert not at.exception, [e.value for e in at.exception]
+    picks = lambda at: [int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("influence-pick-test-")]  # noqa: E731
+    run_until(at, picks, "the test predictions")
+    first = min(picks(at))
+    assert f"Test image #{first}:" in "\n".join(m.value for m in at.markdown)  # an answer before any click
     at.selectbox(key="influence_kind").set_value("misclassified").run()
     picks = [b for b in at.button if b.key and b.key.startswith("influence-pick-test-")]
     chosen = int(picks[0].key.rsplit("-", 1)[1])
@@ -232,6 +237,18 @@ def test_influence_page_click_a_test_image(cifar, lenet):
     at.run()
     inspector_helpful = [b for b in at.button if b.key and b.key.startswith("inspector-helpful-")]
     assert [int(b.key.rsplit("-", 1)[1]) for b in inspector_helpful] == [e.train_index for e in expected.helpful[:4]]
+    at.session_state["inspect"] = None
+    # the other tabs are drawn only when open (a page of three tabs of tiles was too slow for a class)
+    open_tab(at, "influence_tab", "A whole class")
+    keys = [b.key or "" for b in at.button]
+    expected = class_lookup(load_or_fit("head", lenet, cifar), lenet, cifar, "airplane", k=8)
+    assert [int(k.rsplit("-", 1)[1]) for k in keys if k.startswith("class-airplane-harmful-")] == \
+        [e.train_index for e in expected.harmful]
+    assert not any(k.startswith("influence-pick-") for k in keys)
+    open_tab(at, "influence_tab", "Suspicious training images")
+    keys = [b.key or "" for b in at.button]
+    assert sum(k.startswith("suspect-self-") for k in keys) == 16 and sum(k.startswith("suspect-loss-") for k in keys) == 16
+    assert not any(k.startswith("class-airplane-") for k in keys)
 
 
 def test_head_loss_reads_the_optimisers_decay_whichever_way_the_config_writes_it():
