@@ -31,7 +31,7 @@ from .checkpoint import SHIPPED_DIR, Checkpoint, load_checkpoint, save_checkpoin
 from .data import default_data_root, detect_layout, load_cifar10, load_image_file
 from .errors import CifarvizError
 from .explore import ImageRef, grad_cam, nearest_neighbours, overlay_heatmap, to_png
-from .influence import DEFAULT_METHOD, METHODS, index_path, load_or_fit, lookup
+from .influence import DEFAULT_METHOD, METHODS, class_lookup, index_path, load_or_fit, lookup
 from .inference import predict, ready_for
 from .jobs import JOBS, Job
 from .runs import list_runs, runs_dir
@@ -150,6 +150,22 @@ def get_influence_index(method: str, checkpoint: Checkpoint, dataset):
 @st.cache_resource(show_spinner=False, max_entries=4)  # a TRAK index holds ~370 MB
 def _influence_index(method: str, path: str, stamp: float, root: str):
     return load_or_fit(method, get_checkpoint(path, stamp), get_dataset(root))
+
+
+def influence_of(method: str, checkpoint: Checkpoint, dataset, *, test_index: int | None = None,
+                 class_name: str | None = None, k: int = 8):
+    """The k most helpful and harmful training images for one test image or a whole test class (the index must be
+    built): computed once per server, since a class opens the same images again and again."""
+    return _influence_of(method, str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix(),
+                         test_index, class_name, k)
+
+
+@st.cache_data(show_spinner=False, max_entries=2048)  # a few KB each
+def _influence_of(method: str, path: str, stamp: float, root: str, test_index, class_name, k: int):
+    index, checkpoint, dataset = _influence_index(method, path, stamp, root), get_checkpoint(path, stamp), get_dataset(root)
+    if class_name is not None:
+        return class_lookup(index, checkpoint, dataset, class_name, k=k)
+    return lookup(index, checkpoint, dataset, test_index, k=k)
 
 
 def get_artifacts(checkpoint: Checkpoint, dataset, split: str, *, early: bool = False):
@@ -506,9 +522,7 @@ def influence_section(checkpoint: Checkpoint, dataset, ref: ImageRef, k: int = 4
     if job is not None:
         progress_bar(job, "Building the influence index (once per checkpoint, for everyone)")
         return
-    index = _influence_index(DEFAULT_METHOD, str(checkpoint.path), file_stamp(checkpoint.path),
-                             dataset.root.as_posix())
-    result = lookup(index, checkpoint, dataset, ref.index, k=k)
+    result = influence_of(DEFAULT_METHOD, checkpoint, dataset, test_index=ref.index, k=k)
     helpful, harmful = st.columns(2)
     with helpful:
         st.caption("Helpful")
@@ -533,8 +547,8 @@ def nearest_training_images(checkpoint: Checkpoint, dataset, ref: ImageRef, imag
         query = get_artifacts(checkpoint, dataset, ref.split).features[ref.index]
     else:
         query = predict(checkpoint.model, image[None], features=True).features[0]
-    bank = get_artifacts(checkpoint, dataset, "train").features
-    return nearest_neighbours(query, bank, k=k, exclude=ref.index if ref.split == "train" else None)
+    bank = get_artifacts(checkpoint, dataset, "train").unit_features
+    return nearest_neighbours(query, bank, k=k, exclude=ref.index if ref.split == "train" else None, unit_bank=True)
 
 
 def read_upload_image(uploaded) -> np.ndarray | None:

@@ -42,6 +42,12 @@ class SplitArtifacts:
     def predicted(self) -> np.ndarray:
         return self.logits.argmax(1)
 
+    @cached_property  # the inspector's neighbour search, once per split instead of once per query
+    def unit_features(self) -> np.ndarray:
+        from .explore import unit_rows
+
+        return unit_rows(self.features).astype(np.float32)
+
 
 _WEIGHT_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> digest, never stored on it
 
@@ -58,12 +64,20 @@ def checkpoint_digest(checkpoint: Checkpoint) -> str:
     return hashlib.sha256(f"{weights}-{checkpoint.tta}".encode()).hexdigest()[:16]
 
 
+_SPLIT_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Split -> (data fingerprint, digest)
+
+
 def split_digest(dataset, split: str) -> str:
-    """Which images a split holds (their indices in the source), so val size, split seed and subsets all count."""
+    """Which images a split holds (their indices in the source), so val size, split seed and subsets all count.
+    Remembered per split object: pages ask for it several times a rerun (a hash of 45,000 indices each time)."""
     data = dataset.split(split)
+    known = _SPLIT_DIGESTS.get(data)
+    if known is not None and known[0] == dataset.fingerprint:
+        return known[1]
     digest = hashlib.sha256(f"{dataset.fingerprint}-{split}-{len(data)}".encode())
     digest.update(np.ascontiguousarray(data.source_index, dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]
+    _SPLIT_DIGESTS[data] = (dataset.fingerprint, digest.hexdigest()[:16])
+    return _SPLIT_DIGESTS[data][1]
 
 
 def split_tta(checkpoint: Checkpoint, split: str) -> str:

@@ -91,7 +91,7 @@ class Split:
     `images` may be given as a `Once`: the pixels are then decoded on first use, so the app can show the test
     split's results while the training images are still on their way."""
 
-    __slots__ = ("name", "_images", "labels", "source_index")
+    __slots__ = ("name", "_images", "labels", "source_index", "__weakref__")
 
     def __init__(self, name: str, images, labels: np.ndarray, source_index: np.ndarray):
         self.name, self._images, self.labels, self.source_index = name, images, labels, source_index

@@ -55,11 +55,18 @@ def sample_per_class(labels: np.ndarray, per_class: int, seed: int) -> dict[int,
             for c in np.unique(labels)}  # fmt: skip
 
 
-def nearest_neighbours(query: np.ndarray, bank: np.ndarray, k: int = 8, exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k cosine similarities of `query` (D,) against `bank` (N, D): (indices, similarities)."""
-    q = query / (np.linalg.norm(query) + 1e-12)
-    b = bank / (np.linalg.norm(bank, axis=1, keepdims=True) + 1e-12)
-    sims = b @ q
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to length 1 (cosine similarity is then a dot product)."""
+    return vectors / (np.linalg.norm(vectors, axis=-1, keepdims=True) + 1e-12)
+
+
+def nearest_neighbours(query: np.ndarray, bank: np.ndarray, k: int = 8, exclude: int | None = None, *,
+                       unit_bank: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k cosine similarities of `query` (D,) against `bank` (N, D): (indices, similarities).
+
+    `unit_bank`: the bank's rows already have length 1 (`SplitArtifacts.unit_features`), so a query costs one
+    matrix-vector product instead of a pass that normalises 45,000 rows first (1.6 vs 25 ms of CPU)."""
+    sims = (bank if unit_bank else unit_rows(bank)) @ unit_rows(query)
     if exclude is not None:
         sims[exclude] = -np.inf
     top = np.argpartition(-sims, min(k, len(sims) - 1))[:k]

@@ -12,6 +12,9 @@ from .augment import to_float
 from .utils import pick_device
 
 TTA_MODES = ("none", "flip")
+# Images per forward pass. On a CPU small batches stay in the caches: fastnet runs over 10,000 images in 4.3 s at
+# 64 vs 7.8 s at 1,000 on this 2-core machine (deepnet-res 0.9 vs 2.6 s); a GPU wants large ones.
+CPU_BATCH, CUDA_BATCH = 64, 1000
 
 
 @dataclass
@@ -54,7 +57,7 @@ def predict(
     images: np.ndarray | torch.Tensor,
     *,
     tta: str = "none",
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     device: str | torch.device = "auto",
     features: bool = True,
     progress: bool = False,
@@ -70,6 +73,7 @@ def predict(
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, not {tta!r}")
     device = pick_device(device) if isinstance(device, str) else device
+    batch_size = batch_size or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
     was_training = model.training
     if was_training:
         model.eval()

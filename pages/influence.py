@@ -3,7 +3,7 @@ import streamlit as st
 
 from cifarviz import app
 from cifarviz.explore import ImageRef, to_png
-from cifarviz.influence import DEFAULT_METHOD, METHODS, class_lookup, lookup, suspicious, training_losses
+from cifarviz.influence import DEFAULT_METHOD, METHODS, suspicious, training_losses
 
 dataset, checkpoint = app.data_and_checkpoint_page("Influence")
 classes = list(dataset.classes)
@@ -79,14 +79,14 @@ def one_test_image() -> None:
         st.markdown(f"#### Test image #{chosen}: true label **{true}**, predicted **{predicted}** "
                     f"({test_arts.probs[chosen].max():.0%})")
         st.caption("Scores: the predicted change of this image's loss if the training image were removed.")
-    show_result(lookup(index, checkpoint, dataset, chosen, k=k), key=f"test-{chosen}")
+    show_result(app.influence_of(method, checkpoint, dataset, test_index=chosen, k=k), key=f"test-{chosen}")
 
 
 def a_whole_class() -> None:
     st.markdown("The training images that help and hurt **a whole test class** on average (the influence-functions "
                 "source project analysed the airplane class this way).")
     target = st.selectbox("Test class", classes, key="influence_whole_class")
-    show_result(class_lookup(index, checkpoint, dataset, target, k=k), key=f"class-{target}")
+    show_result(app.influence_of(method, checkpoint, dataset, class_name=target, k=k), key=f"class-{target}")
 
 
 def suspicious_training_images() -> None:

@@ -115,8 +115,9 @@ st.caption("Parameters and accuracy of a shipped model are its checkpoint's own;
            "show the zoo's defaults. The layer summary below names each model's source and arguments.")
 shown_table(zoo[["model", "parameters", "test accuracy", "source reported", "source target"]], all_rows=True)
 
+# Only the open tab is drawn (a tab switch reruns the page): its charts were the costliest rerun of any page.
 tab_summary, tab_curves, tab_compare, tab_upload = st.tabs(
-    ["Layer summary", "Training curves", "Comparisons", "Upload a checkpoint"])
+    ["Layer summary", "Training curves", "Comparisons", "Upload a checkpoint"], key="models_tab", on_change="rerun")
 
 
 @st.fragment
@@ -242,12 +243,15 @@ def parameters_vs_accuracy() -> None:
 
 
 with tab_summary:
-    layer_summary()
+    if tab_summary.open:
+        layer_summary()
 
 with tab_curves:
-    training_curves()
+    if tab_curves.open:
+        training_curves()
 
-with tab_compare:
+
+def comparisons() -> None:
     st.markdown("**Normalisation** (s8 source): the same 37,664-parameter network with BatchNorm, GroupNorm, LayerNorm")
     comparison(["s8net-bn", "s8net-gn", "s8net-ln"], "BatchNorm vs GroupNorm vs LayerNorm")
     st.markdown("**Blocks** (ResNet source): six plain, residual, or skip-concatenation blocks")
@@ -255,6 +259,11 @@ with tab_compare:
     seed_study(["deepnet-conv", "deepnet-res", "deepnet-skip"])
     st.markdown("**Parameters vs accuracy** of every shipped checkpoint (test accuracy on the data it was measured on)")
     parameters_vs_accuracy()
+
+
+with tab_compare:
+    if tab_compare.open:
+        comparisons()
 
 with tab_upload:
 
@@ -286,4 +295,5 @@ with tab_upload:
         if "upload_message" in st.session_state:
             st.success(st.session_state.pop("upload_message"))
 
-    upload_checkpoint()
+    if tab_upload.open:
+        upload_checkpoint()

@@ -153,6 +153,8 @@ def test_models_page_summary_and_checkpoint_uploads(cifar, tmp_path):
     summary = at.dataframe[1].value
     assert summary["parameters"].sum() == 37664
 
+    open_tab(at, "models_tab", "Upload a checkpoint")  # only the open tab is drawn
+    assert len(at.dataframe) == 1  # the zoo table only: the layer summary's tab is closed
     at.file_uploader(key="checkpoint_upload").set_value(("broken.safetensors", b"\x00garbage", "application/octet-stream")).run()
     assert any("broken.safetensors" in e.value for e in at.error) and not at.exception
 
@@ -248,6 +250,7 @@ def test_ambiguous_state_dict_upload_asks_which_architecture(cifar):
     torch.manual_seed(0)
     torch.save(create_model("deepnet-res").state_dict(), buffer)
     at = app_at("pages/models.py", cifar)
+    open_tab(at, "models_tab", "Upload a checkpoint")
     at.file_uploader(key="checkpoint_upload").set_value(("mine.pth", buffer.getvalue(), "application/octet-stream")).run()
     assert not at.exception and any("deepnet-conv, deepnet-res" in w.value for w in at.warning)
     assert at.sidebar.selectbox(key="checkpoint_label").value != "mine (uploaded)"  # nothing guessed
@@ -262,6 +265,7 @@ def test_hostile_uploads_get_clear_messages_and_the_server_keeps_serving(cifar, 
     from test_bad_inputs import CASES
 
     at = app_at("pages/models.py", cifar)
+    open_tab(at, "models_tab", "Upload a checkpoint")
     for case in [c for c in CASES if c.id in {"widths-3000", "tta-bogus", "pt-random-bytes", "pt-needs-code",
                                                "input-std-zero", "pt-empty"}]:
         path = case.make(tmp_path / case.id if (tmp_path / case.id).mkdir() is None else tmp_path)

@@ -73,7 +73,11 @@ def test_models_page_shows_each_shipped_checkpoints_own_numbers(cifar):
 def test_models_charts_label_points_and_fit_their_axes(cifar):
     at = app_at("pages/models.py", cifar)
     metas = shipped()
+    assert not charts(at)  # only the open tab (the layer summary) is drawn
+    open_tab(at, "models_tab", "Training curves")
     found = charts(at)
+    open_tab(at, "models_tab", "Comparisons")
+    found += charts(at)
 
     scatter, points = next((s, d) for s, d in found if any(lay["mark"]["type"] == "text" for lay in layers(s)))
     text = next(lay for lay in layers(scatter) if lay["mark"]["type"] == "text")
@@ -144,6 +148,7 @@ def test_block_comparison_shows_the_seed_spread(cifar):
     """The plain / residual / skip ranking comes with the same recipes under other seeds: seed 0 is each shipped
     checkpoint's own accuracy, the others the seed study's, with their mean and spread."""
     at = app_at("pages/models.py", cifar)
+    open_tab(at, "models_tab", "Comparisons")
     table = next(d.value for d in at.dataframe if "spread" in d.value.columns).set_index("model")
     metas = shipped()
     for name in ("deepnet-conv", "deepnet-res", "deepnet-skip"):
