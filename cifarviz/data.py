@@ -91,7 +91,7 @@ class Split:
     `images` may be given as a `Once`: the pixels are then decoded on first use, so the app can show the test
     split's results while the training images are still on their way."""
 
-    __slots__ = ("name", "_images", "labels", "source_index", "__weakref__")
+    __slots__ = ("__weakref__", "_images", "labels", "name", "source_index")
 
     def __init__(self, name: str, images, labels: np.ndarray, source_index: np.ndarray):
         self.name, self._images, self.labels, self.source_index = name, images, labels, source_index
@@ -528,11 +528,8 @@ def _decoded_part(root: Path, layout: str, entries, part: str, classes, cache_ke
     folder = cache_dir() / "data"
     cache_file = folder / f"{cache_key}-{part}.npz"
     with file_lock(cache_file):
-        try:
-            with np.load(cache_file) as z:
-                return z["images"], z["labels"]
-        except Exception:  # noqa: BLE001 - missing or damaged: decoded again, never trusted
-            pass
+        with contextlib.suppress(Exception), np.load(cache_file) as z:  # missing or damaged: decoded again
+            return z["images"], z["labels"]
         images, labels = decode()
         with atomic_write(cache_file) as fh:
             np.savez(fh, images=images, labels=labels)
@@ -578,7 +575,12 @@ def _split(train, test, classes, root, layout, fingerprint, val_size, split_seed
     train_idx, val_idx = np.sort(order[val_size:]), np.sort(order[:val_size])
     stats_key = f"{cache_key}-{split_seed}-{val_size}"
     if callable(full_images):  # decoded on first use; the whole part is dropped once it is split
-        pixels = Once(lambda: (lambda images: (images[train_idx], images[val_idx]))(full_images()))
+
+        def split_pixels() -> tuple[np.ndarray, np.ndarray]:
+            images = full_images()
+            return images[train_idx], images[val_idx]
+
+        pixels = Once(split_pixels)
         train_images, val_images = Once(lambda: pixels()[0]), Once(lambda: pixels()[1])
         stats = Once(lambda: _train_stats(train_images(), stats_key))
     else:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
+from test_app import open_tab, run_until
 
 from cifarviz.augment import AugmentConfig
 from cifarviz.checkpoint import load_checkpoint
@@ -27,7 +28,6 @@ from cifarviz.influence import (
 )
 from cifarviz.influence.head import HeadInfluence, LinearHead, linear_head, smoothed_targets, softmax
 from cifarviz.train import TrainConfig, train
-from test_app import open_tab, run_until
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "checkpoints"
@@ -217,7 +217,7 @@ def test_influence_page_click_a_test_image(cifar, lenet):
     at.sidebar.selectbox(key="checkpoint_label").set_value("lenet (shipped)").run()
     at.switch_page("pages/influence.py").run()
     assert not at.exception, [e.value for e in at.exception]
-    picks = lambda at: [int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("influence-pick-test-")]  # noqa: E731
+    picks = lambda at: [int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("influence-pick-test-")]
     run_until(at, picks, "the test predictions")
     first = min(picks(at))
     assert f"Test image #{first}:" in "\n".join(m.value for m in at.markdown)  # an answer before any click
