@@ -205,7 +205,11 @@ def wait_for(job: Job, label: str, until=None) -> None:
 
 def progress_bar(job: Job, label: str, until=None, every: float = 0.5) -> None:
     """The job's progress, refreshed (only it) every `every` seconds; the whole page reruns when the job ends
-    (or `until()` holds)."""
+    (or `until()` holds). A failed job shows its error instead."""
+    if job.done and job.error is not None:
+        st.error(f"{label} failed: {job.error}")
+        return
+
     @st.fragment(run_every=every)
     def progress() -> None:
         if job.done or (until is not None and until()):

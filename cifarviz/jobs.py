@@ -23,6 +23,8 @@ from typing import Callable
 
 from filelock import FileLock
 
+from .errors import CifarvizError
+
 _STOPPING = threading.Event()  # set when the interpreter exits: running jobs stop at their next progress report
 
 
@@ -94,8 +96,11 @@ class JobRegistry:
         """The job for `key`: the one under way (or queued), else a new one running `fn(report_progress)`."""
         with self._lock:
             job = self._jobs.get(key)
-            # a failed job is retried when someone asks for it, not by background prefetching on every rerun
-            if job is None or (job.done and job.error is not None and not background):
+            # A failed job is retried when someone asks for it (not by background prefetching on every rerun),
+            # unless bad input failed it (a CifarvizError): the same input would fail the same way, again and again.
+            retry = job is not None and job.done and job.error is not None and not background \
+                and not isinstance(job.error, CifarvizError)
+            if job is None or retry:
                 job = self._jobs[key] = Job(key, fn)
                 fresh = True
             else:

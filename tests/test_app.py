@@ -323,3 +323,28 @@ def test_image_tiles_are_sent_as_their_own_pngs(cifar):
     urls = [img.url for element in at.main if type(element).__name__ == "Image" for img in element.proto.imgs]
     assert len(urls) >= 24
     assert all(url.endswith(".png") for url in urls), urls[:5]
+
+
+def test_a_bad_training_image_is_named_where_it_is_needed(tmp_path):
+    """The training images are decoded on first use (a first Evaluate waits for the test images only): a broken
+    one is named by the inspector's neighbours and by the Dataset page, and Evaluate keeps working."""
+    from conftest import write_image_folder
+
+    from cifarviz.data import CIFAR10_CLASSES
+
+    root = write_image_folder(tmp_path / "data", classes=CIFAR10_CLASSES, per_class=(2, 1))
+    (root / "train" / "cat" / "0001.png").write_bytes(b"not a picture")
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = str(root)
+    at.run()
+    at.sidebar.selectbox(key="checkpoint_label").set_value("lenet (shipped)").run()
+    at.switch_page("pages/evaluate.py").run()
+    run_until(at, lambda at: len(at.progress) == 0 and len(at.metric) > 0, "Evaluate's metrics")
+    assert at.metric[0].label == "Accuracy" and "10 test images" in texts(at)
+    at.session_state["inspect"] = ImageRef("test", 0)
+    at.run()
+    run_until(at, lambda at: any("0001.png" in e.value for e in at.error), "the neighbours' error")
+    assert any("Test image #0" in m.value for m in at.markdown)  # the rest of the inspector is there
+    at.session_state["inspect"] = None
+    at.switch_page("pages/dataset.py").run()
+    assert not at.exception and "0001.png" in "\n".join(c.value for c in at.code)

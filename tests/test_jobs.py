@@ -57,6 +57,19 @@ def test_a_failed_job_reports_its_error_and_can_be_retried():
     assert retry is not failed and retry.wait(5) and retry.error is None
 
 
+def test_a_job_failed_by_bad_input_is_not_retried():
+    """A bad training image fails the same way every time: a page that asks again shows the error, not a progress
+    bar that starts the same failing work twice a second."""
+    from cifarviz.errors import DataError
+
+    def bad(report):
+        raise DataError("train/cat/0001.png is not an image")
+
+    jobs = JobRegistry()
+    failed = jobs.start("k", bad)
+    assert failed.wait(5) and jobs.start("k", bad) is failed
+
+
 def _random_checkpoint(tta="none") -> Checkpoint:
     import torch
 
