@@ -539,10 +539,24 @@ def influence_section(checkpoint: Checkpoint, dataset, ref: ImageRef, k: int = 4
 def influence_grid(dataset, entries, key: str, tile_width: int = 112) -> None:
     """Training images of an influence result, each opening the inspector: label, prediction, score."""
     idx = np.array([e.train_index for e in entries], dtype=np.int64)
-    captions = [f"{e.label}" + ("" if e.predicted == e.label else f" (pred. {e.predicted})") + f" {e.score:+.2g}"
+    captions = [f"{e.label}" + ("" if e.predicted == e.label else f" (pred. {e.predicted})") + f" {readable_score(e.score)}"
                 for e in entries]
     image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions, key=key,
                tile_width=tile_width)
+
+
+SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def readable_score(score: float) -> str:
+    """A signed influence score for a caption: `+1.3×10⁻⁴`, not `+0.00013` or `-6e-05` (which a narrow tile breaks
+    at its hyphen)."""
+    if score == 0 or not np.isfinite(score):
+        return f"{score:+g}"
+    exponent = int(np.floor(np.log10(abs(score))))
+    if -2 <= exponent <= 2:
+        return f"{score:+.2g}".replace("-", "−")
+    return f"{'+' if score > 0 else '−'}{abs(score) / 10.0 ** exponent:.1f}×10{str(exponent).translate(SUPERSCRIPT)}"
 
 
 def nearest_training_images(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np.ndarray, k: int = 8):

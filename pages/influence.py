@@ -69,11 +69,12 @@ def one_test_image() -> None:
     if chosen is None or not 0 <= chosen < len(dataset.test):
         return
     st.divider()
-    left, right = st.columns([1, 5])
-    with left:
-        st.image(to_png(dataset.test.images[chosen], scale=4), width="stretch", output_format="PNG")
-        st.button("Inspect", key=f"influence-inspect-{chosen}", on_click=app.open_inspector, args=("test", chosen),
-                  icon=":material/zoom_in:", width="stretch")
+    with st.container(horizontal=True, gap="medium"):
+        with st.container(width=128):  # a fixed width: a column of the page's width cut "Inspect" at 1024 px
+            st.image(to_png(dataset.test.images[chosen], scale=4), width="stretch", output_format="PNG")
+            st.button("Inspect", key=f"influence-inspect-{chosen}", on_click=app.open_inspector,
+                      args=("test", chosen), icon=":material/zoom_in:", width="stretch")
+        right = st.container()
     with right:
         true, predicted = classes[test_arts.labels[chosen]], classes[test_arts.predicted[chosen]]
         st.markdown(f"#### Test image #{chosen}: true label **{true}**, predicted **{predicted}** "

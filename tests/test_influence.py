@@ -265,3 +265,11 @@ def test_head_loss_reads_the_optimisers_decay_whichever_way_the_config_writes_it
     assert smoothing == 0.2
     shipped = load_checkpoint(SHIPPED / "fastnet.safetensors")
     assert training_loss_settings(shipped)[0] == pytest.approx(shipped.meta["train_config"]["weight_decay"])
+
+
+def test_influence_scores_read_well_in_a_narrow_caption():
+    from cifarviz.app import readable_score
+
+    assert readable_score(0.00013) == "+1.3×10⁻⁴" and readable_score(-6e-05) == "−6.0×10⁻⁵"
+    assert readable_score(-0.5) == "−0.5" and readable_score(0.0) == "+0"
+    assert "-" not in "".join(readable_score(x) for x in np.geomspace(1e-9, 10, 50) * np.resize([1, -1], 50))
