@@ -44,8 +44,7 @@ def reroll(key: str) -> None:
 
 @st.fragment
 def samples_tab() -> None:
-    shown = st.pills("Classes", classes, selection_mode="multi", default=classes, key="sample_classes", wrap=True,
-                     width="stretch")
+    shown = st.pills("Classes", classes, selection_mode="multi", default=classes, key="sample_classes", wrap=True)
     st.button("Reshuffle", icon=":material/shuffle:", key="sample_reshuffle", on_click=reroll, args=("sample_seed",))
     per_class = sample_per_class(dataset.train.labels, 8, st.session_state.get("sample_seed", 0))
     for name in shown:

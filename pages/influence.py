@@ -57,11 +57,11 @@ def one_test_image() -> None:
         keep &= (test_arts.predicted == test_arts.labels) == (kind == "correct")
     candidates = np.flatnonzero(keep)
     st.caption(f"{len(candidates):,} test images match; click one to see the training images that helped and "
-               "hurt it (showing 16 of them, picked at random).")
+               "hurt it (showing 16 of them, picked at random; ✓ right, ✗ wrong: true → predicted class).")
     shown = np.sort(np.random.default_rng(0).permutation(candidates)[:16])  # a mix of classes, the same each visit
     app.image_grid(dataset.test.images[shown], [ImageRef("test", int(i)) for i in shown],
-                   [f"#{i} {'✓' if test_arts.predicted[i] == test_arts.labels[i] else '✗'} "
-                    f"{classes[test_arts.predicted[i]]}" for i in shown],
+                   [f"#{i} ✓ {classes[test_arts.labels[i]]}" if test_arts.predicted[i] == test_arts.labels[i] else
+                    f"#{i} ✗ {classes[test_arts.labels[i]]} → {classes[test_arts.predicted[i]]}" for i in shown],
                    key="influence-pick", on_click=pick_test_image,
                    help="Show its most helpful and harmful training images")
     # Until a click, the first image shown: the page opens with an answer, not an empty space.
@@ -98,8 +98,8 @@ def suspicious_training_images() -> None:
                 "being in the training set. Mislabelled and atypical images come first. Beside it, the plain "
                 "ranking by **training loss** for comparison.")
     train_predicted = app.get_artifacts(checkpoint, dataset, "train").predicted
-    order, _ = suspicious(index, top=k * 2)
-    by_loss = np.argsort(-training_losses(checkpoint, dataset), kind="stable")[: k * 2]
+    order, _ = suspicious(index, top=k)  # "Images per list" above
+    by_loss = np.argsort(-training_losses(checkpoint, dataset), kind="stable")[:k]
     left, right = st.columns(2)
     for column, title, idx, key in ((left, "By self-influence", order, "self"),
                                     (right, "By training loss", by_loss, "loss")):

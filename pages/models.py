@@ -122,7 +122,9 @@ tab_summary, tab_curves, tab_compare, tab_upload = st.tabs(
 
 @st.fragment
 def layer_summary() -> None:
-    name = st.selectbox("Model", all_models, index=all_models.index("s8net-bn"), key="summary_model",
+    picked = app.current_checkpoint(quiet=True)  # start on the sidebar's network, else the s8 source's
+    start = picked.model.arch_name if picked is not None and picked.model.arch_name in all_models else "s8net-bn"
+    name = st.selectbox("Model", all_models, index=all_models.index(start), key="summary_model",
                         format_func=lambda n: f"{n} ({'shipped checkpoint' if n in shipped_names else 'zoo defaults'})")
     rows, total, trainable = summary_rows(name, stamps)
     row = zoo.set_index("model").loc[name]

@@ -149,6 +149,7 @@ def test_uploads_own_image_and_bad_images(cifar):
 def test_models_page_summary_and_checkpoint_uploads(cifar, tmp_path):
     at = app_at("pages/models.py", cifar)
     assert "s8net-ln" in set(at.dataframe[0].value["model"])
+    assert at.selectbox(key="summary_model").value == "fastnet"  # the sidebar's network first
     at.selectbox(key="summary_model").set_value("s8net-bn").run()
     summary = at.dataframe[1].value
     assert summary["parameters"].sum() == 37664

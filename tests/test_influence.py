@@ -247,7 +247,7 @@ def test_influence_page_click_a_test_image(cifar, lenet):
     assert not any(k.startswith("influence-pick-") for k in keys)
     open_tab(at, "influence_tab", "Suspicious training images")
     keys = [b.key or "" for b in at.button]
-    assert sum(k.startswith("suspect-self-") for k in keys) == 16 and sum(k.startswith("suspect-loss-") for k in keys) == 16
+    assert sum(k.startswith("suspect-self-") for k in keys) == 8 and sum(k.startswith("suspect-loss-") for k in keys) == 8
     assert not any(k.startswith("class-airplane-") for k in keys)
 
 

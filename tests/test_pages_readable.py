@@ -158,3 +158,13 @@ def test_block_comparison_shows_the_seed_spread(cifar):
         assert table.loc[name, "mean"] == pytest.approx(100 * np.mean(list(by_seed.values())))
         assert table.loc[name, "spread"] == pytest.approx(100 * (max(by_seed.values()) - min(by_seed.values())))
     assert any("The source found residual > skip > plain" in m.value for m in at.markdown)
+
+
+def test_evaluate_per_class_table_has_one_number_format(cifar):
+    """86.0% beside 88.3%, never 86% beside 88.3% (Streamlit's "percent" format drops trailing zeros)."""
+    at = app_at("pages/evaluate.py", cifar)
+    table = next(d for d in at.dataframe if "precision" in d.value.columns)
+    config = json.loads(table.proto.columns)
+    assert all(config[c]["type_config"]["format"] == "%.1f%%" for c in ("precision", "recall", "f1"))
+    recall = table.value["recall"]
+    assert recall.between(0, 100).all() and recall.max() > 1  # in percent, as the format says
