@@ -556,7 +556,10 @@ def readable_score(score: float) -> str:
     exponent = int(np.floor(np.log10(abs(score))))
     if -2 <= exponent <= 2:
         return f"{score:+.2g}".replace("-", "−")
-    return f"{'+' if score > 0 else '−'}{abs(score) / 10.0 ** exponent:.1f}×10{str(exponent).translate(SUPERSCRIPT)}"
+    mantissa = round(abs(score) / 10.0**exponent, 1)
+    if mantissa >= 10:  # 9.96e-05 rounds up to 1.0×10⁻⁴, not 10.0×10⁻⁵
+        mantissa, exponent = mantissa / 10, exponent + 1
+    return f"{'+' if score > 0 else '−'}{mantissa:.1f}×10{str(exponent).translate(SUPERSCRIPT)}"
 
 
 def nearest_training_images(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np.ndarray, k: int = 8):

@@ -272,4 +272,5 @@ def test_influence_scores_read_well_in_a_narrow_caption():
 
     assert readable_score(0.00013) == "+1.3×10⁻⁴" and readable_score(-6e-05) == "−6.0×10⁻⁵"
     assert readable_score(-0.5) == "−0.5" and readable_score(0.0) == "+0"
+    assert readable_score(9.96e-05) == "+1.0×10⁻⁴"
     assert "-" not in "".join(readable_score(x) for x in np.geomspace(1e-9, 10, 50) * np.resize([1, -1], 50))
