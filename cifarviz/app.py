@@ -162,7 +162,8 @@ def influence_of(method: str, checkpoint: Checkpoint, dataset, *, test_index: in
 
 @st.cache_data(show_spinner=False, max_entries=2048)  # a few KB each
 def _influence_of(method: str, path: str, stamp: float, root: str, test_index, class_name, k: int):
-    index, checkpoint, dataset = _influence_index(method, path, stamp, root), get_checkpoint(path, stamp), get_dataset(root)
+    index = _influence_index(method, path, stamp, root)
+    checkpoint, dataset = get_checkpoint(path, stamp), get_dataset(root)
     if class_name is not None:
         return class_lookup(index, checkpoint, dataset, class_name, k=k)
     return lookup(index, checkpoint, dataset, test_index, k=k)
@@ -539,7 +540,7 @@ def influence_section(checkpoint: Checkpoint, dataset, ref: ImageRef, k: int = 4
 def influence_grid(dataset, entries, key: str, tile_width: int = 112) -> None:
     """Training images of an influence result, each opening the inspector: label, prediction, score."""
     idx = np.array([e.train_index for e in entries], dtype=np.int64)
-    captions = [f"{e.label}" + ("" if e.predicted == e.label else f" (pred. {e.predicted})") + f" {readable_score(e.score)}"
+    captions = [e.label + ("" if e.predicted == e.label else f" (pred. {e.predicted})") + " " + readable_score(e.score)
                 for e in entries]
     image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions, key=key,
                tile_width=tile_width)
@@ -583,4 +584,5 @@ def read_upload_image(uploaded) -> np.ndarray | None:
 
 def data_status(root: str) -> str:
     layout = detect_layout(Path(root)) if Path(root).is_dir() else ""
-    return f"`{root}`: " + ({"python": "CIFAR-10 python archive", "image-folder": "image-folder tree"}.get(layout) or "no data found")
+    kind = {"python": "CIFAR-10 python archive", "image-folder": "image-folder tree"}.get(layout)
+    return f"`{root}`: {kind or 'no data found'}"

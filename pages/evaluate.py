@@ -106,7 +106,7 @@ st.subheader("Per-class precision, recall, F1")
 per_class = pd.DataFrame(report["per_class"])
 per_class[["precision", "recall", "f1"]] *= 100  # one format for every cell: 86.0%, never 86% beside 88.3%
 share = st.column_config.NumberColumn(format="%.1f%%")
-st.dataframe(per_class, hide_index=True, height=420,
+st.dataframe(per_class, hide_index=True,  # auto height: the ten classes, no empty row
              column_config={"precision": share, "recall": share, "f1": share,
                             "support": st.column_config.NumberColumn(format="localized")})
 

@@ -217,7 +217,9 @@ def test_influence_page_click_a_test_image(cifar, lenet):
     at.sidebar.selectbox(key="checkpoint_label").set_value("lenet (shipped)").run()
     at.switch_page("pages/influence.py").run()
     assert not at.exception, [e.value for e in at.exception]
-    picks = lambda at: [int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("influence-pick-test-")]
+    def picks(at):
+        return [int(b.key.rsplit("-", 1)[1]) for b in at.button if (b.key or "").startswith("influence-pick-test-")]
+
     run_until(at, picks, "the test predictions")
     first = min(picks(at))
     assert f"Test image #{first}:" in "\n".join(m.value for m in at.markdown)  # an answer before any click
@@ -247,7 +249,8 @@ def test_influence_page_click_a_test_image(cifar, lenet):
     assert not any(k.startswith("influence-pick-") for k in keys)
     open_tab(at, "influence_tab", "Suspicious training images")
     keys = [b.key or "" for b in at.button]
-    assert sum(k.startswith("suspect-self-") for k in keys) == 8 and sum(k.startswith("suspect-loss-") for k in keys) == 8
+    assert sum(k.startswith("suspect-self-") for k in keys) == 8
+    assert sum(k.startswith("suspect-loss-") for k in keys) == 8
     assert not any(k.startswith("class-airplane-") for k in keys)
 
 
