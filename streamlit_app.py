@@ -5,10 +5,11 @@ import sys
 import streamlit as st
 
 st.set_page_config(page_title="cifarviz", page_icon=":material/grid_view:", layout="wide")
-if "cifarviz.app" not in sys.modules:  # the first visitor after a server start would see a blank page for seconds
+if "cifarviz.ui.app" not in sys.modules:  # the first visitor after a server start would see a blank page for seconds
     with st.spinner("Starting cifarviz (loading PyTorch, once per server start)..."):
-        import cifarviz.app  # noqa: F401
+        import cifarviz.ui.app  # noqa: F401
 
-from cifarviz.app import PAGES  # noqa: E402
+from cifarviz.ui.app import PAGES
+
 pages = [st.Page(path, title=title, icon=icon, default=(i == 0)) for i, (path, title, icon) in enumerate(PAGES)]
 st.navigation(pages, position="hidden").run()  # each page draws the sidebar (links, data, checkpoint)

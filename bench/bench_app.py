@@ -32,7 +32,7 @@ from pathlib import Path
 from load_test import PAGES, REPO, RESULTS, default_data, precompute, rss_mb, run_finished, streamlit_server
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
-from cifarviz.utils import atomic_write  # importable: load_test put this checkout on sys.path
+from cifarviz.core.utils import atomic_write  # importable: load_test put this checkout on sys.path
 
 CHROMIUM = "/usr/bin/chromium"
 GRADCAM_TEXT = "Where the model found evidence for"

@@ -33,7 +33,7 @@ def _process_pool(paths, workers):
 
     import numpy as np
 
-    from cifarviz import data
+    from cifarviz.core import data
 
     chunks = [list(c) for c in np.array_split(np.array(paths, dtype=object), workers)]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -41,7 +41,7 @@ def _process_pool(paths, workers):
 
 
 def compare(root: Path, repeat: int) -> None:
-    from cifarviz import data
+    from cifarviz.core import data
 
     entries = data._scan_image_folder(root)
     paths = [str(root / rel) for split in ("train", "test") for rel, *_ in entries[split]]
@@ -83,8 +83,8 @@ def main():
 
 
 def run(args):
-    import cifarviz.utils  # noqa: F401 - imports torch (seconds), as the app and CLI already have: not decoding time
-    from cifarviz.data import load_cifar10
+    import cifarviz.core.utils  # noqa: F401 - imports torch (seconds), as the app and CLI already have: not decoding time
+    from cifarviz.store.datasets import load_cifar10
 
     start, cpu = time.perf_counter(), _cpu_seconds()
     ds = load_cifar10(args.data, download=False, progress=False)

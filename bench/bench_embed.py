@@ -1,4 +1,4 @@
-"""2-D maps (cifarviz.embed) and the Embeddings page: how fast, on this machine.
+"""2-D maps (cifarviz.analysis.embed) and the Embeddings page: how fast, on this machine.
 
 1. Cold t-SNE of fastnet's 10,000 test features with openTSNE as cifarviz runs it (PCA to 50 dimensions, then
    openTSNE; target < 20 s), and scikit-learn's TSNE on the same 10,000 features in the same run (its defaults:
@@ -27,13 +27,13 @@ from pathlib import Path
 
 from load_test import REPO, RESULTS, default_data, streamlit_server
 
-from cifarviz.utils import atomic_write  # importable: load_test put this checkout on sys.path
+from cifarviz.core.utils import atomic_write  # importable: load_test put this checkout on sys.path
 
 CHROMIUM = "/usr/bin/chromium"
 UMAP_CALL = """
 import json, sys, time
 import numpy as np
-from cifarviz.embed import compute_embedding
+from cifarviz.analysis.embed import compute_embedding
 x = np.load(sys.argv[1])
 times = []
 for _ in range(2):
@@ -49,9 +49,9 @@ def timed(fn):
 
 
 def load_inputs(data: str):
-    from cifarviz.artifacts import split_artifacts
-    from cifarviz.checkpoint import load_checkpoint
-    from cifarviz.data import load_cifar10
+    from cifarviz.core.checkpoint import load_checkpoint
+    from cifarviz.store.artifacts import split_artifacts
+    from cifarviz.store.datasets import load_cifar10
 
     dataset = load_cifar10(data, download=False, progress=False)
     checkpoint = load_checkpoint(REPO / "checkpoints" / "fastnet.safetensors")
@@ -59,7 +59,7 @@ def load_inputs(data: str):
 
 
 def bench_library(dataset, checkpoint, arts, sklearn: bool) -> dict:
-    from cifarviz.embed import compute_embedding, embedding, embedding_path, knn_accuracy
+    from cifarviz.analysis.embed import compute_embedding, embedding, embedding_path, knn_accuracy
 
     report = {"points": len(arts.labels), "feature_dims": int(arts.features.shape[1]),
               "load_avg_before": os.getloadavg()}

@@ -27,12 +27,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cifarviz.augment import AugmentConfig  # noqa: E402
-from cifarviz.checkpoint import SHIPPED_DIR, Checkpoint, load_checkpoint  # noqa: E402
-from cifarviz.data import Split, load_cifar10  # noqa: E402
-from cifarviz.inference import predict  # noqa: E402
-from cifarviz.influence import METHODS, index_path, load_or_fit  # noqa: E402
-from cifarviz.train import TrainConfig, train  # noqa: E402
+from cifarviz.analysis.influence import METHODS, index_path, load_or_fit
+from cifarviz.core.augment import AugmentConfig
+from cifarviz.core.checkpoint import SHIPPED_DIR, Checkpoint, load_checkpoint
+from cifarviz.core.data import Split, load_cifar10
+from cifarviz.core.inference import predict
+from cifarviz.core.train import TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

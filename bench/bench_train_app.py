@@ -1,4 +1,4 @@
-"""Training in the app (cifarviz.runs workers behind the Train page), measured on this machine.
+"""Training in the app (cifarviz.services.runs workers behind the Train page), measured on this machine.
 
 1. Start to the first plotted point, in the real browser: the click on Start until the live view shows its first
    step (progress text and curves), on a fresh server. Median of 3.
@@ -30,9 +30,9 @@ from pathlib import Path
 from bench_app import CHROMIUM, RunCounter, sidebar_link
 from load_test import REPO, RESULTS, default_data, precompute, streamlit_server
 
-from cifarviz import runs
-from cifarviz.checkpoint import read_metadata
-from cifarviz.train import TrainConfig
+from cifarviz.core.checkpoint import read_metadata
+from cifarviz.core.train import TrainConfig
+from cifarviz.services import runs
 
 SETTINGS = {"model": "lenet", "epochs": 2, "batch_size": 128}
 STEP_TEXT = r"/Epoch \d+\/\d+, step/"

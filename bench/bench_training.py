@@ -21,11 +21,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cifarviz.augment import AugmentConfig
-from cifarviz.data import Split, load_cifar10
-from cifarviz.models import create_model
-from cifarviz.recipes import RECIPES
-from cifarviz.train import train
+from cifarviz.core.augment import AugmentConfig
+from cifarviz.core.data import Split
+from cifarviz.core.models import create_model
+from cifarviz.core.recipes import RECIPES
+from cifarviz.core.train import train
+from cifarviz.store.datasets import load_cifar10
 
 
 class PILCifar(Dataset):

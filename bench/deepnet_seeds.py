@@ -1,10 +1,10 @@
 """Seed study for the plain / residual / skip comparison (not a test): retrain deepnet-conv, -res and -skip with
-the shipped recipe (cifarviz.recipes.RECIPES) under other seeds and report test accuracy per seed, mean and spread.
+the shipped recipe (cifarviz.core.recipes.RECIPES) under other seeds and report test accuracy per seed, mean and spread.
 
     python bench/deepnet_seeds.py --seeds 1 2          # the shipped checkpoints are seed 0
 
 Writes bench/results/deepnet-seeds.json; the numbers shown on the Models page are copied from it into
-cifarviz.recipes.DEEPNET_SEED_STUDY.
+cifarviz.core.recipes.DEEPNET_SEED_STUDY.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cifarviz.data import load_cifar10  # noqa: E402
-from cifarviz.recipes import RECIPES  # noqa: E402
-from cifarviz.train import evaluate_split, train  # noqa: E402
+from cifarviz.core.data import load_cifar10
+from cifarviz.core.recipes import RECIPES
+from cifarviz.core.train import evaluate_split, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

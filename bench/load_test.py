@@ -50,8 +50,8 @@ from streamlit.proto.WidgetStates_pb2 import WidgetState
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's cifarviz (run as `python bench/load_test.py`)
-from cifarviz.app import PAGES as APP_PAGES
-from cifarviz.utils import atomic_write
+from cifarviz.core.utils import atomic_write
+from cifarviz.ui.app import PAGES as APP_PAGES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The explorer's pages by title: (URL page name, file). The default page's URL name is "".
@@ -409,13 +409,13 @@ def count_wrong_saliency(samples: list[InspectorSample], data_root: str) -> tupl
     Returns (wrong count, descriptions, largest difference seen in intensity levels)."""
     import torch
 
-    from cifarviz.checkpoint import SHIPPED_DIR, load_checkpoint
-    from cifarviz.data import load_cifar10
-    from cifarviz.explore import grad_cam, overlay_heatmap, to_png
+    from cifarviz.analysis.explore import grad_cam, overlay_heatmap, to_png
+    from cifarviz.core.checkpoint import SHIPPED_DIR, load_checkpoint
+    from cifarviz.store.datasets import load_cifar10
 
     dataset = load_cifar10(data_root, download=False, progress=False)
     model = load_checkpoint(SHIPPED_DIR / f"{CHECKPOINT}.safetensors").model
-    model.to(memory_format=torch.channels_last)  # the server's layout (cifarviz.app.get_checkpoint)
+    model.to(memory_format=torch.channels_last)  # the server's layout (cifarviz.ui.app.get_checkpoint)
     classes = list(dataset.classes)
     expected: dict[tuple, bytes] = {}
     wrong, notes, largest = 0, [], 0.0
@@ -509,8 +509,8 @@ def run_load(server: Server, args) -> dict:
 def background_training(model: str, data: str):
     """A training run of `model` in a worker process (the Train page's machinery, a private runs folder) for the
     duration of the block; then stopped. Yields a dict filled in at the end: images/s, epochs, state."""
-    from cifarviz import runs
-    from cifarviz.train import TrainConfig
+    from cifarviz.core.train import TrainConfig
+    from cifarviz.services import runs
 
     root = Path(tempfile.mkdtemp(prefix="load-test-runs-"))
     run_id = runs.submit_training(TrainConfig(model=model, epochs=500), data, root=root)
@@ -677,7 +677,7 @@ def parse_args():
                         help="extra server config, e.g. runner.postScriptGC=true, Streamlit's default (repeatable)")
     parser.add_argument("--train", metavar="MODEL", default=None,
                         help="while the viewers load the server, train MODEL (all training images) as a background "
-                             "run through the Train page's own machinery (cifarviz.runs), and report its images/s")
+                             "run through the Train page's own machinery (cifarviz.services.runs), and report its images/s")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the load: one viewer, Evaluate reruns and inspectors, server CPU per run and "
                              "(with py-spy installed) where the server's time goes")

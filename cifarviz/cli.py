@@ -14,10 +14,10 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .checkpoint import SHIPPED_DIR
-from .errors import CheckpointError, CifarvizError
+from cifarviz.core.checkpoint import SHIPPED_DIR
+from cifarviz.core.errors import CheckpointError, CifarvizError
 
-METHODS = ("head", "trak", "similarity")  # cifarviz.influence.METHODS, named here so --help needs no torch import
+METHODS = ("head", "trak", "similarity")  # cifarviz.analysis.influence.METHODS, named here so --help needs no torch import
 DEFAULT_INFLUENCE = "head"
 
 
@@ -35,7 +35,7 @@ def resolve_checkpoint(name_or_path: str) -> Path:
 
 def load_named_checkpoint(name_or_path: str, arch: str | None = None):
     """The checkpoint behind a -c value; `arch` (--arch) names the architecture of a .pt/.pth state dict."""
-    from .checkpoint import load_checkpoint, read_metadata
+    from cifarviz.core.checkpoint import load_checkpoint, read_metadata
 
     path = resolve_checkpoint(name_or_path)
     stored = read_metadata(path).get("architecture") if arch and path.suffix == ".safetensors" else None
@@ -74,7 +74,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def _load_data(args, download: bool = True):
-    from .data import load_cifar10
+    from cifarviz.store.datasets import load_cifar10
 
     asked = args.val_size  # None: the library default, which shrinks to a tenth on small datasets
     dataset = load_cifar10(args.data, download=download, val_size=5000 if asked is None else asked,
@@ -90,7 +90,7 @@ def _load_data(args, download: bool = True):
 
 
 def cmd_data(args) -> int:
-    from .data import default_data_root, detect_layout
+    from cifarviz.core.data import default_data_root, detect_layout
 
     root = Path(args.data) if args.data else default_data_root()
     if not args.download and not detect_layout(root):
@@ -118,8 +118,14 @@ def cmd_data(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import count_parameters, list_models, model_entry
-    from .summary import build_architecture, describe_args, format_table, model_for_summary, shipped_checkpoints
+    from cifarviz.analysis.summary import (
+        build_architecture,
+        describe_args,
+        format_table,
+        model_for_summary,
+        shipped_checkpoints,
+    )
+    from cifarviz.core.models import count_parameters, list_models, model_entry
 
     if args.action == "summary":
         if not (args.name or args.checkpoint):
@@ -154,8 +160,8 @@ def cmd_models(args) -> int:
 def cmd_train(args) -> int:
     from tqdm.auto import tqdm
 
-    from .recipes import RECIPES, train_and_save
-    from .train import TrainConfig, resolve_device
+    from cifarviz.core.recipes import RECIPES, train_and_save
+    from cifarviz.core.train import TrainConfig, resolve_device
 
     if args.recipe:
         if args.recipe not in RECIPES:
@@ -198,7 +204,7 @@ def cmd_train(args) -> int:
 
     path, result = train_and_save(config, dataset, out, callback=progress)
     bar.close()
-    from .checkpoint import read_metadata
+    from cifarviz.core.checkpoint import read_metadata
 
     acc = read_metadata(path)["metrics"]["test_accuracy"]
     print(f"saved {path}: test accuracy {acc:.4f} on {dataset.root} (test split), {result.seconds:.0f} s on {result.device}")
@@ -206,8 +212,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .artifacts import split_artifacts, split_tta
-    from .metrics import classification_report, most_confused_pairs
+    from cifarviz.analysis.metrics import classification_report, most_confused_pairs
+    from cifarviz.store.artifacts import split_artifacts, split_tta
 
     checkpoint = load_named_checkpoint(args.checkpoint, args.arch)
     dataset = _load_data(args)
@@ -235,8 +241,8 @@ def cmd_evaluate(args) -> int:
 def cmd_export_features(args) -> int:
     import numpy as np
 
-    from .artifacts import split_artifacts
-    from .utils import atomic_write
+    from cifarviz.core.utils import atomic_write
+    from cifarviz.store.artifacts import split_artifacts
 
     checkpoint = load_named_checkpoint(args.checkpoint, args.arch)
     # The stored name is data from the file: only a plain stem of it may name a file here.
@@ -253,14 +259,14 @@ def cmd_export_features(args) -> int:
 
 def cmd_precompute(args) -> int:
     """Warm every disk cache a class demo needs: decoded data, statistics, and per-split artifacts."""
-    from .artifacts import artifact_path, split_artifacts
+    from cifarviz.store.artifacts import artifacts_cached, split_artifacts
 
     dataset = _load_data(args)
     names = args.checkpoint or [p.stem for p in sorted(SHIPPED_DIR.glob("*.safetensors"))]
     for name in names:
         checkpoint = load_named_checkpoint(name, args.arch)
         for split in ("test", "val", "train"):
-            cached = artifact_path(checkpoint, dataset, split).is_file()
+            cached = artifacts_cached(checkpoint, dataset, split)
             start = time.perf_counter()
             split_artifacts(checkpoint, dataset, split, progress=not cached)
             state = "already cached" if cached else f"computed in {time.perf_counter() - start:.1f} s"
@@ -268,7 +274,7 @@ def cmd_precompute(args) -> int:
         for method in args.influence or [DEFAULT_INFLUENCE]:
             if method == "none":
                 continue
-            from .influence import index_path, load_or_fit
+            from cifarviz.analysis.influence import index_path, load_or_fit
 
             cached = index_path(method, checkpoint, dataset).is_file()
             start = time.perf_counter()
@@ -282,7 +288,7 @@ def cmd_precompute(args) -> int:
 def cmd_influence(args) -> int:
     """Top-k helpful and harmful training images for a test image (--test-index), a whole test class
     (--class), or the training images ranked by self-influence (--self)."""
-    from .influence import class_lookup, load_or_fit, lookup, suspicious, training_losses
+    from cifarviz.analysis.influence import class_lookup, load_or_fit, lookup, suspicious, training_losses
 
     modes = [bool(args.self), args.test_index is not None, args.class_name is not None]
     if sum(modes) != 1:
@@ -295,7 +301,7 @@ def cmd_influence(args) -> int:
     if args.self:
         order, scores = suspicious(index, args.top or 100)
         losses = training_losses(checkpoint, dataset)
-        from .artifacts import split_artifacts
+        from cifarviz.store.artifacts import split_artifacts
 
         predicted = split_artifacts(checkpoint, dataset, "train").predicted
         rows = [{"rank": r + 1, "train_index": int(i), "source_index": int(dataset.train.source_index[i]),
@@ -337,9 +343,21 @@ def cmd_tune(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from .recipes import RECIPES
-    from .tune import (DEFAULT_MODEL, SearchSpace, StudySettings, beside, best_config, best_trial, check_same,
-                       check_trials, default_storage_url, exclusive, run_study, stored_settings)
+    from cifarviz.core.recipes import RECIPES
+    from cifarviz.services.tune import (
+        DEFAULT_MODEL,
+        SearchSpace,
+        StudySettings,
+        beside,
+        best_config,
+        best_trial,
+        check_same,
+        check_trials,
+        default_storage_url,
+        exclusive,
+        run_study,
+        stored_settings,
+    )
 
     check_trials(args.trials)
     storage = args.storage or default_storage_url()
@@ -417,7 +435,7 @@ def cmd_embed(args) -> int:
     map the Embeddings page shows, with its 10-NN accuracy; --out writes it as CSV."""
     from tqdm.auto import tqdm
 
-    from .embed import check_params, embedding, embedding_path, knn_accuracy, subset_indices
+    from cifarviz.analysis.embed import check_params, embedding, embedding_path, knn_accuracy, subset_indices
 
     if (args.checkpoint is None) == (not args.pixels):
         raise CifarvizError("Give exactly one of --checkpoint NAME (its features) or --pixels (the raw-pixel "
@@ -434,7 +452,7 @@ def cmd_embed(args) -> int:
                         on_progress=lambda fraction: bar.update(round(100 * fraction) - bar.n))
     accuracy = knn_accuracy(emb.coords, emb.labels, k=args.k)
     if out is not None:
-        from .utils import atomic_write
+        from cifarviz.core.utils import atomic_write
 
         with atomic_write(out, "w") as fh:
             fh.write("index,x,y,label,predicted\n")
@@ -456,7 +474,7 @@ def precompute_maps(checkpoint, dataset) -> None:
     """The Embeddings page's default map (t-SNE of the test images) for `precompute`."""
     from tqdm.auto import tqdm
 
-    from .embed import DEFAULT_PARAMS, embedding, embedding_path
+    from cifarviz.analysis.embed import DEFAULT_PARAMS, embedding, embedding_path
 
     cached = embedding_path(checkpoint, dataset, "test", "tsne", DEFAULT_PARAMS["tsne"]).is_file()
     with tqdm(total=100, desc=f"{checkpoint.name} t-SNE map", unit="%", disable=cached) as bar:
@@ -467,7 +485,8 @@ def precompute_maps(checkpoint, dataset) -> None:
 
 
 def add_embed_parser(sub, data_args, arch_args) -> None:
-    from .embed import DEFAULT_PARAMS, METHODS as MAP_METHODS
+    from cifarviz.analysis.embed import DEFAULT_PARAMS
+    from cifarviz.analysis.embed import METHODS as MAP_METHODS
 
     p = sub.add_parser("embed", parents=[data_args, arch_args],
                        help="2-D map (t-SNE, UMAP, PCA) of a checkpoint's features or raw pixels, with its k-NN accuracy")
@@ -490,9 +509,9 @@ def add_embed_parser(sub, data_args, arch_args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import list_models
-    from .recipes import RECIPES
-    from .train import OPTIMIZERS, SCHEDULES
+    from cifarviz.core.models import list_models
+    from cifarviz.core.recipes import RECIPES
+    from cifarviz.core.train import OPTIMIZERS, SCHEDULES
 
     parser = argparse.ArgumentParser(prog="python -m cifarviz", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -574,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list (default); stop RUN_ID (keeps its last finished epoch); cancel RUN_ID (a queued run)")
     p.add_argument("run_id", nargs="?", help="a run's id, as `runs` lists it")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(func=lambda args: __import__("cifarviz.runs", fromlist=["cli"]).cli(args))
+    p.set_defaults(func=lambda args: __import__("cifarviz.services.runs", fromlist=["cli"]).cli(args))
     add_tune_parser(sub, data_args)
     add_embed_parser(sub, data_args, arch_args)
     return parser

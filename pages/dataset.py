@@ -4,9 +4,16 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from cifarviz import app
-from cifarviz.augment import AugmentConfig, augment_batch, to_float
-from cifarviz.explore import ImageRef, channel_histograms, class_mean_images, filter_indices, sample_per_class, to_png
+from cifarviz.analysis.explore import (
+    ImageRef,
+    channel_histograms,
+    class_mean_images,
+    filter_indices,
+    sample_per_class,
+    to_png,
+)
+from cifarviz.core.augment import AugmentConfig, augment_batch, to_float
+from cifarviz.ui import app
 
 app.sidebar()
 st.title("Dataset")

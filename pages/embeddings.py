@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cifarviz import app
-from cifarviz.embed import DEFAULT_PARAMS, METHODS, class_mix, selected_indices, subset_indices
-from cifarviz.explore import ImageRef
+from cifarviz.analysis.embed import DEFAULT_PARAMS, METHODS, class_mix, selected_indices, subset_indices
+from cifarviz.analysis.explore import ImageRef
+from cifarviz.ui import app
 from cifarviz.ui import embeddings as ui
 
 dataset, checkpoint = app.data_and_checkpoint_page("Embeddings")
@@ -88,7 +88,7 @@ if chosen_split == split and chosen:
     st.subheader(f"{len(chosen):,} images in the box")
     mix = class_mix(data.labels[chosen], len(classes))
     wrong = int((arts.predicted[chosen] != data.labels[chosen]).sum())
-    st.markdown(f"**Class mix:** " + ", ".join(f"{classes[i]} {mix[i]}" for i in np.argsort(-mix) if mix[i]) +
+    st.markdown("**Class mix:** " + ", ".join(f"{classes[i]} {mix[i]}" for i in np.argsort(-mix) if mix[i]) +
                 f". **{wrong}** misclassified by {checkpoint.name}.")
     st.bar_chart(pd.DataFrame({"class": classes, "images": mix}), x="class", y="images", height=220,
                  horizontal=False)

@@ -3,10 +3,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cifarviz import app
-from cifarviz.artifacts import split_tta
-from cifarviz.explore import ImageRef, confusion_cell_indices, misclassified_by_confidence
-from cifarviz.metrics import classification_report, most_confused_pairs, reliability
+from cifarviz.analysis.explore import ImageRef, confusion_cell_indices, misclassified_by_confidence
+from cifarviz.analysis.metrics import classification_report, most_confused_pairs, reliability
+from cifarviz.store.artifacts import split_tta
+from cifarviz.ui import app
 
 dataset, checkpoint = app.data_and_checkpoint_page("Evaluate", training_images=False)
 classes = list(dataset.classes)

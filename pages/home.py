@@ -3,10 +3,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from cifarviz import app
-from cifarviz.checkpoint import SHIPPED_DIR, read_metadata
-from cifarviz.models import list_models
-from cifarviz.summary import describe_args, model_for_summary, shipped_checkpoints
+from cifarviz.analysis.summary import describe_args, model_for_summary, shipped_checkpoints
+from cifarviz.core.checkpoint import SHIPPED_DIR, read_metadata
+from cifarviz.core.models import list_models
+from cifarviz.ui import app
 
 app.sidebar()
 st.title("cifarviz: watch a CNN learn CIFAR-10")

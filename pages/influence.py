@@ -1,9 +1,9 @@
 import numpy as np
 import streamlit as st
 
-from cifarviz import app
-from cifarviz.explore import ImageRef, to_png
-from cifarviz.influence import DEFAULT_METHOD, METHODS, suspicious, training_losses
+from cifarviz.analysis.explore import ImageRef, to_png
+from cifarviz.analysis.influence import DEFAULT_METHOD, METHODS, suspicious, training_losses
+from cifarviz.ui import app
 
 dataset, checkpoint = app.data_and_checkpoint_page("Influence")
 classes = list(dataset.classes)

@@ -5,12 +5,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cifarviz import app
-from cifarviz.checkpoint import SHIPPED_DIR, read_metadata
-from cifarviz.errors import AmbiguousArchitectureError, CifarvizError
-from cifarviz.models import count_parameters, list_models, model_entry
-from cifarviz.recipes import DEEPNET_SEED_STUDY, SOURCE_REPORTED, SOURCE_TARGETS
-from cifarviz.summary import changed_args, describe_args, layer_table, model_for_summary, shipped_checkpoints
+from cifarviz.analysis.summary import changed_args, describe_args, layer_table, model_for_summary, shipped_checkpoints
+from cifarviz.core.checkpoint import SHIPPED_DIR, read_metadata
+from cifarviz.core.errors import AmbiguousArchitectureError, CifarvizError
+from cifarviz.core.models import count_parameters, list_models, model_entry
+from cifarviz.core.recipes import DEEPNET_SEED_STUDY, SOURCE_REPORTED, SOURCE_TARGETS
+from cifarviz.ui import app
 from cifarviz.ui.charts import PALETTE, SPLITS_NOTE, epoch_curves
 
 app.sidebar()

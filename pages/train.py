@@ -8,12 +8,13 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from cifarviz import app, runs
-from cifarviz.checkpoint import SHIPPED_DIR, read_metadata
-from cifarviz.errors import CifarvizError
-from cifarviz.models import list_models, model_entry
-from cifarviz.recipes import RECIPES
-from cifarviz.train import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES, TrainConfig
+from cifarviz.core.checkpoint import SHIPPED_DIR, read_metadata
+from cifarviz.core.errors import CifarvizError
+from cifarviz.core.models import list_models, model_entry
+from cifarviz.core.recipes import RECIPES
+from cifarviz.core.train import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES, TrainConfig
+from cifarviz.services import runs
+from cifarviz.ui import app
 from cifarviz.ui.charts import PALETTE, SPLITS_NOTE, epoch_curves
 from cifarviz.ui.tuning import tuning_tab
 
@@ -79,7 +80,7 @@ def on_norm() -> None:
 
 def config_from_form() -> TrainConfig:
     """The TrainConfig the form describes (checked: a bad value raises a CifarvizError that says which)."""
-    get = lambda name: st.session_state[KEY + name]  # noqa: E731
+    get = lambda name: st.session_state[KEY + name]
     model_args = dict(get("model_args") or {})
     if get("dropout") is not None and "dropout" in model_entry(get("model")).defaults():
         model_args["dropout"] = float(get("dropout"))

@@ -34,7 +34,8 @@ def real_data_root() -> Path:
 @pytest.fixture(scope="session")
 def cifar():
     """The real dataset, decoded once per test session."""
-    from cifarviz.data import detect_layout, load_cifar10
+    from cifarviz.core.data import detect_layout
+    from cifarviz.store.datasets import load_cifar10
 
     root = real_data_root()
     if not root.is_dir() or not detect_layout(root):
@@ -47,7 +48,7 @@ def cifar_small(cifar):
     """A class-balanced slice of the real data (2,000 train / 500 val / 1,000 test) for quick training tests."""
     import dataclasses
 
-    from cifarviz.data import Split
+    from cifarviz.core.data import Split
 
     def take(split, n):
         idx = np.sort(np.random.default_rng(1).choice(len(split), n, replace=False))

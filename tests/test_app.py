@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from cifarviz.artifacts import split_artifacts
-from cifarviz.checkpoint import load_checkpoint
-from cifarviz.explore import ImageRef, confusion_cell_indices
+from cifarviz.analysis.explore import ImageRef, confusion_cell_indices
+from cifarviz.core.checkpoint import load_checkpoint
+from cifarviz.store.artifacts import split_artifacts
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "checkpoints"
@@ -188,7 +188,7 @@ def test_wrong_data_folder_explains_and_keeps_serving(cifar, tmp_path):
 
 def test_inspector_explains_the_class_it_calls_predicted(cifar, fastnet_test):
     """With flip TTA the page's prediction can differ from the plain argmax; Grad-CAM must follow the page."""
-    from cifarviz.inference import predict
+    from cifarviz.core.inference import predict
 
     checkpoint = load_checkpoint(SHIPPED / "fastnet.safetensors")
     plain = predict(checkpoint.model, cifar.test.images[:2000], features=False).predicted
@@ -223,7 +223,7 @@ def test_classroom_mode_locks_the_data_folder_and_uploads(cifar, monkeypatch):
 
 
 def test_uploaded_checkpoints_are_bounded_on_disk(tmp_path):
-    from cifarviz.app import prune_uploads
+    from cifarviz.ui.app import prune_uploads
 
     for i in range(7):
         path = tmp_path / f"{i}.safetensors"
@@ -236,7 +236,7 @@ def test_uploaded_checkpoints_are_bounded_on_disk(tmp_path):
 
 
 def test_one_dataset_cache_entry_per_folder(tmp_path):
-    from cifarviz.app import canonical_root
+    from cifarviz.ui.app import canonical_root
 
     (tmp_path / "data").mkdir()
     spellings = [str(tmp_path / "data"), str(tmp_path / "data") + "/", str(tmp_path / "data" / ".." / "data"),
@@ -245,7 +245,7 @@ def test_one_dataset_cache_entry_per_folder(tmp_path):
 
 
 def test_ambiguous_state_dict_upload_asks_which_architecture(cifar):
-    from cifarviz.models import create_model
+    from cifarviz.core.models import create_model
 
     buffer = io.BytesIO()
     torch.manual_seed(0)
@@ -294,8 +294,8 @@ def test_imported_modules_are_kept_out_of_the_collectors_reach(cifar):
 def test_evaluate_shows_plain_predictions_until_the_augmented_ones_arrive(cifar):
     """A cold Evaluate is usable after one pass over the test images: fastnet's flip test-time augmentation needs a
     second, mirrored pass, and the page shows the plain pass's numbers (saying so) until it is done."""
-    from cifarviz.artifacts import artifact_path
-    from cifarviz.jobs import file_lock
+    from cifarviz.services.jobs import file_lock
+    from cifarviz.store.artifacts import artifact_path
 
     checkpoint = load_checkpoint(SHIPPED / "fastnet.safetensors")
     plain = split_artifacts(checkpoint, cifar, "test", tta="none")
@@ -331,7 +331,7 @@ def test_a_bad_training_image_is_named_where_it_is_needed(tmp_path):
     one is named by the inspector's neighbours and by the Dataset page, and Evaluate keeps working."""
     from conftest import write_image_folder
 
-    from cifarviz.data import CIFAR10_CLASSES
+    from cifarviz.core.data import CIFAR10_CLASSES
 
     root = write_image_folder(tmp_path / "data", classes=CIFAR10_CLASSES, per_class=(2, 1))
     (root / "train" / "cat" / "0001.png").write_bytes(b"not a picture")

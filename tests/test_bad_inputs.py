@@ -14,18 +14,18 @@ import math
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from cifarviz.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
-from cifarviz.errors import CheckpointError
-from cifarviz.models import ARG_BOUNDS, create_model, list_models, model_entry
+from cifarviz.core.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
+from cifarviz.core.errors import CheckpointError
+from cifarviz.core.models import ARG_BOUNDS, create_model, list_models, model_entry
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -218,8 +218,8 @@ def test_arguments_that_do_not_fit_the_file_allocate_nothing(tmp_path):
     honest = save_checkpoint(tmp_path / "honest", _model("fastnet"))
     script = (  # VmHWM: this process's peak memory (ru_maxrss would include the forking parent's)
         "import re, sys\n"
-        "from cifarviz.checkpoint import load_checkpoint\n"
-        "from cifarviz.errors import CheckpointError\n"
+        "from cifarviz.core.checkpoint import load_checkpoint\n"
+        "from cifarviz.core.errors import CheckpointError\n"
         "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024\n"
         "load_checkpoint(sys.argv[2])  # warm up: imports, allocator, meta kernels\n"
         "before = peak()\n"

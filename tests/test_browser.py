@@ -12,8 +12,8 @@ import re
 import pytest
 from browser import REPO, assert_healthy, cut_off_texts, new_page, screenshot, wait_idle  # fixtures: conftest.py
 
-from cifarviz.artifacts import split_artifacts
-from cifarviz.checkpoint import load_checkpoint
+from cifarviz.core.checkpoint import load_checkpoint
+from cifarviz.store.artifacts import split_artifacts
 
 PAGES = (("home", "", "cifarviz"), ("dataset", "dataset", "Dataset"), ("train", "train", "Train"),
          ("evaluate", "evaluate", "Evaluate"), ("embeddings", "embeddings", "Embeddings"),
@@ -73,7 +73,7 @@ def hover_a_point(page, chart, tries: int = 400):
         page.wait_for_timeout(60)
         text = page.evaluate("() => { const t = document.querySelector('#vg-tooltip-element');"
                              " return t && t.classList.contains('visible') ? t.innerText : ''; }")
-        found = re.search(r"image #\s*(\d+).*?true class\s*(\w+)", text, re.S)
+        found = re.search(r"image #\s*(\d+).*?true class\s*(\w+)", text, re.DOTALL)
         if found:
             return x, y, int(found.group(1)), found.group(2)
     raise AssertionError("no point of the map showed a tooltip")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from browser import REPO, assert_healthy, cut_off_texts, screenshot, wait_idle  # fixtures: conftest.py
 
-from cifarviz import runs
+from cifarviz.services import runs
 
 STEP_TEXT = re.compile(r"Epoch (\d+)/(\d+), step ([\d,]+)/([\d,]+)")
 VAL_SHOWN = re.compile(r"Val accuracy\s+\d+\.\d%")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarviz.checkpoint import SHIPPED_DIR, load_checkpoint, read_metadata, save_checkpoint
-from cifarviz.errors import AmbiguousArchitectureError, CheckpointError
-from cifarviz.models import create_model
-from cifarviz.utils import atomic_write
+from cifarviz.core.checkpoint import SHIPPED_DIR, load_checkpoint, read_metadata, save_checkpoint
+from cifarviz.core.errors import AmbiguousArchitectureError, CheckpointError
+from cifarviz.core.models import create_model
+from cifarviz.core.utils import atomic_write
 
 
 def _model(name="lenet", **kwargs):
@@ -36,10 +36,9 @@ def test_round_trip_is_exact_and_self_describing(tmp_path):
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = save_checkpoint(tmp_path / "keep", _model())
     before = path.read_bytes()
-    with pytest.raises(RuntimeError):
-        with atomic_write(path) as fh:
-            fh.write(b"half a checkpoint")
-            raise RuntimeError("simulated crash mid-write")
+    with pytest.raises(RuntimeError), atomic_write(path) as fh:
+        fh.write(b"half a checkpoint")
+        raise RuntimeError("simulated crash mid-write")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.json", "keep.safetensors"]  # no temp files left
 
@@ -167,7 +166,7 @@ def test_stale_sidecar_is_rewritten_from_the_header(tmp_path):
 
 def test_temporaries_of_killed_writers_are_removed_after_an_hour(tmp_path):
     target = tmp_path / "run.safetensors"
-    writer = ("import sys, time\nfrom cifarviz.utils import atomic_write\nwith atomic_write(sys.argv[1]) as fh:\n"
+    writer = ("import sys, time\nfrom cifarviz.core.utils import atomic_write\nwith atomic_write(sys.argv[1]) as fh:\n"
               "    fh.write(b'half a checkpoint'); fh.flush(); print('writing', flush=True); time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", writer, str(target)], cwd=Path(__file__).resolve().parent.parent,
                             stdout=subprocess.PIPE, text=True)

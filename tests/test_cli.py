@@ -75,12 +75,12 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path):
 
 
 def test_precompute_warms_the_app_caches(cifar):
-    from cifarviz.artifacts import artifact_path
-    from cifarviz.checkpoint import load_checkpoint
+    from cifarviz.core.checkpoint import load_checkpoint
+    from cifarviz.store.artifacts import artifact_path
 
     result = run("precompute", "-c", "lenet", "--data", str(cifar.root))
     assert result.returncode == 0, result.stderr
-    from cifarviz.influence import index_path
+    from cifarviz.analysis.influence import index_path
 
     lines = [line.split() for line in result.stdout.splitlines()]
     # artifacts, the influence index, then the Embeddings page's default map
@@ -94,13 +94,13 @@ def test_precompute_warms_the_app_caches(cifar):
 
 # ----------------------------------------------------------------- in-process: cifarviz.cli.main([...])
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from cifarviz.checkpoint import read_metadata, save_checkpoint  # noqa: E402
-from cifarviz.cli import build_parser, load_named_checkpoint, main, safe_stem  # noqa: E402
-from cifarviz.models import create_model  # noqa: E402
-from cifarviz.summary import model_for_summary  # noqa: E402
+from cifarviz.analysis.summary import model_for_summary
+from cifarviz.cli import build_parser, load_named_checkpoint, main, safe_stem
+from cifarviz.core.checkpoint import read_metadata, save_checkpoint
+from cifarviz.core.models import create_model
 
 FILE_IN_THE_WAY = "FILE_IN_THE_WAY"  # replaced by a path whose "folder" is a regular file
 

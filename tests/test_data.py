@@ -11,12 +11,12 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import REPO, write_image_folder
 from PIL import Image
 
-from cifarviz.data import CIFAR10_CLASSES, PYTHON_DIR, _decode_images, _identify, load_cifar10, load_image_file
-from cifarviz.errors import DataError
-from conftest import REPO, write_image_folder
-
+from cifarviz.core.data import CIFAR10_CLASSES, PYTHON_DIR, _decode_images, _identify, load_image_file
+from cifarviz.core.errors import DataError
+from cifarviz.store.datasets import load_cifar10
 
 # ----------------------------------------------------------------------------- real data
 
@@ -50,14 +50,17 @@ def test_split_is_seeded_and_stable(cifar):
 
 
 def test_second_load_comes_from_the_cache(cifar):
-    from cifarviz.utils import cache_dir
+    from cifarviz.core.data import find_source
+    from cifarviz.store import default_store
+    from cifarviz.store.datasets import pixels_key
 
     fingerprint, key, _ = _identify(cifar.root, cifar.layout)
-    caches = [cache_dir() / "data" / f"{key}-{part}.npz" for part in ("train", "test")]
+    source = find_source(cifar.root, download=False)
+    caches = [default_store().path(pixels_key(source, part)) for part in ("train", "test")]
     assert fingerprint == cifar.fingerprint and key.startswith(f"image-folder-{fingerprint}-")
-    stamps = [cache.stat().st_mtime_ns for cache in caches]
+    inodes = [cache.stat().st_ino for cache in caches]
     again = load_cifar10(cifar.root, download=False, progress=False)
-    assert [cache.stat().st_mtime_ns for cache in caches] == stamps  # read, not rewritten
+    assert [cache.stat().st_ino for cache in caches] == inodes  # read, not rewritten (a write renames a new file)
     assert np.array_equal(again.test.images, cifar.test.images)
 
 
@@ -70,12 +73,12 @@ def test_lazy_load_decodes_the_training_images_on_first_use(tmp_path, monkeypatc
     assert lazy.test.decoded and not lazy.train.decoded and not lazy.val.decoded
     assert np.array_equal(lazy.test.images, eager.test.images)
     assert np.array_equal(lazy.train.labels, eager.train.labels) and len(lazy.val) == 3  # labels need no pixels
-    cached = sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "cache" / "data").glob("*.npz"))
+    cached = sorted(p.name.split("-", 1)[0] + ".npz" for p in (tmp_path / "cache" / "data").glob("*.npz"))
     assert cached == ["test.npz"]
     assert lazy.mean == eager.mean and lazy.std == eager.std  # decodes the training part, once
     assert lazy.train.decoded
     assert np.array_equal(lazy.train.images, eager.train.images) and np.array_equal(lazy.val.images, eager.val.images)
-    cached = sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "cache" / "data").glob("*.npz"))
+    cached = sorted(p.name.split("-", 1)[0] + ".npz" for p in (tmp_path / "cache" / "data").glob("*.npz"))
     assert cached == ["test.npz", "train.npz"]
 
 
@@ -386,7 +389,7 @@ def test_worker_processes_run_from_an_unguarded_script_without_torch(image_folde
     script.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "from cifarviz.data import _decode_images\n"
+        "from cifarviz.core.data import _decode_images\n"
         f"images = _decode_images({_paths(image_folder)!r}, workers=2)\n"
         "print('decoded', len(images), 'torch' in sys.modules)\n"
     )

@@ -1,4 +1,4 @@
-"""2-D maps of penultimate features (cifarviz.embed), their CLI and the Embeddings page, on the real development
+"""2-D maps of penultimate features (cifarviz.analysis.embed), their CLI and the Embeddings page, on the real development
 data and the shipped checkpoints. Maps are of a fixed 2,000-image test subset (a few seconds each) unless a test
 needs more."""
 
@@ -10,12 +10,23 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cifarviz import embed
-from cifarviz.artifacts import split_artifacts
-from cifarviz.checkpoint import load_checkpoint
+from cifarviz.analysis import embed
+from cifarviz.analysis.embed import (
+    Embedding,
+    EmbeddingError,
+    check_params,
+    class_mix,
+    compute_embedding,
+    embedding,
+    embedding_path,
+    knn_accuracy,
+    selected_indices,
+    subset_indices,
+)
 from cifarviz.cli import main
-from cifarviz.embed import (Embedding, EmbeddingError, check_params, class_mix, compute_embedding, embedding,
-                            embedding_path, knn_accuracy, selected_indices, subset_indices)
+from cifarviz.core.checkpoint import load_checkpoint
+from cifarviz.store import default_store
+from cifarviz.store.artifacts import split_artifacts
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "checkpoints"
@@ -69,7 +80,7 @@ def test_a_map_is_computed_once_then_read_from_disk(cifar, lenet, monkeypatch):
     assert path.is_file() and calls == [1] and fractions[-1] == 1.0
     second = embedding(lenet, cifar, "test", "pca", None, subset, on_progress=fractions.append)  # defaults: same key
     assert calls == [1] and np.array_equal(first.coords, second.coords)
-    embed._load.cache_clear()  # a new process: from the file, still not recomputed
+    default_store().forget()  # a new process: from the file, still not recomputed
     assert np.array_equal(embedding(lenet, cifar, "test", "pca", {}, subset).coords, first.coords) and calls == [1]
     assert not list(path.parent.glob(".*.tmp"))
     with np.load(path, allow_pickle=False) as z:  # plain arrays, readable without pickle

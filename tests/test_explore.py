@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from cifarviz.explore import (
+from cifarviz.analysis.explore import (
     channel_histograms,
     class_mean_images,
     confusion_cell_indices,
@@ -14,7 +14,7 @@ from cifarviz.explore import (
     overlay_heatmap,
     sample_per_class,
 )
-from cifarviz.models import create_model
+from cifarviz.core.models import create_model
 
 
 def test_confusion_cell_indices_match_the_matrix():
@@ -76,7 +76,7 @@ def test_grad_cam_is_safe_on_a_model_shared_between_threads(cifar):
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
-    from cifarviz.checkpoint import load_checkpoint
+    from cifarviz.core.checkpoint import load_checkpoint
 
     model = load_checkpoint(Path(__file__).resolve().parent.parent / "checkpoints" / "fastnet.safetensors").model
     images = cifar.test.images[:12]
@@ -94,7 +94,7 @@ def test_grad_cam_is_safe_on_a_model_shared_between_threads(cifar):
 def test_grad_cam_explains_the_class_it_is_asked_for(cifar):
     from pathlib import Path
 
-    from cifarviz.checkpoint import load_checkpoint
+    from cifarviz.core.checkpoint import load_checkpoint
 
     model = load_checkpoint(Path(__file__).resolve().parent.parent / "checkpoints" / "lenet.safetensors").model
     image = cifar.test.images[5]

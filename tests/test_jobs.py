@@ -1,4 +1,4 @@
-"""Keyed background computations (cifarviz.jobs) and the artifact cache they fill: once per key, per machine."""
+"""Keyed background computations (cifarviz.services.jobs) and the artifact cache they fill: once per key, per machine."""
 
 import json
 import os
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarviz.artifacts import artifact_path, split_artifacts
-from cifarviz.checkpoint import Checkpoint
-from cifarviz.data import load_cifar10
-from cifarviz.jobs import JobRegistry
-from cifarviz.models import create_model
+from cifarviz.core.checkpoint import Checkpoint
+from cifarviz.core.models import create_model
+from cifarviz.services.jobs import JobRegistry
+from cifarviz.store.artifacts import artifact_path, split_artifacts
+from cifarviz.store.datasets import load_cifar10
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def test_a_failed_job_reports_its_error_and_can_be_retried():
 def test_a_job_failed_by_bad_input_is_not_retried():
     """A bad training image fails the same way every time: a page that asks again shows the error, not a progress
     bar that starts the same failing work twice a second."""
-    from cifarviz.errors import DataError
+    from cifarviz.core.errors import DataError
 
     def bad(report):
         raise DataError("train/cat/0001.png is not an image")
@@ -93,9 +93,9 @@ def test_two_processes_asking_for_one_artifact_compute_it_once(cifar):
     """Two `precompute`s at once: the second waits for the first's file instead of doing all the work again."""
     script = f"""
 import json, sys
-import cifarviz.artifacts as artifacts
-from cifarviz.checkpoint import load_checkpoint
-from cifarviz.data import load_cifar10
+import cifarviz.store.artifacts as artifacts
+from cifarviz.core.checkpoint import load_checkpoint
+from cifarviz.store.datasets import load_cifar10
 calls = []
 real_predict = artifacts.predict
 artifacts.predict = lambda *a, **k: calls.append(1) or real_predict(*a, **k)  # a spy: the real work still runs

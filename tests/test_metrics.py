@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cifarviz.metrics import classification_report, most_confused_pairs, reliability
+from cifarviz.analysis.metrics import classification_report, most_confused_pairs, reliability
 
 
 def test_report_on_a_hand_checked_example():

@@ -3,9 +3,9 @@ import time
 import pytest
 import torch
 
-from cifarviz.errors import ModelError
-from cifarviz.models import count_parameters, create_model, list_models, model_entry
-from cifarviz.summary import format_table, layer_table
+from cifarviz.analysis.summary import format_table, layer_table
+from cifarviz.core.errors import ModelError
+from cifarviz.core.models import count_parameters, create_model, list_models, model_entry
 
 ZOO = list_models()
 
@@ -72,7 +72,7 @@ def test_transfer_weights_offline_fail_fast():
 
 
 def test_fastnet_whitening_decorrelates_patches(cifar_small):
-    from cifarviz.augment import to_float
+    from cifarviz.core.augment import to_float
 
     model = create_model("fastnet")
     images = to_float(torch.from_numpy(cifar_small.train.images))

@@ -12,9 +12,9 @@ import pytest
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from test_app import SHIPPED, app_at, open_tab
 
-from cifarviz.checkpoint import load_checkpoint, read_metadata
-from cifarviz.models import count_parameters
-from cifarviz.recipes import DEEPNET_SEED_STUDY, SOURCE_REPORTED, SOURCE_TARGETS
+from cifarviz.core.checkpoint import load_checkpoint, read_metadata
+from cifarviz.core.models import count_parameters
+from cifarviz.core.recipes import DEEPNET_SEED_STUDY, SOURCE_REPORTED, SOURCE_TARGETS
 
 
 def shipped() -> dict[str, dict]:

@@ -1,4 +1,4 @@
-"""Background training runs (cifarviz.runs) and the Train page, on real data: 1-epoch lenet runs on small subsets."""
+"""Background training runs (cifarviz.services.runs) and the Train page, on real data: 1-epoch lenet runs on small subsets."""
 
 import os
 import signal
@@ -6,15 +6,14 @@ import time
 
 import pytest
 import torch
-from test_app import run_until, texts
-from streamlit.testing.v1 import AppTest
-
-from cifarviz import runs
-from cifarviz.checkpoint import load_checkpoint
-from cifarviz.errors import CifarvizError
-from cifarviz.train import TrainConfig
-
 from conftest import REPO
+from streamlit.testing.v1 import AppTest
+from test_app import run_until, texts
+
+from cifarviz.core.checkpoint import load_checkpoint
+from cifarviz.core.errors import CifarvizError
+from cifarviz.core.train import TrainConfig
+from cifarviz.services import runs
 
 
 @pytest.fixture
@@ -23,7 +22,7 @@ def runs_root(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     monkeypatch.setenv("CIFARVIZ_RUNS", str(root))
     monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "1")
-    monkeypatch.setattr("cifarviz.app.RUNS_DIR", root)
+    monkeypatch.setattr("cifarviz.ui.app.RUNS_DIR", root)
     yield root
     for run in runs.list_runs(root):  # never leave a worker behind
         pid = run.status.get("pid")
@@ -163,9 +162,9 @@ def test_weight_decay_coupling_is_explicit():
     import dataclasses
     import json
 
-    from cifarviz.models import create_model
-    from cifarviz.recipes import RECIPES
-    from cifarviz.train import build_optimizer
+    from cifarviz.core.models import create_model
+    from cifarviz.core.recipes import RECIPES
+    from cifarviz.core.train import build_optimizer
 
     fastnet = RECIPES["fastnet"]
     shipped = json.loads((REPO / "checkpoints" / "fastnet.json").read_text())["train_config"]
@@ -184,7 +183,7 @@ def test_weight_decay_coupling_is_explicit():
 
 def test_a_configuration_sent_to_the_form_fills_it(cifar, runs_root):
     """The Tune tab (or anything else) hands the form a TrainConfig dict; nothing starts until Start."""
-    from cifarviz.recipes import RECIPES
+    from cifarviz.core.recipes import RECIPES
 
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
     at.session_state["_data_root"] = str(cifar.root)
@@ -203,7 +202,7 @@ def test_a_configuration_sent_to_the_form_fills_it(cifar, runs_root):
 
 
 def test_the_engine_saves_a_snapshot_per_epoch_on_request(cifar_small, tmp_path):
-    from cifarviz.recipes import train_and_save
+    from cifarviz.core.recipes import train_and_save
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the app's workers do: on 2 shared cores, 2 threads wait for each other

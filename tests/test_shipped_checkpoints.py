@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from cifarviz.checkpoint import load_checkpoint, read_metadata
-from cifarviz.models import count_parameters
-from cifarviz.train import evaluate_split
+from cifarviz.core.checkpoint import load_checkpoint, read_metadata
+from cifarviz.core.models import count_parameters
+from cifarviz.core.train import evaluate_split
 
 SHIPPED = sorted((Path(__file__).resolve().parent.parent / "checkpoints").glob("*.safetensors"))
 

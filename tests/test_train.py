@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from cifarviz.augment import AugmentConfig, augment_batch, random_flip, random_translate, to_float
-from cifarviz.errors import CifarvizError, TrainingError
-from cifarviz.models import IMAGENET_MEAN, IMAGENET_STD, create_model
-from cifarviz.train import TrainConfig, lr_factor, train
+from cifarviz.core.augment import AugmentConfig, augment_batch, random_flip, random_translate, to_float
+from cifarviz.core.errors import CifarvizError, TrainingError
+from cifarviz.core.models import IMAGENET_MEAN, IMAGENET_STD, create_model
+from cifarviz.core.train import TrainConfig, lr_factor, train
 
 
 def test_translate_cuts_a_window_of_the_reflect_padded_image():

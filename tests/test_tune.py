@@ -9,10 +9,10 @@ import optuna
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cifarviz import tune
 from cifarviz.cli import build_parser, main
-from cifarviz.errors import CifarvizError
-from cifarviz.train import TrainConfig
+from cifarviz.core.errors import CifarvizError
+from cifarviz.core.train import TrainConfig
+from cifarviz.services import tune
 
 TINY = {"epochs_per_trial": 1, "subset": 400}  # seconds per trial on 2 cores
 

@@ -1,1 +1,1 @@
-"""Streamlit helpers of single pages that do not belong in the shared cifarviz.app (which they build on)."""
+"""Streamlit helpers of single pages that do not belong in the shared cifarviz.ui.app (which they build on)."""

@@ -1,11 +1,10 @@
-"""The Embeddings page's Streamlit side: maps computed in the background (one job per map, as cifarviz.app does for
+"""The Embeddings page's Streamlit side: maps computed in the background (one job per map, as cifarviz.ui.app does for
 artifacts), their Altair charts with hover thumbnails, and what a click or a box on a map selects."""
 
 from __future__ import annotations
 
 import base64
 import io
-import os
 from functools import lru_cache
 
 import altair as alt
@@ -14,12 +13,13 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from .. import app
-from ..embed import METHODS, Embedding, embedding, embedding_path, knn_accuracy
-from ..jobs import JOBS, Job
+from cifarviz.analysis.embed import METHODS, Embedding, embedding, embedding_path, knn_accuracy
+from cifarviz.core.settings import settings
+from cifarviz.services.jobs import JOBS, Job
+from cifarviz.ui import app
 
 # points per map whose tooltip shows the picture; a server can lower it (bench/bench_embed.py measures both)
-HOVER_THUMBNAILS = int(os.environ.get("CIFARVIZ_HOVER_THUMBNAILS", "10000"))
+HOVER_THUMBNAILS = settings().hover_thumbnails
 TRUE_COLOURS = "tableau10"
 STATUS_COLOURS = {"correct": "#9ecae1", "wrong": "#d62728"}
 COLOUR_BY = {"true class": "true", "prediction": "predicted", "right or wrong": "status"}

@@ -21,9 +21,10 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from .. import app, tune
-from ..errors import CifarvizError
-from ..models import list_models
+from cifarviz.core.errors import CifarvizError
+from cifarviz.core.models import list_models
+from cifarviz.services import tune
+from cifarviz.ui import app
 
 TRAIN_REQUEST_KEY = "train_config_request"
 SIZE_OPTIONS = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -60,7 +61,7 @@ def launch(storage: str, study_name: str, settings: tune.StudySettings, n_trials
         "--fc1", *map(str, space.fc1), "--fc2", *map(str, space.fc2),
         *(["--subset", str(settings.subset)] if settings.subset else []),
     ]  # fmt: skip
-    package_parent = str(Path(tune.__file__).resolve().parent.parent)
+    package_parent = str(Path(tune.__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])),
            "TQDM_MININTERVAL": "5"}  # a log file, not a terminal: fewer progress lines
     if os.name == "posix":  # `nice`, not preexec_fn (unsafe in a threaded server)

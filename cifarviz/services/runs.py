@@ -15,7 +15,7 @@ Every run is a folder RUNS/<run id>/ (RUNS: $CIFARVIZ_RUNS, else ./runs):
     model.safetensors (+ .json)  the last finished epoch, replaced atomically after every epoch
     epochs/epoch-NNN.safetensors  per-epoch snapshots, when asked for
 
-A worker is `python -m cifarviz.runs worker RUN_DIR` in a session of its own (a Streamlit rerun or a server
+A worker is `python -m cifarviz.services.runs worker RUN_DIR` in a session of its own (a Streamlit rerun or a server
 restart does not end it), at the lowest CPU priority, so people browsing the other pages come first. Every
 change of status.json happens under one file lock (RUNS/queue.lock), so the server, the CLI and the workers
 agree on how many runs are running. A run whose worker died without a word (killed, out of memory) is
@@ -41,9 +41,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CifarvizError
+from cifarviz.core.errors import CifarvizError
+from cifarviz.core.settings import settings
+from cifarviz.core.utils import atomic_write
+
 from .jobs import file_lock
-from .utils import atomic_write
 
 DEFAULT_RUNS_DIR = "runs"
 QUEUED, RUNNING, COMPLETED, STOPPED, FAILED, CANCELLED = "queued", "running", "completed", "stopped", "failed", "cancelled"
@@ -53,7 +55,7 @@ CHECKPOINT = "model.safetensors"
 WORKER_NICE = 19  # the lowest priority: a viewer's rerun preempts training at once
 HEARTBEAT_SECONDS = 5.0
 METRICS_EVERY_SECONDS = 0.5  # step lines in metrics.jsonl at most this often (the page redraws every 2 s)
-KINDS = {"train": "cifarviz.runs:train_worker"}
+KINDS = {"train": "cifarviz.services.runs:train_worker"}
 
 
 class RunError(CifarvizError):
@@ -62,34 +64,23 @@ class RunError(CifarvizError):
 
 def runs_dir(root: str | os.PathLike | None = None) -> Path:
     """`root`, else $CIFARVIZ_RUNS, else ./runs."""
-    return Path(root or os.environ.get("CIFARVIZ_RUNS") or DEFAULT_RUNS_DIR)
-
-
-def _env_count(name: str, default: int, least: int) -> int:
-    text = os.environ.get(name, "").strip()
-    try:
-        value = int(text) if text else default
-    except ValueError:
-        value = None
-    if value is None or value < least:
-        raise RunError(f"{name}={text!r}: it must be a whole number of at least {least} (default {default}).")
-    return value
+    return Path(root) if root else settings().runs_dir
 
 
 def max_running() -> int:
     """How many runs may train at once on this server: $CIFARVIZ_MAX_RUNS (default 1)."""
-    return _env_count("CIFARVIZ_MAX_RUNS", 1, 1)
+    return settings().max_runs
 
 
 def max_queued() -> int:
     """How many runs may wait: $CIFARVIZ_MAX_QUEUED (default 8), so a class cannot queue a day of training."""
-    return _env_count("CIFARVIZ_MAX_QUEUED", 8, 1)
+    return settings().max_queued
 
 
 def max_per_session() -> int:
     """How many runs one browser session may have waiting or training: $CIFARVIZ_SESSION_RUNS (default 3, enough
     to queue a BN/GN/LN comparison in one go)."""
-    return _env_count("CIFARVIZ_SESSION_RUNS", 3, 1)
+    return settings().session_runs
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -223,7 +214,7 @@ def submit_training(config, data_root, *, subset: int | None = None, snapshots: 
                     split_seed: int = 0, root=None, owner: str = "", start: bool = True) -> str:
     """Queue the training of a TrainConfig on the data at `data_root` (its first `subset` training images, drawn
     with the config's seed, when given). Every setting is checked now, not in the worker."""
-    from .train import TrainConfig, resolve_device
+    from cifarviz.core.train import TrainConfig, resolve_device
 
     config = config if isinstance(config, TrainConfig) else TrainConfig(**config)
     resolve_device(config.device)
@@ -333,10 +324,10 @@ def schedule(root=None, start: bool = True) -> list[str]:
 
 
 def _launch(run: Run) -> subprocess.Popen:
-    package_root = str(Path(__file__).resolve().parent.parent)  # importable from any working folder
+    package_root = str(Path(__file__).resolve().parents[2])  # importable from any working folder
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     with open(run.dir / "worker.log", "ab") as log:
-        child = subprocess.Popen([sys.executable, "-m", "cifarviz.runs", "worker", str(run.dir.resolve())],
+        child = subprocess.Popen([sys.executable, "-m", "cifarviz.services.runs", "worker", str(run.dir.resolve())],
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                  start_new_session=True, close_fds=True)  # fmt: skip
     _CHILDREN[run.id] = child
@@ -417,7 +408,7 @@ def training_subset(dataset, size: int | None, seed: int = 0):
 
     import numpy as np
 
-    from .data import Split
+    from cifarviz.core.data import Split
 
     train = dataset.train
     if size is None or size >= len(train):
@@ -430,17 +421,17 @@ def train_threads() -> int:
     """CPU threads for training: $CIFARVIZ_TRAIN_THREADS, else all cores but one, which the viewers keep. (Measured
     on 2 cores beside other work: a 2-thread lenet epoch ran 3-6x slower than a 1-thread one, its threads waiting
     for each other whenever one was preempted.)"""
-    return _env_count("CIFARVIZ_TRAIN_THREADS", max(1, (os.cpu_count() or 1) - 1), 1)
+    return settings().train_threads
 
 
 def train_worker(ctx: RunContext) -> tuple[str, str | None]:
     """The "train" kind: train, checkpoint every finished epoch, and keep the last one when asked to stop."""
     import torch
 
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .data import load_cifar10
-    from .recipes import checkpoint_meta, save_snapshot
-    from .train import TrainConfig, resolve_device, train
+    from cifarviz.core.checkpoint import load_checkpoint, save_checkpoint
+    from cifarviz.core.recipes import checkpoint_meta, save_snapshot
+    from cifarviz.core.train import TrainConfig, resolve_device, train
+    from cifarviz.store.datasets import load_cifar10
 
     spec, run_id = ctx.spec, ctx.run.id
     config = TrainConfig(**spec["train_config"])
@@ -524,4 +515,4 @@ if __name__ == "__main__":
         from cifarviz import runs  # the module itself, not a second copy named __main__
 
         sys.exit(runs.worker_main(sys.argv[2]))
-    sys.exit("usage: python -m cifarviz.runs worker RUN_DIR (started by cifarviz.runs.schedule)")
+    sys.exit("usage: python -m cifarviz.services.runs worker RUN_DIR (started by cifarviz.services.runs.schedule)")

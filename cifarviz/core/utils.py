@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -32,10 +33,18 @@ def seed_everything(seed: int) -> None:
 
 
 def cache_dir() -> Path:
-    """Where derived artifacts live: $CIFARVIZ_CACHE, else ~/.cache/cifarviz."""
-    root = os.environ.get("CIFARVIZ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cifarviz")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    """The cache folder ($CIFARVIZ_CACHE, else ~/.cache/cifarviz), created if needed. Cached computations go
+    through the store (cifarviz.store), which copes with a folder it cannot write; this is for the files that
+    must be kept on disk (uploads), and says clearly when that is impossible."""
+    from cifarviz.core.errors import CifarvizError
+    from cifarviz.core.settings import settings
+
+    path = settings().cache_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CifarvizError(f"The cache folder {path} cannot be created ({exc.strerror or exc}). Fix: point "
+                            "CIFARVIZ_CACHE at a writable folder.") from None
     return path
 
 
@@ -74,9 +83,20 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         raise
 
 
+
+@contextlib.contextmanager
+def file_lock(target: Path, timeout: float = -1):
+    """An exclusive lock on `target` for every thread and process on this machine (`target`.lock beside it)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=timeout):
+        yield
+
+
 def offline() -> bool:
     """CIFARVIZ_OFFLINE=1 forbids every download (tests and air-gapped classrooms set it)."""
-    return os.environ.get("CIFARVIZ_OFFLINE", "").lower() in {"1", "true", "yes"}
+    from cifarviz.core.settings import settings
+
+    return settings().offline
 
 
 def host_reachable(host: str, port: int = 443, timeout: float = 4.0) -> bool:

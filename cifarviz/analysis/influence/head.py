@@ -19,12 +19,17 @@ Features are the plain images' (no test-time augmentation on either side), as th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from scipy.linalg import cho_factor, cho_solve, solve_triangular
 
+from cifarviz.store.cache import Array
+
 from .base import InfluenceError, InfluenceIndex, Progress
+
+DAMPING_SCALE = 1e-4  # default damping: this multiple of the Hessian's mean diagonal
 
 
 @dataclass
@@ -93,6 +98,10 @@ class HeadInfluence(InfluenceIndex):
     title = "Head influence (influence function)"
     explanation = ("Koh & Liang's influence function on the network's last layer: how much the test image's loss "
                    "would change if the classifier were retrained without each training image (exact Hessian).")
+    arrays: ClassVar[dict] = {"features": Array("f", ("n", "dim")), "residuals": Array("f", ("n", "classes")),
+              "cholesky": Array("f", ("params", "params")), "weight": Array("f", ("classes", None)),
+              "bias": Array("f", (None,)), "has_bias": Array("b"), "scale": Array("f"),
+              "label_smoothing": Array("f", low=0.0, below=1.0), "self_scores": Array("f", ("n",), finite=False)}
 
     def __init__(self, features: np.ndarray, residuals: np.ndarray, head: LinearHead, cholesky: np.ndarray,
                  label_smoothing: float, self_scores: np.ndarray | None = None):
@@ -104,6 +113,10 @@ class HeadInfluence(InfluenceIndex):
         # computed once at fit time: a fitted index is shared by every user and never changes afterwards
         self.self_scores = self._self_influence() if self_scores is None else self_scores
 
+    @classmethod
+    def settings(cls) -> dict:
+        return {"damping_scale": DAMPING_SCALE}
+
     @property
     def n_train(self) -> int:
         return len(self.features)
@@ -112,7 +125,7 @@ class HeadInfluence(InfluenceIndex):
 
     @classmethod
     def fit(cls, checkpoint, dataset, *, on_progress: Progress | None = None, damping: float | None = None):
-        from ..artifacts import split_artifacts
+        from cifarviz.store.artifacts import split_artifacts
 
         arts = split_artifacts(checkpoint, dataset, "train", on_progress=_part(on_progress, 0.0, 0.6))
         l2, smoothing = training_loss_settings(checkpoint)
@@ -122,7 +135,7 @@ class HeadInfluence(InfluenceIndex):
     @classmethod
     def fit_arrays(cls, features: np.ndarray, labels: np.ndarray, head: LinearHead, *, l2: float,
                    label_smoothing: float = 0.0, damping: float | None = None,
-                   on_progress: Progress | None = None, self_influence: bool = True) -> "HeadInfluence":
+                   on_progress: Progress | None = None, self_influence: bool = True) -> HeadInfluence:
         """`damping` None: a small multiple (1e-4) of the Hessian's mean diagonal, for numerical safety.
         `self_influence=False` skips the self-influence pass (for callers that only need the factorised Hessian)."""
         report = on_progress or (lambda fraction: None)
@@ -142,7 +155,7 @@ class HeadInfluence(InfluenceIndex):
             report(0.9 * (done + 1) / len(pairs))
         hessian = hessian.reshape(classes * dim, classes * dim)
         if damping is None:
-            damping = 1e-4 * float(np.mean(np.diag(hessian)))
+            damping = DAMPING_SCALE * float(np.mean(np.diag(hessian)))
         hessian[np.diag_indices_from(hessian)] += l2 + damping
         try:
             lower, _ = cho_factor(hessian, lower=True)
@@ -174,7 +187,7 @@ class HeadInfluence(InfluenceIndex):
         return self.scores_for_gradients(self.test_gradients(features, labels))
 
     def scores(self, checkpoint, dataset, test_indices) -> np.ndarray:
-        from ..artifacts import split_artifacts
+        from cifarviz.store.artifacts import split_artifacts
 
         test = split_artifacts(checkpoint, dataset, "test")
         idx = np.atleast_1d(np.asarray(test_indices))
@@ -182,7 +195,7 @@ class HeadInfluence(InfluenceIndex):
 
     def mean_scores(self, checkpoint, dataset, test_indices, chunk: int = 256) -> np.ndarray:
         """Linear in the test gradient: one solve for the mean gradient of all the test images."""
-        from ..artifacts import split_artifacts
+        from cifarviz.store.artifacts import split_artifacts
 
         test = split_artifacts(checkpoint, dataset, "test")
         idx = np.atleast_1d(np.asarray(test_indices))

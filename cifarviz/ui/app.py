@@ -2,7 +2,7 @@
 
 * cached loaders: datasets and models once per server (st.cache_resource, bounded), derived
   artifacts once per (checkpoint, data, split) on disk, computed in the background by
-  cifarviz.jobs (a job per key, a file lock per artifact), so one user's wait never holds up
+  cifarviz.services.jobs (a job per key, a file lock per artifact), so one user's wait never holds up
   another's page;
 * the sidebar that picks the data and the checkpoint for every page;
 * reusable widgets: the clickable image grid and the image inspector every image opens.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import gc
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -26,16 +25,18 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from .artifacts import artifact_path, split_artifacts, split_tta
-from .checkpoint import SHIPPED_DIR, Checkpoint, load_checkpoint, save_checkpoint
-from .data import default_data_root, detect_layout, load_cifar10, load_image_file
-from .errors import CifarvizError
-from .explore import ImageRef, grad_cam, nearest_neighbours, overlay_heatmap, to_png
-from .influence import DEFAULT_METHOD, METHODS, class_lookup, index_path, load_or_fit, lookup
-from .inference import predict, ready_for
-from .jobs import JOBS, Job
-from .runs import list_runs, runs_dir
-from .utils import atomic_write, cache_dir, pick_device
+from cifarviz.analysis.explore import ImageRef, grad_cam, nearest_neighbours, overlay_heatmap, to_png
+from cifarviz.analysis.influence import DEFAULT_METHOD, METHODS, class_lookup, index_path, load_or_fit, lookup
+from cifarviz.core.checkpoint import SHIPPED_DIR, Checkpoint, load_checkpoint, save_checkpoint
+from cifarviz.core.data import default_data_root, detect_layout, load_image_file
+from cifarviz.core.errors import CifarvizError
+from cifarviz.core.inference import predict, ready_for
+from cifarviz.core.settings import settings
+from cifarviz.core.utils import atomic_write, cache_dir, pick_device
+from cifarviz.services.jobs import JOBS, Job
+from cifarviz.services.runs import list_runs, runs_dir
+from cifarviz.store.artifacts import artifact_path, artifacts_cached, split_artifacts, split_tta
+from cifarviz.store.datasets import load_cifar10
 
 RUNS_DIR = runs_dir()  # $CIFARVIZ_RUNS, else ./runs: the Train page's runs and older flat checkpoints
 PAGES = (  # (file, title, icon): the explorer's pages, in menu order
@@ -52,18 +53,14 @@ UPLOAD_MAX_BYTES = 200 * 1024 * 1024
 UPLOADS_KEPT = 20  # uploaded checkpoints kept on disk; older ones are removed first
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def data_locked() -> bool:
     """CIFARVIZ_LOCK_DATA=1 (or CIFARVIZ_CLASSROOM=1): the data folder is the server's, not a text box for anyone."""
-    return _env_flag("CIFARVIZ_LOCK_DATA") or _env_flag("CIFARVIZ_CLASSROOM")
+    return settings().data_locked
 
 
 def uploads_allowed() -> bool:
     """CIFARVIZ_NO_UPLOADS=1 (or CIFARVIZ_CLASSROOM=1) turns off checkpoint and image uploads."""
-    return not (_env_flag("CIFARVIZ_NO_UPLOADS") or _env_flag("CIFARVIZ_CLASSROOM"))
+    return settings().uploads_allowed
 
 
 # --------------------------------------------------------------------------- cached loaders
@@ -109,15 +106,14 @@ def get_checkpoint(path: str, stamp: float) -> Checkpoint:  # stamp: a changed f
 
 def artifacts_job(checkpoint: Checkpoint, dataset, split: str, *, background: bool = False) -> Job | None:
     """The computation of a split's artifacts, started (or joined) if they are not on disk yet; None if they are."""
-    path = artifact_path(checkpoint, dataset, split)
-    if path.is_file():
+    if artifacts_cached(checkpoint, dataset, split):
         return None
-    return JOBS.start(str(path), lambda report: split_artifacts(checkpoint, dataset, split, on_progress=report),
+    return JOBS.start(str(artifact_path(checkpoint, dataset, split)), lambda report: split_artifacts(checkpoint, dataset, split, on_progress=report),
                       background=background)
 
 
 def artifacts_ready(checkpoint: Checkpoint, dataset, split: str) -> bool:
-    return artifact_path(checkpoint, dataset, split).is_file()
+    return artifacts_cached(checkpoint, dataset, split)
 
 
 def prefetch(checkpoint: Checkpoint | None, dataset) -> None:
@@ -180,10 +176,12 @@ def get_artifacts(checkpoint: Checkpoint, dataset, split: str, *, early: bool = 
     if job is not None:
         label = (f"Computing {checkpoint.name} on the {len(dataset.split(split)):,} {split} images "
                  "(first visit only; cached on disk for everyone)")
-        plain = artifact_path(checkpoint, dataset, split, "none")
+        def plain() -> bool:
+            return artifacts_cached(checkpoint, dataset, split, "none")
+
         if early and tta != "none" and not (job.done and job.error is not None):
-            if not plain.is_file():
-                wait_for(job, label, until=plain.is_file)
+            if not plain():
+                wait_for(job, label, until=plain)
             progress_bar(job, f"Showing predictions without test-time augmentation until the {tta}-averaged "
                               "ones are ready")
             tta = "none"
@@ -322,7 +320,7 @@ def no_data_help(root: str, message: str) -> None:
     if data_locked():  # only the server's own folder; students never choose where the server writes
         return
     if st.button("Download CIFAR-10 into " + root, key="download-data"):
-        from .data import download_cifar10
+        from cifarviz.core.data import download_cifar10
 
         try:
             with st.spinner("Downloading and verifying CIFAR-10..."):

@@ -21,21 +21,22 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import optuna
 import pandas as pd
 
-from .data import Split
-from .errors import CifarvizError, TrainingError
+from cifarviz.core.data import Split
+from cifarviz.core.errors import CifarvizError, TrainingError
+from cifarviz.core.models import model_entry
+from cifarviz.core.recipes import RECIPES
+from cifarviz.core.train import TrainConfig, resolve_device, train
+from cifarviz.core.utils import atomic_write
+
 from .jobs import file_lock
-from .models import model_entry
-from .recipes import RECIPES
-from .train import TrainConfig, resolve_device, train
-from .utils import atomic_write
 
 SIZES = (32, 64, 128, 256, 512)  # the source's choices for batch size and both FC widths
 DEFAULT_MODEL = "cifar10net-dropout"

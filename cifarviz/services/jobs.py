@@ -14,16 +14,13 @@ a file lock per output file, so the second process waits and then reads the firs
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Callable
 
-from filelock import FileLock
-
-from .errors import CifarvizError
+from cifarviz.core.errors import CifarvizError
+from cifarviz.core.utils import file_lock  # noqa: F401 - re-exported for the services that lock files
 
 _STOPPING = threading.Event()  # set when the interpreter exits: running jobs stop at their next progress report
 
@@ -32,12 +29,6 @@ class JobCancelled(Exception):
     """The process is exiting; the job's partial work is discarded (its output file was never written)."""
 
 
-@contextlib.contextmanager
-def file_lock(target: Path, timeout: float = -1):
-    """An exclusive lock on `target` for every thread and process on this machine (`target`.lock beside it)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock", timeout=timeout):
-        yield
 
 
 class Job:

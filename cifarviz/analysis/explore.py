@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .augment import to_float
+from cifarviz.core.augment import to_float
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ harmful ones the lowest.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 
-from ..errors import CifarvizError
+from cifarviz.core.errors import CifarvizError
 
 Progress = Callable[[float], None]
 
@@ -29,10 +30,12 @@ class InfluenceIndex(ABC):
     title: str = ""
     explanation: str = ""  # one sentence for the page
     has_self_influence: bool = True
+    arrays: ClassVar[dict] = {}  # the store schema of `state()`: name -> cifarviz.store.Array, with "n" the training images
+    origin: dict | None = None  # what the index was built from (set by load_or_fit): model, images, method
 
     @classmethod
     @abstractmethod
-    def fit(cls, checkpoint, dataset, *, on_progress: Progress | None = None) -> "InfluenceIndex":
+    def fit(cls, checkpoint, dataset, *, on_progress: Progress | None = None) -> InfluenceIndex:
         """Build the index over `dataset.train` for `checkpoint` (the expensive step)."""
 
     @abstractmethod
@@ -51,6 +54,11 @@ class InfluenceIndex(ABC):
         """(n_train,) how much each training image's own loss depends on it: high = atypical or mislabelled."""
         raise InfluenceError(f"The {self.title} method has no self-influence; use the head method.")
 
+    @classmethod
+    def settings(cls) -> dict:
+        """The method's fixed settings that change its answers (part of the index's store key)."""
+        return {}
+
     @property
     @abstractmethod
     def n_train(self) -> int: ...
@@ -61,4 +69,4 @@ class InfluenceIndex(ABC):
 
     @classmethod
     @abstractmethod
-    def from_state(cls, state: dict[str, np.ndarray]) -> "InfluenceIndex": ...
+    def from_state(cls, state: dict[str, np.ndarray]) -> InfluenceIndex: ...

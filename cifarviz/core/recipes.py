@@ -8,8 +8,8 @@ tests/test_shipped_checkpoints.py.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .augment import AugmentConfig
 from .checkpoint import save_checkpoint

@@ -15,8 +15,8 @@ from __future__ import annotations
 import inspect
 import os
 import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    builder: Callable[..., "ZooModel"]
+    builder: Callable[..., ZooModel]
     source: str
     description: str
 
@@ -67,7 +67,7 @@ def model_entry(name: str) -> ModelEntry:
         raise ModelError(f"Unknown model {name!r}. Available: {', '.join(_REGISTRY)}.") from None
 
 
-def create_model(name: str, **kwargs) -> "ZooModel":
+def create_model(name: str, **kwargs) -> ZooModel:
     entry = model_entry(name)
     try:
         model = entry.builder(**kwargs)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torchinfo import summary as torchinfo_summary
 
-from .checkpoint import SHIPPED_DIR, load_checkpoint, read_metadata
-from .models import ZooModel, count_parameters, create_model, model_entry
+from cifarviz.core.checkpoint import SHIPPED_DIR, load_checkpoint, read_metadata
+from cifarviz.core.models import ZooModel, count_parameters, create_model, model_entry
 
 
 def build_architecture(architecture: str, args: dict | None = None) -> ZooModel:
@@ -49,7 +49,7 @@ def model_for_summary(name_or_checkpoint: str | Path, architecture: str | None =
 def changed_args(model: ZooModel) -> dict:
     """The model's arguments that differ from its zoo defaults (e.g. fastnet's widths)."""
     defaults = model_entry(model.arch_name).defaults()
-    same = lambda key, value: key in defaults and json.dumps(value) == json.dumps(defaults[key])  # noqa: E731
+    same = lambda key, value: key in defaults and json.dumps(value) == json.dumps(defaults[key])
     return {k: v for k, v in model.arch_args.items() if not same(k, v) and k != "pretrained"}
 
 
@@ -96,7 +96,7 @@ def format_table(model: torch.nn.Module) -> str:
     rows = layer_table(model)
     lines = [f"{'Layer (type)':>28}  {'Output Shape':>20}  {'Param #':>12}", "=" * 66]
     for row in rows:
-        lines.append(f"{row['layer']:>28}  {str(row['output_shape']):>20}  {row['parameters']:>12,}")
+        lines.append(f"{row['layer']:>28}  {row['output_shape']!s:>20}  {row['parameters']:>12,}")
     total, trainable = count_parameters(model), count_parameters(model, trainable_only=True)
     lines += ["=" * 66, f"Total params: {total:,}", f"Trainable params: {trainable:,}",
               f"Non-trainable params: {total - trainable:,}"]

@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import copy
 import threading
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from ..augment import to_float
+from cifarviz.core.augment import to_float
+from cifarviz.store.cache import Array
+
 from .base import InfluenceIndex, Progress
 
 PARAM_BUDGET = 350_000
 PROJECTION_DIM = 2048
 BATCH = 64
+RIDGE = 1e-3  # added to Phi^T Phi: this multiple of its mean diagonal
 
 
 def chosen_parameters(model: torch.nn.Module, budget: int = PARAM_BUDGET) -> list[str]:
@@ -102,6 +106,8 @@ class TrakInfluence(InfluenceIndex):
     explanation = ("TRAK: compares the test image's gradient with every training image's gradient over the whole "
                    "network (its last layers for large models), randomly projected, and corrects for how "
                    "redundant the training images are with one another.")
+    arrays: ClassVar[dict] = {"weighted": Array("f", ("n", "k")), "self_scores": Array("f", ("n",)), "names": Array("U", (None,)),
+              "k": Array("i", low=1), "seed": Array("i")}
 
     def __init__(self, weighted: np.ndarray, self_scores: np.ndarray, names: list[str], k: int, seed: int):
         self.weighted = weighted  # (n, k) float32: Phi (Phi^T Phi + ridge I)^-1, each row times q_i
@@ -111,6 +117,10 @@ class TrakInfluence(InfluenceIndex):
         self.seed = seed
         self._gradients = None  # built once, from the checkpoint, at the first query
         self._building = threading.Lock()
+
+    @classmethod
+    def settings(cls) -> dict:
+        return {"projection_dim": PROJECTION_DIM, "param_budget": PARAM_BUDGET, "ridge": RIDGE, "seed": 0}
 
     @property
     def n_train(self) -> int:
@@ -136,7 +146,7 @@ class TrakInfluence(InfluenceIndex):
         for start in range(0, len(phi), 4096):
             chunk = phi[start:start + 4096].astype(np.float64)
             kernel += chunk.T @ chunk
-        kernel[np.diag_indices_from(kernel)] += 1e-3 * float(np.mean(np.diag(kernel)))  # ridge for stability
+        kernel[np.diag_indices_from(kernel)] += RIDGE * float(np.mean(np.diag(kernel)))  # ridge for stability
         inverse = np.linalg.inv(kernel).astype(np.float32)
         self_scores = np.empty(len(phi))
         for start in range(0, len(phi), 4096):

@@ -7,9 +7,10 @@ Two source layouts are recognised under a data root:
 * an image-folder tree, ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*``
   (PNG/JPEG; class names are the folder names; other sizes are resized to 32x32).
 
-Decoded arrays are cached on disk keyed by the source's fingerprint (file contents
-for the python archive; names and sizes, plus modification times in the cache key,
-for image folders), so a second load is a single ``np.load``. The first decode of an
+`read_cifar10` decodes; `cifarviz.store.datasets.load_cifar10` (what the app, CLI and
+library use) caches the decoded arrays through the store, keyed by the source's content
+(file contents for the python archive; names, sizes and modification times for image
+folders), so a second load is a single ``np.load``. The first decode of an
 image folder runs in worker processes (fresh interpreters: no fork, no re-import of
 ``__main__``, no torch), so it uses every core from a script, pytest or a Streamlit
 thread. The 50,000 training images are split with a seeded permutation into
@@ -19,7 +20,6 @@ train/val (45,000/5,000 by default); "training image i" means
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
@@ -57,7 +57,9 @@ IMAGES_PER_PROCESS = 5000  # fewer than this per worker process and its start-up
 
 def default_data_root() -> Path:
     """`--data` beats `CIFARVIZ_DATA`, which beats ``./data``."""
-    return Path(os.environ.get("CIFARVIZ_DATA") or "data")
+    from cifarviz.core.settings import settings
+
+    return settings().data
 
 
 class Once:
@@ -125,6 +127,7 @@ class CIFAR10:
     fingerprint: str
     split_seed: int
     stats: Once | tuple  # ((mean r, g, b), (std r, g, b)) of the training split, in [0, 1] units
+    content_key: str = ""  # the fingerprint plus the files' modification times (what the decoded pixels depend on)
 
     @property
     def mean(self) -> tuple[float, float, float]:
@@ -472,21 +475,35 @@ def download_cifar10(root: Path, progress: bool = True) -> None:
 # --------------------------------------------------------------------------- public API
 
 
-def load_cifar10(
-    root: str | os.PathLike | None = None,
-    *,
-    download: bool = True,
-    val_size: int = DEFAULT_VAL_SIZE,
-    split_seed: int = 0,
-    progress: bool = True,
-    use_cache: bool = True,
-    lazy: bool = False,
-) -> CIFAR10:
-    """Load CIFAR-10 from ROOT (default: ``CIFARVIZ_DATA`` or ``./data``), decoding at most once per source.
+@dataclass(frozen=True)
+class Source:
+    """A CIFAR-10 source found under a root: its layout, identity and classes (nothing decoded yet)."""
 
-    lazy: decode an image folder's training images on first use of ``train.images`` / ``val.images`` /
-    ``mean`` (a bad training image then raises there). The app's first visit shows test results while the
-    50,000 training images are still to be decoded."""
+    root: Path
+    layout: str  # "python" or "image-folder"
+    fingerprint: str  # what checkpoints record: names and sizes (image folders) or file contents (python)
+    content_key: str  # the fingerprint plus each image's modification time: what decoded pixels depend on
+    classes: tuple[str, ...]
+    entries: dict | None  # image-folder files per part, None for the python archive
+
+    def size(self, part: str) -> int | None:
+        """Images in the source's "train" or "test" part; None when only decoding tells (the python archive)."""
+        return None if self.entries is None else len(self.entries[part])
+
+    def labels(self, part: str) -> np.ndarray | None:
+        """An image folder's labels (from its class folder names) without decoding; None for the python archive."""
+        return None if self.entries is None else _image_folder_labels(self.entries, part)
+
+    def decode(self, part: str, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of the "train" or "test" part, decoded now (no cache)."""
+        if self.layout == "python":
+            return _decode_python(self.root, part, len(self.classes))
+        return _decode_image_folder(self.root, self.entries, part, progress)
+
+
+def find_source(root: str | os.PathLike | None = None, *, download: bool = True, progress: bool = True) -> Source:
+    """The CIFAR-10 source under ROOT (default: ``CIFARVIZ_DATA`` or ``./data``), downloaded when allowed and
+    missing; a clear DataError when it is not there."""
     root = Path(root) if root is not None else default_data_root()
     layout = detect_layout(root) if root.is_dir() else ""
     if not layout:
@@ -496,60 +513,57 @@ def load_cifar10(
             raise DataError("No CIFAR-10 data found.\n" + _layout_help(root))
         download_cifar10(root, progress=progress)
         layout = detect_layout(root)
-
-    fingerprint, cache_key, entries = _identify(root, layout)
+    fingerprint, content_key, entries = _identify(root, layout)
     classes = _python_classes(root) if layout == "python" else _image_folder_classes(entries)
+    return Source(root, layout, fingerprint, content_key, tuple(classes), entries)
+
+
+def _decode_now(source: Source, part: str, progress: bool):
+    return source.decode(part, progress)
+
+
+def read_cifar10(
+    root: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    val_size: int = DEFAULT_VAL_SIZE,
+    split_seed: int = 0,
+    progress: bool = True,
+    lazy: bool = False,
+    load_part=_decode_now,
+    load_stats=None,
+) -> CIFAR10:
+    """CIFAR-10 from ROOT, split into train/val/test. The store's `load_cifar10` is this with a disk cache.
+
+    lazy: decode an image folder's training images on first use of ``train.images`` / ``val.images`` /
+    ``mean`` (a bad training image then raises there). The app's first visit shows test results while the
+    50,000 training images are still to be decoded.
+    load_part(source, part, progress) -> (images, labels): how a part's pixels are obtained (decoded, or cached).
+    load_stats(images, source, split_seed, val_size) -> (mean, std): the training split's statistics."""
+    source = find_source(root, download=download, progress=progress)
 
     def part(name: str) -> tuple[np.ndarray, np.ndarray]:
-        return _decoded_part(root, layout, entries, name, classes, cache_key if use_cache else None, progress)
+        return load_part(source, name, progress)
 
     test_images, test_labels = part("test")
-    if lazy and layout == "image-folder":  # labels come from the folder names: only the pixels wait
-        train = (lambda: part("train")[0]), _image_folder_labels(entries, "train")
+    if lazy and source.layout == "image-folder":  # labels come from the folder names: only the pixels wait
+        train = (lambda: part("train")[0]), source.labels("train")
     else:  # the python archive's labels are inside its batches (and reading them takes a second)
         train = part("train")
     test = Split("test", test_images, test_labels, np.arange(len(test_labels)))
-    return _split(train, test, classes, root, layout, fingerprint, val_size, split_seed, cache_key)
-
-
-def _decoded_part(root: Path, layout: str, entries, part: str, classes, cache_key: str | None, progress: bool):
-    """(images, labels) of the source's "train" or "test" part: from the disk cache, or decoded and cached
-    (a file lock per part: two processes that ask at once decode it once). `cache_key` None: no cache."""
-    from .jobs import file_lock
-    from .utils import atomic_write, cache_dir
-
-    def decode():
-        if layout == "python":
-            return _decode_python(root, part, len(classes))
-        return _decode_image_folder(root, entries, part, progress)
-
-    if cache_key is None:
-        return decode()
-    folder = cache_dir() / "data"
-    cache_file = folder / f"{cache_key}-{part}.npz"
-    with file_lock(cache_file):
-        with contextlib.suppress(Exception), np.load(cache_file) as z:  # missing or damaged: decoded again
-            return z["images"], z["labels"]
-        images, labels = decode()
-        with atomic_write(cache_file) as fh:
-            np.savez(fh, images=images, labels=labels)
-    current = {f"{cache_key}-{name}.npz" for name in ("train", "test")}
-    for stale in folder.glob(f"{cache_key.rsplit('-', 1)[0]}-*.npz"):  # same files, older contents or format
-        if stale.name not in current:
-            with contextlib.suppress(OSError):
-                stale.unlink()
-    return images, labels
+    stats = load_stats or (lambda images, *_: train_stats(images))
+    return _split(train, test, source, val_size, split_seed, stats)
 
 
 def _identify(root: Path, layout: str):
-    """(fingerprint, cache key, image-folder entries or None) of the source under ROOT."""
+    """(fingerprint, content key, image-folder entries or None) of the source under ROOT."""
     if layout == "python":
         # File contents, so a relabelled copy (same names and sizes) is a dataset of its own.
         files = sorted(p for p in (root / PYTHON_DIR).iterdir() if p.is_file())
         identity = [(p.name, _file_digest(p)) for p in files]
         entries, stamps = None, []
     else:
-        # Names and sizes (cheap; the shipped checkpoints record this fingerprint); the cache key adds each
+        # Names and sizes (cheap; the shipped checkpoints record this fingerprint); the content key adds each
         # image's modification time, so an image replaced by one of the same size is decoded again.
         entries = _scan_image_folder(root)
         files = entries["train"] + entries["test"]
@@ -559,9 +573,10 @@ def _identify(root: Path, layout: str):
     return fingerprint, f"{layout}-{fingerprint}-{_fingerprint([DECODE_VERSION, *stamps])}", entries
 
 
-def _split(train, test, classes, root, layout, fingerprint, val_size, split_seed, cache_key) -> CIFAR10:
+def _split(train, test, source: Source, val_size: int, split_seed: int, stats_of) -> CIFAR10:
     """Split the source's training part (images, or a function that decodes them; labels) into train/val."""
     full_images, full_labels = train
+    root = source.root
     if val_size < 0:
         raise DataError(f"val_size={val_size} must not be negative.")
     if val_size >= len(full_labels):
@@ -573,7 +588,6 @@ def _split(train, test, classes, root, layout, fingerprint, val_size, split_seed
         val_size = len(full_labels) // 10  # the default on a small custom dataset: keep a tenth for validation
     order = np.random.default_rng(split_seed).permutation(len(full_labels))
     train_idx, val_idx = np.sort(order[val_size:]), np.sort(order[:val_size])
-    stats_key = f"{cache_key}-{split_seed}-{val_size}"
     if callable(full_images):  # decoded on first use; the whole part is dropped once it is split
 
         def split_pixels() -> tuple[np.ndarray, np.ndarray]:
@@ -582,33 +596,26 @@ def _split(train, test, classes, root, layout, fingerprint, val_size, split_seed
 
         pixels = Once(split_pixels)
         train_images, val_images = Once(lambda: pixels()[0]), Once(lambda: pixels()[1])
-        stats = Once(lambda: _train_stats(train_images(), stats_key))
+        stats = Once(lambda: stats_of(train_images(), source, split_seed, val_size))
     else:
         train_images, val_images = full_images[train_idx], full_images[val_idx]
-        stats = _train_stats(train_images, stats_key)
+        stats = stats_of(train_images, source, split_seed, val_size)
     return CIFAR10(
         train=Split("train", train_images, full_labels[train_idx], train_idx),
         val=Split("val", val_images, full_labels[val_idx], val_idx),
         test=test,
-        classes=tuple(classes),
+        classes=tuple(source.classes),
         root=root,
-        layout=layout,
-        fingerprint=fingerprint,
+        layout=source.layout,
+        fingerprint=source.fingerprint,
         split_seed=split_seed,
         stats=stats,
+        content_key=source.content_key,
     )
 
 
-def _train_stats(images: np.ndarray, key: str) -> tuple[tuple, tuple]:
-    """Per-channel mean/std in [0, 1] units, computed exactly once per (data, split) and cached."""
-    from .utils import atomic_write, cache_dir
-
-    stats_file = cache_dir() / "data" / f"stats-{key}.json"
-    try:
-        stats = json.loads(stats_file.read_text())
-        return tuple(float(m) for m in stats["mean"]), tuple(float(x) for x in stats["std"])
-    except (OSError, ValueError, KeyError):
-        pass
+def train_stats(images: np.ndarray) -> tuple[tuple, tuple]:
+    """Per-channel mean/std of uint8 images, in [0, 1] units."""
     # Exact per-channel histograms of the 256 levels (6x faster than summing floats), then their moments.
     pixels = images.reshape(-1, 3)
     counts = np.zeros((3, 256))
@@ -617,10 +624,9 @@ def _train_stats(images: np.ndarray, key: str) -> tuple[tuple, tuple]:
         for channel in range(3):
             counts[channel] += np.bincount(chunk[:, channel], minlength=256)
     levels = np.arange(256) / 255.0
-    mean = counts @ levels / len(pixels)
-    std = np.sqrt(np.maximum(counts @ levels**2 / len(pixels) - mean**2, 0.0))
-    with atomic_write(stats_file, "w") as fh:
-        json.dump({"mean": mean.tolist(), "std": std.tolist()}, fh)
+    total = max(len(pixels), 1)
+    mean = counts @ levels / total
+    std = np.sqrt(np.maximum(counts @ levels**2 / total - mean**2, 0.0))
     return tuple(float(m) for m in mean), tuple(float(x) for x in std)
 
 

@@ -40,7 +40,7 @@ from .inference import TTA_MODES
 from .models import ZooModel, count_parameters, create_model, list_models, validate_arch_args
 from .utils import atomic_write
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # pretrained weights shipped in the repo
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "checkpoints"  # pretrained weights shipped in the repo
 FORMAT_VERSION = 1
 METADATA_KEY = "cifarviz"
 MAX_PARAMETERS = 50_000_000  # ~4x ResNet-18; nothing in the zoo comes near it

@@ -8,7 +8,11 @@ gradients, no Hessian: the page shows it beside the real influence methods so a 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
+
+from cifarviz.store.cache import Array
 
 from .base import InfluenceIndex, Progress
 
@@ -19,6 +23,7 @@ class FeatureSimilarity(InfluenceIndex):
     explanation = ("Baseline: how alike the network finds each training image and the test image (cosine similarity "
                    "of their features), counted as helpful when the labels match and harmful when they differ.")
     has_self_influence = False
+    arrays: ClassVar[dict] = {"unit_features": Array("f", ("n", None)), "labels": Array("i", ("n",), low=0)}
 
     def __init__(self, unit_features: np.ndarray, labels: np.ndarray):
         self.unit_features = unit_features  # (n, D) float32, rows of length 1
@@ -35,13 +40,13 @@ class FeatureSimilarity(InfluenceIndex):
 
     @classmethod
     def fit(cls, checkpoint, dataset, *, on_progress: Progress | None = None):
-        from ..artifacts import split_artifacts
+        from cifarviz.store.artifacts import split_artifacts
 
         arts = split_artifacts(checkpoint, dataset, "train", on_progress=on_progress)
         return cls(cls._unit(arts.features), arts.labels.astype(np.int64))
 
     def scores(self, checkpoint, dataset, test_indices) -> np.ndarray:
-        from ..artifacts import split_artifacts
+        from cifarviz.store.artifacts import split_artifacts
 
         test = split_artifacts(checkpoint, dataset, "test")
         idx = np.atleast_1d(np.asarray(test_indices))

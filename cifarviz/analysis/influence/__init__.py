@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import checkpoint_digest, split_artifacts, split_digest
-from ..jobs import file_lock
-from ..utils import atomic_write, cache_dir
+from cifarviz.store.artifacts import checkpoint_digest, model_identity, split_artifacts, split_digest
+from cifarviz.store.cache import CacheKey, Schema, default_store
+
 from .base import InfluenceError, InfluenceIndex, Progress
 from .head import HeadInfluence
 from .similarity import FeatureSimilarity
@@ -28,10 +28,24 @@ from .trak import TrakInfluence
 
 METHODS: dict[str, type[InfluenceIndex]] = {m.name: m for m in (HeadInfluence, TrakInfluence, FeatureSimilarity)}
 DEFAULT_METHOD = "head"
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: through the store, keyed by the model's identity, training settings, method settings
 
-__all__ = ["METHODS", "DEFAULT_METHOD", "InfluenceError", "InfluenceIndex", "InfluenceEntry", "InfluenceResult",
-           "index_path", "load_or_fit", "lookup", "class_lookup", "suspicious", "training_losses", "method_class"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "METHODS",
+    "InfluenceEntry",
+    "InfluenceError",
+    "InfluenceIndex",
+    "InfluenceResult",
+    "class_lookup",
+    "index_key",
+    "index_path",
+    "load_or_fit",
+    "lookup",
+    "method_class",
+    "suspicious",
+    "training_losses",
+]
 
 
 def method_class(method: str) -> type[InfluenceIndex]:
@@ -41,42 +55,59 @@ def method_class(method: str) -> type[InfluenceIndex]:
         raise InfluenceError(f"Unknown influence method {method!r}. Methods: {', '.join(METHODS)}.") from None
 
 
+def index_key(method: str, checkpoint, dataset) -> CacheKey:
+    """The store key of one method's index: the model's identity, the training loss it was trained with (its
+    training configuration: label smoothing, weight decay and its mode, optimizer), the exact training images,
+    and the method with its settings."""
+    cls = method_class(method)
+    train_config = (checkpoint.meta.get("train_config") or {}) if isinstance(checkpoint.meta, dict) else {}
+    return CacheKey("influence", INDEX_VERSION, {
+        "method": method, "settings": cls.settings(), "model": model_identity(checkpoint),
+        "training": train_config, "images": split_digest(dataset, "train"),
+    }, label=method)
+
+
 def index_path(method: str, checkpoint, dataset) -> Path:
-    """The cache file of one method's index: keyed by the weights, the TTA-free training split, and the method."""
-    method_class(method)
-    key = f"v{INDEX_VERSION}-{method}-{checkpoint_digest(checkpoint)}-{split_digest(dataset, 'train')}"
-    return cache_dir() / "influence" / f"{key}.npz"
+    """The cache file of one method's index (see index_key)."""
+    return default_store().path(index_key(method, checkpoint, dataset))
+
+
+def _origin(checkpoint, dataset) -> dict:
+    return {"model": checkpoint_digest(checkpoint), "images": split_digest(dataset, "train"),
+            "train_images": len(dataset.train)}
 
 
 def load_or_fit(method: str, checkpoint, dataset, *, on_progress: Progress | None = None,
                 progress: bool = False) -> InfluenceIndex:
-    """The method's index for (checkpoint, dataset.train): read from disk, or fitted once and saved atomically.
-    A file lock makes a second process wait for the first one's index instead of fitting it again."""
+    """The method's index for (checkpoint, dataset.train): read from the store (checked: one row per training
+    image, finite, the method's arrays), or fitted once and saved atomically. A file lock makes a second process
+    wait for the first one's index instead of fitting it again."""
     cls = method_class(method)
-    path = index_path(method, checkpoint, dataset)
-    if (index := _read(cls, path)) is not None:
-        return index
-    with file_lock(path):
-        if (index := _read(cls, path)) is not None:
-            return index
+
+    def fit() -> dict:
         bar = _terminal_bar(f"{method} index for {checkpoint.name}") if progress else None
-        report = _both(on_progress, bar)
-        index = cls.fit(checkpoint, dataset, on_progress=report)
+        index = cls.fit(checkpoint, dataset, on_progress=_both(on_progress, bar))
         if bar is not None:
             bar.close()
-        with atomic_write(path) as fh:
-            np.savez(fh, **index.state())
+        fitted.append(index)
+        return index.state()
+
+    fitted: list[InfluenceIndex] = []
+    state = default_store().cached(index_key(method, checkpoint, dataset), fit, Schema(cls.arrays),
+                                   dims={"n": len(dataset.train)}, memo=False)  # the app keeps indexes itself
+    index = fitted[0] if fitted else cls.from_state(state)
+    index.origin = _origin(checkpoint, dataset)
     return index
 
 
-def _read(cls, path: Path) -> InfluenceIndex | None:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return cls.from_state({name: z[name] for name in z.files})
-    except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
-        return None
+def _check_origin(index: InfluenceIndex, checkpoint, dataset) -> None:
+    """An index answers only for the checkpoint and training images it was built from."""
+    if index.origin is not None and index.origin != _origin(checkpoint, dataset):
+        raise InfluenceError(f"This {index.name} index was built for another checkpoint or other training images "
+                             f"than {checkpoint.name} on {dataset.root}: build it with load_or_fit for this pair.")
+    if index.n_train != len(dataset.train):
+        raise InfluenceError(f"This {index.name} index covers {index.n_train:,} training images, but the training "
+                             f"split has {len(dataset.train):,}: build it with load_or_fit for this data.")
 
 
 @dataclass
@@ -121,6 +152,7 @@ def lookup(index: InfluenceIndex, checkpoint, dataset, test_index: int, k: int =
     """The k most helpful and k most harmful training images for one test image."""
     if not 0 <= int(test_index) < len(dataset.test):
         raise InfluenceError(f"Test index {test_index} is out of range: the test split has {len(dataset.test):,} images.")
+    _check_origin(index, checkpoint, dataset)
     scores = index.scores(checkpoint, dataset, [int(test_index)])[0]
     return _result(index.name, checkpoint, dataset, {"test_index": int(test_index)}, scores, k)
 
@@ -129,9 +161,10 @@ def class_lookup(index: InfluenceIndex, checkpoint, dataset, class_name: str, k:
     """The training images that most help and most hurt a whole test class (mean score over its test images)."""
     if class_name not in dataset.classes:
         raise InfluenceError(f"Unknown class {class_name!r}. Classes: {', '.join(dataset.classes)}.")
+    _check_origin(index, checkpoint, dataset)
     members = np.flatnonzero(dataset.test.labels == dataset.classes.index(class_name))
     scores = index.mean_scores(checkpoint, dataset, members)
-    return _result(index.name, checkpoint, dataset, {"class": class_name, "test_images": int(len(members))}, scores, k)
+    return _result(index.name, checkpoint, dataset, {"class": class_name, "test_images": len(members)}, scores, k)
 
 
 def suspicious(index: InfluenceIndex, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:

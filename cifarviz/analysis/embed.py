@@ -5,30 +5,28 @@
     knn_accuracy(emb.coords, emb.labels)                                       # how well the map separates classes
 
 A map is computed once per (checkpoint weights and test-time augmentation, the split's exact images, method,
-parameters, subset, seed) and kept as a plain .npz under the cache folder (no pickle); a file lock per map makes a
-second process wait for the first one's file. `checkpoint=None` maps the raw pixels, the baseline that shows what
+parameters, subset, seed) through the store (a plain .npz, schema-checked on read: a map with NaN coordinates, other
+indices or labels is rebuilt, never shown); a file lock per map makes a second process wait for the first one's file. `checkpoint=None` maps the raw pixels, the baseline that shows what
 the network added. Inputs with more than 50 dimensions (fastnet's 192 features, 3,072 pixels) are first reduced to
 50 with PCA, as openTSNE's and UMAP's guides advise: faster neighbour search, the same map.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from .artifacts import checkpoint_digest, split_artifacts, split_digest, split_tta
-from .errors import CifarvizError
-from .jobs import file_lock
-from .utils import atomic_write, cache_dir
+from cifarviz.core.errors import CifarvizError
+from cifarviz.store.artifacts import model_identity, split_artifacts, split_digest, split_tta
+from cifarviz.store.cache import Array, CacheKey, Schema, default_store, digest_array
 
-EMBED_VERSION = 1
+EMBED_VERSION = 2  # 2: through the store, keyed by the model's architecture and arguments too
 SEED = 0
 PCA_DIMS = 50  # inputs wider than this are reduced with PCA before t-SNE / UMAP
 METHODS = {"tsne": "t-SNE (openTSNE)", "umap": "UMAP (umap-learn)", "pca": "PCA (scikit-learn)"}
@@ -119,48 +117,78 @@ def _check_subset(subset, n_total: int, split: str) -> np.ndarray:
 # --------------------------------------------------------------------------- cache
 
 
-def embedding_path(checkpoint, dataset, split: str, method: str, params: dict | None = None, subset=None,
-                   seed: int = SEED) -> Path:
-    """The cache file of one map: keyed by everything that determines its content."""
+def embedding_key(checkpoint, dataset, split: str, method: str, params: dict | None = None, subset=None,
+                  seed: int = SEED) -> CacheKey:
+    """The store key of one map: the source (the model's identity and TTA, or the raw pixels), the split's exact
+    images, which of them, the method with all its parameters and fixed settings, and the seed."""
     if split not in ("train", "val", "test"):
         raise EmbeddingError(f"Unknown split {split!r}: choose train, val or test.")
     n_total = len(dataset.split(split))
     idx = _check_subset(subset, n_total, split)
     full = check_params(method, params, len(idx))
-    source = "pixels" if checkpoint is None else f"{checkpoint_digest(checkpoint)}-{split_tta(checkpoint, split)}"
-    which = "all" if subset is None else hashlib.sha256(idx.tobytes()).hexdigest()[:16]
-    key = json.dumps([EMBED_VERSION, source, split_digest(dataset, split), split, method, full, which, seed])
-    return cache_dir() / "embeddings" / f"{method}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+    source = "pixels" if checkpoint is None else {**model_identity(checkpoint), "tta": split_tta(checkpoint, split)}
+    settings = {"pca_dims": PCA_DIMS, "tsne_iters": [TSNE_EXAGGERATION_ITERS, TSNE_ITERS], "fft_from": FFT_FROM}
+    return CacheKey("embeddings", EMBED_VERSION, {
+        "source": source, "images": split_digest(dataset, split), "split": split, "method": method, "params": full,
+        "which": "all" if subset is None else digest_array(idx), "seed": seed, "settings": settings,
+    }, label=method)
 
 
-@lru_cache(maxsize=16)  # content-addressed files, never rewritten
-def _load(path: Path) -> Embedding:
-    with np.load(path, allow_pickle=False) as z:
-        predicted = z["predicted"] if z["predicted"].size else None
-        return Embedding(z["coords"], z["indices"], z["labels"], predicted, json.loads(str(z["info"])))
+def embedding_path(checkpoint, dataset, split: str, method: str, params: dict | None = None, subset=None,
+                   seed: int = SEED) -> Path:
+    """The cache file of one map (see embedding_key)."""
+    return default_store().path(embedding_key(checkpoint, dataset, split, method, params, subset, seed))
 
 
-def _read(path: Path) -> Embedding | None:
-    try:
-        return _load(path) if path.is_file() else None
-    except Exception:  # noqa: BLE001 - a damaged cache file is computed again
-        return None
+def _schema(expected_indices: np.ndarray, expected_labels: np.ndarray, with_predictions: bool) -> Schema:
+    def matches(arrays, dims):
+        if not np.array_equal(arrays["indices"], expected_indices):
+            return "its image indices are not the ones asked for"
+        if not np.array_equal(arrays["labels"], expected_labels):
+            return "its labels differ from the split's"
+        if len(arrays["predicted"]) != (len(expected_indices) if with_predictions else 0):
+            return "it has the wrong number of predictions"
+        try:
+            info = json.loads(str(arrays["info"]))
+        except ValueError:
+            return "its info is not JSON"
+        return None if isinstance(info, dict) else "its info is not a JSON object"
+
+    return Schema({"coords": Array("f", ("n", 2)), "indices": Array("i", ("n",), low=0, below="total"),
+                   "labels": Array("i", ("n",), low=0), "predicted": Array("i", (None,), low=0),
+                   "info": Array("U", ())}, check=matches)
+
+
+def _embedding(arrays: dict) -> Embedding:
+    """One Embedding per stored result: pages cache by identity."""
+    ident = id(arrays["coords"])
+    with _MAPS_LOCK:
+        known = _MAPS.get(ident)
+        if known is not None and known.coords is arrays["coords"]:
+            return known
+        predicted = arrays["predicted"] if arrays["predicted"].size else None
+        emb = _MAPS[ident] = Embedding(arrays["coords"], arrays["indices"], arrays["labels"], predicted,
+                                       json.loads(str(arrays["info"])))
+        while len(_MAPS) > 32:
+            _MAPS.pop(next(iter(_MAPS)))
+    return emb
+
+
+_MAPS: dict[int, Embedding] = {}
+_MAPS_LOCK = threading.Lock()
 
 
 def embedding(checkpoint, dataset, split: str, method: str, params: dict | None = None, subset=None, *,
               seed: int = SEED, on_progress=None) -> Embedding:
-    """The 2-D map of `split` (or of the images `subset` of it): from the disk cache, or computed and cached now.
+    """The 2-D map of `split` (or of the images `subset` of it): from the store, or computed and stored now.
 
     `checkpoint=None` maps the raw pixels. `on_progress(fraction)` is called while it runs."""
-    path = embedding_path(checkpoint, dataset, split, method, params, subset, seed)
-    if (emb := _read(path)) is not None:
-        return emb
-    with file_lock(path):  # another process may be computing it: wait, then read its file
-        if (emb := _read(path)) is not None:
-            return emb
-        data = dataset.split(split)
-        idx = _check_subset(subset, len(data), split)
-        full = check_params(method, params, len(idx))
+    key = embedding_key(checkpoint, dataset, split, method, params, subset, seed)
+    data = dataset.split(split)
+    idx = _check_subset(subset, len(data), split)
+    full = check_params(method, params, len(idx))
+
+    def compute() -> dict:
         if checkpoint is None:
             inputs, predicted = data.images[idx].reshape(len(idx), -1).astype(np.float32) / 255, None
         else:
@@ -170,10 +198,11 @@ def embedding(checkpoint, dataset, split: str, method: str, params: dict | None 
         coords = compute_embedding(inputs, method, full, seed=seed, on_progress=on_progress)
         info = {"source": "raw pixels" if checkpoint is None else checkpoint.name, "split": split, "method": method,
                 "params": full, "seed": seed, "points": len(idx), "seconds": round(time.perf_counter() - start, 2)}
-        with atomic_write(path) as fh:
-            np.savez(fh, coords=coords, indices=idx, labels=data.labels[idx],
-                     predicted=np.zeros(0, np.int64) if predicted is None else predicted, info=json.dumps(info))
-    return _load(path)
+        return {"coords": coords, "indices": idx, "labels": data.labels[idx],
+                "predicted": np.zeros(0, np.int64) if predicted is None else predicted, "info": np.array(json.dumps(info))}
+
+    schema = _schema(idx, data.labels[idx], checkpoint is not None)
+    return _embedding(default_store().cached(key, compute, schema, dims={"n": len(idx), "total": len(data)}))
 
 
 # --------------------------------------------------------------------------- methods

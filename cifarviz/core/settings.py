@@ -1,0 +1,130 @@
+"""Every `CIFARVIZ_*` environment variable, read in one place and checked once.
+
+    from cifarviz.core.settings import settings
+    settings().cache_dir, settings().runs_dir, settings().classroom
+
+`settings()` parses the environment the first time it is asked and again only when a `CIFARVIZ_*` variable
+changed since (a comparison of a few strings), so a server reads it once while a test that sets a variable sees it.
+A bad value raises `SettingsError` naming the variable, what it holds and what it must be.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from cifarviz.core.errors import CifarvizError
+
+PREFIX = "CIFARVIZ_"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
+
+
+class SettingsError(CifarvizError):
+    """A CIFARVIZ_* environment variable holds a value cifarviz cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the environment asks for. Field docs say the variable and its default."""
+
+    data: Path  # CIFARVIZ_DATA: the CIFAR-10 folder (default ./data)
+    cache_dir: Path  # CIFARVIZ_CACHE: every cached file (default ~/.cache/cifarviz)
+    cache_max_bytes: int  # CIFARVIZ_CACHE_MAX_GB: the cache's size cap, least recently used files go first (10)
+    runs_dir: Path  # CIFARVIZ_RUNS: training runs and the Optuna database (default ./runs)
+    offline: bool  # CIFARVIZ_OFFLINE: never download anything (tests and air-gapped classrooms)
+    classroom: bool  # CIFARVIZ_CLASSROOM: lock the data folder and turn uploads off
+    lock_data: bool  # CIFARVIZ_LOCK_DATA: the data folder is the server's (also on in classroom mode)
+    no_uploads: bool  # CIFARVIZ_NO_UPLOADS: no checkpoint or image uploads (also on in classroom mode)
+    max_runs: int  # CIFARVIZ_MAX_RUNS: runs training at once on a server (1)
+    max_queued: int  # CIFARVIZ_MAX_QUEUED: runs waiting at most (8)
+    session_runs: int  # CIFARVIZ_SESSION_RUNS: runs one browser session may have waiting or training (3)
+    train_threads: int  # CIFARVIZ_TRAIN_THREADS: CPU threads of a training run (all cores but one)
+    hover_thumbnails: int  # CIFARVIZ_HOVER_THUMBNAILS: map points that get a hover thumbnail (10,000)
+
+    @property
+    def data_locked(self) -> bool:
+        return self.lock_data or self.classroom
+
+    @property
+    def uploads_allowed(self) -> bool:
+        return not (self.no_uploads or self.classroom)
+
+    @classmethod
+    def from_env(cls, env=None) -> Settings:
+        env = os.environ if env is None else env
+        cores = os.cpu_count() or 1
+        home_cache = Path(os.path.expanduser("~")) / ".cache" / "cifarviz"
+        return cls(
+            data=Path(env.get(PREFIX + "DATA") or "data"),
+            cache_dir=Path(env.get(PREFIX + "CACHE") or home_cache),
+            cache_max_bytes=int(_number(env, "CACHE_MAX_GB", 10.0, least=0.01) * 2**30),
+            runs_dir=Path(env.get(PREFIX + "RUNS") or "runs"),
+            offline=_flag(env, "OFFLINE"),
+            classroom=_flag(env, "CLASSROOM"),
+            lock_data=_flag(env, "LOCK_DATA"),
+            no_uploads=_flag(env, "NO_UPLOADS"),
+            max_runs=_count(env, "MAX_RUNS", 1, 1),
+            max_queued=_count(env, "MAX_QUEUED", 8, 1),
+            session_runs=_count(env, "SESSION_RUNS", 3, 1),
+            train_threads=_count(env, "TRAIN_THREADS", max(1, cores - 1), 1),
+            hover_thumbnails=_count(env, "HOVER_THUMBNAILS", 10_000, 0),
+        )
+
+
+def variables() -> list[str]:
+    """The variables Settings reads, for the README and error messages."""
+    return [PREFIX + name for name in ("DATA", "CACHE", "CACHE_MAX_GB", "RUNS", "OFFLINE", "CLASSROOM", "LOCK_DATA",
+                                       "NO_UPLOADS", "MAX_RUNS", "MAX_QUEUED", "SESSION_RUNS", "TRAIN_THREADS",
+                                       "HOVER_THUMBNAILS")]
+
+
+def _flag(env, name: str) -> bool:
+    text = env.get(PREFIX + name, "").strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise SettingsError(f"{PREFIX}{name}={text!r}: use 1 (on) or 0 (off).")
+
+
+def _count(env, name: str, default: int, least: int) -> int:
+    text = env.get(PREFIX + name, "").strip()
+    try:
+        value = int(text) if text else default
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise SettingsError(f"{PREFIX}{name}={text!r}: it must be a whole number of at least {least} "
+                            f"(default {default}).")
+    return value
+
+
+def _number(env, name: str, default: float, least: float) -> float:
+    text = env.get(PREFIX + name, "").strip()
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = None
+    if value is None or not value >= least or value == float("inf"):
+        raise SettingsError(f"{PREFIX}{name}={text!r}: it must be a number of at least {least} (default {default}).")
+    return value
+
+
+_lock = threading.Lock()
+_current: tuple[tuple, Settings] | None = None
+
+
+def settings() -> Settings:
+    """The settings of the current environment (parsed again only when a CIFARVIZ_* variable changed)."""
+    global _current
+    snapshot = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(PREFIX)))
+    known = _current
+    if known is not None and known[0] == snapshot:
+        return known[1]
+    with _lock:
+        parsed = Settings.from_env()
+        _current = (snapshot, parsed)
+    return parsed
+
