@@ -40,7 +40,10 @@ from .inference import TTA_MODES
 from .models import ZooModel, count_parameters, create_model, list_models, validate_arch_args
 from .utils import atomic_write
 
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "checkpoints"  # pretrained weights shipped in the repo
+# pretrained weights: an installed wheel carries them as the data package cifarviz/_shipped (looked for first, as
+# site-packages/checkpoints could be anyone's); a source checkout or editable install uses the repo's checkpoints/
+_WHEEL_SHIPPED = Path(__file__).resolve().parents[1] / "_shipped"
+SHIPPED_DIR = _WHEEL_SHIPPED if _WHEEL_SHIPPED.is_dir() else Path(__file__).resolve().parents[2] / "checkpoints"
 FORMAT_VERSION = 1
 METADATA_KEY = "cifarviz"
 MAX_PARAMETERS = 50_000_000  # ~4x ResNet-18; nothing in the zoo comes near it
