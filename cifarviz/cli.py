@@ -14,7 +14,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from cifarviz.core.checkpoint import SHIPPED_DIR
+from cifarviz.core.checkpoint import SHIPPED_DIR, check_fits_data
 from cifarviz.core.errors import CheckpointError, CifarvizError
 
 METHODS = ("head", "trak", "similarity")  # cifarviz.analysis.influence.METHODS, named here so --help needs no torch import
@@ -22,15 +22,25 @@ DEFAULT_INFLUENCE = "head"
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
-    """A path to a file, or the name of a shipped checkpoint (e.g. `fastnet`)."""
+    """Any checkpoint the app lists: a file path, a shipped name (`fastnet`), a run id from the Train page
+    (`lenet-20261201-101500-ab12`, its model.safetensors under $CIFARVIZ_RUNS), or an older flat run file."""
+    from cifarviz.services.runs import CHECKPOINT, runs_dir
+
     path = Path(name_or_path)
     if path.is_file():
         return path
-    for candidate in (SHIPPED_DIR / f"{name_or_path}.safetensors", Path("runs") / f"{name_or_path}.safetensors"):
+    runs = runs_dir()
+    if path.is_dir() and (path / CHECKPOINT).is_file():  # a run's folder
+        return path / CHECKPOINT
+    plain = path.name == name_or_path and name_or_path not in ("", ".", "..")  # a name, not a path
+    candidates = [SHIPPED_DIR / f"{name_or_path}.safetensors", runs / name_or_path / CHECKPOINT,
+                  runs / f"{name_or_path}.safetensors"] if plain else []
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     shipped = ", ".join(sorted(p.stem for p in SHIPPED_DIR.glob("*.safetensors"))) or "none"
-    raise CifarvizError(f"No checkpoint file or shipped checkpoint named {name_or_path!r}. Shipped: {shipped}.")
+    raise CifarvizError(f"No checkpoint file, shipped checkpoint or run named {name_or_path!r}. Shipped: {shipped}; "
+                        f"runs: `python -m cifarviz runs` lists them ({runs}).")
 
 
 def load_named_checkpoint(name_or_path: str, arch: str | None = None):
@@ -43,6 +53,7 @@ def load_named_checkpoint(name_or_path: str, arch: str | None = None):
         raise CheckpointError(f"--arch {arch} contradicts {path.name}, which stores architecture {stored!r}; "
                               "--arch is for .pt/.pth state dicts. Leave it out for this file.")
     return load_checkpoint(path, architecture=arch)  # an ambiguous state dict's error names --arch
+
 
 
 def ensure_writable(path: Path, flag: str) -> Path:
@@ -217,6 +228,7 @@ def cmd_evaluate(args) -> int:
 
     checkpoint = load_named_checkpoint(args.checkpoint, args.arch)
     dataset = _load_data(args)
+    check_fits_data(checkpoint, dataset)  # classes and images, once, before any work
     arts = split_artifacts(checkpoint, dataset, args.split, progress=not args.json)
     report = classification_report(arts.labels, arts.predicted, dataset.classes)
     report["most_confused"] = most_confused_pairs(report["confusion_matrix"], dataset.classes, top=5)
@@ -249,6 +261,7 @@ def cmd_export_features(args) -> int:
     stem = safe_stem(checkpoint.name, fallback=safe_stem(checkpoint.path.stem))
     out = ensure_writable(Path(args.out or f"{stem}-{args.split}-features.npz"), "--out")
     dataset = _load_data(args)
+    check_fits_data(checkpoint, dataset)
     arts = split_artifacts(checkpoint, dataset, args.split, progress=True)
     with atomic_write(out) as fh:
         np.savez(fh, features=arts.features, logits=arts.logits, labels=arts.labels,
@@ -265,6 +278,7 @@ def cmd_precompute(args) -> int:
     names = args.checkpoint or [p.stem for p in sorted(SHIPPED_DIR.glob("*.safetensors"))]
     for name in names:
         checkpoint = load_named_checkpoint(name, args.arch)
+        check_fits_data(checkpoint, dataset)
         for split in ("test", "val", "train"):
             cached = artifacts_cached(checkpoint, dataset, split)
             start = time.perf_counter()
@@ -297,6 +311,7 @@ def cmd_influence(args) -> int:
         raise CifarvizError("--k and --top must be at least 1.")
     checkpoint = load_named_checkpoint(args.checkpoint, args.arch)
     dataset = _load_data(args)
+    check_fits_data(checkpoint, dataset)  # classes and images, once, before any work
     index = load_or_fit(args.method, checkpoint, dataset, progress=not args.json)
     if args.self:
         order, scores = suspicious(index, args.top or 100)
@@ -445,6 +460,8 @@ def cmd_embed(args) -> int:
     out = ensure_writable(Path(args.out), "--out") if args.out else None
     checkpoint = None if args.pixels else load_named_checkpoint(args.checkpoint, args.arch)
     dataset = _load_data(args)
+    if checkpoint is not None:
+        check_fits_data(checkpoint, dataset)
     subset = subset_indices(len(dataset.split(args.split)), args.subset, seed=args.seed)
     cached = embedding_path(checkpoint, dataset, args.split, args.method, params, subset, args.seed).is_file()
     with tqdm(total=100, desc=f"{args.method} map", unit="%", disable=cached or args.json) as bar:

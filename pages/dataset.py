@@ -158,4 +158,4 @@ with browser:
     if browser.open:
         browser_tab()
 
-app.inspector(dataset, app.current_checkpoint(quiet=True))
+app.inspector(dataset, app.current_checkpoint(quiet=True, dataset=dataset))

@@ -22,7 +22,6 @@ def runs_root(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     monkeypatch.setenv("CIFARVIZ_RUNS", str(root))
     monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "1")
-    monkeypatch.setattr("cifarviz.ui.app.RUNS_DIR", root)
     yield root
     for run in runs.list_runs(root):  # never leave a worker behind
         pid = run.status.get("pid")

@@ -13,18 +13,26 @@ from pathlib import Path
 import torch
 from torchinfo import summary as torchinfo_summary
 
-from cifarviz.core.checkpoint import SHIPPED_DIR, load_checkpoint, read_metadata
-from cifarviz.core.models import ZooModel, count_parameters, create_model, model_entry
+from cifarviz.core.checkpoint import MAX_PARAMETERS, SHIPPED_DIR, load_checkpoint, read_metadata
+from cifarviz.core.errors import ModelError
+from cifarviz.core.models import ZooModel, count_parameters, create_model, model_card, validate_arch_args
 
 
 def build_architecture(architecture: str, args: dict | None = None) -> ZooModel:
-    """The zoo model with `args` (unknown keys dropped) on the meta device: shapes only, no memory, no download."""
-    defaults = model_entry(architecture).defaults()
-    kwargs = {k: v for k, v in (args or {}).items() if k in defaults}
-    if "pretrained" in defaults:
-        kwargs["pretrained"] = False  # the architecture is the same; never fetch weights for a table
-    with torch.device("meta"):
-        return create_model(architecture, **kwargs)
+    """The zoo model with `args` on the meta device: shapes only, no memory, no download. The arguments are
+    checked against the card's bounds and the size limit, as loading a checkpoint checks them (metadata is
+    untrusted: `blocks: 20000` must not take minutes and gigabytes to print a table)."""
+    card = model_card(architecture)
+    kwargs = {**validate_arch_args(architecture, args or {}), **card.file_args}  # never fetch weights for a table
+    try:
+        with torch.device("meta"):
+            model = create_model(architecture, **kwargs)
+    except ValueError as exc:  # arguments the layers reject (GroupNorm groups)
+        raise ModelError(f"{architecture} with arguments {kwargs}: {exc}") from None
+    if count_parameters(model) > MAX_PARAMETERS:
+        raise ModelError(f"{architecture} with arguments {kwargs} would have {count_parameters(model):,} parameters, "
+                         f"more than cifarviz loads ({MAX_PARAMETERS:,}); its arguments are probably wrong.")
+    return model
 
 
 def model_for_summary(name_or_checkpoint: str | Path, architecture: str | None = None) -> ZooModel:
@@ -48,9 +56,10 @@ def model_for_summary(name_or_checkpoint: str | Path, architecture: str | None =
 
 def changed_args(model: ZooModel) -> dict:
     """The model's arguments that differ from its zoo defaults (e.g. fastnet's widths)."""
-    defaults = model_entry(model.arch_name).defaults()
+    card = model_card(model.arch_name)
+    defaults = card.defaults()
     same = lambda key, value: key in defaults and json.dumps(value) == json.dumps(defaults[key])
-    return {k: v for k, v in model.arch_args.items() if not same(k, v) and k != "pretrained"}
+    return {k: v for k, v in model.arch_args.items() if not same(k, v) and k not in card.file_args}
 
 
 def describe_args(model: ZooModel) -> str:

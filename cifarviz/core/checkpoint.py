@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import AmbiguousArchitectureError, CheckpointError, ModelError
 from .inference import TTA_MODES
-from .models import ZooModel, count_parameters, create_model, list_models, validate_arch_args
+from .models import ZooModel, count_parameters, create_model, list_models, model_card, validate_arch_args
 from .utils import atomic_write
 
 # pretrained weights: an installed wheel carries them as the data package cifarviz/_shipped (looked for first, as
@@ -69,6 +69,30 @@ class Checkpoint:
     @property
     def tta(self) -> str:
         return (self.meta.get("train_config") or {}).get("tta", "none")
+
+
+def output_classes(model) -> int:
+    """How many classes a model predicts (its head's last linear layer)."""
+    layers = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)]
+    return int(layers[-1].out_features) if layers else int(model.arch_args.get("num_classes", 10))
+
+
+def check_fits_data(checkpoint: Checkpoint, dataset) -> None:
+    """Raise CheckpointError, with what to do, when a checkpoint cannot be measured on a dataset: it predicts
+    another number of classes, it was trained on classes of other names, or the images are not what it takes."""
+    name, where = checkpoint.name, getattr(dataset, "root", "this data")
+    predicts, has = output_classes(checkpoint.model), len(dataset.classes)
+    fix = "Pick a checkpoint trained on this data (or train one: Train page, `python -m cifarviz train`)."
+    if predicts != has:
+        raise CheckpointError(f"{name} predicts {predicts} classes, but the data in {where} has {has} "
+                              f"({', '.join(dataset.classes)}). {fix}")
+    recorded = checkpoint.meta.get("classes") if isinstance(checkpoint.meta, dict) else None
+    if isinstance(recorded, list) and [str(c) for c in recorded] != [str(c) for c in dataset.classes]:
+        raise CheckpointError(f"{name} was trained on the classes {', '.join(map(str, recorded))}, but the data in "
+                              f"{where} has {', '.join(dataset.classes)}. {fix}")
+    shape = tuple(dataset.test.images.shape[1:]) if len(dataset.test) else (32, 32, 3)
+    if shape != (32, 32, 3):
+        raise CheckpointError(f"{name} takes 32x32 RGB images, but the data in {where} holds {shape}. {fix}")
 
 
 def save_checkpoint(path: str | os.PathLike, model: ZooModel, meta: dict | None = None) -> Path:
@@ -129,7 +153,8 @@ def _jsonable(value):
 # Fields that the app and CLI read without further checks, and the types they must have when present.
 _META_TYPES = {
     "name": str, "architecture": str, "arch_args": dict, "train_config": dict, "metrics": dict,
-    "history": list, "data": dict, "parameters": int, "train_seconds": (int, float),
+    "history": list, "data": dict, "parameters": int, "train_seconds": (int, float), "classes": list,
+    "provenance": dict,
 }  # fmt: skip
 
 
@@ -326,7 +351,7 @@ def _skeleton(architecture: str, args: dict) -> ZooModel:
 
 @functools.cache
 def _default_shapes(architecture: str) -> dict:
-    args = {"pretrained": False} if architecture == "resnet18-transfer" else {}
+    args = dict(model_card(architecture).file_args)
     state = _skeleton(architecture, args).state_dict()
     return {k: tuple(v.shape) for k, v in state.items() if not k.startswith("input_")}
 
@@ -356,8 +381,7 @@ def _build_fitting(path: Path, architecture, args, state: dict) -> ZooModel:
         raise CheckpointError(f"{path.name}: architecture must be a zoo model name, not {reprlib.repr(architecture)}.")
     try:
         args = validate_arch_args(architecture, args)
-        if architecture == "resnet18-transfer":
-            args["pretrained"] = False  # the checkpoint holds every weight; never download here
+        args.update(model_card(architecture).file_args)  # the checkpoint holds every weight: never download here
         skeleton = _skeleton(architecture, args)
     except (ModelError, ValueError) as exc:  # ValueError: arguments the layers reject (GroupNorm groups)
         raise CheckpointError(f"{path.name}: {exc}") from None

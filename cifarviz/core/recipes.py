@@ -1,4 +1,5 @@
-"""The recipes that trained the shipped checkpoints, and the function that trains, measures and saves one.
+"""The recipes that trained the shipped checkpoints (read from the model cards), and the function that trains,
+measures and saves one.
 
 `python -m cifarviz train --recipe NAME` reruns a recipe; every figure it stores
 (test accuracy on the named data, training seconds, device) is re-measured by
@@ -7,73 +8,27 @@ tests/test_shipped_checkpoints.py.
 
 from __future__ import annotations
 
+import json
 import platform
 from collections.abc import Callable
 from pathlib import Path
 
-from .augment import AugmentConfig
 from .checkpoint import save_checkpoint
+from .errors import ModelError
+from .models import model_card, model_cards
 from .train import TrainConfig, TrainResult, evaluate_split, train
 
-_FLIP_CROP = AugmentConfig(translate=2, flip=True)
+def recipe_config(name: str) -> TrainConfig:
+    """The shipped recipe of zoo model NAME (its card's `recipe`) as a TrainConfig; ModelError if it has none."""
+    card = model_card(name)
+    if card.recipe is None:
+        raise ModelError(f"{name} has no shipped recipe. Recipes: {', '.join(RECIPES)}.")
+    return TrainConfig(model=card.name, **card.recipe)
 
-RECIPES: dict[str, TrainConfig] = {
-    # airbench94's recipe, translated to a mean loss: lr 1.5 = 11.5 per 1024-summed-loss kilostep,
-    # decay 0.0153 per 1024 examples, biases at 64x lr, label smoothing 0.2, lookahead, flip TTA.
-    # airbench fixes the decay per step (lr x coefficient), so the recipe says so: another lr keeps that decay
-    # (the shipped checkpoint stored the same coefficient, 0.0153 * 1024 / 7850 / 1.5, in coefficient mode).
-    # Widths 48/192/192 and 14 epochs fit 30 minutes on a 2-core CPU.
-    "fastnet": TrainConfig(
-        model="fastnet", model_args={"widths": [48, 192, 192]}, epochs=14, batch_size=1024, optimizer="sgd",
-        lr=1.5, momentum=0.85, weight_decay=0.0153 * 1024 / 7850, weight_decay_mode="per_step", label_smoothing=0.2,
-        schedule="onecycle", warmup=0.23, final_lr=0.07, lookahead=True, augment=_FLIP_CROP, tta="flip",
-    ),
-    "lenet": TrainConfig(model="lenet", epochs=20, batch_size=128, optimizer="sgd", lr=0.05, weight_decay=5e-4,
-                         augment=_FLIP_CROP),
-    # s8: SGD at lr 0.15 for all three (the source used 0.1 for BN and GN, 0.01 for LN); the one-cycle
-    # warm-up keeps 0.15 stable even for LN.
-    **{
-        f"s8net-{norm}": TrainConfig(model=f"s8net-{norm}", epochs=15, batch_size=256, optimizer="sgd", lr=0.15,
-                                     weight_decay=5e-4, augment=_FLIP_CROP)
-        for norm in ("bn", "gn", "ln")
-    },
-    # cs231n-style: Adam, lr 1e-3, weight decay 5e-4, as in the source; flip/crop instead of its heavy jitter.
-    **{
-        name: TrainConfig(model=name, epochs=12, batch_size=128, optimizer="adam", lr=1e-3, weight_decay=5e-4,
-                          augment=_FLIP_CROP)
-        for name in ("cifar10net", "cifar10net-dropout")
-    },
-    # deepnet: Adam like the source (which used lr 1e-4 for 30 epochs); one-cycle at 2e-3 gets there in 12.
-    **{
-        f"deepnet-{kind}": TrainConfig(model=f"deepnet-{kind}", epochs=12, batch_size=128, optimizer="adam",
-                                       lr=2e-3, weight_decay=0.0, augment=_FLIP_CROP)
-        for kind in ("conv", "res", "skip")
-    },
-}
 
-# Test accuracy the source projects reported for their own runs (their data: original CIFAR-10).
-# resnet-conv-skip-comparison, "Breakdown": 65.18% / 71.48% / 69.38%. The lenet sources report no number.
-SOURCE_REPORTED = {
-    "deepnet-conv": 0.6518,
-    "deepnet-res": 0.7148,
-    "deepnet-skip": 0.6938,
-}
-
-# The plain / residual / skip recipes retrained under other seeds: `python bench/deepnet_seeds.py --seeds 1 2`,
-# test accuracy on the development copy cifar10-jpeg (2-core CPU). Seed 0 is the shipped checkpoint (read from it).
-DEEPNET_SEED_STUDY = {
-    "deepnet-conv": {1: 0.7430},
-    "deepnet-res": {1: 0.7681},
-    "deepnet-skip": {1: 0.7337},
-}
-
-# Accuracy a source set out to reach, not one it measured: s8's task was test accuracy of at least 70%
-# in under 20 epochs with under 50K parameters. Show it labelled as a target, never as a result.
-SOURCE_TARGETS = {
-    "s8net-bn": 0.70,
-    "s8net-gn": 0.70,
-    "s8net-ln": 0.70,
-}
+# The recipes, read from the cards (the one place per model): {model name: TrainConfig}.
+RECIPES: dict[str, TrainConfig] = {card.name: TrainConfig(model=card.name, **card.recipe)
+                                   for card in model_cards() if card.recipe is not None}
 
 
 def train_and_save(
@@ -106,6 +61,8 @@ def checkpoint_meta(config: TrainConfig, dataset, model, history: list[dict], st
     import torch
 
     meta = {
+        "classes": list(dataset.classes),
+        "provenance": provenance(config, dataset, model),
         "train_config": config.to_dict(),
         "history": history,
         "status": status,
@@ -125,6 +82,36 @@ def checkpoint_meta(config: TrainConfig, dataset, model, history: list[dict], st
             "measured_on": {**dataset.describe(), "split": "test", "tta": config.tta},
         }
     return meta
+
+
+# Up to this many training images a checkpoint lists their indices (the app's quick subsets); a larger split records
+# their count and digest, which the split seed and validation size (also recorded) reproduce for a whole split.
+LISTED_INDICES = 20_000
+
+
+def provenance(config: TrainConfig, dataset, model) -> dict:
+    """Where a checkpoint came from: architecture and arguments, classes, the data's fingerprint, the split, the
+    exact training images (their indices in the source's training part, with a digest; the indices themselves
+    when the run trained on a subset), and the recipe."""
+    import hashlib
+
+    import numpy as np
+
+    indices = np.ascontiguousarray(dataset.train.source_index, dtype=np.int64)
+    return {
+        "architecture": model.arch_name,
+        "arch_args": json.loads(json.dumps(model.arch_args)),
+        "classes": list(dataset.classes),
+        "data_fingerprint": dataset.fingerprint,
+        "split_seed": dataset.split_seed,
+        "val_size": len(dataset.val),
+        "train_images": {
+            "count": int(len(indices)),
+            "digest": hashlib.sha256(indices.tobytes()).hexdigest(),
+            "indices": indices.tolist() if len(indices) <= LISTED_INDICES else None,
+        },
+        "recipe": config.to_dict(),
+    }
 
 
 def save_snapshot(folder: str | Path, model, meta: dict) -> Path:

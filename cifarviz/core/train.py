@@ -53,6 +53,10 @@ class TrainConfig:
     warmup: float = 0.2  # fraction of steps spent warming up (onecycle, cosine)
     final_lr: float = 0.0  # last learning rate as a fraction of lr
     lookahead: bool = False  # airbench-style lookahead with an EMA whose decay ramps up
+    warmup_start: float = 0.2  # the warm-up's first learning rate, as a fraction of lr
+    lookahead_every: int = 5  # steps between lookahead updates
+    lookahead_decay: float = 0.95  # the EMA's decay per step at the end of training
+    lookahead_power: float = 3.0  # the decay ramps up as (step / total steps) ** power
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tta: str = "none"  # test-time augmentation used for validation and reported metrics
     seed: int = 0
@@ -86,6 +90,10 @@ class TrainConfig:
         check_range("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
         check_range("warmup", self.warmup, 0, 1)
         check_range("final_lr", self.final_lr, 0)
+        check_range("warmup_start", self.warmup_start, 0, 1)
+        check_range("lookahead_every", self.lookahead_every, 1, whole=True)
+        check_range("lookahead_decay", self.lookahead_decay, 0, 1)
+        check_range("lookahead_power", self.lookahead_power, 0)
         check_range("seed", self.seed, 0, 2**63, whole=True, high_open=True)
         self.epochs, self.batch_size, self.seed = int(self.epochs), int(self.batch_size), int(self.seed)
         check_device_name(self.device)
@@ -136,7 +144,7 @@ def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
     if config.schedule == "constant":
         return 1.0
     if progress < config.warmup:
-        return 0.2 + 0.8 * progress / config.warmup
+        return config.warmup_start + (1 - config.warmup_start) * progress / config.warmup
     rest = (progress - config.warmup) / max(1 - config.warmup, 1e-8)
     if config.schedule == "onecycle":
         return 1.0 + (config.final_lr - 1.0) * rest
@@ -206,9 +214,10 @@ def train(
             model.set_normalization(dataset.mean, dataset.std)
     # channels_last suits both cuDNN and oneDNN: about 2x faster convolutions on this 2-core CPU too.
     model = model.to(device, memory_format=torch.channels_last)
-    if fresh:
-        # Data-dependent init (fastnet's whitening) sees a random 5,000: the split is ordered by class.
-        model.prepare(to_float(images[torch.randperm(len(images), generator=generator, device=device)[:5000]]))
+    if fresh and model.prepare_images:
+        # Data-dependent init (fastnet's whitening) sees random images: the split is ordered by class.
+        chosen = torch.randperm(len(images), generator=generator, device=device)[: model.prepare_images]
+        model.prepare(to_float(images[chosen]))
 
     optimizer = build_optimizer(model, config)
     steps_per_epoch = math.ceil(len(labels) / config.batch_size)
@@ -249,8 +258,9 @@ def train(
             loss.backward()
             optimizer.step()
             step += 1
-            if lookahead is not None and step % 5 == 0:
-                lookahead.update(model, decay=0.95**5 * (step / total_steps) ** 3)
+            if lookahead is not None and step % config.lookahead_every == 0:
+                ramp = (step / total_steps) ** config.lookahead_power
+                lookahead.update(model, decay=config.lookahead_decay**config.lookahead_every * ramp)
 
             n = len(y)
             seen += n

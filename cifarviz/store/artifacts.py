@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifarviz.core.checkpoint import Checkpoint
+from cifarviz.core.checkpoint import Checkpoint, output_classes
 from cifarviz.core.inference import Predictions, predict
 from cifarviz.store.cache import Array, CacheKey, Schema, default_store
 
@@ -188,10 +188,3 @@ def _artifacts(arrays: dict, split: str, tta: str) -> SplitArtifacts:
 
 _ARTS: dict[int, SplitArtifacts] = {}
 _ARTS_LOCK = threading.Lock()
-
-
-def output_classes(model) -> int:
-    """How many classes a model's head predicts (read from its last layer's weights)."""
-    head = model.head
-    layers = [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if isinstance(head, torch.nn.Module) else []
-    return int(layers[-1].out_features) if layers else int(model.arch_args.get("num_classes", 10))

@@ -1,0 +1,193 @@
+"""The image inspector every image opens: the picture, its probabilities, Grad-CAM, its nearest training
+images and the training images that most influenced it."""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from cifarviz.analysis.explore import ImageRef, grad_cam, nearest_neighbours, overlay_heatmap, to_png
+from cifarviz.analysis.influence import DEFAULT_METHOD
+from cifarviz.core.checkpoint import Checkpoint
+from cifarviz.core.inference import predict
+from cifarviz.store.artifacts import split_tta
+from cifarviz.ui.loaders import (
+    artifacts_job,
+    artifacts_ready,
+    file_stamp,
+    get_artifacts,
+    influence_job,
+    influence_of,
+    prefetch,
+    progress_bar,
+)
+from cifarviz.ui.widgets import INSPECT_KEY, close_inspector, image_grid
+
+
+def inspector(dataset, checkpoint: Checkpoint | None) -> None:
+    """Open the image inspector if an image was clicked. Every page calls this once, at its end; it also
+    starts computing, in the background, the features the inspector's neighbours need."""
+    prefetch(checkpoint, dataset)
+    if st.session_state.get(INSPECT_KEY) is not None and dataset is not None:
+        _inspector_dialog(dataset, checkpoint)
+
+
+@st.dialog("Image inspector", width="large", on_dismiss=close_inspector)
+def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
+    # Read the image from session state, not from arguments: a click on a neighbour reruns only this dialog.
+    ref: ImageRef | None = st.session_state.get(INSPECT_KEY)
+    if ref is None:
+        return
+    if ref.split == "upload":
+        image, label = st.session_state.get("uploaded_image"), None
+        if image is None:
+            return
+    else:
+        split = dataset.split(ref.split)
+        if not 0 <= ref.index < len(split):
+            return
+        image, label = split.images[ref.index], int(split.labels[ref.index])
+    classes = list(dataset.classes)
+
+    with st.container(key="inspector"):
+        title = f"{ref.split.capitalize()} image #{ref.index}" if ref.split != "upload" else "Your uploaded image"
+        st.markdown(f"#### {title}")
+        left, middle, right = st.columns([1, 1.5, 1.1])
+        with left:
+            st.image(to_png(image, scale=8), width="stretch", output_format="PNG")
+            if label is not None:
+                st.markdown(f"**True label:** {classes[label]}")
+        if checkpoint is None:
+            st.info("Pick a checkpoint in the sidebar to see the model's prediction.")
+            return
+        probs = image_probabilities(checkpoint, dataset, ref, image)
+        predicted = int(probs.argmax())
+        verdict = "" if label is None else (" — correct" if predicted == label else " — wrong")
+        with left:
+            st.markdown(f"**Predicted:** {classes[predicted]} ({probs[predicted]:.1%}){verdict}")
+            st.caption(f"by {checkpoint.name}" + (" with flip test-time augmentation"
+                                                  if _tta(checkpoint, ref) == "flip" else ""))
+        with middle:
+            chart = probability_chart(probs, classes, predicted, checkpoint.name)
+            st.altair_chart(chart, width="stretch", height=PROBABILITY_CHART_HEIGHT)
+        with right:
+            explained = st.selectbox("Grad-CAM explains", classes, index=predicted, key=f"cam-{ref.split}-{ref.index}",
+                                     help="Defaults to the predicted class; pick another to see its evidence.")
+            target = classes.index(explained)
+            note = "the predicted class" if target == predicted else "not the predicted class"
+            st.image(saliency_png(checkpoint, str(checkpoint.path), file_stamp(checkpoint.path), image, target),
+                     width="stretch", output_format="PNG",
+                     caption=f"Where the model found evidence for '{classes[target]}' ({note})")
+        if ref.split != "upload":
+            st.markdown("**Nearest training images in the model's feature space** (cosine similarity)")
+            neighbours_section(checkpoint, dataset, ref, image)
+        if ref.split == "test":
+            st.markdown("**Most influential training images** (head influence: removing a *helpful* image "
+                        "would raise this image's loss; removing a *harmful* one would lower it)")
+            influence_section(checkpoint, dataset, ref)
+        if st.button("Close", key="inspector-close", icon=":material/close:"):
+            close_inspector()
+            st.rerun()
+
+
+@st.cache_data(show_spinner=False, max_entries=1024)  # ~20 KB each; a class opens the same images again and again
+def saliency_png(_checkpoint: Checkpoint, path: str, stamp: float, image: np.ndarray, target: int) -> bytes:
+    """The Grad-CAM overlay of `image` for class `target`, enlarged, as PNG (keyed by the checkpoint file, not the
+    model object)."""
+    heat, _ = grad_cam(_checkpoint.model, image, target_class=target)
+    return to_png(overlay_heatmap(image, heat), scale=8)
+
+
+def _tta(checkpoint: Checkpoint, ref: ImageRef) -> str:
+    return checkpoint.tta if ref.split == "upload" else split_tta(checkpoint, ref.split)
+
+
+def image_probabilities(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np.ndarray) -> np.ndarray:
+    """The class probabilities the pages show for this image: from the split's artifacts when they are ready
+    (the same numbers as Evaluate), else computed for this one image with the same test-time augmentation."""
+    if ref.split != "upload" and artifacts_ready(checkpoint, dataset, ref.split):
+        return get_artifacts(checkpoint, dataset, ref.split).probs[ref.index]
+    return predict(checkpoint.model, image[None], tta=_tta(checkpoint, ref), features=False).probs[0]
+
+
+PROBABILITY_CHART_HEIGHT = 330  # every class label readable on a projector
+
+
+def probability_chart(probs: np.ndarray, classes: list[str], predicted: int, model_name: str) -> alt.Chart:
+    frame = pd.DataFrame({"class": classes, "probability": probs})
+    return alt.Chart(frame, title=alt.Title(f"Class probabilities ({model_name})", fontSize=15)).mark_bar().encode(
+        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%", labelFontSize=13)),
+        y=alt.Y("class:N", sort=classes, title=None,
+                axis=alt.Axis(labelFontSize=14, labelOverlap=False, labelLimit=200)),
+        color=alt.condition(alt.datum["class"] == classes[predicted], alt.value("#d62728"), alt.value("#4c78a8")),
+        tooltip=["class", alt.Tooltip("probability:Q", format=".2%")],
+    ).properties(height=PROBABILITY_CHART_HEIGHT - 40)
+
+
+def neighbours_section(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np.ndarray, k: int = 8) -> None:
+    """The k training images nearest to `ref`: at once when the training features are ready, else a progress
+    bar that fills in by itself (the rest of the inspector is already usable)."""
+    job = artifacts_job(checkpoint, dataset, "train")
+    if job is None:
+        idx, sims = nearest_training_images(checkpoint, dataset, ref, image, k)
+        refs = [ImageRef("train", int(i)) for i in idx]
+        captions = [f"{dataset.classes[dataset.train.labels[i]]} {s:.2f}" for i, s in zip(idx, sims)]
+        image_grid(dataset.train.images[idx], refs, captions, key="neighbours", tile_width=96)
+        return
+
+    progress_bar(job, f"Computing the features of the {len(dataset.train):,} training images (once per checkpoint, "
+                 "for everyone)")
+
+
+def influence_section(checkpoint: Checkpoint, dataset, ref: ImageRef, k: int = 4) -> None:
+    """The inspector's top-k helpful and harmful training images for a test image (the default method)."""
+    job = influence_job(DEFAULT_METHOD, checkpoint, dataset)
+    if job is not None:
+        progress_bar(job, "Building the influence index (once per checkpoint, for everyone)")
+        return
+    result = influence_of(DEFAULT_METHOD, checkpoint, dataset, test_index=ref.index, k=k)
+    helpful, harmful = st.columns(2)
+    with helpful:
+        st.caption("Helpful")
+        influence_grid(dataset, result.helpful, key="inspector-helpful", tile_width=96)
+    with harmful:
+        st.caption("Harmful")
+        influence_grid(dataset, result.harmful, key="inspector-harmful", tile_width=96)
+
+
+def influence_grid(dataset, entries, key: str, tile_width: int = 112) -> None:
+    """Training images of an influence result, each opening the inspector: label, prediction, score."""
+    idx = np.array([e.train_index for e in entries], dtype=np.int64)
+    captions = [e.label + ("" if e.predicted == e.label else f" (pred. {e.predicted})") + " " + readable_score(e.score)
+                for e in entries]
+    image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions, key=key,
+               tile_width=tile_width)
+
+
+SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def readable_score(score: float) -> str:
+    """A signed influence score for a caption: `+1.3×10⁻⁴`, not `+0.00013` or `-6e-05` (which a narrow tile breaks
+    at its hyphen)."""
+    if score == 0 or not np.isfinite(score):
+        return f"{score:+g}"
+    exponent = int(np.floor(np.log10(abs(score))))
+    if -2 <= exponent <= 2:
+        return f"{score:+.2g}".replace("-", "−")
+    mantissa = round(abs(score) / 10.0**exponent, 1)
+    if mantissa >= 10:  # 9.96e-05 rounds up to 1.0×10⁻⁴, not 10.0×10⁻⁵
+        mantissa, exponent = mantissa / 10, exponent + 1
+    return f"{'+' if score > 0 else '−'}{mantissa:.1f}×10{str(exponent).translate(SUPERSCRIPT)}"
+
+
+def nearest_training_images(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np.ndarray, k: int = 8):
+    """(indices, cosine similarities) of the k nearest training images in the model's feature space."""
+    if artifacts_ready(checkpoint, dataset, ref.split):
+        query = get_artifacts(checkpoint, dataset, ref.split).features[ref.index]
+    else:
+        query = predict(checkpoint.model, image[None], features=True).features[0]
+    bank = get_artifacts(checkpoint, dataset, "train").unit_features
+    return nearest_neighbours(query, bank, k=k, exclude=ref.index if ref.split == "train" else None, unit_bank=True)

@@ -1,0 +1,186 @@
+"""Cached loaders shared by every session: datasets and models once per server, artifacts and influence
+indexes computed once per key in the background (services.jobs) with a progress bar that fills in by itself.
+Shared objects are never mutated per request."""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import sys
+from pathlib import Path
+
+import streamlit as st
+import torch
+
+from cifarviz.analysis.influence import DEFAULT_METHOD, METHODS, class_lookup, index_path, load_or_fit, lookup
+from cifarviz.core.checkpoint import Checkpoint, load_checkpoint
+from cifarviz.core.data import default_data_root
+from cifarviz.core.inference import ready_for
+from cifarviz.core.utils import pick_device
+from cifarviz.services.jobs import JOBS, Job
+from cifarviz.store.artifacts import artifact_path, artifacts_cached, split_artifacts, split_tta
+from cifarviz.store.datasets import load_cifar10
+
+_modules_frozen = 0
+
+
+def freeze_imported_modules() -> None:
+    """Move the objects of newly imported modules out of the garbage collector's reach. Streamlit runs a full
+    gc.collect() after every script run, and torch, scikit-learn and friends leave ~320,000 long-lived objects
+    that it would walk every time (0.17-0.33 s a rerun on this CPU); frozen, that collect takes under a
+    millisecond. Only when modules were added, so per-session objects are rarely frozen with them."""
+    global _modules_frozen
+    if len(sys.modules) > _modules_frozen:
+        if not _modules_frozen:
+            atexit.register(gc.unfreeze)  # let the interpreter finalise them at exit (extensions report leaks)
+        _modules_frozen = len(sys.modules)
+        gc.collect()
+        gc.freeze()
+
+
+def canonical_root(text: str) -> str:
+    """One spelling per folder (`data`, `./data/`, `~/x/../data`...), so the dataset cache holds it once."""
+    return str(Path(text or default_data_root()).expanduser().resolve())
+
+
+@st.cache_resource(show_spinner="Loading CIFAR-10 (decoded once, then cached on disk)...", max_entries=2)
+def get_dataset(root: str):
+    # lazy: a first visit to Evaluate waits for the 10,000 test images only; the training images are decoded
+    # when a page, or the background computation of their features, first needs them.
+    return load_cifar10(root, download=False, progress=False, lazy=True)
+
+
+@st.cache_resource(show_spinner="Loading model...", max_entries=8)
+def get_checkpoint(path: str, stamp: float) -> Checkpoint:  # stamp: a changed file is loaded again
+    checkpoint = load_checkpoint(path)
+    device = pick_device("auto")
+    if not ready_for(checkpoint.model, device):  # once, before any user shares it
+        checkpoint.model.to(device, memory_format=torch.channels_last)
+    return checkpoint
+
+
+def artifacts_job(checkpoint: Checkpoint, dataset, split: str, *, background: bool = False) -> Job | None:
+    """The computation of a split's artifacts, started (or joined) if they are not on disk yet; None if they are."""
+    if artifacts_cached(checkpoint, dataset, split):
+        return None
+    return JOBS.start(str(artifact_path(checkpoint, dataset, split)), lambda report: split_artifacts(checkpoint, dataset, split, on_progress=report),
+                      background=background)
+
+
+def artifacts_ready(checkpoint: Checkpoint, dataset, split: str) -> bool:
+    return artifacts_cached(checkpoint, dataset, split)
+
+
+def prefetch(checkpoint: Checkpoint | None, dataset) -> None:
+    """Start computing, in the background, what the inspector and other pages will ask for next."""
+    if checkpoint is not None and dataset is not None:
+        for split in ("test", "train", "val"):
+            artifacts_job(checkpoint, dataset, split, background=True)
+        influence_job(DEFAULT_METHOD, checkpoint, dataset, background=True)
+
+
+def influence_job(method: str, checkpoint: Checkpoint, dataset, *, background: bool = False) -> Job | None:
+    """The fitting of an influence index, started (or joined) if it is not on disk yet; None if it is."""
+    path = index_path(method, checkpoint, dataset)
+    if path.is_file():
+        return None
+    return JOBS.start(str(path), lambda report: load_or_fit(method, checkpoint, dataset, on_progress=report),
+                      background=background)
+
+
+def get_influence_index(method: str, checkpoint: Checkpoint, dataset):
+    """A method's index for the checkpoint: loaded once per server, fitted once ever (this run waits with a
+    progress bar that fills in by itself if it is still being fitted)."""
+    job = influence_job(method, checkpoint, dataset)
+    if job is not None:
+        wait_for(job, f"Building the {METHODS[method].title} index of {checkpoint.name} over the "
+                      f"{len(dataset.train):,} training images (once per checkpoint, for everyone)")
+    return _influence_index(method, str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix())
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)  # a TRAK index holds ~370 MB
+def _influence_index(method: str, path: str, stamp: float, root: str):
+    return load_or_fit(method, get_checkpoint(path, stamp), get_dataset(root))
+
+
+def influence_of(method: str, checkpoint: Checkpoint, dataset, *, test_index: int | None = None,
+                 class_name: str | None = None, k: int = 8):
+    """The k most helpful and harmful training images for one test image or a whole test class (the index must be
+    built): computed once per server, since a class opens the same images again and again."""
+    return _influence_of(method, str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix(),
+                         test_index, class_name, k)
+
+
+@st.cache_data(show_spinner=False, max_entries=2048)  # a few KB each
+def _influence_of(method: str, path: str, stamp: float, root: str, test_index, class_name, k: int):
+    index = _influence_index(method, path, stamp, root)
+    checkpoint, dataset = get_checkpoint(path, stamp), get_dataset(root)
+    if class_name is not None:
+        return class_lookup(index, checkpoint, dataset, class_name, k=k)
+    return lookup(index, checkpoint, dataset, test_index, k=k)
+
+
+def get_artifacts(checkpoint: Checkpoint, dataset, split: str, *, early: bool = False):
+    """Predictions/features of a split. If they are still being computed, this run ends with a progress bar
+    that fills in by itself and reruns the page when they are ready (nothing stale stays on screen).
+
+    `early`: with test-time augmentation, return the plain pass's predictions as soon as they exist (their
+    `tta` is "none") under a progress bar that reruns the page when the augmented ones arrive."""
+    job = artifacts_job(checkpoint, dataset, split)
+    tta = split_tta(checkpoint, split)
+    if job is not None:
+        label = (f"Computing {checkpoint.name} on the {len(dataset.split(split)):,} {split} images "
+                 "(first visit only; cached on disk for everyone)")
+        def plain() -> bool:
+            return artifacts_cached(checkpoint, dataset, split, "none")
+
+        if early and tta != "none" and not (job.done and job.error is not None):
+            if not plain():
+                wait_for(job, label, until=plain)
+            progress_bar(job, f"Showing predictions without test-time augmentation until the {tta}-averaged "
+                              "ones are ready")
+            tta = "none"
+        else:
+            wait_for(job, label)
+    return _artifacts(str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix(), split, tta)
+
+
+def wait_for(job: Job, label: str, until=None) -> None:
+    """Return at once if `job` is done; else draw its progress (refreshed twice a second) and stop this run.
+    The page reruns when the job ends, or as soon as `until()` is true."""
+    if job.done and job.error is None:
+        return
+    if job.done:
+        st.error(f"{label} failed: {job.error}")
+        st.stop()
+    progress_bar(job, label, until)
+    st.stop()
+
+
+def progress_bar(job: Job, label: str, until=None, every: float = 0.5) -> None:
+    """The job's progress, refreshed (only it) every `every` seconds; the whole page reruns when the job ends
+    (or `until()` holds). A failed job shows its error instead."""
+    if job.done and job.error is not None:
+        st.error(f"{label} failed: {job.error}")
+        return
+
+    @st.fragment(run_every=every)
+    def progress() -> None:
+        if job.done or (until is not None and until()):
+            st.rerun()  # the whole page, now with the result
+        st.progress(job.progress, text=f"{label}: {job.progress:.0%}")
+
+    progress()
+
+
+@st.cache_resource(show_spinner=False, max_entries=24)
+def _artifacts(path: str, stamp: float, root: str, split: str, tta: str):
+    return split_artifacts(get_checkpoint(path, stamp), get_dataset(root), split, tta=tta)
+
+
+def file_stamp(path) -> float:
+    """Modification time, part of cache keys so a replaced checkpoint file is loaded again."""
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return 0.0

@@ -1,0 +1,193 @@
+"""The sidebar (data folder and checkpoint, held across pages) and the page starts that need them, with a clear
+message when the data or the checkpoint is missing or does not fit."""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+import streamlit as st
+
+from cifarviz.core.checkpoint import SHIPPED_DIR, Checkpoint, check_fits_data, read_metadata
+from cifarviz.core.data import default_data_root, detect_layout
+from cifarviz.core.errors import CheckpointError, CifarvizError
+from cifarviz.services.runs import list_runs, runs_dir
+from cifarviz.ui.loaders import canonical_root, file_stamp, freeze_imported_modules, get_checkpoint, get_dataset
+from cifarviz.ui.uploads import data_locked
+
+
+PAGES = (  # (file, title, icon): the explorer's pages, in menu order
+    ("pages/home.py", "Home", ":material/home:"),
+    ("pages/dataset.py", "Dataset", ":material/photo_library:"),
+    ("pages/train.py", "Train", ":material/model_training:"),
+    ("pages/evaluate.py", "Evaluate", ":material/fact_check:"),
+    ("pages/embeddings.py", "Embeddings", ":material/scatter_plot:"),
+    ("pages/influence.py", "Influence", ":material/hub:"),
+    ("pages/models.py", "Models", ":material/account_tree:"),
+)
+
+
+
+def checkpoint_choices() -> dict[str, str]:
+    """Label -> path for shipped checkpoints, the user's own runs, and this session's uploads."""
+    choices = {}
+    for folder, tag in ((SHIPPED_DIR, "shipped"), (runs_dir(), "your run")):
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            choices[f"{path.stem} ({tag})"] = str(path)
+    for run in list_runs(runs_dir()):  # runs trained on the Train page that completed or were stopped
+        if run.has_model:
+            choices[f"{run.id} (your run)"] = str(run.checkpoint)
+    for label, path in st.session_state.get("uploaded_checkpoints", {}).items():
+        if Path(path).is_file():  # uploads are pruned on disk when many accumulate
+            choices[label] = path
+    return choices
+
+
+def default_checkpoint(choices: dict[str, str]) -> str | None:
+    """The label a new session starts on: the most accurate shipped checkpoint (read from the files), else the
+    first choice."""
+    shipped = {label: path for label, path in choices.items() if label.endswith(" (shipped)")}
+    ranked = _accuracies(tuple((path, file_stamp(path)) for path in shipped.values()))
+    best = max(shipped, key=lambda label: ranked.get(shipped[label], -1.0), default=None)
+    return best or next(iter(choices), None)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _accuracies(stamped: tuple) -> dict[str, float]:
+    found = {}
+    for path, _ in stamped:
+        try:
+            found[path] = float((read_metadata(path).get("metrics") or {}).get("test_accuracy") or -1.0)
+        except CifarvizError:
+            found[path] = -1.0
+    return found
+
+
+def _remember(key: str) -> None:
+    st.session_state[f"_{key}"] = st.session_state[key]
+
+
+def sidebar() -> None:
+    """Data source and checkpoint pickers. Every page draws them first; their values are mirrored in
+    session state (the usual multipage pattern), so a choice holds across pages."""
+    freeze_imported_modules()
+    locked = data_locked()
+    st.session_state["data_root"] = (str(default_data_root()) if locked
+                                     else st.session_state.get("_data_root") or str(default_data_root()))
+    choices = checkpoint_choices()
+    labels = list(choices)
+    wanted = st.session_state.pop("checkpoint_label_request", None) or st.session_state.get("_checkpoint_label")
+    if wanted not in labels:
+        wanted = default_checkpoint(choices)
+    st.session_state["checkpoint_label"] = st.session_state["_checkpoint_label"] = wanted
+    with st.sidebar:
+        for path, title, icon in PAGES:
+            st.page_link(path, label=title, icon=icon)
+        st.divider()
+        st.text_input("Data folder", key="data_root", on_change=_remember, args=("data_root",), disabled=locked,
+                      help="Set by the server for this class (CIFARVIZ_LOCK_DATA)." if locked else
+                      "CIFAR-10 python archive folder or an image-folder tree (train/<class>, test/<class>). "
+                      "Defaults to $CIFARVIZ_DATA, else ./data.")
+        st.selectbox("Checkpoint", labels, key="checkpoint_label", on_change=_remember, args=("checkpoint_label",),
+                     help="Shipped checkpoints, your runs (runs/), and checkpoints uploaded on the Models page.")
+
+
+def data_and_checkpoint_page(title: str, training_images: bool = True):
+    """The start of a page that needs both: sidebar, title, then (dataset, checkpoint), or a stop after a message
+    that says what is missing. `training_images`: see `current_dataset`."""
+    sidebar()
+    st.title(title)
+    dataset = current_dataset(training_images=training_images)
+    checkpoint = current_checkpoint(dataset=dataset) if dataset is not None else None
+    if dataset is None or checkpoint is None:
+        st.stop()
+    return dataset, checkpoint
+
+
+def current_dataset(required: bool = True, training_images: bool = True):
+    """The selected dataset, or None after drawing a page that explains how to get data.
+
+    `training_images`: decode the training images now, if no one has yet (a page that shows only test results
+    says False, and its first visit does not wait for them)."""
+    root = canonical_root(st.session_state.get("data_root", ""))
+    try:
+        dataset = get_dataset(root)
+        if training_images and not dataset.train.decoded:
+            with st.spinner(f"Decoding the {len(dataset.train) + len(dataset.val):,} training images "
+                            "(once, then cached on disk)..."):
+                dataset.train.images, dataset.val.images, dataset.mean  # noqa: B018 - decoded on first use
+        return dataset
+    except CifarvizError as exc:
+        if required:
+            no_data_help(root, str(exc))
+        return None
+
+
+def no_data_help(root: str, message: str) -> None:
+    st.warning("No CIFAR-10 data here yet.", icon=":material/folder_off:")
+    st.code(message, language=None)
+    st.markdown(
+        "**How to provide it**\n"
+        "- Point the *Data folder* in the sidebar (or `CIFARVIZ_DATA`) at a copy of CIFAR-10: the python archive "
+        "folder `cifar-10-batches-py/`, or an image-folder tree `train/<class>/*.png`, `test/<class>/*.png`.\n"
+        "- Or download the original (170 MB) with `python -m cifarviz data --download --data FOLDER`."
+    )
+    if data_locked():  # only the server's own folder; students never choose where the server writes
+        return
+    if st.button("Download CIFAR-10 into " + root, key="download-data"):
+        from cifarviz.core.data import download_cifar10
+
+        try:
+            with st.spinner("Downloading and verifying CIFAR-10..."):
+                download_cifar10(Path(root))
+            get_dataset.clear()
+            st.rerun()
+        except CifarvizError as exc:
+            st.error(str(exc))
+
+
+def current_checkpoint(quiet: bool = False, dataset=None) -> Checkpoint | None:
+    """The checkpoint picked in the sidebar; None (with a message unless `quiet`) when there is none, or when it
+    does not fit `dataset` (its classes, its images): checked once per pair, with what to do about it."""
+    label = st.session_state.get("checkpoint_label")
+    path = checkpoint_choices().get(label) if label else None
+    if not path:
+        if not quiet:
+            st.info("No checkpoint selected: train one (`python -m cifarviz train`) or upload one on the Models page.")
+        return None
+    try:
+        checkpoint = get_checkpoint(path, file_stamp(path))
+        if dataset is not None:
+            _check_fits(checkpoint, dataset)
+        return checkpoint
+    except CifarvizError as exc:
+        if not quiet:
+            st.error(str(exc))
+        return None
+
+
+def data_status(root: str) -> str:
+    layout = detect_layout(Path(root)) if Path(root).is_dir() else ""
+    kind = {"python": "CIFAR-10 python archive", "image-folder": "image-folder tree"}.get(layout)
+    return f"`{root}`: {kind or 'no data found'}"
+
+
+_FITS: dict[tuple[int, int], tuple] = {}  # (model id, dataset id) -> (weak refs to both, why it does not fit or None)
+
+
+def _check_fits(checkpoint: Checkpoint, dataset) -> None:
+    """check_fits_data, once per (shared checkpoint, shared dataset) pair: pages ask on every rerun. The weak
+    references make sure an id reused by a later object never answers for it."""
+    key = (id(checkpoint.model), id(dataset))
+    known = _FITS.get(key)
+    if known is None or known[0]() is not checkpoint.model or known[1]() is not dataset:
+        try:
+            check_fits_data(checkpoint, dataset)
+            reason = None
+        except CifarvizError as exc:
+            reason = str(exc)
+        known = _FITS[key] = (weakref.ref(checkpoint.model), weakref.ref(dataset), reason)
+        while len(_FITS) > 256:
+            _FITS.pop(next(iter(_FITS)))
+    if known[2] is not None:
+        raise CheckpointError(known[2])
