@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 
 from cifarviz.core.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
 from cifarviz.core.errors import CheckpointError
-from cifarviz.core.models import ARG_BOUNDS, create_model, list_models, model_entry
+from cifarviz.core.models import create_model, list_models, model_card
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -205,11 +205,12 @@ def test_bad_checkpoint_gives_one_clear_message(case, via, tmp_path):
 
 def test_every_numeric_model_argument_is_bounded():
     for name in list_models():
-        for key, default in model_entry(name).defaults().items():
+        card = model_card(name)
+        for key, default in card.defaults().items():
             if isinstance(default, bool) or not isinstance(default, (int, float, tuple, list)):
                 continue
-            assert key in ARG_BOUNDS, f"{name}: add a range for argument {key!r} to models.ARG_BOUNDS"
-            assert all(v in ARG_BOUNDS[key] for v in (default if isinstance(default, (tuple, list)) else [default]))
+            assert key in card.bounds, f"{name}: add bounds for argument {key!r} to its card"
+            assert all(v in card.bounds[key] for v in (default if isinstance(default, (tuple, list)) else [default]))
 
 
 def test_arguments_that_do_not_fit_the_file_allocate_nothing(tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 from cifarviz.analysis.summary import format_table, layer_table
 from cifarviz.core.errors import ModelError
-from cifarviz.core.models import count_parameters, create_model, list_models, model_entry
+from cifarviz.core.models import count_parameters, create_model, list_models, model_card
 
 ZOO = list_models()
 
@@ -61,7 +61,7 @@ def test_unknown_model_and_bad_arguments():
         create_model("vgg99")
     with pytest.raises(ModelError, match="Bad arguments"):
         create_model("lenet", depth=3)
-    assert model_entry("s8net-gn").defaults()["dropout"] == 0.01
+    assert model_card("s8net-gn").defaults()["dropout"] == 0.01
 
 
 def test_transfer_weights_offline_fail_fast():

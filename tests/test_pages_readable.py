@@ -14,7 +14,7 @@ from test_app import SHIPPED, app_at, open_tab
 
 from cifarviz.core.checkpoint import load_checkpoint, read_metadata
 from cifarviz.core.models import count_parameters
-from cifarviz.core.recipes import DEEPNET_SEED_STUDY, SOURCE_REPORTED, SOURCE_TARGETS
+from cifarviz.core.models import list_models, model_card
 
 
 def shipped() -> dict[str, dict]:
@@ -49,10 +49,11 @@ def test_models_page_shows_each_shipped_checkpoints_own_numbers(cifar):
     # a source's figure says whether it was a reported result or only a target
     for name in zoo.index:
         shown = zoo.loc[name, "source's figure"]
-        if name in SOURCE_REPORTED:
-            assert shown == f"{SOURCE_REPORTED[name]:.2%} reported", name
-        elif name in SOURCE_TARGETS:
-            assert shown == f"{SOURCE_TARGETS[name]:.0%} target, not a result", name
+        figures = model_card(name).figures if name in list_models() else None
+        if figures is not None and figures.reported is not None:
+            assert shown == f"{figures.reported:.2%} reported", name
+        elif figures is not None and figures.target is not None:
+            assert shown == f"{figures.target:.0%} target, not a result", name
         else:
             assert pd.isna(shown), name
     config = json.loads(at.dataframe[0].proto.columns)
@@ -152,7 +153,7 @@ def test_block_comparison_shows_the_seed_spread(cifar):
     table = next(d.value for d in at.dataframe if "spread" in d.value.columns).set_index("model")
     metas = shipped()
     for name in ("deepnet-conv", "deepnet-res", "deepnet-skip"):
-        by_seed = {0: metas[name]["metrics"]["test_accuracy"], **DEEPNET_SEED_STUDY[name]}
+        by_seed = {0: metas[name]["metrics"]["test_accuracy"], **model_card(name).figures.seed_study}
         for seed, accuracy in by_seed.items():
             assert table.loc[name, f"seed {seed}"] == pytest.approx(100 * accuracy)
         assert table.loc[name, "mean"] == pytest.approx(100 * np.mean(list(by_seed.values())))

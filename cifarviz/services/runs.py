@@ -183,7 +183,21 @@ def log_tail(run: Run, lines: int = 12) -> str:
 
 
 def _lock(root=None):
-    return file_lock(runs_dir(root) / "queue", timeout=60)
+    return file_lock(usable_runs_dir(root) / "queue", timeout=60)
+
+
+def usable_runs_dir(root=None) -> Path:
+    """The runs folder, created if needed; a RunError that says what to fix when it cannot be (a file is in the
+    way, no permission), instead of a traceback."""
+    folder = runs_dir(root)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "it, or a folder above it, is a file" if isinstance(exc, (FileExistsError, NotADirectoryError)) \
+            else exc.strerror or str(exc)
+        raise RunError(f"The runs folder {folder} cannot be used ({what}). Fix: point CIFARVIZ_RUNS at a folder "
+                       "you can write.") from None
+    return folder
 
 
 def submit(kind: str, spec: dict, *, name: str, target: str | None = None, root=None, owner: str = "",

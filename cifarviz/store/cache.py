@@ -41,7 +41,7 @@ from cifarviz.core.utils import atomic_write, file_lock
 log = logging.getLogger("cifarviz.store")
 SUFFIX = ".npz"
 # Errors that mean "the disk cannot keep this file", as opposed to a bug: the store then works from memory.
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
                 errno.EISDIR, errno.ENAMETOOLONG}
 
 

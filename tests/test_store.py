@@ -1,0 +1,251 @@
+"""The one store: keys that cover everything, files checked before they are served, a size cap, and a disk that
+cannot keep files (full, or CIFARVIZ_CACHE naming a file) degrading to memory with one warning."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, write_image_folder
+
+from cifarviz.analysis.embed import embedding, embedding_path
+from cifarviz.analysis.influence import InfluenceError, index_path, load_or_fit, lookup
+from cifarviz.core.checkpoint import SHIPPED_DIR, load_checkpoint
+from cifarviz.store import Array, CacheKey, Schema, SchemaError, Store, default_store
+from cifarviz.store.artifacts import artifact_key, split_artifacts
+from cifarviz.store.datasets import load_cifar10
+
+SCHEMA = Schema({"values": Array("f", ("n", 2)), "labels": Array("i", ("n",), low=0, below="classes")})
+
+
+def arrays(n=10, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"values": rng.normal(size=(n, 2)), "labels": rng.integers(0, classes, n)}
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A private cache folder and a 3-class image folder."""
+    monkeypatch.setenv("CIFARVIZ_CACHE", str(tmp_path / "cache"))
+    root = write_image_folder(tmp_path / "data", per_class=(30, 10))
+    return load_cifar10(root, download=False, progress=False, val_size=9)
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def test_a_key_names_its_inputs_and_nothing_else():
+    a = CacheKey("maps", 1, {"model": {"arch": "x", "args": [1, 2]}, "seed": 0})
+    same = CacheKey("maps", 1, {"seed": 0, "model": {"args": (1, 2), "arch": "x"}}, label="another label")
+    assert a == same and a.digest == same.digest  # order of keys, tuples vs lists, labels: same content
+    assert a != CacheKey("maps", 2, a.parts)  # the format version counts
+    assert a != CacheKey("maps", 1, {**a.parts, "seed": 1})
+    with pytest.raises(TypeError):
+        CacheKey("maps", 1, {"model": object()})  # only plain values can name content
+
+
+def test_the_same_weights_loaded_as_another_architecture_get_their_own_artifacts(tiny):
+    """deepnet-res and deepnet-conv have identical tensors; their forward passes differ, so do their caches."""
+    path = SHIPPED_DIR / "deepnet-res.safetensors"
+    res = load_checkpoint(path)
+    conv = load_checkpoint(path, architecture="deepnet-conv")
+    assert artifact_key(res, tiny, "test") != artifact_key(conv, tiny, "test")
+    a, b = split_artifacts(res, tiny, "test"), split_artifacts(conv, tiny, "test")
+    assert not np.allclose(a.logits, b.logits)  # conv was never served res's logits
+    again = split_artifacts(conv, tiny, "test")
+    np.testing.assert_array_equal(again.logits, b.logits)
+
+
+def test_arguments_that_change_the_forward_pass_are_in_the_key(tiny):
+    from cifarviz.core.checkpoint import Checkpoint
+    from cifarviz.core.models import create_model
+
+    two, four = create_model("s8net-gn", groups=2), create_model("s8net-gn", groups=4)
+    four.load_state_dict(two.state_dict())  # identical tensors, other groups
+    keys = {artifact_key(Checkpoint(m.eval()), tiny, "test") for m in (two, four)}
+    assert len(keys) == 2
+
+
+# ----------------------------------------------------------------------------- reading back
+
+
+def test_a_file_that_fails_its_schema_is_rebuilt_and_the_reason_logged(tmp_path, caplog):
+    store = Store(tmp_path, max_bytes=2**30)
+    key = CacheKey("things", 1, {"x": 1})
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return arrays()
+
+    good = store.cached(key, compute, SCHEMA, dims={"classes": 3})
+    for broken in ({**good, "values": np.full((10, 2), np.nan)},  # not finite
+                   {**good, "labels": good["labels"] + 50},  # out of range
+                   {**good, "labels": good["labels"][:5]},  # rows that disagree
+                   {"values": good["values"]},  # a missing array
+                   {**good, "values": good["values"].astype(np.int64)}):  # another dtype
+        np.savez(store.path(key), **broken)
+        store.forget()
+        with caplog.at_level(logging.WARNING, logger="cifarviz.store"):
+            again = store.cached(key, compute, SCHEMA, dims={"classes": 3})
+        assert "failed its check" in caplog.text
+        caplog.clear()
+        np.testing.assert_array_equal(again["labels"], good["labels"])
+    assert len(calls) == 6  # the first computation, then one rebuild per broken file
+    store.path(key).write_bytes(b"PK\x03\x04 not really a zip")  # unreadable: rebuilt too
+    store.forget()
+    store.cached(key, compute, SCHEMA, dims={"classes": 3})
+    assert len(calls) == 7
+
+
+def test_the_expected_row_count_is_checked(tmp_path):
+    store = Store(tmp_path, max_bytes=2**30)
+    key = CacheKey("things", 1, {"x": 2})
+    store.cached(key, lambda: arrays(n=100), SCHEMA, dims={"classes": 3, "n": 100})
+    store.forget()
+    assert store.read(key, SCHEMA, dims={"classes": 3, "n": 45_000}) is None  # a 100-row file is not 45,000 rows
+    assert not store.path(key).exists()
+
+
+def test_a_bug_in_the_computation_is_raised_not_swallowed(tmp_path):
+    store = Store(tmp_path, max_bytes=2**30)
+
+    def buggy():
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        store.cached(CacheKey("things", 1, {"x": 3}), buggy, SCHEMA)
+    with pytest.raises(SchemaError, match="values"):  # a result that breaks its own schema is never saved
+        store.cached(CacheKey("things", 1, {"x": 4}), lambda: {**arrays(), "values": np.zeros((10, 3))}, SCHEMA)
+    assert store.files() == []
+
+
+def test_a_damaged_map_is_rebuilt_never_shown(tiny):
+    lenet = load_checkpoint(SHIPPED_DIR / "lenet.safetensors")
+    first = embedding(lenet, tiny, "test", "pca")
+    path = embedding_path(lenet, tiny, "test", "pca")
+    for damage in ({"coords": np.full_like(first.coords, np.nan)}, {"indices": first.indices + 10**9},
+                   {"labels": first.labels + 50}):
+        with np.load(path) as z:
+            stored = {name: z[name] for name in z.files}
+        np.savez(path, **{**stored, **damage})
+        default_store().forget()
+        again = embedding(lenet, tiny, "test", "pca")
+        assert np.isfinite(again.coords).all()
+        np.testing.assert_array_equal(again.indices, first.indices)
+        np.testing.assert_array_equal(again.labels, first.labels)
+    with np.load(path) as z:  # a map cut to 5 points
+        stored = {name: z[name][:5] if z[name].ndim else z[name] for name in z.files}
+    np.savez(path, **stored)
+    default_store().forget()
+    assert len(embedding(lenet, tiny, "test", "pca")) == len(first)
+
+
+def test_a_truncated_influence_index_is_rebuilt_and_an_index_answers_only_for_its_checkpoint(tiny):
+    lenet = load_checkpoint(SHIPPED_DIR / "lenet.safetensors")
+    index = load_or_fit("similarity", lenet, tiny)
+    path = index_path("similarity", lenet, tiny)
+    with np.load(path) as z:
+        np.savez(path, **{name: z[name][:10] for name in z.files})  # parseable, but 10 rows for 81 images
+    again = load_or_fit("similarity", lenet, tiny)
+    assert again.n_train == len(tiny.train) == index.n_train
+    other = load_checkpoint(SHIPPED_DIR / "s8net-bn.safetensors")
+    with pytest.raises(InfluenceError, match="another checkpoint"):
+        lookup(again, other, tiny, test_index=0)
+    assert len(lookup(again, lenet, tiny, test_index=0, k=3).helpful) == 3
+
+
+# ----------------------------------------------------------------------------- bounded, and without a disk
+
+
+def test_the_least_recently_used_files_go_first(tmp_path):
+    one = np.zeros((1000, 2))
+    size = len(_saved(tmp_path / "probe.npz", {"values": one, "labels": np.zeros(1000, np.int64)}))
+    store = Store(tmp_path / "cache", max_bytes=int(3.5 * size))
+    keys = [CacheKey("things", 1, {"i": i}) for i in range(4)]
+    compute = lambda: {"values": one, "labels": np.zeros(1000, np.int64)}  # noqa: E731
+    for key in keys[:3]:
+        store.cached(key, compute, SCHEMA, memo=False)
+    store.read(keys[0], SCHEMA, memo=False)  # used again: now the most recent
+    store.cached(keys[3], compute, SCHEMA, memo=False)
+    kept = {key for key in keys if store.path(key).exists()}
+    assert kept == {keys[0], keys[2], keys[3]}  # keys[1] was the least recently used
+    assert store.size() <= store.max_bytes
+
+
+def _saved(path: Path, data: dict) -> bytes:
+    np.savez(path, **data)
+    return path.read_bytes()
+
+
+def test_a_cache_folder_that_is_a_file_computes_in_memory_with_one_warning(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("in the way")
+    monkeypatch.setenv("CIFARVIZ_CACHE", str(blocker))
+    store = default_store()
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return arrays()
+
+    first = store.cached(CacheKey("things", 1, {"x": 5}), compute, SCHEMA)
+    again = store.cached(CacheKey("things", 1, {"x": 5}), compute, SCHEMA)
+    store.cached(CacheKey("things", 1, {"x": 6}), compute, SCHEMA)
+    assert again is first and len(calls) == 2  # kept in memory: computed once per key
+    assert len(store.warnings) == 1 and "CIFARVIZ_CACHE" in store.warnings[0]
+    root = write_image_folder(tmp_path / "data")
+    assert len(load_cifar10(root, download=False, progress=False).test) == 9  # the data loads too
+
+
+FULL_DISK = """
+import resource, signal, sys
+import numpy as np
+from cifarviz.store import Array, CacheKey, Schema, Store
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # no file over 4 KB: a disk that is all but full
+store = Store(sys.argv[1], max_bytes=2**30)
+schema = Schema({"values": Array("f", ("n",))})
+calls = []
+def compute():
+    calls.append(1)
+    return {"values": np.arange(10_000, dtype=np.float64)}
+first = store.cached(CacheKey("things", 1, {}), compute, schema)
+second = store.cached(CacheKey("things", 1, {}), compute, schema)
+assert second is first and calls == [1], calls
+print(len(store.warnings), store.warnings[0])
+"""
+
+
+def test_a_full_disk_keeps_the_finished_result_in_memory(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path / "cache")], capture_output=True, text=True,
+                          cwd=REPO, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    count, _, message = proc.stdout.strip().partition(" ")
+    assert count == "1" and "cannot keep files" in message and "Traceback" not in proc.stderr
+    assert list((tmp_path / "cache").rglob("*.npz")) == []  # nothing half-written was left to be served
+
+
+def test_two_copies_of_one_dataset_keep_their_own_decoded_pixels(tmp_path, monkeypatch):
+    """Same names and sizes, other modification times: switching between them never decodes again."""
+    monkeypatch.setenv("CIFARVIZ_CACHE", str(tmp_path / "cache"))
+    a = write_image_folder(tmp_path / "a")
+    b = write_image_folder(tmp_path / "b")
+    for path in b.rglob("*.png"):
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    load_cifar10(a, download=False, progress=False, val_size=3)
+    load_cifar10(b, download=False, progress=False, val_size=3)
+    from cifarviz.core.data import Source
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(Source, "decode", no_decoding)
+    for root in (a, b, a):
+        assert len(load_cifar10(root, download=False, progress=False, val_size=3).train) == 15
