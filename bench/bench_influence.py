@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cifarviz.analysis.influence import METHODS, index_path, load_or_fit
 from cifarviz.core.augment import AugmentConfig
 from cifarviz.core.checkpoint import SHIPPED_DIR, Checkpoint, load_checkpoint
-from cifarviz.core.data import Split, load_cifar10
+from cifarviz.core.data import Split
+from cifarviz.store.datasets import load_cifar10
 from cifarviz.core.inference import predict
 from cifarviz.core.train import TrainConfig, train
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cifarviz.core.data import load_cifar10
+from cifarviz.store.datasets import load_cifar10
 from cifarviz.core.recipes import RECIPES
 from cifarviz.core.train import evaluate_split, train
 

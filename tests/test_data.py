@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO, write_image_folder
 from PIL import Image
 
-from cifarviz.core.data import CIFAR10_CLASSES, PYTHON_DIR, _decode_images, _identify, load_image_file
+from cifarviz.core.data import CIFAR10_CLASSES, PYTHON_DIR, _identify
+from cifarviz.core.decode import _decode_images, load_image_file
 from cifarviz.core.errors import DataError
 from cifarviz.store.datasets import load_cifar10
 
@@ -389,7 +390,7 @@ def test_worker_processes_run_from_an_unguarded_script_without_torch(image_folde
     script.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "from cifarviz.core.data import _decode_images\n"
+        "from cifarviz.core.decode import _decode_images\n"
         f"images = _decode_images({_paths(image_folder)!r}, workers=2)\n"
         "print('decoded', len(images), 'torch' in sys.modules)\n"
     )

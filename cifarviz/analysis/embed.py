@@ -33,8 +33,8 @@ METHODS = {"tsne": "t-SNE (openTSNE)", "umap": "UMAP (umap-learn)", "pca": "PCA 
 DEFAULT_PARAMS = {"tsne": {"perplexity": 30.0}, "umap": {"n_neighbors": 15, "min_dist": 0.1}, "pca": {}}
 TSNE_EXAGGERATION_ITERS, TSNE_ITERS = 250, 500  # openTSNE's defaults
 MIN_POINTS = 20
-# openTSNE's threads busy-wait: on a small machine shared with a server and other work, 2 threads were 3-10x slower
-# than 1 for maps of 600-2,000 points and no faster for 10,000 (bench/bench_embed.py); big machines get 4.
+# openTSNE's threads busy-wait: on a small machine shared with a server and other work more threads were slower, not
+# faster (bench/bench_embed.py, figures in the README); big machines get 4.
 TSNE_JOBS = 1 if (os.cpu_count() or 1) <= 4 else 4
 FFT_FROM = 10_000  # openTSNE's own rule: Barnes-Hut below, FFT-interpolated gradients from here on
 
@@ -232,8 +232,7 @@ def _tsne(x: np.ndarray, perplexity: float, seed: int, report) -> np.ndarray:
     """openTSNE in its two phases (early exaggeration, then the rest), so progress is reported per iteration.
 
     From 10,000 points the gradients are FFT-interpolated with ints_in_interval=2, half the grid resolution of
-    openTSNE's default: about 1.5x faster on 10,000 points with the same 10-NN accuracy in the map (0.879 both, for
-    fastnet's test features)."""
+    openTSNE's default: faster, with the same 10-NN accuracy in the map (bench/bench_embed.py)."""
     from openTSNE import TSNEEmbedding, affinity, initialization
 
     affinities = affinity.PerplexityBasedNN(x, perplexity=perplexity, n_jobs=TSNE_JOBS, random_state=seed)

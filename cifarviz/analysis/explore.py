@@ -65,7 +65,7 @@ def nearest_neighbours(query: np.ndarray, bank: np.ndarray, k: int = 8, exclude:
     """Top-k cosine similarities of `query` (D,) against `bank` (N, D): (indices, similarities).
 
     `unit_bank`: the bank's rows already have length 1 (`SplitArtifacts.unit_features`), so a query costs one
-    matrix-vector product instead of a pass that normalises 45,000 rows first (1.6 vs 25 ms of CPU)."""
+    matrix-vector product instead of a pass that normalises every row first."""
     sims = (bank if unit_bank else unit_rows(bank)) @ unit_rows(query)
     if exclude is not None:
         sims[exclude] = -np.inf

@@ -12,8 +12,8 @@ from .augment import to_float
 from .utils import pick_device
 
 TTA_MODES = ("none", "flip")
-# Images per forward pass. On a CPU small batches stay in the caches: fastnet runs over 10,000 images in 4.3 s at
-# 64 vs 7.8 s at 1,000 on this 2-core machine (deepnet-res 0.9 vs 2.6 s); a GPU wants large ones.
+# Images per forward pass. On a CPU small batches stay in the caches (faster, with identical logits: the README's
+# Benchmarks); a GPU wants large ones.
 CPU_BATCH, CUDA_BATCH = 64, 1000
 
 

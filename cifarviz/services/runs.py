@@ -432,9 +432,9 @@ def training_subset(dataset, size: int | None, seed: int = 0):
 
 
 def train_threads() -> int:
-    """CPU threads for training: $CIFARVIZ_TRAIN_THREADS, else all cores but one, which the viewers keep. (Measured
-    on 2 cores beside other work: a 2-thread lenet epoch ran 3-6x slower than a 1-thread one, its threads waiting
-    for each other whenever one was preempted.)"""
+    """CPU threads for training: $CIFARVIZ_TRAIN_THREADS, else all cores but one, which the viewers keep (on a
+    busy small machine threads that wait for each other whenever one is preempted run slower than fewer threads:
+    see the README's Benchmarks)."""
     return settings().train_threads
 
 

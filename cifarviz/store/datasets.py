@@ -1,6 +1,6 @@
 """CIFAR-10 with its decoded pixels and training statistics cached through the store.
 
-    dataset = load_cifar10()            # the first call decodes (~12 s for 60,000 JPEGs), later ones read the cache
+    dataset = load_cifar10()            # the first call decodes every image, later ones read the cache
 
 The key of a decoded part is the source's content (names, sizes and modification times of an image folder, file
 contents of the python archive) and the part; two copies of one dataset that differ only in modification times

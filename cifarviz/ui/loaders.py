@@ -27,8 +27,8 @@ _modules_frozen = 0
 def freeze_imported_modules() -> None:
     """Move the objects of newly imported modules out of the garbage collector's reach. Streamlit runs a full
     gc.collect() after every script run, and torch, scikit-learn and friends leave ~320,000 long-lived objects
-    that it would walk every time (0.17-0.33 s a rerun on this CPU); frozen, that collect takes under a
-    millisecond. Only when modules were added, so per-session objects are rarely frozen with them."""
+    that it would walk every time (a large share of a rerun; the README's Benchmarks give the figures); frozen,
+    they are skipped. Only when modules were added, so per-session objects are rarely frozen with them."""
     global _modules_frozen
     if len(sys.modules) > _modules_frozen:
         if not _modules_frozen:

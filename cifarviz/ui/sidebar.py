@@ -12,9 +12,9 @@ from cifarviz.core.checkpoint import SHIPPED_DIR, Checkpoint, check_fits_data, r
 from cifarviz.core.data import default_data_root, detect_layout
 from cifarviz.core.errors import CheckpointError, CifarvizError
 from cifarviz.services.runs import list_runs, runs_dir
+from cifarviz.store import default_store
 from cifarviz.ui.loaders import canonical_root, file_stamp, freeze_imported_modules, get_checkpoint, get_dataset
 from cifarviz.ui.uploads import data_locked
-
 
 PAGES = (  # (file, title, icon): the explorer's pages, in menu order
     ("pages/home.py", "Home", ":material/home:"),
@@ -83,6 +83,8 @@ def sidebar() -> None:
     with st.sidebar:
         for path, title, icon in PAGES:
             st.page_link(path, label=title, icon=icon)
+        for warning in default_store().warnings:  # a cache folder that cannot keep files: said once, here
+            st.warning(warning, icon=":material/storage:")
         st.divider()
         st.text_input("Data folder", key="data_root", on_change=_remember, args=("data_root",), disabled=locked,
                       help="Set by the server for this class (CIFARVIZ_LOCK_DATA)." if locked else
@@ -118,6 +120,9 @@ def current_dataset(required: bool = True, training_images: bool = True):
                 dataset.train.images, dataset.val.images, dataset.mean  # noqa: B018 - decoded on first use
         return dataset
     except CifarvizError as exc:
+        # A folder whose images failed to decode is read again on the next visit: once it is fixed, the server
+        # sees the fix without a restart (the broken dataset object is dropped from the shared cache).
+        get_dataset.clear(root)
         if required:
             no_data_help(root, str(exc))
         return None

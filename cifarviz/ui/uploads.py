@@ -10,7 +10,7 @@ import numpy as np
 import streamlit as st
 
 from cifarviz.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from cifarviz.core.data import load_image_file
+from cifarviz.core.decode import load_image_file
 from cifarviz.core.errors import CifarvizError
 from cifarviz.core.settings import settings
 from cifarviz.core.utils import atomic_write, cache_dir
