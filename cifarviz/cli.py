@@ -14,7 +14,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from cifarviz.core.checkpoint import SHIPPED_DIR, check_fits_data
+from cifarviz.core.checkpoint import check_fits_data, shipped_file, shipped_files
 from cifarviz.core.errors import CheckpointError, CifarvizError
 
 METHODS = ("head", "trak", "similarity")  # cifarviz.analysis.influence.METHODS, named here so --help needs no torch import
@@ -33,12 +33,12 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     if path.is_dir() and (path / CHECKPOINT).is_file():  # a run's folder
         return path / CHECKPOINT
     plain = path.name == name_or_path and name_or_path not in ("", ".", "..")  # a name, not a path
-    candidates = [SHIPPED_DIR / f"{name_or_path}.safetensors", runs / name_or_path / CHECKPOINT,
+    candidates = [shipped_file(name_or_path), runs / name_or_path / CHECKPOINT,
                   runs / f"{name_or_path}.safetensors"] if plain else []
     for candidate in candidates:
-        if candidate.is_file():
+        if candidate is not None and candidate.is_file():
             return candidate
-    shipped = ", ".join(sorted(p.stem for p in SHIPPED_DIR.glob("*.safetensors"))) or "none"
+    shipped = ", ".join(p.stem for p in shipped_files()) or "none"
     raise CifarvizError(f"No checkpoint file, shipped checkpoint or run named {name_or_path!r}. Shipped: {shipped}; "
                         f"runs: `python -m cifarviz runs` lists them ({runs}).")
 
@@ -275,7 +275,7 @@ def cmd_precompute(args) -> int:
     from cifarviz.store.artifacts import artifacts_cached, split_artifacts
 
     dataset = _load_data(args)
-    names = args.checkpoint or [p.stem for p in sorted(SHIPPED_DIR.glob("*.safetensors"))]
+    names = args.checkpoint or [str(p) for p in shipped_files()]
     for name in names:
         checkpoint = load_named_checkpoint(name, args.arch)
         check_fits_data(checkpoint, dataset)

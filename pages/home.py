@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from cifarviz.analysis.summary import describe_args, model_for_summary, shipped_checkpoints
-from cifarviz.core.checkpoint import SHIPPED_DIR, read_metadata
+from cifarviz.core.checkpoint import read_metadata, shipped_files
 from cifarviz.core.models import list_models
 from cifarviz.ui import app
 
@@ -60,7 +60,7 @@ def zoo(stamps: tuple) -> pd.DataFrame:  # stamps: a replaced checkpoint is read
     return pd.DataFrame(rows).sort_values("model", key=lambda m: m.map(order), kind="stable", ignore_index=True)
 
 
-table = zoo(tuple((p.name, app.file_stamp(p)) for p in sorted(SHIPPED_DIR.glob("*.safetensors"))))
+table = zoo(tuple((p.name, app.file_stamp(p)) for p in shipped_files()))
 if table.empty:
     st.info("No shipped checkpoints found in checkpoints/.")
 else:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torchinfo import summary as torchinfo_summary
 
-from cifarviz.core.checkpoint import MAX_PARAMETERS, SHIPPED_DIR, load_checkpoint, read_metadata
+from cifarviz.core.checkpoint import MAX_PARAMETERS, load_checkpoint, read_metadata, shipped_file, shipped_files
 from cifarviz.core.errors import ModelError
 from cifarviz.core.models import ZooModel, count_parameters, create_model, model_card, validate_arch_args
 
@@ -43,8 +43,8 @@ def model_for_summary(name_or_checkpoint: str | Path, architecture: str | None =
     """
     path = Path(name_or_checkpoint)
     if not path.is_file():
-        shipped = SHIPPED_DIR / f"{name_or_checkpoint}.safetensors"
-        if not shipped.is_file():
+        shipped = shipped_file(str(name_or_checkpoint))
+        if shipped is None:
             return build_architecture(str(name_or_checkpoint))  # unknown names raise ModelError listing the zoo
         path = shipped
     meta = read_metadata(path)
@@ -70,7 +70,7 @@ def describe_args(model: ZooModel) -> str:
 def shipped_checkpoints() -> list[dict]:
     """One row per shipped checkpoint, read from its metadata (cheap: the safetensors header only)."""
     rows = []
-    for path in sorted(SHIPPED_DIR.glob("*.safetensors")):
+    for path in shipped_files():
         meta, model = read_metadata(path), model_for_summary(path)
         rows.append({
             "name": path.stem,

@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import AmbiguousArchitectureError, CheckpointError, ModelError
 from .inference import TTA_MODES
-from .models import ZooModel, count_parameters, create_model, list_models, model_card, validate_arch_args
+from .models import ZooModel, count_parameters, create_model, list_models, model_card, model_cards, validate_arch_args
 from .utils import atomic_write
 
 # pretrained weights: an installed wheel carries them as the data package cifarviz/_shipped (looked for first, as
@@ -69,6 +69,19 @@ class Checkpoint:
     @property
     def tta(self) -> str:
         return (self.meta.get("train_config") or {}).get("tta", "none")
+
+
+def shipped_files() -> list[Path]:
+    """The shipped checkpoints, as the model cards name them (sorted by file name), that are present on disk."""
+    files = {SHIPPED_DIR / card.weights for card in model_cards() if card.weights}
+    return sorted((path for path in files if path.is_file()), key=lambda path: path.name)
+
+
+def shipped_file(name: str) -> Path | None:
+    """The shipped checkpoint of zoo model NAME (its card's `weights`), or None."""
+    card = next((c for c in model_cards() if c.name == name), None)
+    path = SHIPPED_DIR / card.weights if card is not None and card.weights else None
+    return path if path is not None and path.is_file() else None
 
 
 def output_classes(model) -> int:

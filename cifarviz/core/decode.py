@@ -123,6 +123,16 @@ def _decode_in_processes(paths: list[str], images: np.ndarray, workers: int, pro
     command = [sys.executable, "-c", _WORKER_CODE.format(__name__), json.dumps(sys.path)]
     started: list[subprocess.Popen] = []
     stopping = threading.Event()
+    # Reader threads only count; the calling thread reports progress. A progress callback that takes locks of its
+    # own (tqdm's write lock, shared with its monitor thread) is then never entered from several threads at once:
+    # a CLI decode once hung there, every thread waiting on tqdm's lock.
+    arrived, reported, counted = [0], [0], threading.Lock()
+
+    def report() -> None:
+        with counted:
+            new, reported[0] = arrived[0] - reported[0], arrived[0]
+        if new:
+            progress(new)
 
     def run(lo: int, hi: int) -> bool:
         if stopping.is_set():
@@ -138,7 +148,8 @@ def _decode_in_processes(paths: list[str], images: np.ndarray, workers: int, pro
                     got = proc.stdout.readinto(target[done : done + DECODE_BLOCK * IMAGE_BYTES])
                     if not got:
                         break
-                    progress((done + got) // IMAGE_BYTES - done // IMAGE_BYTES)
+                    with counted:
+                        arrived[0] += (done + got) // IMAGE_BYTES - done // IMAGE_BYTES
                     done += got
                 proc.stdout.close()
             except OSError:  # no interpreter to start, or it died: decode this slice here instead
@@ -151,8 +162,13 @@ def _decode_in_processes(paths: list[str], images: np.ndarray, workers: int, pro
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         futures = [pool.submit(run, lo, hi) for lo, hi in slices]
-        for future in wait(futures, return_when=FIRST_EXCEPTION).done:
-            future.result()  # raises a bad image's DataError at once, without waiting for the other workers
+        while True:
+            done, pending = wait(futures, timeout=0.2, return_when=FIRST_EXCEPTION)
+            report()
+            for future in done:
+                future.result()  # raises a bad image's DataError at once, without waiting for the other workers
+            if not pending:
+                break
         finished = [future.result() for future in futures]
     finally:
         stopping.set()

@@ -4,7 +4,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from cifarviz.core.checkpoint import SHIPPED_DIR, read_metadata
+from cifarviz.core.checkpoint import read_metadata, shipped_files
 from cifarviz.core.models import model_cards
 from cifarviz.services import runs
 from cifarviz.ui import app
@@ -29,7 +29,7 @@ def history_of(path: str, stamp: float) -> tuple[list[dict], dict, dict]:
 
 def compare_sources() -> dict[str, str]:
     sources = {r.id: str(r.dir) for r in runs.list_runs()[::-1] if r.state != runs.CANCELLED}
-    sources.update({f"{p.stem} (shipped)": str(p) for p in sorted(SHIPPED_DIR.glob("*.safetensors"))})
+    sources.update({f"{p.stem} (shipped)": str(p) for p in shipped_files()})
     return sources
 
 

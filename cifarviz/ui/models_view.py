@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from cifarviz.analysis.summary import changed_args, describe_args, layer_table, model_for_summary, shipped_checkpoints
-from cifarviz.core.checkpoint import SHIPPED_DIR, read_metadata
+from cifarviz.core.checkpoint import read_metadata, shipped_files
 from cifarviz.core.models import count_parameters, list_models, model_card, model_cards
 from cifarviz.ui import app
 from cifarviz.ui.charts import PALETTE, SPLITS_NOTE, epoch_curves
@@ -59,7 +59,7 @@ def summary_rows(name: str, stamps: tuple) -> tuple[pd.DataFrame, int, int]:
 @st.cache_data(show_spinner=False)
 def histories(stamps: tuple) -> pd.DataFrame:
     rows = [{"model": path.stem, "epoch": h["epoch"], "split": split, "metric": metric, "value": h[f"{split}_{metric}"]}
-            for path in sorted(SHIPPED_DIR.glob("*.safetensors")) for h in read_metadata(path).get("history", [])
+            for path in shipped_files() for h in read_metadata(path).get("history", [])
             for split in ("train", "val") for metric in ("acc", "loss")]  # fmt: skip
     return pd.DataFrame(rows, columns=["model", "epoch", "split", "metric", "value"])
 
@@ -98,7 +98,7 @@ class ZooView:
     Built per rerun from the checkpoint files' stamps; nothing shared is mutated."""
 
     def __init__(self):
-        self.stamps = tuple((p.name, app.file_stamp(p)) for p in sorted(SHIPPED_DIR.glob("*.safetensors")))
+        self.stamps = tuple((p.name, app.file_stamp(p)) for p in shipped_files())
         self.zoo = zoo_table(self.stamps)
         self.curves = histories(self.stamps)
         self.shipped_names = set(self.zoo.loc[self.zoo["shipped"], "model"])
@@ -192,6 +192,10 @@ class ZooView:
         variant = {name: model_card(name).variant for name in models}
         ranks = [" > ".join(table.sort_values(c, ascending=False)["model"].map(variant)) for c in seeds]
         size = self.zoo.set_index("model")["parameters"]
+        by_variant = {variant[name]: name for name in models}
+        plain, skip = by_variant.get("plain"), by_variant.get("skip")
+        if plain not in size or skip not in size:
+            return
         same = len(set(ranks)) == 1
         st.markdown(
             (f"Every seed ranks them **{ranks[0]}**" if same else "The ranking changes with the seed: "
@@ -203,8 +207,8 @@ class ZooView:
             "augmentation) never overfits (at the last epoch validation accuracy still rises and matches training "
             "accuracy), so it "
             "measures capacity and ease of optimisation instead: the residual block still wins, and the skip "
-            f"network, with {1 - size['deepnet-skip'] / size['deepnet-conv']:.0%} fewer parameters "
-            f"({size['deepnet-skip']:,} vs {size['deepnet-conv']:,}), falls behind the plain one.")
+            f"network, with {1 - size[skip] / size[plain]:.0%} fewer parameters "
+            f"({size[skip]:,} vs {size[plain]:,}), falls behind the plain one.")
 
     def label_heights(self, frame: pd.DataFrame, gap: float) -> np.ndarray:
         """Label heights that keep labels of nearby points (within half a decade) at least `gap` apart."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from cifarviz.core.checkpoint import SHIPPED_DIR, Checkpoint, check_fits_data, read_metadata
+from cifarviz.core.checkpoint import Checkpoint, check_fits_data, read_metadata, shipped_files
 from cifarviz.core.data import default_data_root, detect_layout
 from cifarviz.core.errors import CheckpointError, CifarvizError
 from cifarviz.services.runs import list_runs, runs_dir
@@ -31,9 +31,10 @@ PAGES = (  # (file, title, icon): the explorer's pages, in menu order
 def checkpoint_choices() -> dict[str, str]:
     """Label -> path for shipped checkpoints, the user's own runs, and this session's uploads."""
     choices = {}
-    for folder, tag in ((SHIPPED_DIR, "shipped"), (runs_dir(), "your run")):
-        for path in sorted(Path(folder).glob("*.safetensors")):
-            choices[f"{path.stem} ({tag})"] = str(path)
+    for path in shipped_files():
+        choices[f"{path.stem} (shipped)"] = str(path)
+    for path in sorted(runs_dir().glob("*.safetensors")):  # older flat run files
+        choices[f"{path.stem} (your run)"] = str(path)
     for run in list_runs(runs_dir()):  # runs trained on the Train page that completed or were stopped
         if run.has_model:
             choices[f"{run.id} (your run)"] = str(run.checkpoint)
