@@ -249,3 +249,56 @@ def test_two_copies_of_one_dataset_keep_their_own_decoded_pixels(tmp_path, monke
     monkeypatch.setattr(Source, "decode", no_decoding)
     for root in (a, b, a):
         assert len(load_cifar10(root, download=False, progress=False, val_size=3).train) == 15
+
+
+# ----------------------------------------------------------------------------- the app on data that does not fit
+
+
+def _app(root: Path, page: str, checkpoint_label: str | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=300)
+    at.session_state["_data_root"] = str(root)
+    if checkpoint_label:
+        at.session_state["_checkpoint_label"] = checkpoint_label
+    at.run()
+    at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_evaluate_says_when_the_checkpoint_does_not_fit_the_data(tmp_path, monkeypatch):
+    """A 10-class lenet on a 2-class folder: one clear message, not accuracy 0.0000 or an IndexError."""
+    monkeypatch.setenv("CIFARVIZ_CACHE", str(tmp_path / "cache"))
+    root = write_image_folder(tmp_path / "two", classes=("cat", "dog"), per_class=(12, 6))
+    for page in ("pages/evaluate.py", "pages/influence.py", "pages/embeddings.py"):
+        at = _app(root, page, "lenet (shipped)")
+        shown = " ".join(e.value for e in at.error)
+        assert "predicts 10 classes" in shown and "cat, dog" in shown, page
+        assert not at.metric and not at.dataframe, page  # no numbers measured on data the model cannot predict
+
+
+def test_a_data_folder_fixed_while_the_server_runs_is_read_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFARVIZ_CACHE", str(tmp_path / "cache"))
+    root = write_image_folder(tmp_path / "data")
+    bad = sorted((root / "train" / "dog").iterdir())[0]
+    good = bad.read_bytes()
+    bad.write_bytes(b"not an image")
+    at = _app(root, "pages/dataset.py")
+    assert bad.name in " ".join(c.value for c in at.code)  # the broken file is named
+    bad.write_bytes(good)  # fixed, server still running
+    at.run()
+    assert not at.exception and not at.code, [c.value for c in at.code]
+    assert not at.warning or all("No CIFAR-10" not in w.value for w in at.warning)
+
+
+def test_a_runs_folder_that_is_a_file_gets_a_message(tmp_path, monkeypatch):
+    from cifarviz.core.train import TrainConfig
+    from cifarviz.services import runs
+
+    blocker = tmp_path / "runs"
+    blocker.write_text("in the way")
+    monkeypatch.setenv("CIFARVIZ_RUNS", str(blocker))
+    with pytest.raises(runs.RunError, match="CIFARVIZ_RUNS"):
+        runs.submit_training(TrainConfig(model="lenet", epochs=1), tmp_path, start=False)
+    assert runs.list_runs() == []
