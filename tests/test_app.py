@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from cifarviz.analysis.explore import ImageRef, confusion_cell_indices
 from cifarviz.core.checkpoint import load_checkpoint
+from cifarviz.store import default_store
 from cifarviz.store.artifacts import split_artifacts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -301,6 +302,7 @@ def test_evaluate_shows_plain_predictions_until_the_augmented_ones_arrive(cifar)
     plain = split_artifacts(checkpoint, cifar, "test", tta="none")
     final_path = artifact_path(checkpoint, cifar, "test")
     final_path.unlink(missing_ok=True)
+    default_store().forget()  # nor kept in this process's memory
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
     at.session_state["_data_root"] = str(cifar.root)
     at.run()

@@ -59,6 +59,9 @@ def test_imports_only_point_down_and_only_the_ui_imports_streamlit():
         for name, line in imports_of(path, module):
             target = layer_of(name)
             where = f"{path.relative_to(REPO)}:{line}"
+            if name.startswith("cifarviz.") and target not in LAYERS and target != "_shipped" \
+                    and not (REPO / "cifarviz" / target).exists() and not (REPO / "cifarviz" / f"{target}.py").exists():
+                wrong.append(f"{where} imports {name}: no such module (the layers are {', '.join(LAYERS)})")
             if target in LAYERS and LAYERS[target] > LAYERS[layer]:
                 wrong.append(f"{where} ({layer}) imports {name} ({target}): upwards")
             if target in ("ui", "cli") and layer in ("ui", "cli") and target != layer:

@@ -526,7 +526,7 @@ def cli(args) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "worker":
-        from cifarviz import runs  # the module itself, not a second copy named __main__
+        from cifarviz.services import runs  # the module itself, not a second copy named __main__
 
         sys.exit(runs.worker_main(sys.argv[2]))
     sys.exit("usage: python -m cifarviz.services.runs worker RUN_DIR (started by cifarviz.services.runs.schedule)")

@@ -180,12 +180,12 @@ def _bound(bound, sizes):
 class Store:
     """The cache folder: `cached()` for every computed file, a size cap, and a memory fallback."""
 
-    def __init__(self, root: str | os.PathLike, max_bytes: int, memo_entries: int = 24):
+    def __init__(self, root: str | os.PathLike, max_bytes: int, memo_entries: int = 24, memo_bytes: int = 2**30):
         self.root = Path(root)
         self.max_bytes = int(max_bytes)
         self.warnings: list[str] = []
         self._memo: OrderedDict[tuple, dict] = OrderedDict()  # recent reads and in-memory results, by key
-        self._memo_entries = memo_entries
+        self._memo_entries, self._memo_bytes = memo_entries, memo_bytes
         self._lock = threading.Lock()
         self._disk_ok = True
 
@@ -287,8 +287,11 @@ class Store:
         with self._lock:
             self._memo[memo_key] = arrays
             self._memo.move_to_end(memo_key)
-            while len(self._memo) > self._memo_entries:
-                self._memo.popitem(last=False)
+            size = lambda entry: sum(a.nbytes for a in entry.values())  # noqa: E731
+            total = sum(size(entry) for entry in self._memo.values())
+            while len(self._memo) > 1 and (len(self._memo) > self._memo_entries or total > self._memo_bytes):
+                _, dropped = self._memo.popitem(last=False)
+                total -= size(dropped)
 
     def forget(self) -> None:
         """Drop what this process keeps in memory (the files stay)."""
