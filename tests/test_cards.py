@@ -158,3 +158,10 @@ def test_a_parameter_count_is_never_built_from_unchecked_arguments():
 
         validate_arch_args("fastnet", {"widths": [48, 192, 10**6]})
     assert count_parameters(create_model("fastnet", widths=[48, 192, 192])) == 1_113_336
+
+
+def test_training_arguments_are_bounded_too():
+    """A run's config.json (or --model-args) is metadata as well: 20,000 blocks are refused before any work."""
+    with pytest.raises(ModelError, match="blocks"):
+        TrainConfig(model="deepnet-res", model_args={"blocks": 20000})
+    assert main(["train", "--model", "deepnet-res", "--model-args", '{"blocks": 20000}', "--epochs", "1"]) == 2

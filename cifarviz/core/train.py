@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .augment import AugmentConfig, augment_batch, check_range, to_float
 from .errors import ModelError, TrainingError
 from .inference import TTA_MODES, autocast_context, loss_and_accuracy, predict
-from .models import ZooModel, create_model, model_entry
+from .models import ZooModel, create_model, model_entry, validate_arch_args
 from .utils import pick_device, seed_everything
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -78,6 +78,7 @@ class TrainConfig:
         except TypeError as exc:
             raise ModelError(f"Bad model_args (--model-args) for {self.model!r}: {exc}. "
                              f"Its arguments: {entry.defaults()}.") from None
+        validate_arch_args(self.model, self.model_args)  # the card's bounds: a run's config.json is a file too
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("tta", TTA_MODES),
                               ("weight_decay_mode", WEIGHT_DECAY_MODES)):
             if getattr(self, name) not in allowed:
