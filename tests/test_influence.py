@@ -27,6 +27,7 @@ from cifarviz.core.checkpoint import load_checkpoint
 from cifarviz.core.data import Split
 from cifarviz.core.inference import predict
 from cifarviz.core.train import TrainConfig, train
+from cifarviz.store.artifacts import split_artifacts
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "checkpoints"
@@ -38,18 +39,29 @@ SHIPPED = REPO / "checkpoints"
 def retrain_head(features, labels, theta, head: LinearHead, l2: float, smoothing: float, tol: float = 1e-10):
     """Minimise mean cross-entropy + (l2/2)|theta|^2 over the head to convergence (Newton's method; the
     gradient and the stopping rule are computed here, independently of the method under test)."""
+    from scipy.linalg import cho_solve
+
     f = head.augmented(features)
     targets = smoothed_targets(labels, head.weight.shape[0], smoothing)
-    for _ in range(50):
+
+    def objective(theta_):
+        logits = f @ theta_.T
+        logits = logits - logits.max(1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        return -(targets * log_probs).sum(1).mean() + 0.5 * l2 * (theta_ ** 2).sum()
+
+    for _ in range(100):
         gradient = (softmax(f @ theta.T) - targets).T @ f / len(f) + l2 * theta
         if np.abs(gradient).max() < tol:
             return theta
         current = LinearHead(*_split(theta, head), head.scale)
         newton = HeadInfluence.fit_arrays(features, labels, current, l2=l2, label_smoothing=smoothing, damping=0.0,
                                           self_influence=False)
-        from scipy.linalg import cho_solve
-
-        theta = theta - cho_solve((newton.cholesky, True), gradient.ravel()).reshape(theta.shape)
+        step = cho_solve((newton.cholesky, True), gradient.ravel()).reshape(theta.shape)
+        size, start = 1.0, objective(theta)  # backtracking: far from the optimum a full Newton step can overshoot
+        while objective(theta - size * step) > start - 1e-4 * size * (gradient * step).sum() and size > 1e-6:
+            size /= 2
+        theta = theta - size * step
     raise AssertionError("the head did not converge")
 
 
@@ -57,13 +69,15 @@ def _split(theta, head):
     return (theta, None) if head.bias is None else (theta[:, :-1], theta[:, -1])
 
 
-def test_head_influence_predicts_leave_one_out_retraining(cifar):
+@pytest.mark.parametrize("smoothing", [None, 0.2], ids=["as-trained", "label-smoothing-0.2"])
+def test_head_influence_predicts_leave_one_out_retraining(cifar, smoothing):
     """Frozen features of a shipped checkpoint, 5,000 training images, the head retrained to convergence without
-    each of a test image's 50 most influential images: predicted and actual loss changes agree (Pearson >= 0.9),
-    and helpful images (positive score) are the ones whose removal raises the loss."""
+    each of a test image's 50 most influential images: predicted and actual changes of the *plain* test loss agree
+    (Pearson >= 0.9), and helpful images (positive score) are the ones whose removal raises it. With label smoothing
+    in the training loss the measurement is still the plain loss: a smoothed test gradient fails this."""
     checkpoint = load_checkpoint(SHIPPED / "s8net-bn.safetensors")
     l2 = checkpoint.meta["train_config"]["weight_decay"]
-    smoothing = checkpoint.meta["train_config"]["label_smoothing"]
+    smoothing = checkpoint.meta["train_config"]["label_smoothing"] if smoothing is None else smoothing
     rng = np.random.default_rng(0)
     subset = np.sort(rng.choice(len(cifar.train), 5000, replace=False))
     features = predict(checkpoint.model, cifar.train.images[subset]).features.astype(np.float64)
@@ -74,6 +88,10 @@ def test_head_influence_predicts_leave_one_out_retraining(cifar):
     index = HeadInfluence.fit_arrays(features, labels, head, l2=l2, label_smoothing=smoothing, damping=0.0)
 
     test_idx = rng.choice(len(cifar.test), 3, replace=False)
+    if smoothing:  # the case where the two losses point apart: test images the model is surer of than 1 - 0.9 s
+        sure = predict(checkpoint.model, cifar.test.images[:2000]).probs
+        confident = np.flatnonzero(sure[np.arange(2000), cifar.test.labels[:2000]] > 0.9)
+        test_idx = rng.choice(confident, 3, replace=False)
     test = predict(checkpoint.model, cifar.test.images[test_idx])
 
     def test_loss(theta_, t):
@@ -280,3 +298,41 @@ def test_influence_scores_read_well_in_a_narrow_caption():
     assert readable_score(-0.5) == "−0.5" and readable_score(0.0) == "+0"
     assert readable_score(9.96e-05) == "+1.0×10⁻⁴"
     assert "-" not in "".join(readable_score(x) for x in np.geomspace(1e-9, 10, 50) * np.resize([1, -1], 50))
+
+
+def test_helpful_images_for_confident_fastnet_predictions_share_their_class(cifar):
+    """fastnet was trained with label smoothing 0.2. Scored with the plain test loss, the most helpful training images
+    of a confident, correct prediction are mostly of its class and the most harmful mostly not; scored with the
+    smoothed loss (the old swap) it was the other way round (34% vs 99%)."""
+    fastnet = load_checkpoint(SHIPPED / "fastnet.safetensors")
+    assert fastnet.meta["train_config"]["label_smoothing"] == 0.2
+    index = load_or_fit("head", fastnet, cifar)
+    test = split_artifacts(fastnet, cifar, "test", tta="none")
+    p_true = test.probs[np.arange(len(test.labels)), test.labels]
+    chosen = np.random.default_rng(0).choice(np.flatnonzero((test.predicted == test.labels) & (p_true > 0.9)), 20,
+                                             replace=False)
+    helpful, harmful = [], []
+    for i in chosen:
+        result = lookup(index, fastnet, cifar, int(i), k=10)
+        label = cifar.classes[int(test.labels[i])]
+        helpful.append(np.mean([e.label == label for e in result.helpful]))
+        harmful.append(np.mean([e.label == label for e in result.harmful]))
+    print(f"same label: helpful {np.mean(helpful):.0%}, harmful {np.mean(harmful):.0%}")
+    assert np.mean(helpful) >= 0.7 and np.mean(harmful) <= 0.5
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"label_smoothing": 5}, "outside"), ({"weight_decay": 1e308}, "plausible"), ({"weight_decay": "abc"}, "finite"),
+    ({"label_smoothing": float("nan")}, "finite"), ({"weight_decay": 0.01, "weight_decay_mode": "per_step", "lr": 0},
+                                                    "positive lr"),
+])
+def test_loss_settings_read_from_metadata_are_checked(config, message):
+    from types import SimpleNamespace
+
+    from cifarviz.analysis.influence import InfluenceError, Task
+
+    with pytest.raises(InfluenceError, match=message):
+        Task.from_checkpoint(SimpleNamespace(name="x", meta={"train_config": config}))
+    task = Task.from_checkpoint(SimpleNamespace(name="x", meta={"train_config": {"weight_decay": 0.003, "lr": 1.5,
+                                                                                "weight_decay_mode": "per_step"}}))
+    assert task.l2 == pytest.approx(0.002) and task.measurement == "cross_entropy"

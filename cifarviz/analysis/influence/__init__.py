@@ -22,16 +22,19 @@ from cifarviz.store.artifacts import checkpoint_digest, model_identity, split_ar
 from cifarviz.store.cache import CacheKey, Schema, default_store
 
 from .base import InfluenceError, InfluenceIndex, Progress
+from .task import MEASUREMENT, Task
 from .head import HeadInfluence
 from .similarity import FeatureSimilarity
 from .trak import TrakInfluence
 
 METHODS: dict[str, type[InfluenceIndex]] = {m.name: m for m in (HeadInfluence, TrakInfluence, FeatureSimilarity)}
 DEFAULT_METHOD = "head"
-INDEX_VERSION = 3  # 3: through the store, keyed by the model's identity, training settings, method settings
+INDEX_VERSION = 4  # 4: the head's test side is the plain loss (task.py); keyed by the task
 
 __all__ = [
     "DEFAULT_METHOD",
+    "MEASUREMENT",
+    "Task",
     "METHODS",
     "InfluenceEntry",
     "InfluenceError",
@@ -56,14 +59,12 @@ def method_class(method: str) -> type[InfluenceIndex]:
 
 
 def index_key(method: str, checkpoint, dataset) -> CacheKey:
-    """The store key of one method's index: the model's identity, the training loss it was trained with (its
-    training configuration: label smoothing, weight decay and its mode, optimizer), the exact training images,
-    and the method with its settings."""
+    """The store key of one method's index: the model's identity, its task (the training loss it was trained with,
+    checked, and the measurement: task.py), the exact training images, and the method with its settings."""
     cls = method_class(method)
-    train_config = (checkpoint.meta.get("train_config") or {}) if isinstance(checkpoint.meta, dict) else {}
     return CacheKey("influence", INDEX_VERSION, {
         "method": method, "settings": cls.settings(), "model": model_identity(checkpoint),
-        "training": train_config, "images": split_digest(dataset, "train"),
+        "task": Task.from_checkpoint(checkpoint).key(), "images": split_digest(dataset, "train"),
     }, label=method)
 
 

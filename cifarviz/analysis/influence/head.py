@@ -1,8 +1,8 @@
 """Head influence: Koh & Liang's influence function on the classifier head over frozen penultimate features.
 
 Every zoo model ends in a linear head, logits = s * (W f + b), trained with (label-smoothed) cross-entropy
-and weight decay, i.e. an L2 penalty (lambda/2)|theta|^2. With theta = [W b] and f~ = s [f, 1] the logits
-are theta f~, so for training image i (residual r_i = p_i - y_i, y_i the smoothed target)
+and weight decay, i.e. an L2 penalty (lambda/2)|theta|^2: the *training loss* (task.py). With theta = [W b] and
+f~ = s [f, 1] the logits are theta f~, so for training image i (residual r_i = p_i - y_i, y_i the smoothed target)
 
     gradient    g_i = r_i (x) f~_i                       (Kronecker product, C * D~ numbers)
     Hessian     H   = 1/n sum_i (diag(p_i) - p_i p_i^T) (x) f~_i f~_i^T  +  (lambda + damping) I
@@ -11,6 +11,10 @@ exactly: no approximation beyond freezing the features. H is formed and Cholesky
 Removing image i moves theta by about H^-1 g_i / n, so the test loss changes by
 
     score_i = g_test^T H^-1 g_i / n        (> 0: removing i raises the test loss, i.e. i helps)
+
+where g_test is the gradient of the *measurement*, the plain cross-entropy of the test image's true label (residual
+p_test - onehot(y_test)), not of the smoothed training loss: with smoothing the two point in opposite directions for
+every test image the model is surer of than 1 - smoothing + smoothing / C, which would swap helpful and harmful.
 
 A lookup is one solve (u = H^-1 g_test) and one pass over the stored features: F~ u -> scores.
 Features are the plain images' (no test-time augmentation on either side), as the head saw them in training.
@@ -28,6 +32,7 @@ from scipy.linalg import cho_factor, cho_solve, solve_triangular
 from cifarviz.store.cache import Array
 
 from .base import InfluenceError, InfluenceIndex, Progress
+from .task import Task
 
 DAMPING_SCALE = 1e-4  # default damping: this multiple of the Hessian's mean diagonal
 
@@ -71,15 +76,9 @@ def linear_head(model) -> LinearHead:
 
 
 def training_loss_settings(checkpoint) -> tuple[float, float]:
-    """(L2 strength, label smoothing) of the loss the checkpoint was trained with, from its metadata."""
-    config = checkpoint.meta.get("train_config") or {}
-    # SGD and Adam add weight_decay * theta to the gradient: an L2 penalty (wd/2)|theta|^2. AdamW decouples
-    # it, which is the same penalty up to the learning-rate schedule; we use wd for all three. A decay written
-    # per step at the peak lr (weight_decay_mode "per_step", airbench's convention) is that coefficient times lr.
-    decay = float(config.get("weight_decay") or 0.0)
-    if config.get("weight_decay_mode") == "per_step" and config.get("lr"):
-        decay /= float(config["lr"])
-    return decay, float(config.get("label_smoothing") or 0.0)
+    """(L2 strength, label smoothing) of the loss the checkpoint was trained with, checked (see task.py)."""
+    task = Task.from_checkpoint(checkpoint)
+    return task.l2, task.label_smoothing
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -168,9 +167,10 @@ class HeadInfluence(InfluenceIndex):
     # ------------------------------------------------------------------ queries
 
     def test_gradients(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """(T, C * D~) loss gradients of test images with respect to the head's parameters."""
+        """(T, C * D~) gradients of the test images' *measurement* with respect to the head's parameters: the plain
+        cross-entropy of the true label (task.py), never the training loss's smoothed one."""
         f = self.head.augmented(features)
-        targets = smoothed_targets(np.asarray(labels), self.head.weight.shape[0], self.label_smoothing)
+        targets = smoothed_targets(np.asarray(labels), self.head.weight.shape[0], 0.0)
         residuals = softmax(f @ self.head.theta.T) - targets
         return (residuals[:, :, None] * f[:, None, :]).reshape(len(f), -1)
 
