@@ -2,20 +2,23 @@ import numpy as np
 import streamlit as st
 
 from cifarviz.analysis.explore import ImageRef, to_png
-from cifarviz.analysis.influence import DEFAULT_METHOD, METHODS, suspicious, training_losses
+from cifarviz.analysis.influence import DEFAULT_METHOD, METHODS, loss_ranking, suspicious, trained_positions
 from cifarviz.ui import app
 
 dataset, checkpoint = app.data_and_checkpoint_page("Influence")
 classes = list(dataset.classes)
 
+trained_on, scope_note = trained_positions(checkpoint, dataset)
 st.markdown(
-    f"Which of the {len(dataset.train):,} training images made **{checkpoint.name}** decide what it decided? "
+    f"Which of the {len(trained_on):,} training images made **{checkpoint.name}** decide what it decided? "
     "A training image is **helpful** for a test image when removing it from training would *raise* the test "
     "image's loss (the model would be less sure of the right answer), and **harmful** when removing it would "
     "*lower* that loss.")
 method = st.segmented_control("Method", list(METHODS), default=DEFAULT_METHOD, key="influence_method", required=True,
                               format_func=lambda name: METHODS[name].title)
 st.caption(METHODS[method].explanation)
+if scope_note:
+    st.caption(scope_note)
 index = app.get_influence_index(method, checkpoint, dataset)
 test_arts = app.get_artifacts(checkpoint, dataset, "test")
 k = st.slider("Images per list", 4, 24, 8, step=4, key="influence_k")
@@ -99,7 +102,7 @@ def suspicious_training_images() -> None:
                 "ranking by **training loss** for comparison.")
     train_predicted = app.get_artifacts(checkpoint, dataset, "train").predicted
     order, _ = suspicious(index, top=k)  # "Images per list" above
-    by_loss = np.argsort(-training_losses(checkpoint, dataset), kind="stable")[:k]
+    by_loss, _ = loss_ranking(checkpoint, dataset, top=k)
     left, right = st.columns(2)
     for column, title, idx, key in ((left, "By self-influence", order, "self"),
                                     (right, "By training loss", by_loss, "loss")):

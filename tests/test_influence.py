@@ -336,3 +336,31 @@ def test_loss_settings_read_from_metadata_are_checked(config, message):
     task = Task.from_checkpoint(SimpleNamespace(name="x", meta={"train_config": {"weight_decay": 0.003, "lr": 1.5,
                                                                                 "weight_decay_mode": "per_step"}}))
     assert task.l2 == pytest.approx(0.002) and task.measurement == "cross_entropy"
+
+
+def test_a_run_on_a_subset_gets_influence_over_the_images_it_saw(cifar, cifar_small, tmp_path):
+    """The Train page's quick runs train on a subset: the 43,000 images such a run never saw (high loss, high
+    self-influence) must not fill its lists."""
+    from cifarviz.analysis.influence import loss_ranking, trained_positions
+    from cifarviz.core.recipes import train_and_save
+
+    path, _ = train_and_save(TrainConfig(model="lenet", epochs=1, batch_size=256), cifar_small, tmp_path / "run")
+    run = load_checkpoint(path)
+    positions, note = trained_positions(run, cifar)
+    assert note is None and len(positions) == len(cifar_small.train) == 2000
+    np.testing.assert_array_equal(cifar.train.source_index[positions], cifar_small.train.source_index)
+    seen = set(positions.tolist())
+    for method in ("head", "similarity"):
+        index = load_or_fit(method, run, cifar)
+        assert index.n_train == 2000
+        result = lookup(index, run, cifar, test_index=3, k=20)
+        assert result.training_images == 2000
+        assert {e.train_index for e in result.helpful + result.harmful} <= seen
+        for entry in result.helpful:  # the entry names the image in the full training split
+            assert cifar.train.source_index[entry.train_index] == entry.source_index
+    order, _ = suspicious(load_or_fit("head", run, cifar), top=50)
+    assert set(order.tolist()) <= seen
+    assert set(loss_ranking(run, cifar, top=50)[0].tolist()) <= seen
+    shipped = load_checkpoint(SHIPPED / "lenet.safetensors")  # trained before checkpoints kept the list
+    everything, note = trained_positions(shipped, cifar)
+    assert len(everything) == len(cifar.train) and "records no list" in note

@@ -12,19 +12,22 @@ positive = helpful = removing the image would raise the test image's loss.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cifarviz.core.data import Split
 from cifarviz.store.artifacts import checkpoint_digest, model_identity, split_artifacts, split_digest
 from cifarviz.store.cache import CacheKey, Schema, default_store
 
 from .base import InfluenceError, InfluenceIndex, Progress
-from .task import MEASUREMENT, Task
 from .head import HeadInfluence
 from .similarity import FeatureSimilarity
+from .task import MEASUREMENT, Task
 from .trak import TrakInfluence
 
 METHODS: dict[str, type[InfluenceIndex]] = {m.name: m for m in (HeadInfluence, TrakInfluence, FeatureSimilarity)}
@@ -34,6 +37,8 @@ INDEX_VERSION = 4  # 4: the head's test side is the plain loss (task.py); keyed 
 __all__ = [
     "DEFAULT_METHOD",
     "MEASUREMENT",
+    "loss_ranking",
+    "trained_positions",
     "Task",
     "METHODS",
     "InfluenceEntry",
@@ -56,6 +61,51 @@ def method_class(method: str) -> type[InfluenceIndex]:
         return METHODS[method]
     except KeyError:
         raise InfluenceError(f"Unknown influence method {method!r}. Methods: {', '.join(METHODS)}.") from None
+
+
+def trained_positions(checkpoint, dataset) -> tuple[np.ndarray, str | None]:
+    """Positions in `dataset.train` of the images the checkpoint was trained on (its provenance), and a note for
+    the page when that record is missing or does not match this data (then every training image is used).
+
+    A run trained on a 10,000-image subset gets influence over those 10,000 only: the 35,000 it never saw (high
+    loss, high self-influence) would otherwise fill the lists."""
+    everything = np.arange(len(dataset.train))
+    meta = checkpoint.meta if isinstance(checkpoint.meta, dict) else {}
+    record = meta.get("provenance")
+    if not isinstance(record, dict):
+        return everything, (f"{checkpoint.name} records no list of its training images (trained before cifarviz kept "
+                            f"one, or uploaded): influence is over all {len(everything):,} training images.")
+    if record.get("data_fingerprint") != dataset.fingerprint:
+        return everything, (f"{checkpoint.name} was trained on other data than {dataset.root}: influence is over all "
+                            f"{len(everything):,} training images here.")
+    images = record.get("train_images") if isinstance(record.get("train_images"), dict) else {}
+    listed = images.get("indices")
+    if isinstance(listed, list) and listed and all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
+        wanted = np.unique(np.asarray(listed, dtype=np.int64))
+        source = dataset.train.source_index
+        at = np.clip(np.searchsorted(source, wanted), 0, len(source) - 1)
+        found = source[at] == wanted
+        positions = np.unique(at[found])
+        if not found.all():
+            missing = int((~found).sum())
+            return positions, (f"{missing:,} of the {len(wanted):,} images {checkpoint.name} was trained on are not in "
+                               "this training split (another split seed or validation size): influence is over the "
+                               f"other {len(positions):,}.")
+        return positions, None
+    digest = hashlib.sha256(np.ascontiguousarray(dataset.train.source_index, dtype=np.int64).tobytes()).hexdigest()
+    if images.get("digest") == digest:
+        return everything, None
+    return everything, (f"{checkpoint.name} was trained on other images than this training split (another split "
+                        f"seed or validation size): influence is over all {len(everything):,} training images.")
+
+
+def _training_subset(dataset, positions: np.ndarray):
+    """The dataset with its training split cut to `positions` (the same object when that is all of it)."""
+    if len(positions) == len(dataset.train):
+        return dataset
+    train = dataset.train
+    subset = Split("train", train.images[positions], train.labels[positions], train.source_index[positions])
+    return dataclasses.replace(dataset, train=subset)
 
 
 def index_key(method: str, checkpoint, dataset) -> CacheKey:
@@ -84,20 +134,23 @@ def load_or_fit(method: str, checkpoint, dataset, *, on_progress: Progress | Non
     image, finite, the method's arrays), or fitted once and saved atomically. A file lock makes a second process
     wait for the first one's index instead of fitting it again."""
     cls = method_class(method)
+    positions, _ = trained_positions(checkpoint, dataset)
+    trained = _training_subset(dataset, positions)
+    fitted: list[InfluenceIndex] = []
 
     def fit() -> dict:
         bar = _terminal_bar(f"{method} index for {checkpoint.name}") if progress else None
-        index = cls.fit(checkpoint, dataset, on_progress=_both(on_progress, bar))
+        index = cls.fit(checkpoint, trained, on_progress=_both(on_progress, bar))
         if bar is not None:
             bar.close()
         fitted.append(index)
         return index.state()
 
-    fitted: list[InfluenceIndex] = []
-    state = default_store().cached(index_key(method, checkpoint, dataset), fit, Schema(cls.arrays),
-                                   dims={"n": len(dataset.train)}, memo=False)  # the app keeps indexes itself
+    state = default_store().cached(index_key(method, checkpoint, trained), fit, Schema(cls.arrays),
+                                   dims={"n": len(trained.train)}, memo=False)  # the app keeps indexes itself
     index = fitted[0] if fitted else cls.from_state(state)
     index.origin = _origin(checkpoint, dataset)
+    index.positions = positions
     return index
 
 
@@ -106,7 +159,7 @@ def _check_origin(index: InfluenceIndex, checkpoint, dataset) -> None:
     if index.origin is not None and index.origin != _origin(checkpoint, dataset):
         raise InfluenceError(f"This {index.name} index was built for another checkpoint or other training images "
                              f"than {checkpoint.name} on {dataset.root}: build it with load_or_fit for this pair.")
-    if index.n_train != len(dataset.train):
+    if index.n_train != len(_positions(index, dataset)):
         raise InfluenceError(f"This {index.name} index covers {index.n_train:,} training images, but the training "
                              f"split has {len(dataset.train):,}: build it with load_or_fit for this data.")
 
@@ -129,24 +182,37 @@ class InfluenceResult:
     query: dict  # {"test_index": i} or {"class": name, "test_images": n}
     helpful: list[InfluenceEntry]
     harmful: list[InfluenceEntry]
+    training_images: int = 0  # how many training images were ranked (those the checkpoint was trained on)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
 
-def _entries(order: np.ndarray, scores: np.ndarray, dataset, predicted: np.ndarray) -> list[InfluenceEntry]:
+def _positions(index: InfluenceIndex, dataset) -> np.ndarray:
+    """Index row -> position in dataset.train (rows are the images the checkpoint was trained on)."""
+    return index.positions if index.positions is not None else np.arange(len(dataset.train))
+
+
+def _entries(rows: np.ndarray, scores: np.ndarray, positions: np.ndarray, dataset,
+             predicted: np.ndarray) -> list[InfluenceEntry]:
     classes, train = dataset.classes, dataset.train
-    return [InfluenceEntry(int(i), int(train.source_index[i]), classes[int(train.labels[i])],
-                           classes[int(predicted[i])], float(scores[i])) for i in order]
+    entries = []
+    for row in rows:
+        i = int(positions[row])
+        entries.append(InfluenceEntry(i, int(train.source_index[i]), classes[int(train.labels[i])],
+                                      classes[int(predicted[i])], float(scores[row])))
+    return entries
 
 
-def _result(method, checkpoint, dataset, query: dict, scores: np.ndarray, k: int) -> InfluenceResult:
+def _result(index, checkpoint, dataset, query: dict, scores: np.ndarray, k: int) -> InfluenceResult:
     k = max(0, min(int(k), len(scores)))
     predicted = split_artifacts(checkpoint, dataset, "train").predicted
+    positions = _positions(index, dataset)
     order = np.argsort(-scores, kind="stable")
-    return InfluenceResult(method, checkpoint.name, checkpoint_digest(checkpoint), dataset.fingerprint, query,
-                           helpful=_entries(order[:k], scores, dataset, predicted),
-                           harmful=_entries(order[::-1][:k], scores, dataset, predicted))
+    return InfluenceResult(index.name, checkpoint.name, checkpoint_digest(checkpoint), dataset.fingerprint, query,
+                           helpful=_entries(order[:k], scores, positions, dataset, predicted),
+                           harmful=_entries(order[::-1][:k], scores, positions, dataset, predicted),
+                           training_images=len(positions))
 
 
 def lookup(index: InfluenceIndex, checkpoint, dataset, test_index: int, k: int = 10) -> InfluenceResult:
@@ -155,7 +221,7 @@ def lookup(index: InfluenceIndex, checkpoint, dataset, test_index: int, k: int =
         raise InfluenceError(f"Test index {test_index} is out of range: the test split has {len(dataset.test):,} images.")
     _check_origin(index, checkpoint, dataset)
     scores = index.scores(checkpoint, dataset, [int(test_index)])[0]
-    return _result(index.name, checkpoint, dataset, {"test_index": int(test_index)}, scores, k)
+    return _result(index, checkpoint, dataset, {"test_index": int(test_index)}, scores, k)
 
 
 def class_lookup(index: InfluenceIndex, checkpoint, dataset, class_name: str, k: int = 10) -> InfluenceResult:
@@ -165,7 +231,7 @@ def class_lookup(index: InfluenceIndex, checkpoint, dataset, class_name: str, k:
     _check_origin(index, checkpoint, dataset)
     members = np.flatnonzero(dataset.test.labels == dataset.classes.index(class_name))
     scores = index.mean_scores(checkpoint, dataset, members)
-    return _result(index.name, checkpoint, dataset, {"class": class_name, "test_images": len(members)}, scores, k)
+    return _result(index, checkpoint, dataset, {"class": class_name, "test_images": len(members)}, scores, k)
 
 
 def suspicious(index: InfluenceIndex, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +239,18 @@ def suspicious(index: InfluenceIndex, top: int | None = None) -> tuple[np.ndarra
     scores = index.self_influence()
     order = np.argsort(-scores, kind="stable")
     order = order if top is None else order[:top]
-    return order, scores[order]
+    positions = index.positions if index.positions is not None else np.arange(len(scores))
+    return positions[order], scores[order]  # positions in dataset.train: only the images it was trained on
+
+
+def loss_ranking(checkpoint, dataset, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The plain ranking beside self-influence: training images (positions in dataset.train) by their training
+    loss, highest first, over the images the checkpoint was trained on."""
+    positions, _ = trained_positions(checkpoint, dataset)
+    losses = training_losses(checkpoint, dataset)[positions]
+    order = np.argsort(-losses, kind="stable")
+    order = order if top is None else order[:top]
+    return positions[order], losses[order]
 
 
 def training_losses(checkpoint, dataset) -> np.ndarray:
