@@ -352,7 +352,7 @@ def test_a_run_on_a_subset_gets_influence_over_the_images_it_saw(cifar, cifar_sm
     seen = set(positions.tolist())
     for method in ("head", "similarity"):
         index = load_or_fit(method, run, cifar)
-        assert index.n_train == 2000
+        assert index.n_train == 2000 and index_path(method, run, cifar).is_file()  # where the app looks for it
         result = lookup(index, run, cifar, test_index=3, k=20)
         assert result.training_images == 2000
         assert {e.train_index for e in result.helpful + result.harmful} <= seen

@@ -3,9 +3,9 @@
 They go through the store (cache.py), keyed by everything that determines their content:
 the architecture and its arguments, the weights, the test-time augmentation, the data's
 content and the exact images of the split (so another validation size, split seed or
-subset never reads a stale file), and are checked on read (row counts, classes, labels). The CLI, the app, a second browser tab and a restarted
-server all reuse one computation; a file lock per artifact makes two processes that ask
-at once compute it once.
+subset never reads a stale file), and are checked on read (row counts, classes, labels).
+The CLI, the app, a second browser tab and a restarted server all reuse one computation;
+a file lock per artifact makes two processes that ask at once compute it once.
 """
 
 from __future__ import annotations
@@ -104,6 +104,17 @@ def split_digest(dataset, split: str) -> str:
     digest.update(np.ascontiguousarray(data.source_index, dtype=np.int64).tobytes())
     _SPLIT_DIGESTS[data] = (content, digest.hexdigest()[:16])
     return _SPLIT_DIGESTS[data][1]
+
+
+def subset_digest(dataset, split: str, positions: np.ndarray) -> str:
+    """split_digest of the split cut to `positions`, without building that split (equal to it when it is built)."""
+    data = dataset.split(split)
+    if len(positions) == len(data):
+        return split_digest(dataset, split)
+    content = getattr(dataset, "content_key", "") or dataset.fingerprint
+    digest = hashlib.sha256(f"{content}-{split}-{len(positions)}".encode())
+    digest.update(np.ascontiguousarray(data.source_index[positions], dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def split_tta(checkpoint: Checkpoint, split: str) -> str:

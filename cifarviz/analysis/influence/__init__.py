@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarviz.core.data import Split
-from cifarviz.store.artifacts import checkpoint_digest, model_identity, split_artifacts, split_digest
+from cifarviz.store.artifacts import checkpoint_digest, model_identity, split_artifacts, split_digest, subset_digest
 from cifarviz.store.cache import CacheKey, Schema, default_store
 
 from .base import InfluenceError, InfluenceIndex, Progress
@@ -110,11 +110,13 @@ def _training_subset(dataset, positions: np.ndarray):
 
 def index_key(method: str, checkpoint, dataset) -> CacheKey:
     """The store key of one method's index: the model's identity, its task (the training loss it was trained with,
-    checked, and the measurement: task.py), the exact training images, and the method with its settings."""
+    checked, and the measurement: task.py), the exact training images it was trained on (trained_positions), and
+    the method with its settings."""
     cls = method_class(method)
+    positions, _ = trained_positions(checkpoint, dataset)
     return CacheKey("influence", INDEX_VERSION, {
         "method": method, "settings": cls.settings(), "model": model_identity(checkpoint),
-        "task": Task.from_checkpoint(checkpoint).key(), "images": split_digest(dataset, "train"),
+        "task": Task.from_checkpoint(checkpoint).key(), "images": subset_digest(dataset, "train", positions),
     }, label=method)
 
 
@@ -135,19 +137,18 @@ def load_or_fit(method: str, checkpoint, dataset, *, on_progress: Progress | Non
     wait for the first one's index instead of fitting it again."""
     cls = method_class(method)
     positions, _ = trained_positions(checkpoint, dataset)
-    trained = _training_subset(dataset, positions)
     fitted: list[InfluenceIndex] = []
 
     def fit() -> dict:
         bar = _terminal_bar(f"{method} index for {checkpoint.name}") if progress else None
-        index = cls.fit(checkpoint, trained, on_progress=_both(on_progress, bar))
+        index = cls.fit(checkpoint, _training_subset(dataset, positions), on_progress=_both(on_progress, bar))
         if bar is not None:
             bar.close()
         fitted.append(index)
         return index.state()
 
-    state = default_store().cached(index_key(method, checkpoint, trained), fit, Schema(cls.arrays),
-                                   dims={"n": len(trained.train)}, memo=False)  # the app keeps indexes itself
+    state = default_store().cached(index_key(method, checkpoint, dataset), fit, Schema(cls.arrays),
+                                   dims={"n": len(positions)}, memo=False)  # the app keeps indexes itself
     index = fitted[0] if fitted else cls.from_state(state)
     index.origin = _origin(checkpoint, dataset)
     index.positions = positions
