@@ -288,9 +288,9 @@ def cmd_precompute(args) -> int:
         for method in args.influence or [DEFAULT_INFLUENCE]:
             if method == "none":
                 continue
-            from cifarviz.analysis.influence import index_path, load_or_fit
+            from cifarviz.analysis.influence import index_ready, load_or_fit
 
-            cached = index_path(method, checkpoint, dataset).is_file()
+            cached = index_ready(method, checkpoint, dataset)
             start = time.perf_counter()
             load_or_fit(method, checkpoint, dataset, progress=not cached)
             state = "already cached" if cached else f"built in {time.perf_counter() - start:.1f} s"
@@ -450,7 +450,7 @@ def cmd_embed(args) -> int:
     map the Embeddings page shows, with its 10-NN accuracy; --out writes it as CSV."""
     from tqdm.auto import tqdm
 
-    from cifarviz.analysis.embed import check_params, embedding, embedding_path, knn_accuracy, subset_indices
+    from cifarviz.analysis.embed import check_params, embedding, embedding_ready, knn_accuracy, subset_indices
 
     if (args.checkpoint is None) == (not args.pixels):
         raise CifarvizError("Give exactly one of --checkpoint NAME (its features) or --pixels (the raw-pixel "
@@ -463,7 +463,7 @@ def cmd_embed(args) -> int:
     if checkpoint is not None:
         check_fits_data(checkpoint, dataset)
     subset = subset_indices(len(dataset.split(args.split)), args.subset, seed=args.seed)
-    cached = embedding_path(checkpoint, dataset, args.split, args.method, params, subset, args.seed).is_file()
+    cached = embedding_ready(checkpoint, dataset, args.split, args.method, params, subset, args.seed)
     with tqdm(total=100, desc=f"{args.method} map", unit="%", disable=cached or args.json) as bar:
         emb = embedding(checkpoint, dataset, args.split, args.method, params, subset, seed=args.seed,
                         on_progress=lambda fraction: bar.update(round(100 * fraction) - bar.n))
@@ -491,9 +491,9 @@ def precompute_maps(checkpoint, dataset) -> None:
     """The Embeddings page's default map (t-SNE of the test images) for `precompute`."""
     from tqdm.auto import tqdm
 
-    from cifarviz.analysis.embed import DEFAULT_PARAMS, embedding, embedding_path
+    from cifarviz.analysis.embed import DEFAULT_PARAMS, embedding, embedding_ready
 
-    cached = embedding_path(checkpoint, dataset, "test", "tsne", DEFAULT_PARAMS["tsne"]).is_file()
+    cached = embedding_ready(checkpoint, dataset, "test", "tsne", DEFAULT_PARAMS["tsne"])
     with tqdm(total=100, desc=f"{checkpoint.name} t-SNE map", unit="%", disable=cached) as bar:
         emb = embedding(checkpoint, dataset, "test", "tsne", DEFAULT_PARAMS["tsne"],
                         on_progress=lambda fraction: bar.update(round(100 * fraction) - bar.n))

@@ -198,9 +198,19 @@ def test_a_cache_folder_that_is_a_file_computes_in_memory_with_one_warning(tmp_p
     again = store.cached(CacheKey("things", 1, {"x": 5}), compute, SCHEMA)
     store.cached(CacheKey("things", 1, {"x": 6}), compute, SCHEMA)
     assert again is first and len(calls) == 2  # kept in memory: computed once per key
+    assert store.has(CacheKey("things", 1, {"x": 5})) and not store.has(CacheKey("things", 1, {"x": 7}))
     assert len(store.warnings) == 1 and "CIFARVIZ_CACHE" in store.warnings[0]
-    root = write_image_folder(tmp_path / "data")
-    assert len(load_cifar10(root, download=False, progress=False).test) == 9  # the data loads too
+    root = write_image_folder(tmp_path / "data", per_class=(30, 10))
+    dataset = load_cifar10(root, download=False, progress=False, val_size=9)  # the data loads too
+    lenet = load_checkpoint(SHIPPED_DIR / "lenet.safetensors")
+    from cifarviz.analysis.embed import embedding_ready
+    from cifarviz.analysis.influence import index_ready
+
+    assert not embedding_ready(lenet, dataset, "test", "pca") and not index_ready("similarity", lenet, dataset)
+    embedding(lenet, dataset, "test", "pca")
+    load_or_fit("similarity", lenet, dataset)
+    # what the app asks before it starts a background job: ready, so no job is started again on every rerun
+    assert embedding_ready(lenet, dataset, "test", "pca") and index_ready("similarity", lenet, dataset)
 
 
 FULL_DISK = """

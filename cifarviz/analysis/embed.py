@@ -6,10 +6,10 @@
 
 A map is computed once per (checkpoint weights and test-time augmentation, the split's exact images, method,
 parameters, subset, seed) through the store (a plain .npz, schema-checked on read: a map with NaN coordinates, other
-indices or labels is rebuilt, never shown); a file lock per map makes a second process wait for the first one's file. `checkpoint=None` maps the raw pixels, the baseline that shows what
-the network added. Inputs with more than 50 dimensions (fastnet's 192 features, 3,072 pixels) are first reduced to
-50 with PCA, as openTSNE's and UMAP's guides advise: faster neighbour search, the same map.
-"""
+indices or labels is rebuilt, never shown); a file lock per map makes a second process wait for the first one's
+file. `checkpoint=None` maps the raw pixels, the baseline that shows what the network added. Inputs with more than
+50 dimensions (fastnet's 192 features, 3,072 pixels) are first reduced to 50 with PCA, as openTSNE's and UMAP's
+guides advise: faster neighbour search, the same map."""
 
 from __future__ import annotations
 
@@ -140,6 +140,12 @@ def embedding_path(checkpoint, dataset, split: str, method: str, params: dict | 
     return default_store().path(embedding_key(checkpoint, dataset, split, method, params, subset, seed))
 
 
+def embedding_ready(checkpoint, dataset, split: str, method: str, params: dict | None = None, subset=None,
+                    seed: int = SEED) -> bool:
+    """Whether the map is at hand (stored, or kept in memory without a disk) without computing it."""
+    return default_store().has(embedding_key(checkpoint, dataset, split, method, params, subset, seed))
+
+
 def _schema(expected_indices: np.ndarray, expected_labels: np.ndarray, with_predictions: bool) -> Schema:
     def matches(arrays, dims):
         if not np.array_equal(arrays["indices"], expected_indices):
@@ -199,7 +205,8 @@ def embedding(checkpoint, dataset, split: str, method: str, params: dict | None 
         info = {"source": "raw pixels" if checkpoint is None else checkpoint.name, "split": split, "method": method,
                 "params": full, "seed": seed, "points": len(idx), "seconds": round(time.perf_counter() - start, 2)}
         return {"coords": coords, "indices": idx, "labels": data.labels[idx],
-                "predicted": np.zeros(0, np.int64) if predicted is None else predicted, "info": np.array(json.dumps(info))}
+                "predicted": np.zeros(0, np.int64) if predicted is None else predicted,
+                "info": np.array(json.dumps(info))}
 
     schema = _schema(idx, data.labels[idx], checkpoint is not None)
     return _embedding(default_store().cached(key, compute, schema, dims={"n": len(idx), "total": len(data)}))

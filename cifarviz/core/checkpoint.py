@@ -348,7 +348,7 @@ def _short(key: str) -> str:
 
 
 class _SkipInit(TorchFunctionMode):
-    """Skips random initialisation while building on the meta device (meta normal_ imports torch._dynamo, which is slow)."""
+    """Skips random initialisation while building on the meta device (meta normal_ imports torch._dynamo: slow)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in (torch.Tensor.normal_, torch.Tensor.uniform_):

@@ -625,7 +625,8 @@ FASTNET_RECIPE = {
 @register_model("fastnet", source="airbench94 (modern speed-run recipe)",
                 description="airbench94-style net: patch whitening + 3 conv groups; widths configurable",
                 bounds={"widths": ArgRange(1, 1024), "scaling": ArgRange(1e-3, 10), "bn_momentum": ArgRange(0, 1),
-                        "bn_eps": ArgRange(1e-15, 1), "whiten_eps": ArgRange(1e-12, 1), "whiten_images": ArgRange(12, 1e6),
+                        "bn_eps": ArgRange(1e-15, 1), "whiten_eps": ArgRange(1e-12, 1),
+                        "whiten_images": ArgRange(12, 1e6),
                         "bias_lr_scale": ArgRange(1e-3, 1000)},
                 weights="fastnet.safetensors", recipe=FASTNET_RECIPE)
 def fastnet(widths: tuple = (32, 128, 128), scaling: float = 1 / 9, bn_momentum: float = 0.6, bn_eps: float = 1e-12,

@@ -220,6 +220,14 @@ class Store:
             self._remember(memo_key, arrays)
         return arrays
 
+    def has(self, key: CacheKey) -> bool:
+        """Whether the key's result is at hand without computing it: its file exists, or (without a disk) this process
+        keeps it in memory. Cheap: no file is read (a damaged file is found, and rebuilt, when it is read)."""
+        with self._lock:
+            if any(k[:2] == (key.kind, key.digest) for k in self._memo):
+                return True
+        return self.path(key).is_file()
+
     def _reject(self, path: Path, exc: BaseException) -> None:
         reason = str(exc) or type(exc).__name__
         log.warning("cifarviz cache: %s failed its check (%s); it is removed and computed again.", path, reason)

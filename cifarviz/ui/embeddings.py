@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from cifarviz.analysis.embed import METHODS, Embedding, embedding, embedding_path, knn_accuracy
+from cifarviz.analysis.embed import METHODS, Embedding, embedding, embedding_path, embedding_ready, knn_accuracy
 from cifarviz.core.settings import settings
 from cifarviz.services.jobs import JOBS, Job
 from cifarviz.ui import app
@@ -29,10 +29,9 @@ TOOLTIP_CSS = "<style>#vg-tooltip-element img{width:128px;height:128px;image-ren
 
 def map_job(checkpoint, dataset, split: str, method: str, params: dict, subset) -> Job | None:
     """The computation of a map, started (or joined) if it is not on disk yet; None if it is."""
-    path = embedding_path(checkpoint, dataset, split, method, params, subset)
-    if path.is_file():
+    if embedding_ready(checkpoint, dataset, split, method, params, subset):
         return None
-    return JOBS.start(str(path), lambda report: embedding(checkpoint, dataset, split, method, params, subset,
+    return JOBS.start(str(embedding_path(checkpoint, dataset, split, method, params, subset)), lambda report: embedding(checkpoint, dataset, split, method, params, subset,
                                                           on_progress=report))
 
 

@@ -12,7 +12,15 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from cifarviz.analysis.influence import DEFAULT_METHOD, METHODS, class_lookup, index_path, load_or_fit, lookup
+from cifarviz.analysis.influence import (
+    DEFAULT_METHOD,
+    METHODS,
+    class_lookup,
+    index_path,
+    index_ready,
+    load_or_fit,
+    lookup,
+)
 from cifarviz.core.checkpoint import Checkpoint, load_checkpoint
 from cifarviz.core.data import default_data_root
 from cifarviz.core.inference import ready_for
@@ -63,7 +71,8 @@ def artifacts_job(checkpoint: Checkpoint, dataset, split: str, *, background: bo
     """The computation of a split's artifacts, started (or joined) if they are not on disk yet; None if they are."""
     if artifacts_cached(checkpoint, dataset, split):
         return None
-    return JOBS.start(str(artifact_path(checkpoint, dataset, split)), lambda report: split_artifacts(checkpoint, dataset, split, on_progress=report),
+    return JOBS.start(str(artifact_path(checkpoint, dataset, split)),
+                      lambda report: split_artifacts(checkpoint, dataset, split, on_progress=report),
                       background=background)
 
 
@@ -81,10 +90,9 @@ def prefetch(checkpoint: Checkpoint | None, dataset) -> None:
 
 def influence_job(method: str, checkpoint: Checkpoint, dataset, *, background: bool = False) -> Job | None:
     """The fitting of an influence index, started (or joined) if it is not on disk yet; None if it is."""
-    path = index_path(method, checkpoint, dataset)
-    if path.is_file():
+    if index_ready(method, checkpoint, dataset):
         return None
-    return JOBS.start(str(path), lambda report: load_or_fit(method, checkpoint, dataset, on_progress=report),
+    return JOBS.start(str(index_path(method, checkpoint, dataset)), lambda report: load_or_fit(method, checkpoint, dataset, on_progress=report),
                       background=background)
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "InfluenceResult",
     "class_lookup",
     "index_key",
+    "index_ready",
     "index_path",
     "load_or_fit",
     "lookup",
@@ -123,6 +124,11 @@ def index_key(method: str, checkpoint, dataset) -> CacheKey:
 def index_path(method: str, checkpoint, dataset) -> Path:
     """The cache file of one method's index (see index_key)."""
     return default_store().path(index_key(method, checkpoint, dataset))
+
+
+def index_ready(method: str, checkpoint, dataset) -> bool:
+    """Whether the method's index is at hand (stored, or kept in memory without a disk) without fitting it."""
+    return default_store().has(index_key(method, checkpoint, dataset))
 
 
 def _origin(checkpoint, dataset) -> dict:

@@ -30,7 +30,7 @@ class InfluenceIndex(ABC):
     title: str = ""
     explanation: str = ""  # one sentence for the page
     has_self_influence: bool = True
-    arrays: ClassVar[dict] = {}  # the store schema of `state()`: name -> cifarviz.store.Array, with "n" the training images
+    arrays: ClassVar[dict] = {}  # the store schema of `state()`: name -> Array, with "n" the training images
     origin: dict | None = None  # what the index was built from (set by load_or_fit): model, images, method
     positions = None  # row -> position in dataset.train of the images it covers (set by load_or_fit); None: all
 

@@ -60,7 +60,8 @@ class Task:
                                      f"to give the L2 coefficient, not {lr:g}.")
             decay /= lr
         elif config.get("weight_decay_mode", "coefficient") != "coefficient":
-            raise InfluenceError(f"{checkpoint.name}: weight_decay_mode {reprlib.repr(config.get('weight_decay_mode'))} "
+            mode = reprlib.repr(config.get("weight_decay_mode"))
+            raise InfluenceError(f"{checkpoint.name}: weight_decay_mode {mode} "
                                  "in its metadata is neither coefficient nor per_step.")
         optimizer = str(config.get("optimizer") or "sgd")
         return cls(label_smoothing=smoothing, l2=decay, optimizer=optimizer)

@@ -106,8 +106,8 @@ class TrakInfluence(InfluenceIndex):
     explanation = ("TRAK: compares the test image's gradient with every training image's gradient over the whole "
                    "network (its last layers for large models), randomly projected, and corrects for how "
                    "redundant the training images are with one another.")
-    arrays: ClassVar[dict] = {"weighted": Array("f", ("n", "k")), "self_scores": Array("f", ("n",)), "names": Array("U", (None,)),
-              "k": Array("i", low=1), "seed": Array("i")}
+    arrays: ClassVar[dict] = {"weighted": Array("f", ("n", "k")), "self_scores": Array("f", ("n",)),
+                              "names": Array("U", (None,)), "k": Array("i", low=1), "seed": Array("i")}
 
     def __init__(self, weighted: np.ndarray, self_scores: np.ndarray, names: list[str], k: int, seed: int):
         self.weighted = weighted  # (n, k) float32: Phi (Phi^T Phi + ridge I)^-1, each row times q_i
