@@ -312,3 +312,20 @@ def test_a_runs_folder_that_is_a_file_gets_a_message(tmp_path, monkeypatch):
     with pytest.raises(runs.RunError, match="CIFARVIZ_RUNS"):
         runs.submit_training(TrainConfig(model="lenet", epochs=1), tmp_path, start=False)
     assert runs.list_runs() == []
+
+
+def test_loss_settings_that_cannot_be_right_are_said_on_the_influence_page(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFARVIZ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CIFARVIZ_RUNS", str(tmp_path / "runs"))
+    root = write_image_folder(tmp_path / "data", classes=tuple(f"c{i}" for i in range(10)), per_class=(4, 2))
+    from cifarviz.core.checkpoint import read_metadata, save_checkpoint
+    from cifarviz.core.models import create_model
+
+    lenet = load_checkpoint(SHIPPED_DIR / "lenet.safetensors")
+    meta = {**read_metadata(SHIPPED_DIR / "lenet.safetensors"), "classes": None}
+    meta["train_config"] = {**meta["train_config"], "label_smoothing": 5}
+    model = create_model("lenet")
+    model.load_state_dict(lenet.model.state_dict())
+    save_checkpoint(tmp_path / "runs" / "hostile.safetensors", model, meta)
+    at = _app(root, "pages/influence.py", "hostile (your run)")
+    assert any("label_smoothing 5" in e.value for e in at.error), [e.value for e in at.error]

@@ -43,6 +43,14 @@ class Job:
         self._claim = threading.Lock()
         self._finished = threading.Event()
 
+    @classmethod
+    def failed(cls, key: str, error: BaseException) -> "Job":
+        """A job that could not even start (its input was refused): shown like any failed job."""
+        job = cls(key, lambda report: None)
+        job.error = error
+        job._finished.set()
+        return job
+
     @property
     def done(self) -> bool:
         return self._finished.is_set()

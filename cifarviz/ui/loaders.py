@@ -23,6 +23,7 @@ from cifarviz.analysis.influence import (
 )
 from cifarviz.core.checkpoint import Checkpoint, load_checkpoint
 from cifarviz.core.data import default_data_root
+from cifarviz.core.errors import CifarvizError
 from cifarviz.core.inference import ready_for
 from cifarviz.core.utils import pick_device
 from cifarviz.services.jobs import JOBS, Job
@@ -90,8 +91,11 @@ def prefetch(checkpoint: Checkpoint | None, dataset) -> None:
 
 def influence_job(method: str, checkpoint: Checkpoint, dataset, *, background: bool = False) -> Job | None:
     """The fitting of an influence index, started (or joined) if it is not on disk yet; None if it is."""
-    if index_ready(method, checkpoint, dataset):
-        return None
+    try:
+        if index_ready(method, checkpoint, dataset):
+            return None
+    except CifarvizError as exc:  # e.g. loss settings in the metadata that cannot be right: say so, on the page
+        return Job.failed(f"influence-{method}-{checkpoint.name}", exc)
     return JOBS.start(str(index_path(method, checkpoint, dataset)), lambda report: load_or_fit(method, checkpoint, dataset, on_progress=report),
                       background=background)
 
