@@ -68,6 +68,7 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=250, help="images removed per test image (default 250: 5%%)")
     parser.add_argument("--methods", nargs="+", default=["head", "head-relative", "similarity", "trak", "random"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replicas", type=int, default=4, help="extra models of trak-ensemble (default 4)")
     args = parser.parse_args()
 
     load = os.getloadavg()[0]
@@ -90,12 +91,26 @@ def main() -> int:
         # "head-relative": the head's scores divided by each training image's own influence norm (RelatIF,
         # Barshan et al. 2020), which down-weights the high-loss images that dominate plain influence. An experiment
         # measured here, not a method of the app yet.
-        base_method = "head" if method == "head-relative" else method
+        # "trak-ensemble": TRAK over the checkpoint and --replicas more runs of its recipe (seeds 1, 2, ...), each
+        # model's scores scaled to mean |score| 1 and averaged, as TRAK's paper ensembles (an experiment here).
+        base_method = {"head-relative": "head", "trak-ensemble": "trak"}.get(method, method)
         index = None if method == "random" else load_or_fit(base_method, checkpoint, data)
+        members = []
+        if method == "trak-ensemble":
+            for s in range(1, args.replicas + 1):
+                replica = train(dataclasses.replace(config, seed=args.seed + s), data).model
+                member = Checkpoint(replica, {"name": f"replica-{s}", "train_config": config.to_dict()})
+                members.append((member, load_or_fit("trak", member, data)))
         changes = []
         for j, t in enumerate(test_idx):
             if method == "random":
                 rows = np.random.default_rng(1000 + j).choice(len(data.train), args.k, replace=False)
+            elif method == "trak-ensemble":
+                total = np.zeros(len(data.train))
+                for member, member_index in [(checkpoint, index), *members]:
+                    scores = member_index.scores(member, data, [int(t)])[0]
+                    total += scores / max(np.abs(scores).mean(), 1e-12)
+                rows = np.argsort(-total, kind="stable")[: args.k]
             elif method == "head-relative":
                 norms = np.sqrt(np.maximum(index.self_influence(), 1e-12))
                 scores = index.scores(checkpoint, data, [int(t)])[0] / norms
