@@ -251,7 +251,7 @@ class Store:
                     if arrays is None:
                         arrays = self._compute(compute, schema, dims)
                         self._write(path, arrays)
-                        if memo:
+                        if memo or not self._disk_ok:  # a write the disk refused: keep the finished result
                             self._remember((key.kind, key.digest, _dims_key(dims)), arrays)
                     return arrays
             except OSError as exc:
