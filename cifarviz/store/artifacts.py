@@ -23,7 +23,7 @@ import torch
 
 from cifarviz.core.checkpoint import Checkpoint, output_classes
 from cifarviz.core.inference import Predictions, predict
-from cifarviz.store.cache import Array, CacheKey, Schema, default_store
+from cifarviz.store.cache import Array, CacheKey, Schema, canonical, default_store
 
 ARTIFACT_VERSION = 3  # 3: keyed by architecture and arguments too, stored through the store
 ARTIFACT_ARRAYS = {"logits": Array("f", ("n", "classes")), "features": Array("f", ("n", None)),
@@ -71,7 +71,7 @@ def model_identity(checkpoint: Checkpoint) -> dict:
     """Everything about a checkpoint that changes its forward pass: architecture, its arguments, weights, TTA.
     (The same tensors loaded as deepnet-res and as deepnet-conv compute different things.)"""
     model = checkpoint.model
-    return {"architecture": model.arch_name, "arch_args": _plain(model.arch_args), "weights": weights_digest(model),
+    return {"architecture": model.arch_name, "arch_args": canonical(model.arch_args), "weights": weights_digest(model),
             "tta": checkpoint.tta}
 
 
@@ -80,13 +80,6 @@ def checkpoint_digest(checkpoint: Checkpoint) -> str:
     text = json.dumps(model_identity(checkpoint), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 _SPLIT_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Split -> (data content, digest)

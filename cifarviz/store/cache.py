@@ -41,8 +41,8 @@ from cifarviz.core.utils import atomic_write, file_lock
 log = logging.getLogger("cifarviz.store")
 SUFFIX = ".npz"
 # Errors that mean "the disk cannot keep this file", as opposed to a bug: the store then works from memory.
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
-                errno.EISDIR, errno.ENAMETOOLONG}
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG}
 
 
 class SchemaError(CifarvizError):
@@ -52,12 +52,12 @@ class SchemaError(CifarvizError):
 # --------------------------------------------------------------------------- keys
 
 
-def _canonical(value):
+def canonical(value):
     """JSON-able form of a key part: tuples as lists, numpy scalars as numbers, dict keys sorted by json.dumps."""
     if isinstance(value, Mapping):
-        return {str(k): _canonical(v) for k, v in value.items()}
+        return {str(k): canonical(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
+        return [canonical(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Path):
@@ -81,7 +81,7 @@ class CacheKey:
     def __post_init__(self):
         if not self.kind.isidentifier():
             raise ValueError(f"cache kind {self.kind!r} must be a plain name")
-        object.__setattr__(self, "parts", _canonical(self.parts))
+        object.__setattr__(self, "parts", canonical(self.parts))
 
     @property
     def digest(self) -> str:

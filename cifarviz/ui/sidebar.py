@@ -3,6 +3,7 @@ message when the data or the checkpoint is missing or does not fit."""
 
 from __future__ import annotations
 
+import threading
 import weakref
 from pathlib import Path
 
@@ -178,6 +179,7 @@ def data_status(root: str) -> str:
     return f"`{root}`: {kind or 'no data found'}"
 
 
+_FITS_LOCK = threading.Lock()
 _FITS: dict[tuple[int, int], tuple] = {}  # (model id, dataset id) -> (weak refs to both, why it does not fit or None)
 
 
@@ -185,15 +187,18 @@ def _check_fits(checkpoint: Checkpoint, dataset) -> None:
     """check_fits_data, once per (shared checkpoint, shared dataset) pair: pages ask on every rerun. The weak
     references make sure an id reused by a later object never answers for it."""
     key = (id(checkpoint.model), id(dataset))
-    known = _FITS.get(key)
+    with _FITS_LOCK:  # every viewer's rerun asks: the shared table is only touched under the lock
+        known = _FITS.get(key)
     if known is None or known[0]() is not checkpoint.model or known[1]() is not dataset:
         try:
             check_fits_data(checkpoint, dataset)
             reason = None
         except CifarvizError as exc:
             reason = str(exc)
-        known = _FITS[key] = (weakref.ref(checkpoint.model), weakref.ref(dataset), reason)
-        while len(_FITS) > 256:
-            _FITS.pop(next(iter(_FITS)))
+        known = (weakref.ref(checkpoint.model), weakref.ref(dataset), reason)
+        with _FITS_LOCK:
+            _FITS[key] = known
+            while len(_FITS) > 256:
+                _FITS.pop(next(iter(_FITS)))
     if known[2] is not None:
         raise CheckpointError(known[2])
