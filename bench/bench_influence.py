@@ -27,13 +27,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cifarviz.analysis.influence import METHODS, index_path, load_or_fit
+from cifarviz.analysis.influence import METHODS, ensemble_scores, index_path, load_or_fit, lookup
 from cifarviz.core.augment import AugmentConfig
 from cifarviz.core.checkpoint import SHIPPED_DIR, Checkpoint, load_checkpoint
 from cifarviz.core.data import Split
-from cifarviz.store.datasets import load_cifar10
 from cifarviz.core.inference import predict
 from cifarviz.core.train import TrainConfig, train
+from cifarviz.store.datasets import load_cifar10
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -57,7 +57,7 @@ def speed(dataset, names: list[str], methods: list[str]) -> list[dict]:
             latencies = []
             for t in np.random.default_rng(0).choice(len(dataset.test), 100, replace=False):
                 start = time.perf_counter()
-                index.scores(checkpoint, dataset, [int(t)])
+                lookup(index, checkpoint, dataset, int(t), k=8)  # what a click asks for
                 latencies.append(1000 * (time.perf_counter() - start))
             rows.append({"checkpoint": name, "method": method, "build_s": round(build, 1),
                          "disk_mb": round(path.stat().st_size / 1e6, 1),
@@ -77,7 +77,7 @@ def margins(model, images, labels) -> np.ndarray:
     return correct - (top[:, 0] + np.log(np.exp(others - top).sum(1)))
 
 
-def lds(dataset, n_train: int, n_models: int, n_test: int, epochs: int) -> dict:
+def lds(dataset, n_train: int, n_models: int, n_test: int, epochs: int, ensemble: int) -> dict:
     from scipy.stats import spearmanr
 
     rng = np.random.default_rng(0)
@@ -93,7 +93,14 @@ def lds(dataset, n_train: int, n_models: int, n_test: int, epochs: int) -> dict:
     test_idx = np.sort(rng.choice(len(dataset.test), n_test, replace=False))
     base_test = dataclasses.replace(small, test=Split("test", dataset.test.images[test_idx],
                                                       dataset.test.labels[test_idx], test_idx))
-    scores = {m: load_or_fit(m, base, base_test).scores(base, base_test, np.arange(n_test)) for m in METHODS}
+    scores = {m: load_or_fit(m, base, base_test).scores(base, base_test, np.arange(n_test))
+              for m, cls in METHODS.items() if not cls.needs_members}
+    replicas = []  # the ensemble with more and more models: its LDS should rise with M
+    for m in sorted({2, 5, 10, ensemble} & set(range(2, ensemble + 1))):
+        while len(replicas) < m - 1:
+            replicas.append(train(dataclasses.replace(config, seed=100 + len(replicas)), small).model)
+        scores[f"trak-ensemble-{m}"] = ensemble_scores([base.model, *replicas[:m - 1]], base_test,
+                                                       np.arange(n_test))[0]
     print(f"base model and indexes: {time.perf_counter() - start:.0f} s", flush=True)
 
     masks, outputs = [], []
@@ -125,13 +132,14 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=5000)
     parser.add_argument("--test-images", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--ensemble", type=int, default=20, help="most models of trak-ensemble (default 20)")
     parser.add_argument("--checkpoints", nargs="+", default=["lenet", "fastnet"])
     parser.add_argument("--methods", nargs="+", default=["head", "trak"])
     args = parser.parse_args()
     os.environ.setdefault("CIFARVIZ_CACHE", tempfile.mkdtemp(prefix="cifarviz-bench-influence-"))
     dataset = load_cifar10(args.data, download=False, progress=False)
     if args.lds:
-        out = lds(dataset, args.train_images, args.models, args.test_images, args.epochs)
+        out = lds(dataset, args.train_images, args.models, args.test_images, args.epochs, args.ensemble)
     else:
         out = {"speed": speed(dataset, args.checkpoints, args.methods), "data": str(dataset.root),
                "cpu_threads": __import__("torch").get_num_threads()}

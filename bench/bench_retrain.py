@@ -8,7 +8,7 @@ plain feature similarity, the baseline every method must at least match.
     python bench/bench_retrain.py                      # lenet, a 5,000-image subset, 8 test images, k = 250
     python bench/bench_retrain.py --subset 45000 --k 500 --tests 8     # the full protocol: hours on 2 CPU cores
 
-Prints a table and writes bench/results/retrain.json (git-ignored) with the commit it measured.
+Prints a table and writes bench/results/retrain-MODEL-SUBSET-kK.json with the commit it measured.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cifarviz.analysis.influence import load_or_fit, lookup  # noqa: E402
+from cifarviz.analysis.influence import ensemble_scores, load_or_fit, lookup  # noqa: E402
 from cifarviz.core.checkpoint import Checkpoint  # noqa: E402
 from cifarviz.core.data import Split  # noqa: E402
 from cifarviz.core.inference import predict  # noqa: E402
@@ -66,9 +66,10 @@ def main() -> int:
     parser.add_argument("--subset", type=int, default=5000, help="training images (default 5000)")
     parser.add_argument("--tests", type=int, default=8, help="test images (default 8)")
     parser.add_argument("--k", type=int, default=250, help="images removed per test image (default 250: 5%%)")
-    parser.add_argument("--methods", nargs="+", default=["head", "head-relative", "similarity", "trak", "random"])
+    parser.add_argument("--methods", nargs="+", default=["trak-ensemble", "head", "similarity", "trak", "random"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--replicas", type=int, default=4, help="extra models of trak-ensemble (default 4)")
+    parser.add_argument("--models", type=int, default=20,
+                        help="models of trak-ensemble: the checkpoint and this many minus one replicas (default 20)")
     args = parser.parse_args()
 
     load = os.getloadavg()[0]
@@ -90,27 +91,22 @@ def main() -> int:
     for method in args.methods:
         # "head-relative": the head's scores divided by each training image's own influence norm (RelatIF,
         # Barshan et al. 2020), which down-weights the high-loss images that dominate plain influence. An experiment
-        # measured here, not a method of the app yet.
-        # "trak-ensemble": TRAK over the checkpoint and --replicas more runs of its recipe (seeds 1, 2, ...), each
-        # model's scores scaled to mean |score| 1 and averaged, as TRAK's paper ensembles (an experiment here).
-        base_method = {"head-relative": "head", "trak-ensemble": "trak"}.get(method, method)
-        index = None if method == "random" else load_or_fit(base_method, checkpoint, data)
-        members = []
+        # measured here, not a method of the app.
+        # "trak-ensemble": the app's method (ensemble.py) over the checkpoint and --models - 1 more runs of its
+        # recipe (seeds 1, 2, ...), as the app's lenet ships replicas.
+        index = None if method in ("random", "trak-ensemble") else load_or_fit(method.replace("-relative", ""),
+                                                                                checkpoint, data)
+        ensemble = None
         if method == "trak-ensemble":
-            for s in range(1, args.replicas + 1):
-                replica = train(dataclasses.replace(config, seed=args.seed + s), data).model
-                member = Checkpoint(replica, {"name": f"replica-{s}", "train_config": config.to_dict()})
-                members.append((member, load_or_fit("trak", member, data)))
+            models = [base] + [train(dataclasses.replace(config, seed=args.seed + s), data).model
+                               for s in range(1, args.models)]
+            ensemble, _, _ = ensemble_scores(models, data, test_idx)
         changes = []
         for j, t in enumerate(test_idx):
             if method == "random":
                 rows = np.random.default_rng(1000 + j).choice(len(data.train), args.k, replace=False)
             elif method == "trak-ensemble":
-                total = np.zeros(len(data.train))
-                for member, member_index in [(checkpoint, index), *members]:
-                    scores = member_index.scores(member, data, [int(t)])[0]
-                    total += scores / max(np.abs(scores).mean(), 1e-12)
-                rows = np.argsort(-total, kind="stable")[: args.k]
+                rows = np.argsort(-ensemble[j], kind="stable")[: args.k]
             elif method == "head-relative":
                 norms = np.sqrt(np.maximum(index.self_influence(), 1e-12))
                 scores = index.scores(checkpoint, data, [int(t)])[0] / norms
@@ -129,11 +125,15 @@ def main() -> int:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent, check=False).stdout.strip()
-    report = {"commit": commit, "data": args.data, "model": args.model, "subset": len(data.train), "k": args.k,
+    report = {"commit": commit, "command": " ".join(["python", "bench/bench_retrain.py", *sys.argv[1:]]),
+              "data": args.data, "model": args.model, "subset": len(data.train), "k": args.k,
+              "ensemble_models": args.models,
               "seed": args.seed, "test_images": test_idx.tolist(), "loss_before": before.tolist(),
               "load_average": load, "seconds_per_training_run": retrain_seconds, "methods": results}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "retrain.json").write_text(json.dumps(report, indent=2))
+    out = RESULTS / f"retrain-{args.model}-{len(data.train)}-k{args.k}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"written to {out}")
     print("\n| method | mean change of the plain test loss | rose |\n| --- | ---: | ---: |")
     for method, r in results.items():
         print(f"| {method} | {r['mean_change']:+.3f} | {r['rose']} of {len(r['changes'])} |")

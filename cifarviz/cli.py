@@ -17,8 +17,8 @@ from pathlib import Path
 from cifarviz.core.checkpoint import check_fits_data, shipped_file, shipped_files
 from cifarviz.core.errors import CheckpointError, CifarvizError
 
-METHODS = ("head", "trak", "similarity")  # cifarviz.analysis.influence.METHODS, named here so --help needs no torch import
-DEFAULT_INFLUENCE = "head"
+# cifarviz.analysis.influence.METHODS, named here so --help needs no torch import
+METHODS = ("trak-ensemble", "head", "trak", "similarity")
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
@@ -285,11 +285,11 @@ def cmd_precompute(args) -> int:
             split_artifacts(checkpoint, dataset, split, progress=not cached)
             state = "already cached" if cached else f"computed in {time.perf_counter() - start:.1f} s"
             print(f"{checkpoint.name:20} {split:5} {state}")
-        for method in args.influence or [DEFAULT_INFLUENCE]:
+        from cifarviz.analysis.influence import default_method, index_ready, load_or_fit
+
+        for method in args.influence or [default_method(checkpoint)]:
             if method == "none":
                 continue
-            from cifarviz.analysis.influence import index_ready, load_or_fit
-
             cached = index_ready(method, checkpoint, dataset)
             start = time.perf_counter()
             load_or_fit(method, checkpoint, dataset, progress=not cached)
@@ -302,7 +302,14 @@ def cmd_precompute(args) -> int:
 def cmd_influence(args) -> int:
     """Top-k helpful and harmful training images for a test image (--test-index), a whole test class
     (--class), or the training images ranked by self-influence (--self)."""
-    from cifarviz.analysis.influence import class_lookup, load_or_fit, lookup, suspicious, training_losses
+    from cifarviz.analysis.influence import (
+        class_lookup,
+        default_method,
+        load_or_fit,
+        lookup,
+        suspicious,
+        training_losses,
+    )
 
     modes = [bool(args.self), args.test_index is not None, args.class_name is not None]
     if sum(modes) != 1:
@@ -312,6 +319,7 @@ def cmd_influence(args) -> int:
     checkpoint = load_named_checkpoint(args.checkpoint, args.arch)
     dataset = _load_data(args)
     check_fits_data(checkpoint, dataset)  # classes and images, once, before any work
+    args.method = args.method or default_method(checkpoint)  # the best measured for this checkpoint (the page's too)
     index = load_or_fit(args.method, checkpoint, dataset, progress=not args.json)
     if args.self:
         order, scores = suspicious(index, args.top or 100)
@@ -597,13 +605,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self", action="store_true", help="rank the training images by self-influence (suspicious first)")
     p.add_argument("--k", type=int, default=10, help="how many helpful and harmful images (default 10; up to all)")
     p.add_argument("--top", type=int, help="with --self: how many to list (default 100)")
-    p.add_argument("--method", choices=list(METHODS), default=DEFAULT_INFLUENCE, help="influence method (default head)")
+    p.add_argument("--method", choices=list(METHODS), default=None,
+                   help="influence method (default: the best measured by retraining for the checkpoint, as on the "
+                        "Influence page: trak-ensemble for lenet, head where there are no replicas)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_influence)
     p = sub.add_parser("precompute", parents=[data_args, arch_args], help="warm the caches the app uses (run before a class)")
     p.add_argument("--checkpoint", "-c", action="append", help="checkpoint file or shipped name; repeatable (default: all shipped)")
     p.add_argument("--influence", action="append", choices=[*METHODS, "none"],
-                   help=f"influence indexes to build; repeatable (default {DEFAULT_INFLUENCE}; none to skip)")
+                   help="influence indexes to build; repeatable (default: the checkpoint's default method; none to skip)")
     p.set_defaults(func=cmd_precompute)
     p = sub.add_parser("runs", help="training runs started on the Train page: list them, stop or cancel one")
     p.add_argument("action", nargs="?", choices=["list", "stop", "cancel"], default="list",

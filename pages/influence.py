@@ -2,7 +2,14 @@ import numpy as np
 import streamlit as st
 
 from cifarviz.analysis.explore import ImageRef, to_png
-from cifarviz.analysis.influence import DEFAULT_METHOD, METHODS, loss_ranking, suspicious, trained_positions
+from cifarviz.analysis.influence import (
+    METHODS,
+    available_methods,
+    default_method,
+    loss_ranking,
+    suspicious,
+    trained_positions,
+)
 from cifarviz.ui import app
 
 dataset, checkpoint = app.data_and_checkpoint_page("Influence")
@@ -14,12 +21,23 @@ st.markdown(
     "A training image is **helpful** for a test image when removing it from training would *raise* the test "
     "image's loss (the model would be less sure of the right answer), and **harmful** when removing it would "
     "*lower* that loss.")
-method = st.segmented_control("Method", list(METHODS), default=DEFAULT_METHOD, key="influence_method", required=True,
+methods = available_methods(checkpoint)
+if st.session_state.get("influence_method_of") != str(checkpoint.path) or \
+        st.session_state.get("influence_method") not in methods:  # another checkpoint: its own measured default
+    st.session_state["influence_method"] = default_method(checkpoint)
+    st.session_state["influence_method_of"] = str(checkpoint.path)
+method = st.segmented_control("Method", methods, key="influence_method", required=True,
                               format_func=lambda name: METHODS[name].title)
+titles = {name: cls.title for name, cls in METHODS.items()} | {"random": "k random images (for scale)"}
 st.caption(METHODS[method].explanation)
+app.measured_figures(checkpoint, method, titles)
 if scope_note:
     st.caption(scope_note)
-index = app.get_influence_index(method, checkpoint, dataset)
+index, method, building = app.influence_index_now(method, checkpoint, dataset)
+if building is not None:  # the ensemble takes minutes to build, once: answer with the head meanwhile
+    app.progress_bar(building, f"Building the {METHODS[st.session_state['influence_method']].title} index of "
+                     f"{checkpoint.name} (once, for everyone); until then the answers below are the "
+                     f"{METHODS[method].title} method's")
 test_arts = app.get_artifacts(checkpoint, dataset, "test")
 k = st.slider("Images per list", 4, 24, 8, step=4, key="influence_k")
 
@@ -84,6 +102,8 @@ def one_test_image() -> None:
                     f"({test_arts.probs[chosen].max():.0%})")
         st.caption("Scores: the predicted change of this image's loss if the training image were removed.")
     show_result(app.influence_of(method, checkpoint, dataset, test_index=chosen, k=k), key=f"test-{chosen}")
+    app.retrain_section(index, checkpoint, dataset, chosen, lambda n: app.influence_of(
+        method, checkpoint, dataset, test_index=chosen, k=n), test_arts.probs)
 
 
 def a_whole_class() -> None:

@@ -78,7 +78,8 @@ def test_precompute_warms_the_app_caches(cifar):
     from cifarviz.core.checkpoint import load_checkpoint
     from cifarviz.store.artifacts import artifact_path
 
-    result = run("precompute", "-c", "lenet", "--data", str(cifar.root))
+    # --influence head: lenet's default, the ensemble of its 20 models, takes minutes (test_ensemble.py)
+    result = run("precompute", "-c", "lenet", "--influence", "head", "--data", str(cifar.root))
     assert result.returncode == 0, result.stderr
     from cifarviz.analysis.influence import index_path
 
@@ -88,7 +89,7 @@ def test_precompute_warms_the_app_caches(cifar):
     checkpoint = load_checkpoint(REPO / "checkpoints" / "lenet.safetensors")
     assert all(artifact_path(checkpoint, cifar, split).is_file() for split in ("test", "val", "train"))
     assert index_path("head", checkpoint, cifar).is_file()
-    again = run("precompute", "-c", "lenet", "--data", str(cifar.root))
+    again = run("precompute", "-c", "lenet", "--influence", "head", "--data", str(cifar.root))
     assert again.stdout.count("already cached") == 5
 
 

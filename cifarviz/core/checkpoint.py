@@ -30,6 +30,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -82,6 +83,28 @@ def shipped_file(name: str) -> Path | None:
     card = next((c for c in model_cards() if c.name == name), None)
     path = SHIPPED_DIR / card.weights if card is not None and card.weights else None
     return path if path is not None and path.is_file() else None
+
+
+ENSEMBLE_SNAPSHOTS = 4  # a run's per-epoch snapshots an ensemble averages over, where it has no replicas
+
+
+def ensemble_member_files(checkpoint: Checkpoint) -> list[Path]:
+    """Other models of the checkpoint's recipe that ensemble influence averages over with it (TRAK's M models):
+    the card's shipped replicas when the checkpoint is the card's shipped file; else, for a run saved with
+    per-epoch snapshots (epochs/ beside its checkpoint), up to ENSEMBLE_SNAPSHOTS of them spread over the second
+    half of training, the last epoch (the checkpoint itself) left out. Empty when there are none."""
+    if checkpoint.path is None:
+        return []
+    path = Path(checkpoint.path).resolve()
+    for card in model_cards():
+        if card.weights and card.replicas and (SHIPPED_DIR / card.weights).resolve() == path:
+            return [SHIPPED_DIR / name for name in card.replicas if (SHIPPED_DIR / name).is_file()]
+    snapshots = sorted((path.parent / "epochs").glob("epoch-[0-9][0-9][0-9].safetensors"))[:-1]
+    later = snapshots[len(snapshots) // 2:]
+    if len(later) <= ENSEMBLE_SNAPSHOTS:
+        return later
+    picks = np.linspace(0, len(later) - 1, ENSEMBLE_SNAPSHOTS).round().astype(int)
+    return [later[i] for i in sorted(set(picks.tolist()))]
 
 
 def output_classes(model) -> int:

@@ -60,6 +60,21 @@ class SourceFigures:
 
 
 @dataclass(frozen=True)
+class RetrainingFigures:
+    """Influence methods checked against what really happens (bench/bench_retrain.py): for each of a few correctly
+    classified test images, retrain the recipe without the method's top-k helpful training images and measure the
+    test image's plain cross-entropy. `mean_change`: method -> mean change of that loss (higher = the method found
+    images the prediction really rests on); `rose`: method -> for how many of the test images it rose."""
+
+    protocol: str  # what was retrained on which data, how many test images, k
+    command: str  # the command that measured it
+    commit: str
+    mean_change: Mapping[str, float]
+    rose: Mapping[str, int]
+    tests: int
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """Everything cifarviz knows about one zoo model, in one place (timm's `pretrained_cfg` in spirit).
 
@@ -78,6 +93,10 @@ class ModelCard:
     input_size: int = 32  # the images the model takes (it may resize them inside, like resnet18-transfer)
     recipe: Mapping | None = None  # TrainConfig fields of the shipped run (`model` is this card's name)
     weights: str | None = None  # the shipped checkpoint's file name under checkpoints/
+    # More runs of the shipped recipe (seeds 1, 2, ...; files under checkpoints/) that ensemble influence (TRAK's
+    # M models) averages over with the shipped checkpoint.
+    replicas: tuple[str, ...] = ()
+    influence: RetrainingFigures | None = None  # influence methods checked by retraining (bench/bench_retrain.py)
     figures: SourceFigures = field(default_factory=SourceFigures)
     family: str = ""  # models compared side by side on the Models page share a family
     variant: str = ""  # this model's name within its family ("BatchNorm", "residual")
@@ -275,6 +294,8 @@ class LeNet(ZooModel):
 
 @register_model("lenet", source="sc1015-influence-functions, simple-cnn-misclassified",
                 description="PyTorch-tutorial LeNet: 2 conv (5x5) + 3 FC", weights="lenet.safetensors",
+                # `python -m cifarviz train --recipe lenet --seed S --out checkpoints/replicas/lenet-seedS.safetensors`
+                replicas=tuple(f"replicas/lenet-seed{seed}.safetensors" for seed in range(1, 20)),
                 recipe={"epochs": 20, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4,
                         "augment": FLIP_CROP})
 def lenet(num_classes: int = 10) -> ZooModel:

@@ -6,6 +6,7 @@
 * sidebar.py: the data folder and checkpoint pickers, and the page starts that need them;
 * widgets.py: the clickable image grid;  inspector.py: the image inspector every image opens;
 * uploads.py: the server's flags, uploaded checkpoints and photos;
+* influence_view.py: the Influence page's measured figures and "retrain without these images";
 * charts.py, embeddings.py, tuning.py, train_form.py, runs_view.py, compare.py, models_view.py: one page's pieces.
 
 The ui package is the only part of cifarviz that imports Streamlit.
@@ -33,6 +34,8 @@ from cifarviz.ui.loaders import (  # noqa: F401
     prefetch,
     influence_job,
     get_influence_index,
+    influence_index_now,
+    time_left,
     influence_of,
     get_artifacts,
     wait_for,
@@ -55,6 +58,7 @@ from cifarviz.ui.widgets import (  # noqa: F401
     close_inspector,
     image_grid,
 )
+from cifarviz.ui.influence_view import measured_figures, retrain_section  # noqa: F401
 from cifarviz.ui.inspector import (  # noqa: F401
     inspector,
     saliency_png,

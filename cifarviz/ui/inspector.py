@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from cifarviz.analysis.explore import ImageRef, grad_cam, nearest_neighbours, overlay_heatmap, to_png
-from cifarviz.analysis.influence import DEFAULT_METHOD
+from cifarviz.analysis.influence import METHODS, default_method
 from cifarviz.core.checkpoint import Checkpoint
 from cifarviz.core.inference import predict
 from cifarviz.store.artifacts import split_tta
@@ -18,10 +18,12 @@ from cifarviz.ui.loaders import (
     artifacts_ready,
     file_stamp,
     get_artifacts,
+    influence_index_now,
     influence_job,
     influence_of,
     prefetch,
     progress_bar,
+    time_left,
 )
 from cifarviz.ui.widgets import INSPECT_KEY, close_inspector, image_grid
 
@@ -142,12 +144,19 @@ def neighbours_section(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np
 
 
 def influence_section(checkpoint: Checkpoint, dataset, ref: ImageRef, k: int = 4) -> None:
-    """The inspector's top-k helpful and harmful training images for a test image (the default method)."""
-    job = influence_job(DEFAULT_METHOD, checkpoint, dataset)
-    if job is not None:
+    """The inspector's top-k helpful and harmful training images for a test image: the method picked on the
+    Influence page for this checkpoint, else the checkpoint's measured default (default_method)."""
+    chosen = st.session_state.get("influence_method")
+    if st.session_state.get("influence_method_of") != str(checkpoint.path) or chosen not in METHODS:
+        chosen = default_method(checkpoint)
+    job = influence_job(chosen, checkpoint, dataset, background=METHODS[chosen].needs_members)
+    if job is not None and not METHODS[chosen].needs_members:
         progress_bar(job, "Building the influence index (once per checkpoint, for everyone)")
         return
-    result = influence_of(DEFAULT_METHOD, checkpoint, dataset, test_index=ref.index, k=k)
+    _, method, building = influence_index_now(chosen, checkpoint, dataset)
+    result = influence_of(method, checkpoint, dataset, test_index=ref.index, k=k)
+    if building is not None:
+        st.caption(f"{METHODS[method].title} until the {METHODS[chosen].title} index is built{time_left(building)}.")
     helpful, harmful = st.columns(2)
     with helpful:
         st.caption("Helpful")

@@ -7,15 +7,16 @@ from __future__ import annotations
 import atexit
 import gc
 import sys
+import time
 from pathlib import Path
 
 import streamlit as st
 import torch
 
 from cifarviz.analysis.influence import (
-    DEFAULT_METHOD,
     METHODS,
     class_lookup,
+    default_method,
     index_path,
     index_ready,
     load_or_fit,
@@ -86,7 +87,9 @@ def prefetch(checkpoint: Checkpoint | None, dataset) -> None:
     if checkpoint is not None and dataset is not None:
         for split in ("test", "train", "val"):
             artifacts_job(checkpoint, dataset, split, background=True)
-        influence_job(DEFAULT_METHOD, checkpoint, dataset, background=True)
+        method = default_method(checkpoint)
+        if not METHODS[method].needs_members:  # an ensemble takes minutes: built when Influence or the inspector asks
+            influence_job(method, checkpoint, dataset, background=True)
 
 
 def influence_job(method: str, checkpoint: Checkpoint, dataset, *, background: bool = False) -> Job | None:
@@ -108,6 +111,16 @@ def get_influence_index(method: str, checkpoint: Checkpoint, dataset):
         wait_for(job, f"Building the {METHODS[method].title} index of {checkpoint.name} over the "
                       f"{len(dataset.train):,} training images (once per checkpoint, for everyone)")
     return _influence_index(method, str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix())
+
+
+def influence_index_now(method: str, checkpoint: Checkpoint, dataset, fallback: str = "head"):
+    """(index, the method it is, the job still building `method` or None). A method that takes minutes to build
+    (the ensemble) is built in the background while the page answers with `fallback`, which takes seconds:
+    the first answer should not wait for the best one."""
+    job = influence_job(method, checkpoint, dataset, background=METHODS[method].needs_members)
+    if job is None or not METHODS[method].needs_members or (job.done and job.error is None):
+        return get_influence_index(method, checkpoint, dataset), method, None
+    return get_influence_index(fallback, checkpoint, dataset), fallback, job
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)  # a TRAK index holds ~370 MB
@@ -180,9 +193,17 @@ def progress_bar(job: Job, label: str, until=None, every: float = 0.5) -> None:
     def progress() -> None:
         if job.done or (until is not None and until()):
             st.rerun()  # the whole page, now with the result
-        st.progress(job.progress, text=f"{label}: {job.progress:.0%}")
+        st.progress(job.progress, text=f"{label}: {job.progress:.0%}{time_left(job)}")
 
     progress()
+
+
+def time_left(job: Job) -> str:
+    """", about 3 min left" from the job's pace so far (nothing until there is a pace to go by)."""
+    if job.started_at is None or job.progress < 0.02:
+        return ""
+    seconds = (time.monotonic() - job.started_at) * (1 - job.progress) / job.progress
+    return f", about {seconds / 60:.0f} min left" if seconds >= 90 else f", about {max(seconds, 1):.0f} s left"
 
 
 @st.cache_resource(show_spinner=False, max_entries=24)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,34 +26,42 @@ from cifarviz.store.artifacts import checkpoint_digest, model_identity, split_ar
 from cifarviz.store.cache import CacheKey, Schema, default_store
 
 from .base import InfluenceError, InfluenceIndex, Progress
+from .ensemble import TrakEnsemble, ensemble_scores
 from .head import HeadInfluence
 from .similarity import FeatureSimilarity
 from .task import MEASUREMENT, Task
 from .trak import TrakInfluence
 
-METHODS: dict[str, type[InfluenceIndex]] = {m.name: m for m in (HeadInfluence, TrakInfluence, FeatureSimilarity)}
-DEFAULT_METHOD = "head"
-INDEX_VERSION = 4  # 4: the head's test side is the plain loss (task.py); keyed by the task
+METHODS: dict[str, type[InfluenceIndex]] = {m.name: m for m in (TrakEnsemble, HeadInfluence, TrakInfluence,
+                                                                 FeatureSimilarity)}
+DEFAULT_METHOD = "head"  # where a model's card has no retraining figures (default_method) and no ensemble
+BASELINES = ("similarity",)  # shown beside the attribution methods, never their default
+INDEX_VERSION = 5  # 5: the ensemble's lists; test images in the key of methods that precompute them
 
 __all__ = [
     "DEFAULT_METHOD",
     "MEASUREMENT",
-    "loss_ranking",
-    "trained_positions",
-    "Task",
     "METHODS",
     "InfluenceEntry",
     "InfluenceError",
     "InfluenceIndex",
     "InfluenceResult",
+    "Task",
+    "TrakEnsemble",
+    "available_methods",
     "class_lookup",
+    "default_method",
+    "ensemble_members",
+    "ensemble_scores",
     "index_key",
-    "index_ready",
     "index_path",
+    "index_ready",
     "load_or_fit",
     "lookup",
+    "loss_ranking",
     "method_class",
     "suspicious",
+    "trained_positions",
     "training_losses",
 ]
 
@@ -62,6 +71,60 @@ def method_class(method: str) -> type[InfluenceIndex]:
         return METHODS[method]
     except KeyError:
         raise InfluenceError(f"Unknown influence method {method!r}. Methods: {', '.join(METHODS)}.") from None
+
+
+_MEMBERS: dict = {}  # (file, mtime, size) -> Checkpoint: loaded once per process (a rerun asks every time)
+_MEMBERS_LOCK = threading.Lock()
+
+
+def ensemble_members(checkpoint) -> list:
+    """The other models an ensemble method averages over with `checkpoint` (core.checkpoint.ensemble_member_files),
+    loaded and checked: each must be the checkpoint's architecture with its arguments and classes."""
+    from cifarviz.core.checkpoint import ensemble_member_files, load_checkpoint
+
+    members = []
+    for path in ensemble_member_files(checkpoint):
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        with _MEMBERS_LOCK:
+            member = _MEMBERS.get(key)
+            if member is None:
+                member = _MEMBERS[key] = load_checkpoint(path)
+        ours, theirs = checkpoint.model, member.model
+        named = [c.meta.get("classes") for c in (checkpoint, member) if isinstance(c.meta, dict)]
+        if (theirs.arch_name, theirs.arch_args) != (ours.arch_name, ours.arch_args) or \
+                (len(named) == 2 and all(named) and list(named[0]) != list(named[1])):  # older files name none
+            raise InfluenceError(f"{path.name} is not a model of {checkpoint.name}'s kind ({theirs.arch_name} "
+                                 f"{theirs.arch_args}, not {ours.arch_name} {ours.arch_args}, or other classes): it "
+                                 "cannot be averaged with it. Remove it, or retrain it with the same recipe.")
+        members.append(member)
+    return members
+
+
+def available_methods(checkpoint) -> list[str]:
+    """The methods that can run for this checkpoint: an ensemble needs other models of its recipe."""
+    from cifarviz.core.checkpoint import ensemble_member_files
+
+    has_members = bool(ensemble_member_files(checkpoint))
+    return [name for name, cls in METHODS.items() if has_members or not cls.needs_members]
+
+
+def default_method(checkpoint) -> str:
+    """The page's, inspector's and CLI's default: of the attribution methods available for this checkpoint, the one
+    with the best measured retraining effect on its model card (bench/bench_retrain.py); else the ensemble where
+    there is one, else DEFAULT_METHOD (the best single-model method measured on lenet)."""
+    from cifarviz.core.errors import ModelError
+    from cifarviz.core.models import model_card
+
+    available = [m for m in available_methods(checkpoint) if m not in BASELINES]
+    try:
+        figures = model_card(checkpoint.model.arch_name).influence
+    except ModelError:  # not a zoo model: nothing measured
+        figures = None
+    measured = {m: v for m, v in (figures.mean_change.items() if figures else ()) if m in available}
+    if measured:
+        return max(measured, key=measured.get)
+    return "trak-ensemble" if "trak-ensemble" in available else DEFAULT_METHOD
 
 
 def trained_positions(checkpoint, dataset) -> tuple[np.ndarray, str | None]:
@@ -115,10 +178,12 @@ def index_key(method: str, checkpoint, dataset) -> CacheKey:
     the method with its settings."""
     cls = method_class(method)
     positions, _ = trained_positions(checkpoint, dataset)
-    return CacheKey("influence", INDEX_VERSION, {
-        "method": method, "settings": cls.settings(), "model": model_identity(checkpoint),
-        "task": Task.from_checkpoint(checkpoint).key(), "images": subset_digest(dataset, "train", positions),
-    }, label=method)
+    parts = {"method": method, "settings": cls.settings(), "model": model_identity(checkpoint),
+             "task": Task.from_checkpoint(checkpoint).key(), "images": subset_digest(dataset, "train", positions)}
+    if cls.needs_members:  # the ensemble's other models, and the test images its lists are computed for
+        parts["members"] = [checkpoint_digest(m) for m in ensemble_members(checkpoint)]
+        parts["test_images"] = split_digest(dataset, "test")
+    return CacheKey("influence", INDEX_VERSION, parts, label=method)
 
 
 def index_path(method: str, checkpoint, dataset) -> Path:
@@ -145,16 +210,20 @@ def load_or_fit(method: str, checkpoint, dataset, *, on_progress: Progress | Non
     positions, _ = trained_positions(checkpoint, dataset)
     fitted: list[InfluenceIndex] = []
 
+    extra = {"members": ensemble_members(checkpoint)} if cls.needs_members else {}
+
     def fit() -> dict:
         bar = _terminal_bar(f"{method} index for {checkpoint.name}") if progress else None
-        index = cls.fit(checkpoint, _training_subset(dataset, positions), on_progress=_both(on_progress, bar))
+        index = cls.fit(checkpoint, _training_subset(dataset, positions), on_progress=_both(on_progress, bar),
+                        **extra)
         if bar is not None:
             bar.close()
         fitted.append(index)
         return index.state()
 
     state = default_store().cached(index_key(method, checkpoint, dataset), fit, Schema(cls.arrays),
-                                   dims={"n": len(positions)}, memo=False)  # the app keeps indexes itself
+                                   dims={"n": len(positions), "t": len(dataset.test), "c": len(dataset.classes)},
+                                   memo=False)  # the app keeps indexes itself
     index = fitted[0] if fitted else cls.from_state(state)
     index.origin = _origin(checkpoint, dataset)
     index.positions = positions
@@ -202,24 +271,30 @@ def _positions(index: InfluenceIndex, dataset) -> np.ndarray:
 
 def _entries(rows: np.ndarray, scores: np.ndarray, positions: np.ndarray, dataset,
              predicted: np.ndarray) -> list[InfluenceEntry]:
+    """rows: index rows, scores: their scores (in the same order)."""
     classes, train = dataset.classes, dataset.train
     entries = []
-    for row in rows:
+    for row, score in zip(rows, scores):
         i = int(positions[row])
         entries.append(InfluenceEntry(i, int(train.source_index[i]), classes[int(train.labels[i])],
-                                      classes[int(predicted[i])], float(scores[row])))
+                                      classes[int(predicted[i])], float(score)))
     return entries
 
 
-def _result(index, checkpoint, dataset, query: dict, scores: np.ndarray, k: int) -> InfluenceResult:
-    k = max(0, min(int(k), len(scores)))
+def _result(index, checkpoint, dataset, query: dict, ranked) -> InfluenceResult:
+    helpful, helpful_scores, harmful, harmful_scores = ranked
     predicted = split_artifacts(checkpoint, dataset, "train").predicted
     positions = _positions(index, dataset)
-    order = np.argsort(-scores, kind="stable")
     return InfluenceResult(index.name, checkpoint.name, checkpoint_digest(checkpoint), dataset.fingerprint, query,
-                           helpful=_entries(order[:k], scores, positions, dataset, predicted),
-                           harmful=_entries(order[::-1][:k], scores, positions, dataset, predicted),
+                           helpful=_entries(helpful, helpful_scores, positions, dataset, predicted),
+                           harmful=_entries(harmful, harmful_scores, positions, dataset, predicted),
                            training_images=len(positions))
+
+
+def _ranked(scores: np.ndarray, k: int):
+    order = np.argsort(-scores, kind="stable")
+    k = max(0, min(int(k), len(scores)))
+    return order[:k], scores[order[:k]], order[::-1][:k], scores[order[::-1][:k]]
 
 
 def lookup(index: InfluenceIndex, checkpoint, dataset, test_index: int, k: int = 10) -> InfluenceResult:
@@ -227,8 +302,8 @@ def lookup(index: InfluenceIndex, checkpoint, dataset, test_index: int, k: int =
     if not 0 <= int(test_index) < len(dataset.test):
         raise InfluenceError(f"Test index {test_index} is out of range: the test split has {len(dataset.test):,} images.")
     _check_origin(index, checkpoint, dataset)
-    scores = index.scores(checkpoint, dataset, [int(test_index)])[0]
-    return _result(index, checkpoint, dataset, {"test_index": int(test_index)}, scores, k)
+    ranked = index.ranked(checkpoint, dataset, int(test_index), int(k))
+    return _result(index, checkpoint, dataset, {"test_index": int(test_index)}, ranked)
 
 
 def class_lookup(index: InfluenceIndex, checkpoint, dataset, class_name: str, k: int = 10) -> InfluenceResult:
@@ -236,9 +311,10 @@ def class_lookup(index: InfluenceIndex, checkpoint, dataset, class_name: str, k:
     if class_name not in dataset.classes:
         raise InfluenceError(f"Unknown class {class_name!r}. Classes: {', '.join(dataset.classes)}.")
     _check_origin(index, checkpoint, dataset)
-    members = np.flatnonzero(dataset.test.labels == dataset.classes.index(class_name))
-    scores = index.mean_scores(checkpoint, dataset, members)
-    return _result(index, checkpoint, dataset, {"class": class_name, "test_images": len(members)}, scores, k)
+    label = dataset.classes.index(class_name)
+    scores = index.class_scores(checkpoint, dataset, label)
+    members = int((dataset.test.labels == label).sum())
+    return _result(index, checkpoint, dataset, {"class": class_name, "test_images": members}, _ranked(scores, k))
 
 
 def suspicious(index: InfluenceIndex, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,7 @@ class InfluenceIndex(ABC):
     title: str = ""
     explanation: str = ""  # one sentence for the page
     has_self_influence: bool = True
+    needs_members: bool = False  # fitted over the checkpoint and other models of its recipe (ensemble_members)
     arrays: ClassVar[dict] = {}  # the store schema of `state()`: name -> Array, with "n" the training images
     origin: dict | None = None  # what the index was built from (set by load_or_fit): model, images, method
     positions = None  # row -> position in dataset.train of the images it covers (set by load_or_fit); None: all
@@ -50,6 +51,25 @@ class InfluenceIndex(ABC):
         for start in range(0, len(test_indices), chunk):
             total += self.scores(checkpoint, dataset, test_indices[start:start + chunk]).sum(0)
         return total / max(len(test_indices), 1)
+
+    def ranked(self, checkpoint, dataset, test_index: int, k: int):
+        """(helpful rows, their scores, harmful rows, their scores): the k highest and k lowest scores of one test
+        image, in order. Methods that keep precomputed lists override it with a read."""
+        scores = self.scores(checkpoint, dataset, [int(test_index)])[0]
+        order = np.argsort(-scores, kind="stable")
+        k = max(0, min(int(k), len(scores)))
+        helpful, harmful = order[:k], order[::-1][:k]
+        return helpful, scores[helpful], harmful, scores[harmful]
+
+    def class_scores(self, checkpoint, dataset, class_index: int) -> np.ndarray:
+        """(n_train,) the mean score over the test images of one class."""
+        return self.mean_scores(checkpoint, dataset, np.flatnonzero(dataset.test.labels == class_index))
+
+    def predicted_loss_change(self, score_sum: float, true_probability: float) -> float | None:
+        """The method's own first-order estimate of how the test image's plain loss changes when the scored images
+        are removed together: the sum of their scores here (the head's scores are loss changes); None for a method
+        that predicts no change (the similarity baseline)."""
+        return float(score_sum)
 
     def self_influence(self) -> np.ndarray:
         """(n_train,) how much each training image's own loss depends on it: high = atypical or mislabelled."""

@@ -54,6 +54,9 @@ class FeatureSimilarity(InfluenceIndex):
         same_label = self.labels[None, :] == test.labels[idx][:, None]
         return np.where(same_label, similarity, -similarity)
 
+    def predicted_loss_change(self, score_sum: float, true_probability: float) -> float | None:
+        return None  # a baseline: "looks alike" predicts no change
+
     def state(self) -> dict[str, np.ndarray]:
         return {"unit_features": self.unit_features, "labels": self.labels}
 

@@ -100,6 +100,40 @@ class MarginGradients:
             return self.model(to_float(torch.from_numpy(np.ascontiguousarray(images)))).softmax(1).numpy()
 
 
+
+def projection_dim(k: int, n_train: int) -> int:
+    """Far fewer dimensions than images keeps Phi^T Phi well posed."""
+    return min(k, max(64, n_train // 8))
+
+
+def whitened_gradients(gradients: MarginGradients, train, on_progress: Progress | None = None):
+    """For one model: W = Phi (Phi^T Phi + ridge I)^-1 (n, k) float32, q_i = 1 - p_i(y_i), and the raw self-scores
+    phi_i^T (Phi^T Phi + ridge I)^-1 phi_i. In chunks, Phi overwritten in place by W: peak memory stays one Phi."""
+    report = on_progress or (lambda fraction: None)
+    k = gradients.sketch.k
+    phi = np.empty((len(train), k), dtype=np.float32)
+    q = np.empty(len(train))
+    for start in range(0, len(train), BATCH):
+        images, labels = train.images[start:start + BATCH], train.labels[start:start + BATCH]
+        phi[start:start + BATCH] = gradients(images, labels).numpy()
+        q[start:start + BATCH] = 1 - gradients.probabilities(images)[np.arange(len(labels)), labels]
+        report(0.95 * min(1.0, (start + BATCH) / len(train)))
+    kernel = np.zeros((k, k))
+    for start in range(0, len(phi), 4096):
+        chunk = phi[start:start + 4096].astype(np.float64)
+        kernel += chunk.T @ chunk
+    kernel[np.diag_indices_from(kernel)] += RIDGE * float(np.mean(np.diag(kernel)))  # ridge for stability
+    inverse = np.linalg.inv(kernel).astype(np.float32)
+    self_raw = np.empty(len(phi))
+    for start in range(0, len(phi), 4096):
+        rows = phi[start:start + 4096]
+        weighted = rows @ inverse
+        self_raw[start:start + 4096] = np.einsum("nk,nk->n", weighted, rows)
+        rows[:] = weighted
+    report(1.0)
+    return phi, q, self_raw
+
+
 class TrakInfluence(InfluenceIndex):
     name = "trak"
     title = "TRAK (whole network, projected gradients)"
@@ -129,33 +163,12 @@ class TrakInfluence(InfluenceIndex):
     @classmethod
     def fit(cls, checkpoint, dataset, *, on_progress: Progress | None = None, k: int = PROJECTION_DIM,
             seed: int = 0, budget: int = PARAM_BUDGET):
-        report = on_progress or (lambda fraction: None)
-        k = min(k, max(64, len(dataset.train) // 8))  # far fewer dimensions than images keeps Phi^T Phi well posed
+        k = projection_dim(k, len(dataset.train))
         names = chosen_parameters(checkpoint.model, budget)
         gradients = MarginGradients(checkpoint.model, names, k, seed)
-        train = dataset.train
-        phi = np.empty((len(train), k), dtype=np.float32)
-        q = np.empty(len(train))
-        for start in range(0, len(train), BATCH):
-            images, labels = train.images[start:start + BATCH], train.labels[start:start + BATCH]
-            phi[start:start + BATCH] = gradients(images, labels).numpy()
-            q[start:start + BATCH] = 1 - gradients.probabilities(images)[np.arange(len(labels)), labels]
-            report(0.95 * min(1.0, (start + BATCH) / len(train)))
-        # In chunks, and Phi overwritten in place by the weighted rows: peak memory stays about one Phi.
-        kernel = np.zeros((k, k))
-        for start in range(0, len(phi), 4096):
-            chunk = phi[start:start + 4096].astype(np.float64)
-            kernel += chunk.T @ chunk
-        kernel[np.diag_indices_from(kernel)] += RIDGE * float(np.mean(np.diag(kernel)))  # ridge for stability
-        inverse = np.linalg.inv(kernel).astype(np.float32)
-        self_scores = np.empty(len(phi))
-        for start in range(0, len(phi), 4096):
-            rows = phi[start:start + 4096]
-            weighted = (rows @ inverse) * q[start:start + 4096, None].astype(np.float32)
-            self_scores[start:start + 4096] = np.einsum("nk,nk->n", weighted, rows)
-            rows[:] = weighted
-        report(1.0)
-        index = cls(phi, self_scores, names, k, seed)
+        weighted, q, self_raw = whitened_gradients(gradients, dataset.train, on_progress)
+        weighted *= q[:, None].astype(np.float32)
+        index = cls(weighted, self_raw * q, names, k, seed)
         index._gradients = gradients
         return index
 
@@ -177,6 +190,10 @@ class TrakInfluence(InfluenceIndex):
 
     def self_influence(self) -> np.ndarray:
         return self.self_scores
+
+    def predicted_loss_change(self, score_sum: float, true_probability: float) -> float | None:
+        """Scores are margin changes; the plain loss log(1 + e^-margin) changes by -(1 - p) per unit of margin."""
+        return float((1 - true_probability) * score_sum)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"weighted": self.weighted, "self_scores": self.self_scores, "names": np.array(self.names),

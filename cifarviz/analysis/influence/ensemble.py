@@ -1,0 +1,179 @@
+"""TRAK over an ensemble of models of one recipe: the faithful whole-network method, as TRAK's paper does it.
+
+One model's TRAK scores are noisy (its authors say so; measured here too: bench/bench_retrain.py). TRAK averages
+over M models trained by the same recipe with other seeds (or, where replicas are too expensive, snapshots of
+one run), each with its own random projection:
+
+    score_i(test) = mean_m[ phi_test,m^T (Phi_m^T Phi_m + ridge I)^-1 phi_i,m ] * mean_m[ 1 - p_m(y_i | x_i) ]
+
+with phi the projected gradient of the margin  logit_y - logsumexp(other logits)  (trak.py); the (1 - p) term is
+averaged separately, as the paper does. Positive: image i raises the test image's margin, so removing it would
+raise its plain loss (loss = log(1 + e^-margin), so d loss = -(1 - p_test) d margin): it helps.
+
+A lookup must take milliseconds, but one test image's scores cost M per-example gradients and M products with a
+(n, k) matrix. So the index is the answer itself, computed once over the whole test split: each test image's
+`LIST_LENGTH` most helpful and most harmful training images, each test class's mean scores, and each training
+image's self-influence. A few MB, where the M (n, k) matrices would be gigabytes.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from cifarviz.store.cache import Array
+
+from .base import InfluenceError, InfluenceIndex, Progress
+from .trak import (
+    BATCH,
+    PARAM_BUDGET,
+    PROJECTION_DIM,
+    RIDGE,
+    MarginGradients,
+    chosen_parameters,
+    projection_dim,
+    whitened_gradients,
+)
+
+LIST_LENGTH = 100  # per test image, its top helpful and harmful: the page's lists and "retrain without the top 100"
+
+
+def ensemble_scores(models, dataset, test_indices, *, k: int = PROJECTION_DIM, seed: int = 0,
+                    budget: int = PARAM_BUDGET, class_means: bool = False, on_progress: Progress | None = None):
+    """TRAK over `models` for `dataset.test[test_indices]` against every image of `dataset.train`.
+
+    Returns (scores (T, n) float32, self-influence (n,), class mean scores (C, n) or None). Model m projects with
+    seed `seed + m`. Memory: one (T, n) float32 table and one model's (n, k) matrix at a time."""
+    report = on_progress or (lambda fraction: None)
+    train, test = dataset.train, dataset.test
+    idx = np.atleast_1d(np.asarray(test_indices, dtype=np.int64))
+    k = projection_dim(k, len(train))
+    total = np.zeros((len(idx), len(train)), dtype=np.float32)
+    q = np.zeros(len(train))
+    self_raw = np.zeros(len(train))
+    n_classes = len(dataset.classes)
+    classes = np.zeros((n_classes, len(train)), dtype=np.float32) if class_means else None
+    for m, model in enumerate(models):
+        def part(fraction, m=m):
+            report((m + 0.85 * fraction) / len(models))
+
+        gradients = MarginGradients(model, chosen_parameters(model, budget), k, seed + m)
+        weighted, q_m, self_m = whitened_gradients(gradients, train, part)
+        phi_test = np.empty((len(idx), k), dtype=np.float32)
+        for start in range(0, len(idx), BATCH):
+            rows = idx[start:start + BATCH]
+            phi_test[start:start + BATCH] = gradients(test.images[rows], test.labels[rows]).numpy()
+            report((m + 0.85 + 0.1 * min(1.0, (start + BATCH) / len(idx))) / len(models))
+        for start in range(0, len(idx), 1024):
+            total[start:start + 1024] += phi_test[start:start + 1024] @ weighted.T
+        if classes is not None:
+            labels = test.labels[idx]
+            for c in range(n_classes):
+                if (labels == c).any():
+                    classes[c] += phi_test[labels == c].mean(0) @ weighted.T
+        q += q_m
+        self_raw += self_m
+        report((m + 1) / len(models))
+    q_mean = (q / len(models)).astype(np.float32)
+    total /= len(models)
+    total *= q_mean[None, :]
+    if classes is not None:
+        classes *= q_mean[None, :] / len(models)
+    return total, (self_raw / len(models)) * q_mean, classes
+
+
+def _top(scores: np.ndarray, keep: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the `keep` largest (or smallest) scores in order, and their columns."""
+    signed = -scores if largest else scores
+    part = np.argpartition(signed, keep - 1, axis=1)[:, :keep] if keep < scores.shape[1] else \
+        np.tile(np.arange(scores.shape[1]), (len(scores), 1))
+    chosen = np.take_along_axis(signed, part, 1)
+    order = np.argsort(chosen, axis=1, kind="stable")
+    rows = np.take_along_axis(part, order, 1)
+    return rows.astype(np.int32), np.take_along_axis(scores, rows, 1).astype(np.float32)
+
+
+class TrakEnsemble(InfluenceIndex):
+    name = "trak-ensemble"
+    title = "TRAK, ensemble of models"
+    explanation = ("TRAK over several models trained by the same recipe with other seeds: each compares the test "
+                   "image's gradient with every training image's over the whole network, randomly projected and "
+                   "corrected for how redundant the training images are; averaging the models removes most of one "
+                   "model's noise.")
+    needs_members = True
+    arrays: ClassVar[dict] = {
+        "helpful_rows": Array("i", ("t", "l"), low=0, below="n"), "helpful_scores": Array("f", ("t", "l")),
+        "harmful_rows": Array("i", ("t", "l"), low=0, below="n"), "harmful_scores": Array("f", ("t", "l")),
+        "class_scores": Array("f", ("c", "n")), "self_scores": Array("f", ("n",)), "models": Array("i", low=2),
+    }
+
+    def __init__(self, helpful_rows, helpful_scores, harmful_rows, harmful_scores, class_scores, self_scores,
+                 models: int):
+        self.helpful_rows, self.helpful_scores = helpful_rows, helpful_scores
+        self.harmful_rows, self.harmful_scores = harmful_rows, harmful_scores
+        self.class_scores_table = class_scores
+        self.self_scores = self_scores
+        self.models = models
+
+    @classmethod
+    def settings(cls) -> dict:
+        return {"projection_dim": PROJECTION_DIM, "param_budget": PARAM_BUDGET, "ridge": RIDGE, "seed": 0,
+                "list_length": LIST_LENGTH, "q": "averaged separately"}
+
+    @property
+    def n_train(self) -> int:
+        return len(self.self_scores)
+
+    @property
+    def list_length(self) -> int:
+        return self.helpful_rows.shape[1]
+
+    @classmethod
+    def fit(cls, checkpoint, dataset, *, on_progress: Progress | None = None, members=()):
+        if not members:
+            raise InfluenceError(f"{checkpoint.name} has no other models of its recipe to average over (replicas or "
+                                 "per-epoch snapshots): use the single-model TRAK method.")
+        models = [checkpoint.model, *(m.model for m in members)]
+        scores, self_scores, class_scores = ensemble_scores(models, dataset, np.arange(len(dataset.test)),
+                                                            class_means=True, on_progress=on_progress)
+        keep = min(LIST_LENGTH, scores.shape[1])
+        tables = [np.empty((len(scores), keep), dtype=dtype) for dtype in (np.int32, np.float32) * 2]
+        for start in range(0, len(scores), 512):  # argpartition's int64 indices for 512 rows at a time
+            chunk = scores[start:start + 512]
+            for offset, largest in ((0, True), (2, False)):
+                rows, values = _top(chunk, keep, largest)
+                tables[offset][start:start + 512], tables[offset + 1][start:start + 512] = rows, values
+        return cls(*tables, class_scores, self_scores.astype(np.float32), len(models))
+
+    def ranked(self, checkpoint, dataset, test_index: int, k: int):
+        if k > self.list_length:
+            raise InfluenceError(f"The {self.title} index keeps each test image's top {self.list_length} lists; "
+                                 f"ask for at most {self.list_length}, not {k}.")
+        return (self.helpful_rows[test_index, :k], self.helpful_scores[test_index, :k],
+                self.harmful_rows[test_index, :k], self.harmful_scores[test_index, :k])
+
+    def scores(self, checkpoint, dataset, test_indices) -> np.ndarray:
+        raise InfluenceError(f"The {self.title} index keeps each test image's top {self.list_length} lists, not "
+                             "every score: use lookup(), or ensemble_scores() for full rows.")
+
+    def class_scores(self, checkpoint, dataset, class_index: int) -> np.ndarray:
+        return self.class_scores_table[class_index]
+
+    def self_influence(self) -> np.ndarray:
+        return self.self_scores
+
+    def predicted_loss_change(self, score_sum: float, true_probability: float) -> float | None:
+        """Scores are margin changes; the plain loss log(1 + e^-margin) changes by -(1 - p) per unit of margin."""
+        return float((1 - true_probability) * score_sum)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"helpful_rows": self.helpful_rows, "helpful_scores": self.helpful_scores,
+                "harmful_rows": self.harmful_rows, "harmful_scores": self.harmful_scores,
+                "class_scores": self.class_scores_table, "self_scores": self.self_scores,
+                "models": np.array(self.models)}
+
+    @classmethod
+    def from_state(cls, state):
+        return cls(state["helpful_rows"], state["helpful_scores"], state["harmful_rows"], state["harmful_scores"],
+                   state["class_scores"], state["self_scores"], int(state["models"]))

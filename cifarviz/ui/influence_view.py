@@ -1,0 +1,149 @@
+"""The Influence page's "See it for yourself": retrain the checkpoint's recipe without the chosen test image's top
+helpful (or harmful, or random) training images in the background, and put what really happened beside what the
+method predicted."""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from cifarviz.services import retrain, runs
+from cifarviz.ui.runs_view import progress_of
+
+REMOVED = 100  # the lists an ensemble index keeps, and the measured table's k on the full split
+
+
+def session_owner() -> str:
+    """This browser session's runs (the Train page uses the same)."""
+    return st.session_state.setdefault("train_owner", secrets.token_hex(8))
+
+
+def retrain_section(index, checkpoint, dataset, test_index: int, influence_of, probs) -> None:
+    """`influence_of(k)`: the method's result for this test image with k per list; probs: the test split's."""
+    st.markdown("#### See it for yourself: retrain without these images")
+    k = min(REMOVED, index.n_train // 10)
+    labels = {"helpful": f"its top {k} helpful", "harmful": f"its top {k} harmful", "random": f"{k} random images"}
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    choice = left.segmented_control("Remove", list(labels), format_func=labels.get, default="helpful",
+                                    required=True, key="retrain_choice")
+    mine = [r for r in runs.list_runs() if r.state in runs.ACTIVE and r.config.get("owner") == session_owner()]
+    full = len(mine) >= runs.max_per_session()
+    if right.button("Retrain without them", key=f"retrain-{test_index}", icon=":material/model_training:",
+                    disabled=full, width="stretch",
+                    help=(f"At most {runs.max_per_session()} of your runs may wait or train at once." if full else
+                          "Trains the checkpoint's recipe twice in the background, with and without these images, "
+                          "and measures this test image's loss after each.")):
+        try:
+            if choice == "random":
+                rows = np.random.default_rng(test_index).choice(index.n_train, k, replace=False)
+                removed = (index.positions[rows] if index.positions is not None else rows)
+                predicted = None
+            else:
+                entries = getattr(influence_of(k), choice)
+                removed = [e.train_index for e in entries]
+                true_p = float(probs[test_index, dataset.test.labels[test_index]])
+                predicted = index.predicted_loss_change(sum(e.score for e in entries), true_p)
+            retrain.submit_retrain(checkpoint, dataset, test_index=test_index, choice=choice, removed=removed,
+                                   method=index.name, predicted_change=predicted, owner=session_owner())
+        except runs.RunError as exc:
+            st.error(str(exc), icon=":material/error:")
+    retrain_results(str(checkpoint.path), test_index, dataset.classes)
+
+
+@st.fragment(run_every=3)
+def retrain_results(checkpoint_path: str, test_index: int, classes) -> None:
+    runs.schedule()
+    found = retrain.retrain_runs(checkpoint_path, test_index)[:6]
+    if not found:
+        st.caption("Nobody has retrained without this test image's images yet. Two trainings of the recipe, "
+                   "queued with the server's other runs.")
+        return
+    rows = []
+    for run in found:
+        spec = run.config["spec"]
+        what = f"without {len(spec['removed_sources'])} {spec['choice']} ({spec['method']})"
+        if run.state in runs.ACTIVE:
+            draw_progress(run, what)
+            continue
+        result = retrain.retrain_result(run)
+        if result is None:
+            if run.state == runs.FAILED:
+                st.error(f"{what}: failed. {(run.error or '').partition(chr(10))[0]}", icon=":material/error:")
+            continue
+        before, after = result["before"], result["after"]
+        predicted = result.get("predicted_change")
+        rows.append({"removed": what, "training images": f"{result['train_images']:,}"
+                     + (" (a subset)" if result["subset"] else ""),
+                     "loss with them": before["loss"], "loss without": after["loss"], "change": result["change"],
+                     "method predicted": predicted,
+                     "prediction with → without": f"{classes[before['predicted']]} → {classes[after['predicted']]}"})
+    if rows:
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
+            "loss with them": st.column_config.NumberColumn(format="%.3f"),
+            "loss without": st.column_config.NumberColumn(format="%.3f"),
+            "change": st.column_config.NumberColumn(format="%+.3f", help="What really happened: the plain loss "
+                                                    "of this test image's true label, without minus with"),
+            "method predicted": st.column_config.NumberColumn(format="%+.3f", help="The method's own first-order "
+                                                              "estimate of that change (none for similarity or random)"),
+        })
+        if any(r["training images"].endswith("(a subset)") for r in rows):
+            st.caption("Both trainings of a row marked 'a subset' used a random part of the training images (the "
+                       "removed ones included in the first): the whole split would have taken longer than "
+                       f"{retrain.BUDGET_SECONDS / 60:.0f} minutes here.")
+        st.caption("Both trainings use the recipe and seed of the checkpoint on this machine, so the change is the "
+                   "removal's, not a new seed's. One retraining is one sample: removing random images moves the loss "
+                   "too (the table of measured figures above gives the average over many test images).")
+
+
+def draw_progress(run: runs.Run, what: str) -> None:
+    p = progress_of(runs.read_metrics(run))
+    last, start = p["last"], p["start"]
+    if run.state == runs.QUEUED:
+        st.progress(0.0, text=f"{what}: waiting for a free training slot ({runs.queue_position(run) or 1} in the queue)")
+        return
+    if last is None:
+        st.progress(0.0, text=f"{what}: starting (timing the recipe on this machine)...")
+        return
+    fraction = last["step"] / max(last["total_steps"], 1)
+    eta = last["elapsed"] / max(last["step"], 1) * (last["total_steps"] - last["step"])
+    subset = " on a subset of the training images," if start and start.get("subset") else ""
+    left = f"{eta / 60:.1f} min" if eta >= 60 else f"{eta:.0f} s"
+    st.progress(min(fraction, 1.0), text=f"{what}: {last.get('phase', 'training')},{subset} about {left} left")
+
+
+def measured_figures(checkpoint, method: str, titles: dict) -> None:
+    """How sure the answer is: the method's measured retraining effect beside similarity's and random's, from the
+    model card (bench/bench_retrain.py), in one line and a small table."""
+    from cifarviz.core.errors import ModelError
+    from cifarviz.core.models import model_card
+
+    try:
+        figures = model_card(checkpoint.model.arch_name).influence
+    except ModelError:  # not a zoo model
+        figures = None
+    if figures is None:
+        st.caption(f"No method has been checked by retraining for {checkpoint.model.arch_name} yet (it takes hours "
+                   "on a CPU): the default is the best one measured on lenet. See it for yourself below.")
+        return
+    change = figures.mean_change
+    if method in change:
+        others = ", ".join(f"{titles.get(m, m).split(' (')[0].lower()} {change[m]:+.2f}" for m in ("similarity", "random")
+                           if m in change and m != method)
+        st.caption(f"**How sure?** Measured by retraining ({figures.protocol}): removing this method's top helpful "
+                   f"images raised the test image's loss by **{change[method]:+.2f}** on average (it rose for "
+                   f"{figures.rose[method]} of {figures.tests}); {others}.")
+    else:
+        st.caption(f"**How sure?** This method has not been checked by retraining for {checkpoint.model.arch_name}; "
+                   "the table below has the ones that were.")
+    with st.expander("Each method checked by retraining"):
+        rows = [{"method": titles.get(m, m), "mean change of the test loss": v,
+                 "rose for": f"{figures.rose[m]} of {figures.tests}"}
+                for m, v in sorted(change.items(), key=lambda item: -item[1])]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
+            "mean change of the test loss": st.column_config.NumberColumn(format="%+.3f")})
+        st.caption(f"{figures.protocol}. For each test image, the recipe was retrained without the method's top "
+                   f"helpful training images and the test image's plain loss measured. Measured at commit "
+                   f"{figures.commit} with `{figures.command}`.")
