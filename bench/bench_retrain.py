@@ -59,6 +59,57 @@ def test_losses(model, dataset, test_idx: np.ndarray) -> np.ndarray:
     return -np.log(probs[np.arange(len(test_idx)), dataset.test.labels[test_idx]] + 1e-12)
 
 
+def ekfac_scores(model, config, data, test_idx: np.ndarray) -> np.ndarray:
+    """EK-FAC influence over every conv and linear layer, by Kronfluence (pip install kronfluence: a benchmark-only
+    dependency). Its Task as ours: the training loss the recipe used (label smoothing), the plain cross-entropy of the
+    true label as the measurement. Kronfluence's sign is ours: positive = upweighting the image lowers the test loss
+    (it helps)."""
+    import copy
+    import tempfile
+
+    import torch
+    import torch.nn.functional as F
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.task import Task
+
+    from cifarviz.core.augment import to_float
+
+    smoothing = config.label_smoothing
+
+    class Classification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            images, labels = batch
+            logits = model(images)
+            if not sample:
+                return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=smoothing)
+            with torch.no_grad():
+                sampled = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+            return F.cross_entropy(logits, sampled, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            images, labels = batch
+            return F.cross_entropy(model(images), labels, reduction="sum")
+
+    def tensors(images, labels):
+        return torch.utils.data.TensorDataset(to_float(torch.from_numpy(np.ascontiguousarray(images))),
+                                              torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+
+    task = Classification()
+    prepared = prepare_model(copy.deepcopy(model).float().eval().cpu(), task)
+    with tempfile.TemporaryDirectory() as out:
+        analyzer = Analyzer(analysis_name="bench", model=prepared, task=task, cpu=True, output_dir=out,
+                            disable_tqdm=True)
+        train_set = tensors(data.train.images, data.train.labels)
+        analyzer.fit_all_factors(factors_name="ekfac", dataset=train_set, per_device_batch_size=256,
+                                 factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+        analyzer.compute_pairwise_scores(scores_name="scores", factors_name="ekfac",
+                                         query_dataset=tensors(data.test.images[test_idx], data.test.labels[test_idx]),
+                                         train_dataset=train_set, per_device_query_batch_size=len(test_idx),
+                                         per_device_train_batch_size=256, overwrite_output_dir=True)
+        return analyzer.load_pairwise_scores("scores")["all_modules"].numpy()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("CIFARVIZ_DATA") or "../shared/data/cifar10-jpeg")
@@ -94,9 +145,9 @@ def main() -> int:
         # measured here, not a method of the app.
         # "trak-ensemble": the app's method (ensemble.py) over the checkpoint and --models - 1 more runs of its
         # recipe (seeds 1, 2, ...), as the app's lenet ships replicas.
-        index = None if method in ("random", "trak-ensemble") else load_or_fit(method.replace("-relative", ""),
-                                                                                checkpoint, data)
-        ensemble = None
+        index = None if method in ("random", "trak-ensemble", "ekfac") else load_or_fit(
+            method.replace("-relative", ""), checkpoint, data)
+        ensemble = ekfac_scores(base, config, data, test_idx) if method == "ekfac" else None
         if method == "trak-ensemble":
             models = [base] + [train(dataclasses.replace(config, seed=args.seed + s), data).model
                                for s in range(1, args.models)]
@@ -105,7 +156,7 @@ def main() -> int:
         for j, t in enumerate(test_idx):
             if method == "random":
                 rows = np.random.default_rng(1000 + j).choice(len(data.train), args.k, replace=False)
-            elif method == "trak-ensemble":
+            elif method in ("trak-ensemble", "ekfac"):
                 rows = np.argsort(-ensemble[j], kind="stable")[: args.k]
             elif method == "head-relative":
                 norms = np.sqrt(np.maximum(index.self_influence(), 1e-12))
@@ -132,6 +183,12 @@ def main() -> int:
               "load_average": load, "seconds_per_training_run": retrain_seconds, "methods": results}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"retrain-{args.model}-{len(data.train)}-k{args.k}.json"
+    for r in results.values():
+        r["commit"] = commit
+    if out.is_file():  # the same protocol measured before: keep its other methods (each says its commit)
+        earlier = json.loads(out.read_text())
+        if earlier.get("test_images") == report["test_images"] and earlier.get("seed") == args.seed:
+            report["methods"] = {**earlier.get("methods", {}), **results}
     out.write_text(json.dumps(report, indent=2))
     print(f"written to {out}")
     print("\n| method | mean change of the plain test loss | rose |\n| --- | ---: | ---: |")

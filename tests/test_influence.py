@@ -26,6 +26,7 @@ from cifarviz.core.augment import AugmentConfig
 from cifarviz.core.checkpoint import SHIPPED_DIR, load_checkpoint
 from cifarviz.core.data import Split
 from cifarviz.core.inference import predict
+from cifarviz.core.models import model_card
 from cifarviz.core.train import TrainConfig, train
 from cifarviz.store.artifacts import split_artifacts
 
@@ -260,6 +261,11 @@ def test_influence_page_click_a_test_image(cifar, lenet):
     expected = lookup(load_or_fit("head", lenet, cifar), lenet, cifar, chosen, k=8)
     shown = [int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith(f"test-{chosen}-helpful-")]
     assert shown == [e.train_index for e in expected.helpful]
+    # how sure the answer is (the card's retraining figures), and the retraining that lets a class see for itself
+    captions = "\n".join(c.value for c in at.caption)
+    figures = model_card("lenet").influence
+    assert f"raised the test image's loss by **{figures.mean_change['head']:+.2f}**" in captions, captions
+    assert any(b.key == f"retrain-{chosen}" for b in at.button)
     # each image opens the inspector, and a test image's inspector lists its influential training images
     next(b for b in at.button if b.key and b.key.startswith(f"test-{chosen}-helpful-")).click().run()
     assert f"Train image #{expected.helpful[0].train_index}" in "\n".join(m.value for m in at.markdown)
@@ -371,3 +377,21 @@ def test_a_run_on_a_subset_gets_influence_over_the_images_it_saw(cifar, cifar_sm
     shipped = load_checkpoint(SHIPPED / "lenet.safetensors")  # trained before checkpoints kept the list
     everything, note = trained_positions(shipped, cifar)
     assert len(everything) == len(cifar.train) and "records no list" in note
+
+
+def test_an_index_replaced_on_disk_is_read_again_not_served_from_memory(cifar_small, tmp_path, monkeypatch):
+    """The app keeps indexes in memory keyed by which file holds them: a plain read (which touches the file's time
+    for the store's LRU) keeps the key; a rebuilt file (written by rename: a new inode) changes it."""
+    from cifarviz.ui.loaders import index_stamp
+
+    monkeypatch.setenv("CIFARVIZ_CACHE", str(tmp_path / "cache"))
+    lenet = load_checkpoint(SHIPPED_DIR / "lenet.safetensors")
+    load_or_fit("similarity", lenet, cifar_small)
+    first = index_stamp("similarity", lenet, cifar_small)
+    load_or_fit("similarity", lenet, cifar_small)
+    assert first and index_stamp("similarity", lenet, cifar_small) == first
+    path = index_path("similarity", lenet, cifar_small)
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_bytes(path.read_bytes())
+    fresh.replace(path)  # the same content in a new file, as every write of the store does it
+    assert index_stamp("similarity", lenet, cifar_small) != first

@@ -110,7 +110,19 @@ def get_influence_index(method: str, checkpoint: Checkpoint, dataset):
     if job is not None:
         wait_for(job, f"Building the {METHODS[method].title} index of {checkpoint.name} over the "
                       f"{len(dataset.train):,} training images (once per checkpoint, for everyone)")
-    return _influence_index(method, str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix())
+    return _influence_index(method, str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix(),
+                            index_stamp(method, checkpoint, dataset))
+
+
+def index_stamp(method: str, checkpoint: Checkpoint, dataset) -> str:
+    """Which file holds the index (device, inode, size), part of the in-memory caches' keys: an index file replaced
+    on disk (a damaged one rebuilt, another server process's refit: writes are renames, so a new inode) is read
+    again instead of served from memory. Not its modification time: the store's LRU touches that on every read."""
+    try:
+        stat = index_path(method, checkpoint, dataset).stat()
+    except OSError:
+        return ""
+    return f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}"
 
 
 def influence_index_now(method: str, checkpoint: Checkpoint, dataset, fallback: str = "head"):
@@ -124,7 +136,7 @@ def influence_index_now(method: str, checkpoint: Checkpoint, dataset, fallback: 
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)  # a TRAK index holds ~370 MB
-def _influence_index(method: str, path: str, stamp: float, root: str):
+def _influence_index(method: str, path: str, stamp: float, root: str, index_stamp: str):
     return load_or_fit(method, get_checkpoint(path, stamp), get_dataset(root))
 
 
@@ -133,12 +145,13 @@ def influence_of(method: str, checkpoint: Checkpoint, dataset, *, test_index: in
     """The k most helpful and harmful training images for one test image or a whole test class (the index must be
     built): computed once per server, since a class opens the same images again and again."""
     return _influence_of(method, str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix(),
-                         test_index, class_name, k)
+                         index_stamp(method, checkpoint, dataset), test_index, class_name, k)
 
 
 @st.cache_data(show_spinner=False, max_entries=2048)  # a few KB each
-def _influence_of(method: str, path: str, stamp: float, root: str, test_index, class_name, k: int):
-    index = _influence_index(method, path, stamp, root)
+def _influence_of(method: str, path: str, stamp: float, root: str, index_stamp: str, test_index, class_name,
+                  k: int):
+    index = _influence_index(method, path, stamp, root, index_stamp)
     checkpoint, dataset = get_checkpoint(path, stamp), get_dataset(root)
     if class_name is not None:
         return class_lookup(index, checkpoint, dataset, class_name, k=k)
