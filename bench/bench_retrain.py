@@ -6,7 +6,8 @@ the test image's *plain* cross-entropy is measured before and after. A faithful 
 plain feature similarity, the baseline every method must at least match.
 
     python bench/bench_retrain.py                      # lenet, a 5,000-image subset, 8 test images, k = 250
-    python bench/bench_retrain.py --subset 45000 --k 500 --tests 8     # the full protocol: hours on 2 CPU cores
+    python bench/bench_retrain.py --shipped --k 100 --methods trak-ensemble similarity random   # the app's own
+        # lenet and its replicas on all 45,000 images: each retraining takes minutes on 2 CPU cores
 
 Prints a table and writes bench/results/retrain-MODEL-SUBSET-kK.json with the commit it measured.
 """
@@ -26,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cifarviz.analysis.influence import ensemble_scores, load_or_fit, lookup  # noqa: E402
-from cifarviz.core.checkpoint import Checkpoint  # noqa: E402
+from cifarviz.analysis.influence import ensemble_members, ensemble_scores, load_or_fit, lookup  # noqa: E402
+from cifarviz.core.checkpoint import Checkpoint, load_checkpoint, shipped_file  # noqa: E402
 from cifarviz.core.data import Split  # noqa: E402
 from cifarviz.core.inference import predict  # noqa: E402
 from cifarviz.core.recipes import RECIPES  # noqa: E402
@@ -119,6 +120,9 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=250, help="images removed per test image (default 250: 5%%)")
     parser.add_argument("--methods", nargs="+", default=["trak-ensemble", "head", "similarity", "trak", "random"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shipped", action="store_true",
+                        help="the full protocol on the app's own scores: the shipped checkpoint (and its shipped "
+                             "replicas) on the whole training split; before = the recipe retrained here")
     parser.add_argument("--models", type=int, default=20,
                         help="models of trak-ensemble: the checkpoint and this many minus one replicas (default 20)")
     args = parser.parse_args()
@@ -126,17 +130,24 @@ def main() -> int:
     load = os.getloadavg()[0]
     config = RECIPES[args.model]
     config = dataclasses.replace(config, seed=args.seed)
-    data = subset(load_cifar10(args.data, download=False, progress=False), args.subset, args.seed)
+    everything = load_cifar10(args.data, download=False, progress=False)
+    data = everything if args.shipped else subset(everything, args.subset, args.seed)
     started = time.perf_counter()
-    base = train(config, data).model
+    base = train(config, data).model  # with --shipped: the "before" model, the recipe retrained on this machine
     retrain_seconds = time.perf_counter() - started
-    checkpoint = Checkpoint(base, {"name": f"{args.model}-subset{args.subset}", "train_config": config.to_dict()})
-    probs = predict(base, data.test.images, features=False).probs
+    if args.shipped:  # the scores the app shows: the shipped checkpoint and its shipped replicas
+        checkpoint = load_checkpoint(shipped_file(args.model))
+        members = [checkpoint.model, *(m.model for m in ensemble_members(checkpoint))]
+    else:
+        checkpoint = Checkpoint(base, {"name": f"{args.model}-subset{args.subset}", "train_config": config.to_dict()})
+        members = None
+    probs = predict(checkpoint.model, data.test.images, features=False).probs
     correct = np.flatnonzero(probs.argmax(1) == data.test.labels)
     test_idx = np.sort(np.random.default_rng(args.seed + 1).choice(correct, args.tests, replace=False))
     before = test_losses(base, data, test_idx)
     print(f"{args.model} on {len(data.train):,} images of {args.data}: a training run takes {retrain_seconds:.0f} s "
-          f"(load average {load:.1f} at the start); {args.tests} test images, k = {args.k}")
+          f"(load average {load:.1f} at the start); {args.tests} test images, k = {args.k}"
+          + (f"; scores from the shipped checkpoint and {len(members) - 1} replicas" if args.shipped else ""))
 
     results = {}
     for method in args.methods:
@@ -147,10 +158,10 @@ def main() -> int:
         # recipe (seeds 1, 2, ...), as the app's lenet ships replicas.
         index = None if method in ("random", "trak-ensemble", "ekfac") else load_or_fit(
             method.replace("-relative", ""), checkpoint, data)
-        ensemble = ekfac_scores(base, config, data, test_idx) if method == "ekfac" else None
+        ensemble = ekfac_scores(checkpoint.model, config, data, test_idx) if method == "ekfac" else None
         if method == "trak-ensemble":
-            models = [base] + [train(dataclasses.replace(config, seed=args.seed + s), data).model
-                               for s in range(1, args.models)]
+            models = members or [base] + [train(dataclasses.replace(config, seed=args.seed + s), data).model
+                                          for s in range(1, args.models)]
             ensemble, _, _ = ensemble_scores(models, data, test_idx)
         changes = []
         for j, t in enumerate(test_idx):
@@ -178,7 +189,7 @@ def main() -> int:
                             cwd=Path(__file__).parent, check=False).stdout.strip()
     report = {"commit": commit, "command": " ".join(["python", "bench/bench_retrain.py", *sys.argv[1:]]),
               "data": args.data, "model": args.model, "subset": len(data.train), "k": args.k,
-              "ensemble_models": args.models,
+              "ensemble_models": len(members) if members else args.models, "shipped": args.shipped,
               "seed": args.seed, "test_images": test_idx.tolist(), "loss_before": before.tolist(),
               "load_average": load, "seconds_per_training_run": retrain_seconds, "methods": results}
     RESULTS.mkdir(parents=True, exist_ok=True)
