@@ -96,7 +96,7 @@ def lds(dataset, n_train: int, n_models: int, n_test: int, epochs: int, ensemble
     scores = {m: load_or_fit(m, base, base_test).scores(base, base_test, np.arange(n_test))
               for m, cls in METHODS.items() if not cls.needs_members}
     replicas = []  # the ensemble with more and more models: its LDS should rise with M
-    for m in sorted({2, 5, 10, ensemble} & set(range(2, ensemble + 1))):
+    for m in sorted({2, 5, 10, 20, ensemble} & set(range(2, ensemble + 1))):
         while len(replicas) < m - 1:
             replicas.append(train(dataclasses.replace(config, seed=100 + len(replicas)), small).model)
         scores[f"trak-ensemble-{m}"] = ensemble_scores([base.model, *replicas[:m - 1]], base_test,

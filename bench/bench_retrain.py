@@ -162,7 +162,7 @@ def main() -> int:
         if method == "trak-ensemble":
             models = members or [base] + [train(dataclasses.replace(config, seed=args.seed + s), data).model
                                           for s in range(1, args.models)]
-            ensemble, _, _ = ensemble_scores(models, data, test_idx)
+            ensemble = ensemble_scores(models, data, test_idx)[0]
         changes = []
         for j, t in enumerate(test_idx):
             if method == "random":

@@ -74,7 +74,7 @@ def main() -> int:
                 "head self-influence": load_or_fit("head", checkpoint, noisy).self_influence(),
                 "TRAK self-influence (one model)": load_or_fit("trak", checkpoint, noisy).self_influence()}
     if args.models > 1:
-        _, self_scores, _ = ensemble_scores(models, noisy, [0])
+        _, self_scores, _, _ = ensemble_scores(models, noisy, [0])
         mean_loss = np.mean([losses(m) for m in models], 0)
         rankings[f"TRAK self-influence ({args.models} models)"] = self_scores
         rankings[f"mean training loss ({args.models} models)"] = mean_loss

@@ -5,9 +5,9 @@ from cifarviz.analysis.explore import ImageRef, to_png
 from cifarviz.analysis.influence import (
     METHODS,
     available_methods,
+    best_ranking,
     default_method,
-    loss_ranking,
-    suspicious,
+    suspicious_rankings,
     trained_positions,
 )
 from cifarviz.ui import app
@@ -114,23 +114,35 @@ def a_whole_class() -> None:
 
 
 def suspicious_training_images() -> None:
-    if not index.has_self_influence:
-        st.info(f"The {METHODS[method].title} method has no self-influence: pick another method above.")
-        return
-    st.markdown("Training images ranked by **self-influence**: how much an image's own loss depends on it "
-                "being in the training set. Mislabelled and atypical images come first. Beside it, the plain "
-                "ranking by **training loss** for comparison.")
+    rankings = suspicious_rankings(index, checkpoint, dataset, top=k)  # "Images per list" above
+    best, recall = best_ranking(checkpoint, rankings)
+    st.markdown("Training images most likely to be **mislabelled** (or atypical) first. On the left the ranking "
+                f"that found flipped labels best when measured: **{best}**"
+                + (f" ({recall:.0%} of 5% flipped labels in its top 10%)." if recall is not None else ".")
+                + " On the right the other plain rankings: **training loss** (how wrong the model is about the "
+                "image's label) and **self-influence** (how much the image's own loss depends on it being in the "
+                "training set).")
     train_predicted = app.get_artifacts(checkpoint, dataset, "train").predicted
-    order, _ = suspicious(index, top=k)  # "Images per list" above
-    by_loss, _ = loss_ranking(checkpoint, dataset, top=k)
+    others = [name for name in rankings if name != best]
+    if st.session_state.get("suspect_other") not in others:  # another method: other rankings
+        st.session_state.pop("suspect_other", None)
     left, right = st.columns(2)
-    for column, title, idx, key in ((left, "By self-influence", order, "self"),
-                                    (right, "By training loss", by_loss, "loss")):
-        with column:
-            st.markdown(f"**{title}**")
-            captions = [f"{classes[dataset.train.labels[i]]} (pred. {classes[train_predicted[i]]})" for i in idx]
-            app.image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions,
-                           key=f"suspect-{key}")
+    with left:
+        st.markdown(f"**By {best}**")
+        suspects_grid(rankings[best][0], train_predicted, "best")
+    with right:
+        if not others:
+            st.info(f"The {METHODS[method].title} method has no self-influence: pick another method above.")
+            return
+        other = st.segmented_control("Or by", others, default=others[0], required=True, key="suspect_other",
+                                     label_visibility="collapsed") if len(others) > 1 else others[0]
+        st.markdown(f"**By {other}**")
+        suspects_grid(rankings[other][0], train_predicted, "other")
+
+
+def suspects_grid(idx, train_predicted, key: str) -> None:
+    captions = [f"{classes[dataset.train.labels[i]]} (pred. {classes[train_predicted[i]]})" for i in idx]
+    app.image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions, key=f"suspect-{key}")
 
 
 for tab, draw in ((one, one_test_image), (whole_class, a_whole_class), (suspects, suspicious_training_images)):

@@ -45,7 +45,7 @@ def test_ensemble_index_is_its_computation_and_knows_its_members(cifar_small, sn
     index = load_or_fit("trak-ensemble", checkpoint, cifar_small)
     models = [checkpoint.model, *(load_checkpoint(p).model for p in members)]
     tests = np.array([3, 140, 777])
-    full, self_scores, _ = ensemble_scores(models, cifar_small, tests)
+    full, self_scores, _, _ = ensemble_scores(models, cifar_small, tests)
     for row, t in enumerate(tests):  # a lookup reads the lists the full computation ranks
         result = lookup(index, checkpoint, cifar_small, int(t), k=10)
         assert [e.train_index for e in result.helpful] == list(np.argsort(-full[row], kind="stable")[:10])
@@ -112,7 +112,7 @@ def test_removing_the_default_methods_helpful_images_really_raises_the_test_loss
     correct = np.flatnonzero(probs.argmax(1) == data.test.labels)
     tests = np.sort(np.random.default_rng(1).choice(correct, 8, replace=False))
     before = _plain_losses(base, data, tests)
-    trak, _, _ = ensemble_scores(models, data, tests)
+    trak = ensemble_scores(models, data, tests)[0]
     features = predict(base, data.train.images).features
     test_features = predict(base, data.test.images[tests]).features
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)

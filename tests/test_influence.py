@@ -16,6 +16,7 @@ from cifarviz.analysis.influence import (
     class_lookup,
     index_path,
     load_or_fit,
+    loss_ranking,
     lookup,
     suspicious,
     training_losses,
@@ -283,8 +284,14 @@ def test_influence_page_click_a_test_image(cifar, lenet):
     assert not any(k.startswith("influence-pick-") for k in keys)
     open_tab(at, "influence_tab", "Suspicious training images")
     keys = [b.key or "" for b in at.button]
-    assert sum(k.startswith("suspect-self-") for k in keys) == 8
-    assert sum(k.startswith("suspect-loss-") for k in keys) == 8
+    # the ranking measured best at finding flipped labels, and a plain one beside it (lenet's card: with the head,
+    # the training loss; then self-influence on the right)
+    assert sum(k.startswith("suspect-best-") for k in keys) == 8
+    assert sum(k.startswith("suspect-other-") for k in keys) == 8
+    by_loss, _ = loss_ranking(lenet, cifar, top=8)
+    assert [int(k.rsplit("-", 1)[1]) for k in keys if k.startswith("suspect-best-")] == list(by_loss)
+    order, _ = suspicious(load_or_fit("head", lenet, cifar), top=8)
+    assert [int(k.rsplit("-", 1)[1]) for k in keys if k.startswith("suspect-other-")] == list(order)
     assert not any(k.startswith("class-airplane-") for k in keys)
 
 

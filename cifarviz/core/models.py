@@ -75,6 +75,17 @@ class RetrainingFigures:
 
 
 @dataclass(frozen=True)
+class MislabelFigures:
+    """Which ranking finds mislabelled training images best (bench/bench_suspicious.py): a share of the training
+    labels flipped, the recipe trained on them; `recall`: ranking -> share of the flipped images in its top 10%."""
+
+    protocol: str
+    command: str
+    commit: str
+    recall: Mapping[str, float]
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """Everything cifarviz knows about one zoo model, in one place (timm's `pretrained_cfg` in spirit).
 
@@ -97,6 +108,7 @@ class ModelCard:
     # M models) averages over with the shipped checkpoint.
     replicas: tuple[str, ...] = ()
     influence: RetrainingFigures | None = None  # influence methods checked by retraining (bench/bench_retrain.py)
+    mislabels: MislabelFigures | None = None  # rankings checked at finding flipped labels (bench/bench_suspicious.py)
     figures: SourceFigures = field(default_factory=SourceFigures)
     family: str = ""  # models compared side by side on the Models page share a family
     variant: str = ""  # this model's name within its family ("BatchNorm", "residual")
@@ -303,6 +315,12 @@ class LeNet(ZooModel):
                     mean_change={"trak-ensemble": 3.495, "similarity": 2.698, "head": 1.001, "trak": 0.436,
                                  "random": 0.207},
                     rose={"trak-ensemble": 8, "similarity": 8, "head": 7, "trak": 5, "random": 6}),
+                mislabels=MislabelFigures(
+                    protocol="5% of the labels of a 5,000-image subset of cifar10-jpeg flipped (seed 0), the lenet "
+                             "recipe trained on them with seeds 0-19",
+                    command="OMP_NUM_THREADS=1 python bench/bench_suspicious.py", commit="12ad32f",
+                    recall={"mean training loss": 0.684, "training loss": 0.616, "self-influence (head)": 0.600,
+                            "self-influence (trak-ensemble)": 0.508, "self-influence (trak)": 0.424}),
                 recipe={"epochs": 20, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4,
                         "augment": FLIP_CROP})
 def lenet(num_classes: int = 10) -> ZooModel:

@@ -49,6 +49,7 @@ __all__ = [
     "Task",
     "TrakEnsemble",
     "available_methods",
+    "best_ranking",
     "class_lookup",
     "default_method",
     "ensemble_members",
@@ -61,6 +62,7 @@ __all__ = [
     "loss_ranking",
     "method_class",
     "suspicious",
+    "suspicious_rankings",
     "trained_positions",
     "training_losses",
 ]
@@ -324,6 +326,38 @@ def suspicious(index: InfluenceIndex, top: int | None = None) -> tuple[np.ndarra
     order = order if top is None else order[:top]
     positions = index.positions if index.positions is not None else np.arange(len(scores))
     return positions[order], scores[order]  # positions in dataset.train: only the images it was trained on
+
+
+def suspicious_rankings(index: InfluenceIndex, checkpoint, dataset, top: int | None = None) -> dict:
+    """Rankings of the training images the checkpoint was trained on, most suspicious (likely mislabelled) first:
+    name -> (positions in dataset.train, values). "training loss" always; "self-influence (METHOD)" where the method
+    has one; "mean training loss" (each image's plain loss averaged over the ensemble's models) for an ensemble."""
+    rankings = {"training loss": loss_ranking(checkpoint, dataset, top)}
+    if index.has_self_influence:
+        rankings[f"self-influence ({index.name})"] = suspicious(index, top)
+    mean_losses = getattr(index, "mean_losses", None)
+    if mean_losses is not None:
+        order = np.argsort(-mean_losses, kind="stable")[:top]
+        rankings["mean training loss"] = (_positions(index, dataset)[order], mean_losses[order])
+    return rankings
+
+
+def best_ranking(checkpoint, names) -> tuple[str, float | None]:
+    """Of the rankings `names`, the one that found flipped labels best in the card's measurement
+    (bench/bench_suspicious.py), with its recall; unmeasured: the training loss, which found them better than
+    self-influence in every measurement so far (README)."""
+    from cifarviz.core.errors import ModelError
+    from cifarviz.core.models import model_card
+
+    try:
+        figures = model_card(checkpoint.model.arch_name).mislabels
+    except ModelError:
+        figures = None
+    measured = {n: figures.recall[n] for n in names if figures and n in figures.recall}
+    if measured:
+        best = max(measured, key=measured.get)
+        return best, measured[best]
+    return "training loss", None
 
 
 def loss_ranking(checkpoint, dataset, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -43,14 +43,16 @@ def ensemble_scores(models, dataset, test_indices, *, k: int = PROJECTION_DIM, s
                     budget: int = PARAM_BUDGET, class_means: bool = False, on_progress: Progress | None = None):
     """TRAK over `models` for `dataset.test[test_indices]` against every image of `dataset.train`.
 
-    Returns (scores (T, n) float32, self-influence (n,), class mean scores (C, n) or None). Model m projects with
-    seed `seed + m`. Memory: one (T, n) float32 table and one model's (n, k) matrix at a time."""
+    Returns (scores (T, n) float32, self-influence (n,), class mean scores (C, n) or None, each training image's
+    plain cross-entropy of its label averaged over the models (n,)). Model m projects with seed `seed + m`.
+    Memory: one (T, n) float32 table and one model's (n, k) matrix at a time."""
     report = on_progress or (lambda fraction: None)
     train, test = dataset.train, dataset.test
     idx = np.atleast_1d(np.asarray(test_indices, dtype=np.int64))
     k = projection_dim(k, len(train))
     total = np.zeros((len(idx), len(train)), dtype=np.float32)
     q = np.zeros(len(train))
+    losses = np.zeros(len(train))
     self_raw = np.zeros(len(train))
     n_classes = len(dataset.classes)
     classes = np.zeros((n_classes, len(train)), dtype=np.float32) if class_means else None
@@ -73,6 +75,7 @@ def ensemble_scores(models, dataset, test_indices, *, k: int = PROJECTION_DIM, s
                 if (labels == c).any():
                     classes[c] += phi_test[labels == c].mean(0) @ weighted.T
         q += q_m
+        losses -= np.log(np.maximum(1 - q_m, 1e-12))
         self_raw += self_m
         report((m + 1) / len(models))
     q_mean = (q / len(models)).astype(np.float32)
@@ -80,7 +83,7 @@ def ensemble_scores(models, dataset, test_indices, *, k: int = PROJECTION_DIM, s
     total *= q_mean[None, :]
     if classes is not None:
         classes *= q_mean[None, :] / len(models)
-    return total, (self_raw / len(models)) * q_mean, classes
+    return total, (self_raw / len(models)) * q_mean, classes, losses / len(models)
 
 
 def _top(scores: np.ndarray, keep: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -106,15 +109,17 @@ class TrakEnsemble(InfluenceIndex):
         "helpful_rows": Array("i", ("t", "l"), low=0, below="n"), "helpful_scores": Array("f", ("t", "l")),
         "harmful_rows": Array("i", ("t", "l"), low=0, below="n"), "harmful_scores": Array("f", ("t", "l")),
         "class_scores": Array("f", ("c", "n")), "self_scores": Array("f", ("n",)), "models": Array("i", low=2),
+        "mean_losses": Array("f", ("n",), low=0),
     }
 
     def __init__(self, helpful_rows, helpful_scores, harmful_rows, harmful_scores, class_scores, self_scores,
-                 models: int):
+                 models: int, mean_losses):
         self.helpful_rows, self.helpful_scores = helpful_rows, helpful_scores
         self.harmful_rows, self.harmful_scores = harmful_rows, harmful_scores
         self.class_scores_table = class_scores
         self.self_scores = self_scores
         self.models = models
+        self.mean_losses = mean_losses  # each training image's plain loss averaged over the models
 
     @classmethod
     def settings(cls) -> dict:
@@ -135,8 +140,8 @@ class TrakEnsemble(InfluenceIndex):
             raise InfluenceError(f"{checkpoint.name} has no other models of its recipe to average over (replicas or "
                                  "per-epoch snapshots): use the single-model TRAK method.")
         models = [checkpoint.model, *(m.model for m in members)]
-        scores, self_scores, class_scores = ensemble_scores(models, dataset, np.arange(len(dataset.test)),
-                                                            class_means=True, on_progress=on_progress)
+        scores, self_scores, class_scores, mean_losses = ensemble_scores(
+            models, dataset, np.arange(len(dataset.test)), class_means=True, on_progress=on_progress)
         keep = min(LIST_LENGTH, scores.shape[1])
         tables = [np.empty((len(scores), keep), dtype=dtype) for dtype in (np.int32, np.float32) * 2]
         for start in range(0, len(scores), 512):  # argpartition's int64 indices for 512 rows at a time
@@ -144,7 +149,8 @@ class TrakEnsemble(InfluenceIndex):
             for offset, largest in ((0, True), (2, False)):
                 rows, values = _top(chunk, keep, largest)
                 tables[offset][start:start + 512], tables[offset + 1][start:start + 512] = rows, values
-        return cls(*tables, class_scores, self_scores.astype(np.float32), len(models))
+        return cls(*tables, class_scores, self_scores.astype(np.float32), len(models),
+                   mean_losses.astype(np.float32))
 
     def ranked(self, checkpoint, dataset, test_index: int, k: int):
         if k > self.list_length:
@@ -171,9 +177,9 @@ class TrakEnsemble(InfluenceIndex):
         return {"helpful_rows": self.helpful_rows, "helpful_scores": self.helpful_scores,
                 "harmful_rows": self.harmful_rows, "harmful_scores": self.harmful_scores,
                 "class_scores": self.class_scores_table, "self_scores": self.self_scores,
-                "models": np.array(self.models)}
+                "models": np.array(self.models), "mean_losses": self.mean_losses}
 
     @classmethod
     def from_state(cls, state):
         return cls(state["helpful_rows"], state["helpful_scores"], state["harmful_rows"], state["harmful_scores"],
-                   state["class_scores"], state["self_scores"], int(state["models"]))
+                   state["class_scores"], state["self_scores"], int(state["models"]), state["mean_losses"])
