@@ -143,6 +143,9 @@ def main() -> None:
     else:
         out = {"speed": speed(dataset, args.checkpoints, args.methods), "data": str(dataset.root),
                "cpu_threads": __import__("torch").get_num_threads()}
+    out["commit"] = __import__("subprocess").run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                  text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+    out["command"] = " ".join(["python", "bench/bench_influence.py", *sys.argv[1:]])
     print(json.dumps(out, indent=2))
     RESULTS.mkdir(exist_ok=True)
     name = "influence-lds.json" if args.lds else "influence-speed.json"
