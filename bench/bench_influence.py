@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", nargs="+", default=["lenet", "fastnet"])
     parser.add_argument("--methods", nargs="+", default=["head", "trak"])
     args = parser.parse_args()
+    commit = __import__("subprocess").run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=Path(__file__).parent, check=False).stdout.strip()  # at the start
     os.environ.setdefault("CIFARVIZ_CACHE", tempfile.mkdtemp(prefix="cifarviz-bench-influence-"))
     dataset = load_cifar10(args.data, download=False, progress=False)
     if args.lds:
@@ -143,8 +145,7 @@ def main() -> None:
     else:
         out = {"speed": speed(dataset, args.checkpoints, args.methods), "data": str(dataset.root),
                "cpu_threads": __import__("torch").get_num_threads()}
-    out["commit"] = __import__("subprocess").run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                  text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+    out["commit"] = commit
     out["command"] = " ".join(["python", "bench/bench_influence.py", *sys.argv[1:]])
     print(json.dumps(out, indent=2))
     RESULTS.mkdir(exist_ok=True)

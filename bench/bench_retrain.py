@@ -128,6 +128,8 @@ def main() -> int:
     args = parser.parse_args()
 
     load = os.getloadavg()[0]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent, check=False).stdout.strip()  # what is measured: at the start
     config = RECIPES[args.model]
     config = dataclasses.replace(config, seed=args.seed)
     everything = load_cifar10(args.data, download=False, progress=False)
@@ -185,8 +187,6 @@ def main() -> int:
         print(f"{method:10} mean change of the plain test loss {changes.mean():+.3f}, rose for {(changes > 0).sum()} "
               f"of {len(changes)}")
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent, check=False).stdout.strip()
     report = {"commit": commit, "command": " ".join(["python", "bench/bench_retrain.py", *sys.argv[1:]]),
               "data": args.data, "model": args.model, "subset": len(data.train), "k": args.k,
               "ensemble_models": len(members) if members else args.models, "shipped": args.shipped,

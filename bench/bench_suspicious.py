@@ -55,6 +55,8 @@ def main() -> int:
     args = parser.parse_args()
 
     load = os.getloadavg()[0]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent, check=False).stdout.strip()  # what is measured: at the start
     started = time.perf_counter()
     data = subset(load_cifar10(args.data, download=False, progress=False), args.subset, args.seed)
     rng = np.random.default_rng(args.seed)
@@ -84,8 +86,6 @@ def main() -> int:
         ranks(rankings["training loss"]) + ranks(rankings["head self-influence"])
     top = len(labels) // 10
     recall = {name: float(np.isin(flipped, np.argsort(-v, kind="stable")[:top]).mean()) for name, v in rankings.items()}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent, check=False).stdout.strip()
     report = {"commit": commit, "command": " ".join(["python", "bench/bench_suspicious.py", *sys.argv[1:]]),
               "data": args.data, "model": args.model, "subset": len(labels), "flipped": len(flipped),
               "models": args.models, "load_average": load, "seconds": round(time.perf_counter() - started),

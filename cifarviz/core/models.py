@@ -318,7 +318,7 @@ class LeNet(ZooModel):
                 mislabels=MislabelFigures(
                     protocol="5% of the labels of a 5,000-image subset of cifar10-jpeg flipped (seed 0), the lenet "
                              "recipe trained on them with seeds 0-19",
-                    command="OMP_NUM_THREADS=1 python bench/bench_suspicious.py", commit="12ad32f",
+                    command="OMP_NUM_THREADS=1 python bench/bench_suspicious.py", commit="a8d5588",
                     recall={"mean training loss": 0.684, "training loss": 0.616, "self-influence (head)": 0.600,
                             "self-influence (trak-ensemble)": 0.508, "self-influence (trak)": 0.424}),
                 recipe={"epochs": 20, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4,
