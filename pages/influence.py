@@ -29,10 +29,7 @@ if st.session_state.get("influence_method_of") != str(checkpoint.path) or \
 method = st.segmented_control("Method", methods, key="influence_method", required=True,
                               format_func=lambda name: METHODS[name].title)
 titles = {name: cls.title for name, cls in METHODS.items()} | {"random": "k random images (for scale)"}
-st.caption(METHODS[method].explanation)
-app.measured_figures(checkpoint, method, titles)
-if scope_note:
-    st.caption(scope_note)
+st.caption(" ".join(filter(None, [METHODS[method].explanation, app.how_sure(checkpoint, method, titles), scope_note])))
 index, method, building = app.influence_index_now(method, checkpoint, dataset)
 if building is not None:  # the ensemble takes minutes to build, once: answer with the head meanwhile
     app.progress_bar(building, f"Building the {METHODS[st.session_state['influence_method']].title} index of "
@@ -104,6 +101,7 @@ def one_test_image() -> None:
     show_result(app.influence_of(method, checkpoint, dataset, test_index=chosen, k=k), key=f"test-{chosen}")
     app.retrain_section(index, checkpoint, dataset, chosen, lambda n: app.influence_of(
         method, checkpoint, dataset, test_index=chosen, k=n), test_arts.probs)
+    app.measured_table(checkpoint, titles)
 
 
 def a_whole_class() -> None:
@@ -128,7 +126,8 @@ def suspicious_training_images() -> None:
         st.session_state.pop("suspect_other", None)
     left, right = st.columns(2)
     with left:
-        st.markdown(f"**By {best}**")
+        models = f" over the {index.models} models of the ensemble" if best == "mean training loss" else ""
+        st.markdown(f"**By {best}**{models}")
         suspects_grid(rankings[best][0], train_predicted, "best")
     with right:
         if not others:

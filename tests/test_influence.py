@@ -265,7 +265,7 @@ def test_influence_page_click_a_test_image(cifar, lenet):
     # how sure the answer is (the card's retraining figures), and the retraining that lets a class see for itself
     captions = "\n".join(c.value for c in at.caption)
     figures = model_card("lenet").influence
-    assert f"raised the test image's loss by **{figures.mean_change['head']:+.2f}**" in captions, captions
+    assert f"the test image's loss rose by **{figures.mean_change['head']:+.2f}**" in captions, captions
     assert any(b.key == f"retrain-{chosen}" for b in at.button)
     # each image opens the inspector, and a test image's inspector lists its influential training images
     next(b for b in at.button if b.key and b.key.startswith(f"test-{chosen}-helpful-")).click().run()

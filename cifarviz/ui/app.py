@@ -58,7 +58,7 @@ from cifarviz.ui.widgets import (  # noqa: F401
     close_inspector,
     image_grid,
 )
-from cifarviz.ui.influence_view import measured_figures, retrain_section  # noqa: F401
+from cifarviz.ui.influence_view import how_sure, measured_table, retrain_section  # noqa: F401
 from cifarviz.ui.inspector import (  # noqa: F401
     inspector,
     saliency_png,

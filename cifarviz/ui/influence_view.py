@@ -26,16 +26,16 @@ def retrain_section(index, checkpoint, dataset, test_index: int, influence_of, p
     st.markdown("#### See it for yourself: retrain without these images")
     k = min(REMOVED, index.n_train // 10)
     labels = {"helpful": f"its top {k} helpful", "harmful": f"its top {k} harmful", "random": f"{k} random images"}
-    left, right = st.columns([3, 1], vertical_alignment="bottom")
-    choice = left.segmented_control("Remove", list(labels), format_func=labels.get, default="helpful",
-                                    required=True, key="retrain_choice")
+    # One under the other: side by side, a 1024-pixel projector cut both the choices and the button's label.
+    choice = st.segmented_control("Remove", list(labels), format_func=labels.get, default="helpful",
+                                  required=True, key="retrain_choice")
     mine = [r for r in runs.list_runs() if r.state in runs.ACTIVE and r.config.get("owner") == session_owner()]
     full = len(mine) >= runs.max_per_session()
-    if right.button("Retrain without them", key=f"retrain-{test_index}", icon=":material/model_training:",
-                    disabled=full, width="stretch",
-                    help=(f"At most {runs.max_per_session()} of your runs may wait or train at once." if full else
-                          "Trains the checkpoint's recipe twice in the background, with and without these images, "
-                          "and measures this test image's loss after each.")):
+    if st.button("Retrain without them", key=f"retrain-{test_index}", icon=":material/model_training:",
+                 disabled=full,
+                 help=(f"At most {runs.max_per_session()} of your runs may wait or train at once." if full else
+                       "Trains the checkpoint's recipe twice in the background, with and without these images, "
+                       "and measures this test image's loss after each.")):
         try:
             if choice == "random":
                 rows = np.random.default_rng(test_index).choice(index.n_train, k, replace=False)
@@ -114,34 +114,43 @@ def draw_progress(run: runs.Run, what: str) -> None:
     st.progress(min(fraction, 1.0), text=f"{what}: {last.get('phase', 'training')},{subset} about {left} left")
 
 
-def measured_figures(checkpoint, method: str, titles: dict) -> None:
-    """How sure the answer is: the method's measured retraining effect beside similarity's and random's, from the
-    model card (bench/bench_retrain.py), in one line and a small table."""
+def _figures(checkpoint):
     from cifarviz.core.errors import ModelError
     from cifarviz.core.models import model_card
 
     try:
-        figures = model_card(checkpoint.model.arch_name).influence
+        return model_card(checkpoint.model.arch_name).influence
     except ModelError:  # not a zoo model
-        figures = None
+        return None
+
+
+def how_sure(checkpoint, method: str, titles: dict) -> str:
+    """One sentence: the method's measured retraining effect beside similarity's and random's (the model card's
+    figures, from bench/bench_retrain.py), or that it was not measured."""
+    figures = _figures(checkpoint)
     if figures is None:
-        st.caption(f"No method has been checked by retraining for {checkpoint.model.arch_name} yet (it takes hours "
-                   "on a CPU): the default is the best one measured on lenet. See it for yourself below.")
-        return
+        return (f"No method has been checked by retraining for {checkpoint.model.arch_name} yet (it takes hours on a "
+                "CPU): the default is the best one measured on lenet. See it for yourself below.")
     change = figures.mean_change
-    if method in change:
-        others = ", ".join(f"{titles.get(m, m).split(' (')[0].lower()} {change[m]:+.2f}" for m in ("similarity", "random")
-                           if m in change and m != method)
-        st.caption(f"**How sure?** Measured by retraining ({figures.protocol}): removing this method's top helpful "
-                   f"images raised the test image's loss by **{change[method]:+.2f}** on average (it rose for "
-                   f"{figures.rose[method]} of {figures.tests}); {others}.")
-    else:
-        st.caption(f"**How sure?** This method has not been checked by retraining for {checkpoint.model.arch_name}; "
-                   "the table below has the ones that were.")
+    if method not in change:
+        return (f"**How sure?** This method has not been checked by retraining for {checkpoint.model.arch_name}; the "
+                "table at the bottom has the ones that were.")
+    others = ", ".join(f"{titles.get(m, m).split(' (')[0].lower()} {change[m]:+.2f}" for m in ("similarity", "random")
+                       if m in change and m != method)
+    return (f"**How sure?** Retrained without this method's top helpful images, the test image's loss rose by "
+            f"**{change[method]:+.2f}** on average (for {figures.rose[method]} of {figures.tests}); {others} "
+            f"({figures.protocol}).")
+
+
+def measured_table(checkpoint, titles: dict) -> None:
+    """Every method's measured retraining effect, in a small table (nothing when none was measured)."""
+    figures = _figures(checkpoint)
+    if figures is None:
+        return
     with st.expander("Each method checked by retraining"):
         rows = [{"method": titles.get(m, m), "mean change of the test loss": v,
                  "rose for": f"{figures.rose[m]} of {figures.tests}"}
-                for m, v in sorted(change.items(), key=lambda item: -item[1])]
+                for m, v in sorted(figures.mean_change.items(), key=lambda item: -item[1])]
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
             "mean change of the test loss": st.column_config.NumberColumn(format="%+.3f")})
         st.caption(f"{figures.protocol}. For each test image, the recipe was retrained without the method's top "

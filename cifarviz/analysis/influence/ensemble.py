@@ -100,10 +100,9 @@ def _top(scores: np.ndarray, keep: int, largest: bool) -> tuple[np.ndarray, np.n
 class TrakEnsemble(InfluenceIndex):
     name = "trak-ensemble"
     title = "TRAK, ensemble of models"
-    explanation = ("TRAK over several models trained by the same recipe with other seeds: each compares the test "
-                   "image's gradient with every training image's over the whole network, randomly projected and "
-                   "corrected for how redundant the training images are; averaging the models removes most of one "
-                   "model's noise.")
+    explanation = ("TRAK over several models of the same recipe (other seeds): each compares the test image's "
+                   "gradient with every training image's over the whole network, projected and corrected for "
+                   "redundant training images; averaging the models removes most of one model's noise.")
     needs_members = True
     arrays: ClassVar[dict] = {
         "helpful_rows": Array("i", ("t", "l"), low=0, below="n"), "helpful_scores": Array("f", ("t", "l")),
