@@ -97,7 +97,7 @@ def one_test_image() -> None:
         true, predicted = classes[test_arts.labels[chosen]], classes[test_arts.predicted[chosen]]
         st.markdown(f"#### Test image #{chosen}: true label **{true}**, predicted **{predicted}** "
                     f"({test_arts.probs[chosen].max():.0%})")
-        st.caption("Scores: the predicted change of this image's loss if the training image were removed.")
+        st.caption(f"Scores: {METHODS[method].score_meaning}.")
     show_result(app.influence_of(method, checkpoint, dataset, test_index=chosen, k=k), key=f"test-{chosen}")
     app.retrain_section(index, checkpoint, dataset, chosen, lambda n: app.influence_of(
         method, checkpoint, dataset, test_index=chosen, k=n), test_arts.probs)

@@ -64,10 +64,18 @@ def new_page(browser, width: int, height: int):
 
 
 @pytest.fixture(scope="session")
-def page(browser):
+def _shared_page(browser):
     page = new_page(browser, 1600, 1200)
     yield page
     page.close()
+
+
+@pytest.fixture
+def page(_shared_page):
+    """One tab for every test; left on a blank page after each, so the last page's live parts (the Train page's
+    run view, a retraining's progress) do not keep the server busy for the rest of the test session."""
+    yield _shared_page
+    _shared_page.goto("about:blank")
 
 
 def wait_idle(page, quiet_ms: int = 1500, timeout_s: float = 600):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import browser, page, server  # noqa: F401  (real-browser fixtures, one server per test session)
+from browser import _shared_page, browser, page, server  # noqa: F401  (real-browser fixtures, one server per session)
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent

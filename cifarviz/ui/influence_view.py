@@ -53,10 +53,26 @@ def retrain_section(index, checkpoint, dataset, test_index: int, influence_of, p
     retrain_results(str(checkpoint.path), test_index, dataset.classes)
 
 
-@st.fragment(run_every=3)
 def retrain_results(checkpoint_path: str, test_index: int, classes) -> None:
+    """The runs of this test image, drawn once; redrawn every 3 s only while one waits or trains (a hall of viewers
+    on the page must not all poll for nothing)."""
+    found = retrain.retrain_runs(checkpoint_path, test_index)[:6]
+    if any(r.state in runs.ACTIVE for r in found):
+        live_retrain_results(checkpoint_path, test_index, classes)
+    else:
+        draw_retrain_results(found, classes)
+
+
+@st.fragment(run_every=3)
+def live_retrain_results(checkpoint_path: str, test_index: int, classes) -> None:
     runs.schedule()
     found = retrain.retrain_runs(checkpoint_path, test_index)[:6]
+    if not any(r.state in runs.ACTIVE for r in found):
+        st.rerun()  # all finished: the whole page, drawn once, stops polling
+    draw_retrain_results(found, classes)
+
+
+def draw_retrain_results(found: list, classes) -> None:
     if not found:
         st.caption("Nobody has retrained without this test image's images yet. Two trainings of the recipe, "
                    "queued with the server's other runs.")

@@ -29,6 +29,7 @@ class InfluenceIndex(ABC):
     name: str = ""
     title: str = ""
     explanation: str = ""  # one sentence for the page
+    score_meaning: str = "the predicted change of this image's loss if the training image were removed"
     has_self_influence: bool = True
     needs_members: bool = False  # fitted over the checkpoint and other models of its recipe (ensemble_members)
     arrays: ClassVar[dict] = {}  # the store schema of `state()`: name -> Array, with "n" the training images

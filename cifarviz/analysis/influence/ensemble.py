@@ -103,6 +103,8 @@ class TrakEnsemble(InfluenceIndex):
     explanation = ("TRAK over several models of the same recipe (other seeds): each compares the test image's "
                    "gradient with every training image's over the whole network, projected and corrected for "
                    "redundant training images; averaging the models removes most of one model's noise.")
+    score_meaning = ("the predicted drop of this image's margin (its label's logit against the others') if the "
+                     "training image were removed; its plain loss rises by about 1 - p times that")
     needs_members = True
     arrays: ClassVar[dict] = {
         "helpful_rows": Array("i", ("t", "l"), low=0, below="n"), "helpful_scores": Array("f", ("t", "l")),

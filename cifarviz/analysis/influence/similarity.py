@@ -22,6 +22,7 @@ class FeatureSimilarity(InfluenceIndex):
     title = "Feature similarity (baseline)"
     explanation = ("Baseline: how alike the network finds each training image and the test image (cosine similarity "
                    "of their features), counted as helpful when the labels match and harmful when they differ.")
+    score_meaning = "feature similarity, signed by whether the labels agree (not a predicted change)"
     has_self_influence = False
     arrays: ClassVar[dict] = {"unit_features": Array("f", ("n", None)), "labels": Array("i", ("n",), low=0)}
 

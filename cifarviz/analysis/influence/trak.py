@@ -140,6 +140,8 @@ class TrakInfluence(InfluenceIndex):
     explanation = ("TRAK: compares the test image's gradient with every training image's gradient over the whole "
                    "network (its last layers for large models), randomly projected, and corrects for how "
                    "redundant the training images are with one another.")
+    score_meaning = ("the predicted drop of this image's margin (its label's logit against the others') if the "
+                     "training image were removed; its plain loss rises by about 1 - p times that")
     arrays: ClassVar[dict] = {"weighted": Array("f", ("n", "k")), "self_scores": Array("f", ("n",)),
                               "names": Array("U", (None,)), "k": Array("i", low=1), "seed": Array("i")}
 
