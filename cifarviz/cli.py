@@ -369,6 +369,7 @@ def cmd_tune(args) -> int:
     from cifarviz.core.recipes import RECIPES
     from cifarviz.services.tune import (
         DEFAULT_MODEL,
+        WRITE_WAIT_SECONDS,
         SearchSpace,
         StudySettings,
         beside,
@@ -384,7 +385,7 @@ def cmd_tune(args) -> int:
 
     check_trials(args.trials)
     storage = args.storage or default_storage_url()
-    stored = stored_settings(storage, args.study)  # joining a study: what was not asked for is the study's own
+    stored = stored_settings(storage, args.study, WRITE_WAIT_SECONDS)  # joining a study: what was not asked for is the study's own
     asked = {k: v for k, v in (("epochs_per_trial", args.epochs), ("subset", args.subset)) if v is not None}
     space = {k: getattr(args, k) for k in (*SearchSpace.RANGES, *SearchSpace.CHOICES) if getattr(args, k) is not None}
     if stored is None:

@@ -14,6 +14,7 @@ from cifarviz.analysis.explore import (
 )
 from cifarviz.core.augment import AugmentConfig, augment_batch, to_float
 from cifarviz.ui import app
+from cifarviz.ui.text import md, shown
 
 app.sidebar()
 st.title("Dataset")
@@ -51,12 +52,13 @@ def reroll(key: str) -> None:
 
 @st.fragment
 def samples_tab() -> None:
-    shown = st.pills("Classes", classes, selection_mode="multi", default=classes, key="sample_classes", wrap=True)
+    picked = st.pills("Classes", classes, selection_mode="multi", default=classes, key="sample_classes", wrap=True,
+                    format_func=md)
     st.button("Reshuffle", icon=":material/shuffle:", key="sample_reshuffle", on_click=reroll, args=("sample_seed",))
     per_class = sample_per_class(dataset.train.labels, 8, st.session_state.get("sample_seed", 0))
-    for name in shown:
+    for name in picked:
         idx = per_class[classes.index(name)]
-        st.markdown(f"**{name}**")
+        st.markdown(f"**{md(name)}**")
         app.image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], [f"#{i}" for i in idx],
                        key=f"sample-{name}", tile_width=96)
     open_clicked_image()
@@ -75,8 +77,11 @@ def augmentation_tab() -> None:
               help="New random augmentations of the same images", width="stretch")
     b2.button("Other images", icon=":material/shuffle:", key="augment_images", on_click=reroll,
               args=("augment_images_seed",), width="stretch")
+    if len(dataset.train) == 0:
+        st.info("This data has no training images to augment.")
+        return
     rng = np.random.default_rng(st.session_state.get("augment_images_seed", 0))
-    idx = rng.choice(len(dataset.train), 8, replace=False)
+    idx = rng.choice(len(dataset.train), min(8, len(dataset.train)), replace=False)  # a tiny folder: all it has
     batch = to_float(torch.from_numpy(dataset.train.images[idx]))
     generator = torch.Generator().manual_seed(st.session_state.get("augment_seed", 0))
     rows = [dataset.train.images[idx]] + [
@@ -92,7 +97,7 @@ def augmentation_tab() -> None:
 def browser_tab() -> None:
     a, b, c = st.columns([1, 3, 1])
     split = a.selectbox("Split", ["train", "val", "test"], key="browse_split")
-    chosen = b.multiselect("Classes", classes, key="browse_classes", placeholder="all classes")
+    chosen = b.multiselect("Classes", classes, key="browse_classes", placeholder="all classes", format_func=shown)
     data = dataset.split(split)
     idx = filter_indices(data.labels, [classes.index(x) for x in chosen])
     per_page = 32
@@ -102,7 +107,7 @@ def browser_tab() -> None:
     st.caption(f"{len(idx):,} images")
     # Short captions fit a projector's narrow columns; the inspector shows the image's number.
     app.image_grid(data.images[page_idx], [ImageRef(split, int(i)) for i in page_idx],
-                   [f"{classes[data.labels[i]]}" for i in page_idx], key="browse", tile_width=112)
+                   [md(classes[data.labels[i]]) for i in page_idx], key="browse", tile_width=112)
     open_clicked_image()
 
 
@@ -114,7 +119,7 @@ overview, samples, stats, augmentation, browser = st.tabs(
 with overview:
     if overview.open:
         st.markdown(f"**{len(dataset.train):,}** training, **{len(dataset.val):,}** validation and "
-                    f"**{len(dataset.test):,}** test images from `{dataset.root}` ({dataset.layout}); "
+                    f"**{len(dataset.test):,}** test images from {md(dataset.root)} ({dataset.layout}); "
                     f"the validation images are split off the training set with seed {dataset.split_seed}.")
         st.altair_chart(alt.Chart(counts).mark_bar().encode(
             x=alt.X("class:N", sort=classes, title=None,
@@ -148,7 +153,7 @@ with stats:
         st.markdown("**The mean image of each class**: the average of all its training pictures")
         for row in range(0, len(classes), 5):  # five per row: big enough to see, names never cut
             for col, name, image in zip(st.columns(5), classes[row : row + 5], means[row : row + 5]):
-                col.image(to_png(image, scale=4), caption=name, width="stretch", output_format="PNG")
+                col.image(to_png(image, scale=4), caption=md(name), width="stretch", output_format="PNG")
 
 with augmentation:
     if augmentation.open:

@@ -6,10 +6,11 @@ from cifarviz.analysis.embed import DEFAULT_PARAMS, METHODS, class_mix, selected
 from cifarviz.analysis.explore import ImageRef
 from cifarviz.ui import app
 from cifarviz.ui import embeddings as ui
+from cifarviz.ui.text import md
 
 dataset, checkpoint = app.data_and_checkpoint_page("Embeddings")
 classes = list(dataset.classes)
-st.markdown(f"Each point is an image, placed by a 2-D map of **{checkpoint.name}**'s penultimate features: images "
+st.markdown(f"Each point is an image, placed by a 2-D map of **{md(checkpoint.name)}**'s penultimate features: images "
             "the network sees as similar land close together. Hover a point to see the image, click it to inspect "
             "it, drag a box to see the images inside; click a legend entry to show only that class.")
 
@@ -20,7 +21,8 @@ method = b.segmented_control("Method", list(METHODS), default="tsne", key="emb_m
                              format_func=lambda m: METHODS[m].split(" (")[0])
 subset = None
 if split == "train":
-    size = a.select_slider("Training images", [2_000, 5_000, 10_000, 20_000, len(dataset.train)], value=5_000,
+    sizes = sorted({n for n in (2_000, 5_000, 10_000, 20_000) if n < len(dataset.train)} | {len(dataset.train)})
+    size = a.select_slider("Training images", sizes, value=5_000 if 5_000 in sizes else sizes[-1],
                            key="emb_train_size", format_func="{:,}".format,
                            help="A random sample (the same each time); all 45,000 take a few minutes to map once.")
     subset = subset_indices(len(dataset.train), size)
@@ -57,7 +59,7 @@ columns = st.columns(len(maps)) if len(maps) > 1 else [st.container()]
 events = []
 for column, (name, source), emb in zip(columns, sources, maps):
     with column:
-        st.subheader(f"{name}: {METHODS[method].split(' (')[0]}" if len(maps) > 1 else METHODS[method])
+        st.subheader(f"{md(name)}: {METHODS[method].split(' (')[0]}" if len(maps) > 1 else METHODS[method])
         if source is None:  # pixels carry no prediction: the sidebar checkpoint's colours and outlines
             predicted = arts.predicted[emb.indices]
         else:
@@ -66,7 +68,7 @@ for column, (name, source), emb in zip(columns, sources, maps):
         events.append(ui.show_map(emb, predicted, classes, colour_by, key=key, height=560 if len(maps) == 1 else 460,
                                   urls=urls, legend_below=len(maps) > 1))
         st.caption(f"{len(emb):,} {split} images; outlined: misclassified by "
-                   f"{name if source is not None else checkpoint.name}; computed in {emb.info['seconds']:.1f} s.")
+                   f"{md(name if source is not None else checkpoint.name)}; computed in {emb.info['seconds']:.1f} s.")
 st.caption("10-NN accuracy: how often a point's 10 nearest points on the map share its true class (leave-one-out); "
            f"higher means the classes are better separated. {METHODS[method]} of the penultimate features"
            + (", or of the raw pixels (reduced to 50 dimensions with PCA first)" if len(maps) > 1 else "") + ".")
@@ -88,15 +90,15 @@ if chosen_split == split and chosen:
     st.subheader(f"{len(chosen):,} images in the box")
     mix = class_mix(data.labels[chosen], len(classes))
     wrong = int((arts.predicted[chosen] != data.labels[chosen]).sum())
-    st.markdown("**Class mix:** " + ", ".join(f"{classes[i]} {mix[i]}" for i in np.argsort(-mix) if mix[i]) +
-                f". **{wrong}** misclassified by {checkpoint.name}.")
+    st.markdown("**Class mix:** " + ", ".join(f"{md(classes[i])} {mix[i]}" for i in np.argsort(-mix) if mix[i]) +
+                f". **{wrong}** misclassified by {md(checkpoint.name)}.")
     st.bar_chart(pd.DataFrame({"class": classes, "images": mix}), x="class", y="images", height=220,
                  horizontal=False)
     shown = chosen[:60]
     if len(chosen) > 60:
         st.caption("Showing the first 60; drag a smaller box to see the rest.")
     app.image_grid(data.images[shown], [ImageRef(split, int(i)) for i in shown],
-                   [f"#{i} {classes[arts.predicted[i]]}" + ("" if arts.predicted[i] == data.labels[i] else " ✗")
+                   [f"#{i} {md(classes[arts.predicted[i]])}" + ("" if arts.predicted[i] == data.labels[i] else " ✗")
                     for i in shown], key="emb-selection", tile_width=96)
     if st.button("Clear the selection", key="emb-clear", icon=":material/close:"):
         st.session_state.pop("emb_selected", None)

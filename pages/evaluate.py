@@ -7,6 +7,7 @@ from cifarviz.analysis.explore import ImageRef, confusion_cell_indices, misclass
 from cifarviz.analysis.metrics import classification_report, most_confused_pairs, reliability
 from cifarviz.store.artifacts import split_tta
 from cifarviz.ui import app
+from cifarviz.ui.text import md, shown
 
 dataset, checkpoint = app.data_and_checkpoint_page("Evaluate", training_images=False)
 classes = list(dataset.classes)
@@ -20,9 +21,9 @@ def describe(tta: str) -> None:
     how = {"flip": " with flip test-time augmentation", "none": ""}[tta]
     if tta == "none" and split_tta(checkpoint, split) != "none":
         how = " without test-time augmentation for now (the augmented predictions are on their way)"
-    header.markdown(f"Evaluating **{checkpoint.name}** ({checkpoint.model.arch_name}, "
+    header.markdown(f"Evaluating **{md(checkpoint.name)}** ({checkpoint.model.arch_name}, "
                     f"{sum(p.numel() for p in checkpoint.model.parameters()):,} parameters) on the **{len(data):,} "
-                    f"{split} images** of `{dataset.root.name}`{how}.")
+                    f"{split} images** of {md(dataset.root.name)}{how}.")
 
 
 describe(split_tta(checkpoint, split))  # shown while the first predictions are computed
@@ -112,19 +113,19 @@ st.dataframe(per_class, hide_index=True,  # auto height: the ten classes, no emp
 
 st.subheader("Images of one cell")
 a, b = st.columns(2)
-true_name = a.selectbox("True class", classes, key="cm_true", on_change=_cell_picked_by_hand)
-pred_name = b.selectbox("Predicted class", classes, key="cm_pred", on_change=_cell_picked_by_hand)
+true_name = a.selectbox("True class", classes, key="cm_true", on_change=_cell_picked_by_hand, format_func=shown)
+pred_name = b.selectbox("Predicted class", classes, key="cm_pred", on_change=_cell_picked_by_hand, format_func=shown)
 cell = confusion_cell_indices(arts.labels, arts.predicted, classes.index(true_name), classes.index(pred_name))
 cell = cell[np.argsort(-arts.probs[cell, classes.index(pred_name)], kind="stable")][:48]
-st.caption(f"{int(confusion[classes.index(true_name), classes.index(pred_name)])} {split} images are {true_name} "
-           f"predicted as {pred_name}" + (" (showing the 48 most confident)" if len(cell) == 48 else ""))
+st.caption(f"{int(confusion[classes.index(true_name), classes.index(pred_name)])} {split} images are {md(true_name)} "
+           f"predicted as {md(pred_name)}" + (" (showing the 48 most confident)" if len(cell) == 48 else ""))
 app.image_grid(data.images[cell], [ImageRef(split, int(i)) for i in cell],
                [f"#{i} {arts.probs[i, classes.index(pred_name)]:.0%}" for i in cell], key="cell", tile_width=96)
 
 st.subheader("Most confident mistakes")
 wrong = misclassified_by_confidence(arts.probs, arts.labels)[:24]
 app.image_grid(data.images[wrong], [ImageRef(split, int(i)) for i in wrong],
-               [f"{classes[arts.labels[i]]} → {classes[arts.predicted[i]]} {arts.probs[i].max():.0%}" for i in wrong],
+               [f"{md(classes[arts.labels[i]])} → {md(classes[arts.predicted[i]])} {arts.probs[i].max():.0%}" for i in wrong],
                key="mistakes", tile_width=120)
 
 c1, c2 = st.columns(2)

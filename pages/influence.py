@@ -11,13 +11,14 @@ from cifarviz.analysis.influence import (
     trained_positions,
 )
 from cifarviz.ui import app
+from cifarviz.ui.text import md, shown
 
 dataset, checkpoint = app.data_and_checkpoint_page("Influence")
 classes = list(dataset.classes)
 
 trained_on, scope_note = trained_positions(checkpoint, dataset)
 st.markdown(
-    f"Which of the {len(trained_on):,} training images made **{checkpoint.name}** decide what it decided? "
+    f"Which of the {len(trained_on):,} training images made **{md(checkpoint.name)}** decide what it decided? "
     "A training image is **helpful** for a test image when removing it from training would *raise* the test "
     "image's loss (the model would be less sure of the right answer), and **harmful** when removing it would "
     "*lower* that loss.")
@@ -33,7 +34,7 @@ st.caption(" ".join(filter(None, [METHODS[method].explanation, app.how_sure(chec
 index, method, building = app.influence_index_now(method, checkpoint, dataset)
 if building is not None:  # the ensemble takes minutes to build, once: answer with the head meanwhile
     app.progress_bar(building, f"Building the {METHODS[st.session_state['influence_method']].title} index of "
-                     f"{checkpoint.name} (once, for everyone); until then the answers below are the "
+                     f"{md(checkpoint.name)} (once, for everyone); until then the answers below are the "
                      f"{METHODS[method].title} method's")
 test_arts = app.get_artifacts(checkpoint, dataset, "test")
 k = st.slider("Images per list", 4, 24, 8, step=4, key="influence_k")
@@ -63,7 +64,7 @@ one, whole_class, suspects = st.tabs(["One test image", "A whole class", "Suspic
 
 def one_test_image() -> None:
     a, b, c = st.columns([1, 1, 1.4])
-    class_name = a.selectbox("Class", ["all classes", *classes], key="influence_class_filter")
+    class_name = a.selectbox("Class", ["all classes", *classes], key="influence_class_filter", format_func=shown)
     kind = b.selectbox("Prediction", ["all", "misclassified", "correct"], key="influence_kind")
     low, high = c.slider("Model's confidence in its prediction", 0.0, 1.0, (0.0, 1.0), step=0.05,
                          key="influence_confidence")
@@ -76,14 +77,14 @@ def one_test_image() -> None:
     candidates = np.flatnonzero(keep)
     st.caption(f"{len(candidates):,} test images match; click one to see the training images that helped and "
                "hurt it (showing 16 of them, picked at random; ✓ right, ✗ wrong: true → predicted class).")
-    shown = np.sort(np.random.default_rng(0).permutation(candidates)[:16])  # a mix of classes, the same each visit
-    app.image_grid(dataset.test.images[shown], [ImageRef("test", int(i)) for i in shown],
-                   [f"#{i} ✓ {classes[test_arts.labels[i]]}" if test_arts.predicted[i] == test_arts.labels[i] else
-                    f"#{i} ✗ {classes[test_arts.labels[i]]} → {classes[test_arts.predicted[i]]}" for i in shown],
+    offered = np.sort(np.random.default_rng(0).permutation(candidates)[:16])  # a mix of classes, the same each visit
+    app.image_grid(dataset.test.images[offered], [ImageRef("test", int(i)) for i in offered],
+                   [f"#{i} ✓ {md(classes[test_arts.labels[i]])}" if test_arts.predicted[i] == test_arts.labels[i] else
+                    f"#{i} ✗ {md(classes[test_arts.labels[i]])} → {md(classes[test_arts.predicted[i]])}" for i in offered],
                    key="influence-pick", on_click=pick_test_image,
                    help="Show its most helpful and harmful training images")
     # Until a click, the first image shown: the page opens with an answer, not an empty space.
-    chosen = st.session_state.get("influence_test", int(shown[0]) if len(shown) else None)
+    chosen = st.session_state.get("influence_test", int(offered[0]) if len(offered) else None)
     if chosen is None or not 0 <= chosen < len(dataset.test):
         return
     st.divider()
@@ -94,7 +95,7 @@ def one_test_image() -> None:
                       args=("test", chosen), icon=":material/zoom_in:", width="stretch")
         right = st.container()
     with right:
-        true, predicted = classes[test_arts.labels[chosen]], classes[test_arts.predicted[chosen]]
+        true, predicted = md(classes[test_arts.labels[chosen]]), md(classes[test_arts.predicted[chosen]])
         st.markdown(f"#### Test image #{chosen}: true label **{true}**, predicted **{predicted}** "
                     f"({test_arts.probs[chosen].max():.0%})")
         st.caption(f"Scores: {METHODS[method].score_meaning}.")
@@ -107,7 +108,7 @@ def one_test_image() -> None:
 def a_whole_class() -> None:
     st.markdown("The training images that help and hurt **a whole test class** on average (the influence-functions "
                 "source project analysed the airplane class this way).")
-    target = st.selectbox("Test class", classes, key="influence_whole_class")
+    target = st.selectbox("Test class", classes, key="influence_whole_class", format_func=shown)
     show_result(app.influence_of(method, checkpoint, dataset, class_name=target, k=k), key=f"class-{target}")
 
 
@@ -140,7 +141,7 @@ def suspicious_training_images() -> None:
 
 
 def suspects_grid(idx, train_predicted, key: str) -> None:
-    captions = [f"{classes[dataset.train.labels[i]]} (pred. {classes[train_predicted[i]]})" for i in idx]
+    captions = [f"{md(classes[dataset.train.labels[i]])} (pred. {md(classes[train_predicted[i]])})" for i in idx]
     app.image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions, key=f"suspect-{key}")
 
 

@@ -6,6 +6,7 @@ from cifarviz.core.errors import AmbiguousArchitectureError, CifarvizError
 from cifarviz.core.models import count_parameters
 from cifarviz.ui import app
 from cifarviz.ui.models_view import ZooView, shown_table
+from cifarviz.ui.text import md, md_message
 
 app.sidebar()
 st.title("Models")
@@ -48,16 +49,16 @@ with tab_upload:
                 st.session_state["checkpoint_upload_done"] = upload.file_id
                 st.session_state["checkpoint_label_request"] = label
                 st.session_state["upload_message"] = (
-                    f"Loaded {upload.name}: architecture {checkpoint.model.arch_name}, "
+                    f"Loaded {md(upload.name)}: architecture {checkpoint.model.arch_name}, "
                     f"{count_parameters(checkpoint.model):,} parameters. It is now the sidebar's checkpoint.")
                 st.rerun()  # the whole app, so the sidebar, drawn before this page, selects it
             except AmbiguousArchitectureError as exc:  # never guess: the user says which network it is
-                st.warning(f"{upload.name} fits {len(exc.candidates)} zoo architectures with identical tensor shapes "
+                st.warning(f"{md(upload.name)} fits {len(exc.candidates)} zoo architectures with identical tensor shapes "
                            f"({', '.join(exc.candidates)}). Which one was it saved from?")
                 st.selectbox("Architecture", exc.candidates, index=None, key=f"upload_arch_{upload.file_id}",
                              placeholder="Choose the architecture")
             except CifarvizError as exc:
-                st.error(str(exc))
+                st.error(md_message(exc))
         if "upload_message" in st.session_state:
             st.success(st.session_state.pop("upload_message"))
 

@@ -1,10 +1,8 @@
 """Train: pick a model and its hyperparameters, press Start, and watch it learn; compare runs; tune (Optuna)."""
 
-import secrets
-
 import streamlit as st
 
-from cifarviz.ui import app
+from cifarviz.ui import app, identity
 from cifarviz.ui.compare import compare_tab
 from cifarviz.ui.runs_view import live_view
 from cifarviz.ui.train_form import training_form
@@ -15,7 +13,7 @@ st.title("Train")
 dataset = app.current_dataset()
 if dataset is None:
     st.stop()
-owner = st.session_state.setdefault("train_owner", secrets.token_hex(8))  # this browser session's runs
+owner = identity.viewer()  # this browser's runs (a reload is the same person)
 
 if "train_config_request" in st.session_state:  # "Train with the best parameters" on the Tune tab: show the form
     st.session_state["train_tabs"] = "Train"

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -21,16 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(cifar):
+def start_server(env: dict) -> tuple[subprocess.Popen, str]:
+    """A Streamlit server of the app on a free loopback port, with `env`; (process, url) once it answers."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"browser test: Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
     port = free_port()
-    env = {**os.environ, "CIFARVIZ_DATA": str(cifar.root)}
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a pipe nobody reads fills up and stalls the server
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -41,10 +42,21 @@ def server(cifar):
             time.sleep(0.5)
     else:
         proc.kill()
-        pytest.fail("streamlit did not start: " + proc.stdout.read().decode(errors="replace")[-2000:])
-    yield url
+        log.seek(0)
+        pytest.fail("streamlit did not start: " + log.read().decode(errors="replace")[-2000:])
+    return proc, url
+
+
+def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def server(cifar):
+    proc, url = start_server({**os.environ, "CIFARVIZ_DATA": str(cifar.root)})
+    yield url
+    stop_server(proc)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,9 @@ os.environ["CIFARVIZ_OFFLINE"] = "1"
 os.environ.setdefault("CIFARVIZ_CACHE", tempfile.mkdtemp(prefix="cifarviz-test-cache-"))
 os.environ.setdefault("TORCH_HOME", tempfile.mkdtemp(prefix="cifarviz-test-torch-"))
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Tests point the data box at folders of their own, as on a personal machine; the shared server's default (locked)
+# has tests of its own that unset this.
+os.environ.setdefault("CIFARVIZ_LOCK_DATA", "0")
 
 
 def real_data_root() -> Path:

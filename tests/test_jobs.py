@@ -37,15 +37,66 @@ def test_concurrent_requests_for_one_key_run_it_once():
     assert jobs.get("k") is None  # finished jobs leave the registry; their results live on disk
 
 
-def test_a_queued_background_job_starts_at_once_when_someone_waits_for_it():
-    jobs, release = JobRegistry(prefetch_workers=1), threading.Event()
-    blocker = jobs.start("slow prefetch", lambda report: release.wait(10), background=True)
-    queued = jobs.start("queued", lambda report: None, background=True)
-    time.sleep(0.2)
-    assert not queued.started  # behind the slow prefetch
-    assert jobs.start("queued", lambda report: None) is queued and queued.wait(5)
+def test_the_pool_is_bounded_and_serves_waiting_people_before_prefetching():
+    """One worker: while it is busy, a background job A, another background job C and a foreground job B queue;
+    asking for A in the foreground moves it ahead of C. The order they run in is B, A, C; never two at once."""
+    jobs, release, order, running, most = JobRegistry(workers=1), threading.Event(), [], [0], [0]
+    lock = threading.Lock()
+
+    def work(name, wait=None):
+        def fn(report):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            if wait is not None:
+                wait.wait(10)
+            order.append(name)
+            with lock:
+                running[0] -= 1
+        return fn
+
+    blocker = jobs.start("blocker", work("blocker", release))
+    time.sleep(0.1)
+    a = jobs.start("a", work("a"), background=True)
+    c = jobs.start("c", work("c"), background=True)
+    b = jobs.start("b", work("b"))
+    assert not a.started and not b.started and jobs.position(b) == 0 and jobs.position(c) == 2
+    assert jobs.start("a", work("a")) is a  # someone waits for A now
+    assert jobs.position(a) == 1 and jobs.stats()["waiting"] == 3
     release.set()
-    assert blocker.wait(5)
+    assert all(j.wait(10) for j in (blocker, a, b, c))
+    assert order == ["blocker", "b", "a", "c"] and most[0] == 1
+
+
+def test_what_one_viewer_can_start_is_bounded_and_a_refusal_is_not_kept():
+    from cifarviz.services.jobs import ServerBusy
+
+    jobs, release = JobRegistry(workers=1, per_owner=2, max_waiting=3), threading.Event()
+    mine = [jobs.start(f"perplexity-{p}", lambda report: release.wait(10), owner="student") for p in (5, 30)]
+    refused = jobs.start("perplexity-50", lambda report: None, owner="student")
+    assert refused.done and refused.refused and isinstance(refused.error, ServerBusy)
+    assert "at most 2 per person" in str(refused.error) and jobs.get("perplexity-50") is None
+    others = [jobs.start(f"other-{i}", lambda report: release.wait(10), owner=f"s{i}") for i in range(2)]
+    full = jobs.start("one-too-many", lambda report: None, owner="s9")
+    assert full.refused and "computations are waiting already" in str(full.error)
+    release.set()
+    assert all(j.wait(10) for j in mine + others)
+    again = jobs.start("perplexity-50", lambda report: None, owner="student")  # room again: admitted
+    assert not again.refused and again.wait(5) and again.error is None
+
+
+def test_failed_jobs_are_forgotten_after_a_while_without_their_tracebacks():
+    from cifarviz.core.errors import DataError
+
+    def bad(report):
+        raise DataError("train/cat/0001.png is not an image")
+
+    jobs = JobRegistry(failed_kept_seconds=0.2)
+    failed = jobs.start("k", bad)
+    assert failed.wait(5) and failed.error.__traceback__ is None and jobs.start("k", bad) is failed
+    time.sleep(0.3)
+    retried = jobs.start("k", lambda report: None)
+    assert retried is not failed and retried.wait(5) and retried.error is None
 
 
 def test_a_failed_job_reports_its_error_and_can_be_retried():

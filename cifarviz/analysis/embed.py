@@ -90,8 +90,14 @@ def check_params(method: str, params: dict | None, n_points: int | None = None) 
     return full
 
 
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise EmbeddingError(f"seed {seed!r} is out of range: choose a whole number from 0 to {2**32 - 1:,} (--seed).")
+
+
 def subset_indices(n_total: int, size: int | None, seed: int = SEED) -> np.ndarray | None:
     """`size` images of a split picked at random (sorted), the same ones for the same seed; None means all."""
+    check_seed(seed)
     if size is None or size >= n_total:
         return None
     if size < MIN_POINTS:
@@ -121,6 +127,7 @@ def embedding_key(checkpoint, dataset, split: str, method: str, params: dict | N
                   seed: int = SEED) -> CacheKey:
     """The store key of one map: the source (the model's identity and TTA, or the raw pixels), the split's exact
     images, which of them, the method with all its parameters and fixed settings, and the seed."""
+    check_seed(seed)
     if split not in ("train", "val", "test"):
         raise EmbeddingError(f"Unknown split {split!r}: choose train, val or test.")
     n_total = len(dataset.split(split))

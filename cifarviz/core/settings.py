@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cifarviz.core.errors import CifarvizError
@@ -35,13 +35,19 @@ class Settings:
     runs_dir: Path  # CIFARVIZ_RUNS: training runs and the Optuna database (default ./runs)
     offline: bool  # CIFARVIZ_OFFLINE: never download anything (tests and air-gapped classrooms)
     classroom: bool  # CIFARVIZ_CLASSROOM: lock the data folder and turn uploads off
-    lock_data: bool  # CIFARVIZ_LOCK_DATA: the data folder is the server's (also on in classroom mode)
+    # CIFARVIZ_LOCK_DATA: the data folder, CIFAR-10's download and the study database are the server's, not text
+    # boxes for anyone (default on, a shared server's safe choice; 0 on your own machine; always on in classroom mode)
+    lock_data: bool
     no_uploads: bool  # CIFARVIZ_NO_UPLOADS: no checkpoint or image uploads (also on in classroom mode)
     max_runs: int  # CIFARVIZ_MAX_RUNS: runs training at once on a server (1)
     max_queued: int  # CIFARVIZ_MAX_QUEUED: runs waiting at most (8)
     session_runs: int  # CIFARVIZ_SESSION_RUNS: runs one browser session may have waiting or training (3)
     train_threads: int  # CIFARVIZ_TRAIN_THREADS: CPU threads of a training run (all cores but one)
     hover_thumbnails: int  # CIFARVIZ_HOVER_THUMBNAILS: map points that get a hover thumbnail (10,000)
+    # CIFARVIZ_TEACHER_KEY: typed into the sidebar, it lets that session stop or cancel anyone's run (none: no teacher)
+    teacher_key: str = field(default="", repr=False)
+    # CIFARVIZ_JOB_WORKERS: threads that compute what viewers asked for (features, maps, indexes) (2)
+    job_workers: int = 2
 
     @property
     def data_locked(self) -> bool:
@@ -63,13 +69,15 @@ class Settings:
             runs_dir=Path(env.get(PREFIX + "RUNS") or "runs"),
             offline=_flag(env, "OFFLINE"),
             classroom=_flag(env, "CLASSROOM"),
-            lock_data=_flag(env, "LOCK_DATA"),
+            lock_data=_flag(env, "LOCK_DATA", default=True),
             no_uploads=_flag(env, "NO_UPLOADS"),
             max_runs=_count(env, "MAX_RUNS", 1, 1),
             max_queued=_count(env, "MAX_QUEUED", 8, 1),
             session_runs=_count(env, "SESSION_RUNS", 3, 1),
             train_threads=_count(env, "TRAIN_THREADS", max(1, cores - 1), 1),
             hover_thumbnails=_count(env, "HOVER_THUMBNAILS", 10_000, 0),
+            teacher_key=_teacher_key(env),
+            job_workers=_count(env, "JOB_WORKERS", 2, 1),
         )
 
 
@@ -77,11 +85,21 @@ def variables() -> list[str]:
     """The variables Settings reads, for the README and error messages."""
     return [PREFIX + name for name in ("DATA", "CACHE", "CACHE_MAX_GB", "RUNS", "OFFLINE", "CLASSROOM", "LOCK_DATA",
                                        "NO_UPLOADS", "MAX_RUNS", "MAX_QUEUED", "SESSION_RUNS", "TRAIN_THREADS",
-                                       "HOVER_THUMBNAILS")]
+                                       "HOVER_THUMBNAILS", "TEACHER_KEY", "JOB_WORKERS")]
 
 
-def _flag(env, name: str) -> bool:
+def _teacher_key(env) -> str:
+    key = env.get(PREFIX + "TEACHER_KEY", "")
+    if key and len(key) < 8:
+        raise SettingsError(f"{PREFIX}TEACHER_KEY is {len(key)} characters long: use at least 8 (a student could "
+                            "guess a shorter one), or leave it unset for no teacher in the app.")
+    return key
+
+
+def _flag(env, name: str, default: bool = False) -> bool:
     text = env.get(PREFIX + name, "").strip().lower()
+    if not text:
+        return default
     if text in _TRUE:
         return True
     if text in _FALSE:

@@ -1,53 +1,68 @@
-"""Keyed computations that run once: once per process (a registry of jobs) and once per machine (a file lock).
+"""Keyed computations that run once, in a bounded pool: once per process (a registry of jobs) and once per machine
+(a file lock).
 
-The app asks for derived artifacts (features, predictions, later embeddings and influence
-indexes) by key. `JOBS.start(key, fn)` starts the computation in a thread of its own, or
-returns the job already under way for that key, so 30 students who open the same page
-share one computation while a student who picks another checkpoint is not queued behind
-them. `background=True` puts it in a one-worker prefetch queue instead (warming caches
-must not crowd out what someone is waiting for); asking for a queued job in the
-foreground starts it at once.
+The app asks for derived artifacts (features, predictions, embeddings, influence indexes) by key.
+`JOBS.start(key, fn)` queues the computation, or returns the job already queued or under way for that key, so 30
+students who open the same page share one computation. A fixed number of worker threads ($CIFARVIZ_JOB_WORKERS,
+default 2) take the queue by priority: what someone is waiting for first, background prefetching (`background=True`)
+after; asking for a queued background job in the foreground moves it up.
 
-Across processes (two `precompute` runs, a CLI beside the server) `computed_once` holds
-a file lock per output file, so the second process waits and then reads the first's result.
+What a viewer can start is bounded: at most PER_OWNER_JOBS of one viewer's jobs wait or run at once, and at most
+MAX_WAITING jobs wait in all. A request beyond that is refused with a message (a job that is not kept, so the next
+request, once there is room, is admitted). Failed jobs are kept for FAILED_KEPT_SECONDS, without their traceback
+frames, so a page shows the error instead of starting the same failing work twice a second, and then forgotten.
+
+Across processes (two `precompute` runs, a CLI beside the server) `computed_once` holds a file lock per output
+file, so the second process waits and then reads the first's result.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from cifarviz.core.errors import CifarvizError
+from cifarviz.core.settings import settings
 from cifarviz.core.utils import file_lock  # noqa: F401 - re-exported for the services that lock files
 
 _STOPPING = threading.Event()  # set when the interpreter exits: running jobs stop at their next progress report
+FOREGROUND, BACKGROUND = 0, 1  # queue priorities: someone is waiting; prefetching
+MAX_WAITING = 32
+PER_OWNER_JOBS = 2
+FAILED_KEPT_SECONDS = 600.0
 
 
 class JobCancelled(Exception):
     """The process is exiting; the job's partial work is discarded (its output file was never written)."""
 
 
+class ServerBusy(CifarvizError):
+    """A request the pool does not admit now: the viewer's own limit, or a full queue. Asking again later works."""
 
 
 class Job:
-    """One keyed computation: its progress in [0, 1], its error, and whether it has finished."""
+    """One keyed computation: its progress in [0, 1], its error, and whether it waits, runs or has finished."""
 
-    def __init__(self, key: str, fn: Callable[[Callable[[float], None]], object]):
-        self.key = key
+    def __init__(self, key: str, fn: Callable[[Callable[[float], None]], object], owner: str | None = None):
+        self.key, self.owner = key, owner
         self.progress = 0.0
         self.error: BaseException | None = None
+        self.queued_at = time.monotonic()
         self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self.refused = False  # never queued (ServerBusy): not kept in the registry
         self._fn = fn
         self._claim = threading.Lock()
         self._finished = threading.Event()
 
     @classmethod
-    def failed(cls, key: str, error: BaseException) -> "Job":
-        """A job that could not even start (its input was refused): shown like any failed job."""
+    def failed(cls, key: str, error: BaseException, *, refused: bool = False) -> Job:
+        """A job that could not even start (its input was refused, or the pool is full): shown like a failed job."""
         job = cls(key, lambda report: None)
-        job.error = error
+        job.error, job.refused, job.ended_at = error, refused, time.monotonic()
         job._finished.set()
         return job
 
@@ -68,7 +83,7 @@ class Job:
         self.progress = max(self.progress, min(1.0, float(fraction)))
 
     def run(self) -> None:
-        """Run the computation unless another thread already claimed it (prefetch queue vs foreground)."""
+        """Run the computation unless a worker already claimed it (an entry moved up the queue is there twice)."""
         if not self._claim.acquire(blocking=False):
             return
         self.started_at = time.monotonic()
@@ -76,52 +91,129 @@ class Job:
             self._fn(self._report)
             self.progress = 1.0
         except BaseException as exc:  # noqa: BLE001 - kept for whoever waits on the job
+            exc.__traceback__ = None  # the message is what pages show; the frames would pin arrays in memory
             self.error = exc
         finally:
+            self.ended_at = time.monotonic()
             self._finished.set()
 
 
 class JobRegistry:
-    def __init__(self, prefetch_workers: int = 1):
+    def __init__(self, workers: int | None = None, *, max_waiting: int = MAX_WAITING,
+                 per_owner: int = PER_OWNER_JOBS, failed_kept_seconds: float = FAILED_KEPT_SECONDS):
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self._jobs: dict[str, Job] = {}
-        self._prefetch = ThreadPoolExecutor(prefetch_workers, thread_name_prefix="cifarviz-prefetch")
+        self._queue: list[tuple[int, int, Job]] = []
+        self._order = itertools.count()
+        self._threads: list[threading.Thread] = []
+        self._workers = workers
+        self.max_waiting, self.per_owner, self.failed_kept_seconds = max_waiting, per_owner, failed_kept_seconds
+
+    @property
+    def workers(self) -> int:
+        return self._workers or settings().job_workers
 
     def get(self, key: str) -> Job | None:
         with self._lock:
             return self._jobs.get(key)
 
-    def start(self, key: str, fn: Callable[[Callable[[float], None]], object], *, background: bool = False) -> Job:
-        """The job for `key`: the one under way (or queued), else a new one running `fn(report_progress)`."""
+    def start(self, key: str, fn: Callable[[Callable[[float], None]], object], *, background: bool = False,
+              owner: str | None = None) -> Job:
+        """The job for `key`: the one queued or under way, else a new one running `fn(report_progress)`, queued
+        if the pool admits it (else a refused job whose error says why). `owner`: the viewer asking (their limit
+        applies); None: the server itself (prefetching, a page's own needs)."""
         with self._lock:
+            self._forget_old_failures()
             job = self._jobs.get(key)
             # A failed job is retried when someone asks for it (not by background prefetching on every rerun),
             # unless bad input failed it (a CifarvizError): the same input would fail the same way, again and again.
             retry = job is not None and job.done and job.error is not None and not background \
                 and not isinstance(job.error, CifarvizError)
-            if job is None or retry:
-                job = self._jobs[key] = Job(key, fn)
-                fresh = True
-            else:
-                fresh = False
-        if _STOPPING.is_set():
+            if job is not None and not retry:
+                if not job.started and not job.done and not background:
+                    self._push(FOREGROUND, job)  # someone waits for it now: ahead of the prefetching
+                return job
+            if _STOPPING.is_set():
+                return Job.failed(key, JobCancelled("the server is stopping"), refused=True)
+            refusal = self._refusal(owner)
+            if refusal is not None:
+                return Job.failed(key, ServerBusy(refusal), refused=True)
+            job = self._jobs[key] = Job(key, fn, owner)
+            self._push(BACKGROUND if background else FOREGROUND, job)
             return job
-        if fresh and background:
-            self._prefetch.submit(self._run, job)
-        elif not job.started and not background:
-            threading.Thread(target=self._run, args=(job,), name=f"cifarviz-{key[:40]}").start()
-        return job
+
+    def position(self, job: Job) -> int | None:
+        """How many queued jobs start before `job` (0: it is next); None once it runs or has ended."""
+        with self._lock:
+            if job.started or job.done:
+                return None
+            mine = min((entry[:2] for entry in self._queue if entry[2] is job), default=None)
+            return None if mine is None else sum(1 for p, n, other in self._queue
+                                                  if (p, n) < mine and not other.started and other is not job)
+
+    def stats(self) -> dict:
+        with self._lock:
+            live = [j for j in self._jobs.values() if not j.done]
+            return {"workers": self.workers, "running": sum(j.started for j in live),
+                    "waiting": sum(not j.started for j in live), "failed_kept": len(self._jobs) - len(live)}
 
     def stop(self) -> None:
         """Let running jobs end at their next progress report and drop queued ones (the interpreter is exiting:
         a thread killed inside torch would abort the process)."""
         _STOPPING.set()
-        self._prefetch.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._queue.clear()
+            self._wake.notify_all()
 
-    def _run(self, job: Job) -> None:
-        job.run()
-        if job.done and job.error is None:
-            self._forget(job)
+    # ----------------------------------------------------------------------- inside, with the lock held
+
+    def _refusal(self, owner: str | None) -> str | None:
+        live = [j for j in self._jobs.values() if not j.done]
+        waiting = sum(not j.started for j in live)
+        if waiting >= self.max_waiting:
+            return (f"The server is busy: {waiting} computations are waiting already. Try again in a minute, when "
+                    "some have finished.")
+        if owner is not None:
+            mine = sum(j.owner == owner for j in live)
+            if mine >= self.per_owner:
+                return (f"You already have {mine} computations waiting or running on this server (at most "
+                        f"{self.per_owner} per person). This one starts when you ask again after one has finished.")
+        return None
+
+    def _forget_old_failures(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, j in self._jobs.items()
+                    if j.done and now - (j.ended_at or now) > self.failed_kept_seconds]:
+            del self._jobs[key]
+
+    def _push(self, priority: int, job: Job) -> None:
+        heapq.heappush(self._queue, (priority, next(self._order), job))
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if len(self._threads) < self.workers:
+            thread = threading.Thread(target=self._work, name=f"cifarviz-job-{len(self._threads)}")
+            self._threads.append(thread)
+            thread.start()
+        self._wake.notify()
+
+    # ----------------------------------------------------------------------- the workers
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not _STOPPING.is_set():
+                    if not self._wake.wait(timeout=30):  # idle a while: the thread ends (a new one starts on demand)
+                        if not self._queue:
+                            self._threads = [t for t in self._threads if t is not threading.current_thread()]
+                            return
+                if _STOPPING.is_set():
+                    return
+                _, _, job = heapq.heappop(self._queue)
+            if job.started or job.done:  # a duplicate entry of a job moved up the queue
+                continue
+            job.run()
+            if job.error is None:
+                self._forget(job)
 
     def _forget(self, job: Job) -> None:
         """Finished jobs leave the registry (their result is on disk), so it stays as small as the work under way."""

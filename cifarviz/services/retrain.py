@@ -76,8 +76,8 @@ def submit_retrain(checkpoint, dataset, *, test_index: int, choice: str, removed
 def retrain_runs(checkpoint_path, test_index: int | None = None, root=None) -> list[runs.Run]:
     """The retraining runs of one checkpoint (and test image), newest first."""
     target = str(Path(checkpoint_path).resolve())
-    found = [r for r in runs.list_runs(root) if r.kind == KIND and r.config.get("spec", {}).get("checkpoint") == target
-             and (test_index is None or r.config["spec"].get("test_index") == test_index)]
+    found = [r for r in runs.list_runs(root) if r.kind == KIND and r.spec.get("checkpoint") == target
+             and not r.problems and (test_index is None or r.spec.get("test_index") == test_index)]
     return sorted(found, key=lambda r: r.config.get("submitted_at", 0), reverse=True)
 
 
@@ -92,6 +92,14 @@ def retrain_result(run: runs.Run) -> dict | None:
         return None
     needed = {"before": dict, "after": dict, "train_images": int, "removed": int, "subset": bool}
     if not isinstance(result, dict) or any(not isinstance(result.get(k), t) for k, t in needed.items()):
+        return None
+    classes = len(result.get("classes") or ()) or 10
+    for side in ("before", "after"):  # what the table computes with: finite losses, a class it can name
+        loss, predicted = result[side].get("loss"), result[side].get("predicted")
+        if not runs._is_number(loss) or not runs._is_count(predicted) or not 0 <= predicted < classes:
+            return None
+    if not runs._is_number(result.get("change")) or not (result.get("predicted_change") is None
+                                                           or runs._is_number(result["predicted_change"])):
         return None
     return result
 

@@ -21,8 +21,17 @@ change of status.json happens under one file lock (RUNS/queue.lock), so the serv
 agree on how many runs are running. A run whose worker died without a word (killed, out of memory) is
 reported as failed, with the last lines of its log, the next time anyone looks.
 
-Other kinds of work (a tuning study) can share the queue: `submit(kind, spec, target="cifarviz.module:function")`,
-where the function takes a RunContext and returns ("completed" | "stopped", a note).
+Other kinds of work share the queue (the retraining check of the Influence page): `submit(kind, spec)` for a kind
+in KINDS, whose function takes a RunContext and returns ("completed" | "stopped", a note). Nothing else is ever
+imported or called: a config.json that names any other target is refused by `submit`, the scheduler and the worker.
+
+Runs belong to someone. `owner` is an opaque id (the app's: a hash of a token the browser keeps in a cookie, so a
+reload is the same person); the per-person limit is checked in `submit` under the queue lock, and `request_stop` /
+`cancel` with `by=owner` refuse someone else's run. `by=None` is the server's operator: the command line, and a
+teacher who entered CIFARVIZ_TEACHER_KEY in the sidebar.
+
+Every file of a run is read as untrusted: a status.json or metrics.jsonl line with wrong types flags that one run as
+damaged (`Run.problems`) and never stops the list, the queue or the live view of the others.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import secrets
 import signal
@@ -55,7 +65,9 @@ CHECKPOINT = "model.safetensors"
 WORKER_NICE = 19  # the lowest priority: a viewer's rerun preempts training at once
 HEARTBEAT_SECONDS = 5.0
 METRICS_EVERY_SECONDS = 0.5  # step lines in metrics.jsonl at most this often (the page redraws every 2 s)
-KINDS = {"train": "cifarviz.services.runs:train_worker"}
+STATES = (QUEUED, RUNNING, COMPLETED, STOPPED, FAILED, CANCELLED)
+# The only functions a worker ever calls, by kind (config.json's "target" must name the same one).
+KINDS = {"train": "cifarviz.services.runs:train_worker", "retrain": "cifarviz.services.retrain:retrain_worker"}
 
 
 class RunError(CifarvizError):
@@ -92,10 +104,16 @@ class Run:
     dir: Path
     config: dict
     status: dict
+    problems: tuple[str, ...] = ()  # what is wrong with its files (shown; such a run is never started)
 
     @property
     def state(self) -> str:
         return self.status.get("state", FAILED)
+
+    @property
+    def owner(self) -> str:
+        owner = self.config.get("owner", "")
+        return owner if isinstance(owner, str) else ""
 
     @property
     def error(self) -> str | None:
@@ -103,11 +121,18 @@ class Run:
 
     @property
     def kind(self) -> str:
-        return self.config.get("kind", "")
+        kind = self.config.get("kind", "")
+        return kind if isinstance(kind, str) else ""
+
+    @property
+    def spec(self) -> dict:
+        spec = self.config.get("spec", {})
+        return spec if isinstance(spec, dict) else {}
 
     @property
     def train_config(self) -> dict:
-        return self.config.get("spec", {}).get("train_config", {})
+        config = self.spec.get("train_config", {})
+        return config if isinstance(config, dict) else {}
 
     @property
     def checkpoint(self) -> Path:
@@ -119,11 +144,71 @@ class Run:
 
 
 def _read_json(path: Path) -> dict:
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
         value = json.loads(path.read_text())
         if isinstance(value, dict):
             return value
     return {}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_TIMES = ("queued_at", "started_at", "ended_at", "heartbeat")
+_STATUS_CHECKS = {"state": lambda v: v in STATES, "pid": _is_count,
+                  "error": lambda v: v is None or isinstance(v, str), "note": lambda v: v is None or isinstance(v, str),
+                  **{key: _is_number for key in _TIMES}}
+
+
+def clean_status(raw: dict) -> tuple[dict, list[str]]:
+    """status.json's fields that have the right type, and a line per field that has not (a damaged or hand-edited
+    file: the field is dropped, the run is flagged; no page ever computes with 'abc' as a time)."""
+    clean, problems = {}, []
+    for key, value in raw.items():
+        check = _STATUS_CHECKS.get(key)
+        if check is None:  # not a field cifarviz writes: ignored
+            continue
+        if check(value):
+            clean[key] = value
+        else:
+            problems.append(f"status.json: {key} is {json.dumps(value)[:40]}")
+    if "state" not in clean:
+        clean["state"] = FAILED
+        if "state" not in raw:
+            problems.append("status.json: no state (missing or unreadable)")
+    return clean, problems
+
+
+def config_problems(config: dict) -> list[str]:
+    """Why config.json cannot be run: an unknown kind, a target other than the kind's own, a spec that is not a
+    mapping, an owner that is not text."""
+    problems = []
+    kind, target = config.get("kind"), config.get("target")
+    if kind not in KINDS:
+        problems.append(f"config.json: unknown kind {json.dumps(kind)[:40]} (known: {', '.join(KINDS)})")
+    elif target != KINDS[kind]:
+        problems.append(f"config.json: target {json.dumps(target)[:60]} is not the {kind} worker; it is never run")
+    if not isinstance(config.get("spec", {}), dict):
+        problems.append("config.json: spec is not a mapping")
+    if not isinstance(config.get("owner", ""), str):
+        problems.append("config.json: owner is not text")
+    spec = config.get("spec", {})
+    if kind == "train" and isinstance(spec, dict) and not isinstance(spec.get("train_config", {}), dict):
+        problems.append("config.json: train_config is not a mapping")
+    return problems
+
+
+def _make_run(folder: Path, config: dict) -> Run:
+    status, problems = clean_status(_read_json(folder / "status.json"))
+    problems += config_problems(config)
+    if problems and status["state"] in ACTIVE and status["state"] != RUNNING:
+        status = {**status, "state": FAILED}  # shown as what it is; the scheduler records why
+    return Run(folder.name, folder, config, status, tuple(problems))
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -137,18 +222,43 @@ def load_run(run_id: str, root=None) -> Run:
     if not config:
         known = ", ".join(r.id for r in list_runs(root)[-5:]) or "none yet"
         raise RunError(f"No run {run_id!r} in {runs_dir(root)} (latest: {known}). `python -m cifarviz runs` lists them.")
-    return Run(run_id, folder, config, _read_json(folder / "status.json"))
+    return _make_run(folder, config)
+
+
+_CONFIGS: dict[str, tuple[tuple, dict]] = {}  # config.json by folder, re-read only when its (inode, mtime, size) moved
+_CONFIGS_LOCK = threading.Lock()
+
+
+def _config_of(folder: Path) -> dict:
+    """config.json, parsed once per version (a run's config never changes after submit): a page that lists 300
+    runs every 2 s stats them instead of parsing them."""
+    path = folder / "config.json"
+    try:
+        info = path.stat()
+    except OSError:
+        return {}
+    stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+    with _CONFIGS_LOCK:
+        known = _CONFIGS.get(str(path))
+    if known and known[0] == stamp:
+        return known[1]
+    config = _read_json(path)
+    with _CONFIGS_LOCK:
+        if len(_CONFIGS) > 4096:
+            _CONFIGS.clear()
+        _CONFIGS[str(path)] = (stamp, config)
+    return config
 
 
 def list_runs(root=None) -> list[Run]:
     """Every run in the runs folder, oldest first (folders without a config.json, such as a study database's, are
-    not runs)."""
+    not runs; a damaged run is listed with its problems)."""
     runs = []
     with contextlib.suppress(OSError):
         for folder in runs_dir(root).iterdir():
-            config = _read_json(folder / "config.json") if folder.is_dir() else {}
+            config = _config_of(folder) if folder.is_dir() else {}
             if config:
-                runs.append(Run(folder.name, folder, config, _read_json(folder / "status.json")))
+                runs.append(_make_run(folder, config))
     return sorted(runs, key=lambda r: (r.status.get("queued_at", 0), r.id))
 
 
@@ -158,19 +268,123 @@ def queue_position(run: Run, runs: list[Run] | None = None) -> int | None:
     return waiting.index(run.id) + 1 if run.id in waiting else None
 
 
+# The fields the pages compute with, per event: a line whose field has another type is skipped (and counted).
+_NUMBER, _COUNT, _TEXT = "number", "count", "text"
+_EVENT_FIELDS = {
+    "step": {"step": _COUNT, "total_steps": _COUNT, "steps_per_epoch": _COUNT, "epoch": _COUNT, "elapsed": _NUMBER,
+             "images_per_s": _NUMBER, "lr": _NUMBER, "train_loss": _NUMBER, "train_acc": _NUMBER},
+    "epoch": {"epoch": _COUNT, "train_loss": _NUMBER, "train_acc": _NUMBER},
+    "start": {"train_images": _COUNT, "total_steps": _COUNT, "device": _TEXT},
+}
+_OPTIONAL_NUMBERS = ("val_loss", "val_acc", "test_accuracy")  # None (no validation split) or a number
+_CHECK = {_NUMBER: _is_number, _COUNT: lambda v: _is_count(v) and v >= 0, _TEXT: lambda v: isinstance(v, str)}
+
+
+def valid_event(row) -> bool:
+    """Whether a parsed metrics.jsonl line is one the pages can use: an object with an event, the event's fields of
+    the right types (a step's counts positive), optional figures None or numbers."""
+    if not isinstance(row, dict) or not isinstance(row.get("event"), str):
+        return False
+    fields = _EVENT_FIELDS.get(row["event"], {})
+    if not all(key in row and _CHECK[kind](row[key]) for key, kind in fields.items()):
+        return False
+    if row["event"] == "step" and not (row["step"] >= 1 and row["total_steps"] >= 1 and row["steps_per_epoch"] >= 1):
+        return False
+    return all(row.get(key) is None or _is_number(row[key]) for key in _OPTIONAL_NUMBERS)
+
+
+def _parse_lines(data: bytes) -> tuple[list[dict], int]:
+    rows, bad = [], 0
+    for line in data.splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            row = None
+        if valid_event(row):
+            rows.append(row)
+        elif line.strip():
+            bad += 1
+    return rows, bad
+
+
 def read_metrics(run: Run | str, root=None) -> list[dict]:
-    """The lines logged so far (a line still being written is left for the next read)."""
+    """Every usable line logged so far (a line still being written is left for the next read; a damaged line is
+    skipped). The whole file: for the command line and tests; pages use `progress`, which reads incrementally."""
     run = load_run(run, root) if isinstance(run, str) else run
     try:
-        text = (run.dir / "metrics.jsonl").read_text()
+        data = (run.dir / "metrics.jsonl").read_bytes()
     except OSError:
         return []
-    rows = []
-    for line in text.splitlines(keepends=True):
-        if line.endswith("\n"):
-            with contextlib.suppress(ValueError):
-                rows.append(json.loads(line))
-    return rows
+    return _parse_lines(data[: data.rfind(b"\n") + 1])[0]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a page shows of a run's metrics: a bounded summary, the same object for every viewer (never mutated)."""
+
+    start: dict
+    steps: tuple[dict, ...]  # thinned to at most 2 x MAX_CURVE_STEPS lines, evenly, the last one always kept
+    epochs: tuple[dict, ...]
+    last: dict | None
+    finishing: bool
+    saved: dict
+    damaged_lines: int
+
+
+MAX_CURVE_STEPS = 400
+_PROGRESS: dict[str, dict] = {}  # metrics.jsonl by path: how far it was read, and the summary so far
+_PROGRESS_LOCK = threading.Lock()
+
+
+def progress(run: Run) -> Progress:
+    """The run's progress, reading only what was appended since the last call from any viewer (a 77 MB log is
+    parsed once, not on every 2-s refresh of every viewer), with the step lines thinned so memory stays bounded."""
+    path = run.dir / "metrics.jsonl"
+    with _PROGRESS_LOCK:
+        try:
+            info = path.stat()
+        except OSError:
+            return Progress({}, (), (), None, False, {}, 0)
+        state = _PROGRESS.get(str(path))
+        if state is None or state["inode"] != info.st_ino or info.st_size < state["offset"]:
+            state = {"inode": info.st_ino, "offset": 0, "start": {}, "steps": [], "stride": 1, "epochs": [],
+                     "last": None, "finishing": False, "saved": {}, "bad": 0, "seen_steps": 0, "summary": None}
+            if len(_PROGRESS) > 1024:
+                _PROGRESS.clear()
+            _PROGRESS[str(path)] = state
+        if info.st_size > state["offset"] or state["summary"] is None:
+            with contextlib.suppress(OSError), open(path, "rb") as handle:
+                handle.seek(state["offset"])
+                data = handle.read(info.st_size - state["offset"])
+                data = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next read
+                state["offset"] += len(data)
+                rows, bad = _parse_lines(data)
+                state["bad"] += bad
+                for row in rows:
+                    _absorb(state, row)
+            state["summary"] = Progress(state["start"], tuple(state["steps"]), tuple(state["epochs"]), state["last"],
+                                        state["finishing"], state["saved"], state["bad"])
+        return state["summary"]
+
+
+def _absorb(state: dict, row: dict) -> None:
+    event = row["event"]
+    if event == "step":
+        state["last"] = row
+        state["seen_steps"] += 1
+        if state["seen_steps"] % state["stride"] == 0:
+            state["steps"].append(row)
+            if len(state["steps"]) >= 2 * MAX_CURVE_STEPS:  # keep every other one, and take half as many from now
+                state["steps"] = state["steps"][1::2]
+                state["stride"] *= 2
+    elif event == "epoch":
+        state["epochs"].append(row)
+    elif event == "start":
+        state["start"] = row
+    elif event == "finishing":
+        state["finishing"] = True
+    elif event == "saved":
+        state["saved"] = row
 
 
 def log_tail(run: Run, lines: int = 12) -> str:
@@ -202,17 +416,27 @@ def usable_runs_dir(root=None) -> Path:
 
 def submit(kind: str, spec: dict, *, name: str, target: str | None = None, root=None, owner: str = "",
            start: bool = True) -> str:
-    """Queue a run of `kind` (its worker function: `target`, else KINDS[kind]); start it if a slot is free."""
-    target = target or KINDS.get(kind)
-    if not target or not target.startswith("cifarviz.") or ":" not in target:
-        raise RunError(f"Unknown kind of run {kind!r}: give target='cifarviz.module:function' (known: {', '.join(KINDS)}).")
-    root, limit = runs_dir(root), max_queued()
+    """Queue a run of `kind` (its worker function is KINDS[kind]; `target`, if given, must be the same); start it
+    if a slot is free. Every limit is checked here, under the queue lock: the queue's length, and for an `owner`
+    (a viewer; "" is the operator) how many of theirs wait or train."""
+    if kind not in KINDS or (target is not None and target != KINDS[kind]):
+        raise RunError(f"Unknown kind of run {kind!r} or target {target!r}: runs are one of {', '.join(KINDS)}, "
+                       "each with its own worker.")
+    if not isinstance(owner, str):
+        raise RunError(f"owner must be text, not {type(owner).__name__}.")
+    target, root, limit = KINDS[kind], runs_dir(root), max_queued()
     max_running()  # a bad setting is reported now, not by the scheduler
     with _lock(root):
-        waiting = sum(r.state == QUEUED for r in list_runs(root))
+        every = list_runs(root)
+        waiting = sum(r.state == QUEUED for r in every)
         if waiting >= limit:
             raise RunError(f"{waiting} run(s) are already waiting (CIFARVIZ_MAX_QUEUED={limit}): wait for one to "
                            "start, or cancel one, before adding another.")
+        if owner:
+            mine, allowed = sum(r.state in ACTIVE and r.owner == owner for r in every), max_per_session()
+            if mine >= allowed:
+                raise RunError(f"You already have {mine} run(s) waiting or training (at most {allowed} per person, "
+                               "CIFARVIZ_SESSION_RUNS): stop or cancel one of yours first.")
         run_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         folder = root / run_id
         folder.mkdir(parents=True)
@@ -239,29 +463,39 @@ def submit_training(config, data_root, *, subset: int | None = None, snapshots: 
     return submit("train", spec, name=config.model, root=root, owner=owner, start=start)
 
 
-def request_stop(run_id: str, root=None) -> str:
-    """Ask a running run to stop (within one batch; it keeps its last finished epoch); a queued one is cancelled."""
+def _check_owner(run: Run, by: str | None) -> None:
+    if by is not None and run.owner != by:
+        raise RunError(f"{run.id} belongs to someone else: only the person who started it, or the teacher (the "
+                       "teacher key in the sidebar), can stop or cancel it.")
+
+
+def request_stop(run_id: str, root=None, *, by: str | None = None) -> str:
+    """Ask a running run to stop (within one batch; it keeps its last finished epoch); a queued one is cancelled.
+    `by`: the viewer asking (only their own runs); None: the operator or the teacher (any run)."""
     run = load_run(run_id, root)
+    _check_owner(run, by)
     if run.state == QUEUED:
-        return cancel(run_id, root)
+        return cancel(run_id, root, by=by)
     if run.state == RUNNING:
         (run.dir / "stop").touch()
     return run.state
 
 
-def cancel(run_id: str, root=None) -> str:
-    """Take a queued run off the queue (it never starts); a running one is asked to stop. Returns the state."""
+def cancel(run_id: str, root=None, *, by: str | None = None) -> str:
+    """Take a queued run off the queue (it never starts); a running one is asked to stop. Returns the state.
+    `by` as for request_stop."""
     with _lock(root):
         run = load_run(run_id, root)
+        _check_owner(run, by)
         if run.state == QUEUED:
             _set_status(run, state=CANCELLED, ended_at=time.time())
             return CANCELLED
-    return request_stop(run_id, root) if run.state == RUNNING else run.state
+    return request_stop(run_id, root, by=by) if run.state == RUNNING else run.state
 
 
 def _set_status(run: Run, **changes) -> dict:
     """Call with the queue lock held."""
-    run.status = {**_read_json(run.dir / "status.json"), **changes}
+    run.status = {**clean_status(_read_json(run.dir / "status.json"))[0], **changes}
     _write_json(run.dir / "status.json", run.status)
     return run.status
 
@@ -271,6 +505,7 @@ def _set_status(run: Run, **changes) -> dict:
 
 _CHILDREN: dict[str, subprocess.Popen] = {}  # workers this process started: polled so they never linger as zombies
 _EXIT_CODES: dict[str, int] = {}  # how they ended (a negative code: the signal that killed it)
+_CHILDREN_LOCK = threading.Lock()  # every viewer's page calls schedule() from its own thread
 
 
 def _alive(pid, run_dir: Path) -> bool:
@@ -295,7 +530,8 @@ def _alive(pid, run_dir: Path) -> bool:
 
 
 def _exit_note(run: Run) -> str:
-    child = _CHILDREN.pop(run.id, None)
+    with _CHILDREN_LOCK:
+        child = _CHILDREN.pop(run.id, None)
     if child is not None:  # ours: dead by now (a zombie at worst), so its status is there to collect
         with contextlib.suppress(subprocess.TimeoutExpired):
             _EXIT_CODES[run.id] = child.wait(timeout=2)
@@ -311,9 +547,10 @@ def schedule(root=None, start: bool = True) -> list[str]:
     max_running() run. Pages call this on every render, and every worker calls it as it ends. Returns the runs
     started."""
     root, limit = runs_dir(root), max_running()
-    for run_id, child in list(_CHILDREN.items()):
-        if child.poll() is not None:
-            _EXIT_CODES[run_id] = _CHILDREN.pop(run_id).returncode
+    with _CHILDREN_LOCK:
+        for run_id, child in list(_CHILDREN.items()):
+            if child.poll() is not None:
+                _EXIT_CODES[run_id] = _CHILDREN.pop(run_id).returncode
     started = []
     if not root.is_dir():
         return started
@@ -325,11 +562,14 @@ def schedule(root=None, start: bool = True) -> list[str]:
                 _set_status(run, state=FAILED, ended_at=time.time(),
                             error=f"The training process (pid {run.status.get('pid')}) ended without reporting: "
                                   f"{_exit_note(run)}." + (f" The last lines of its log:\n{tail}" if tail else ""))
+            elif run.problems and _read_json(run.dir / "status.json").get("state") == QUEUED:
+                _set_status(run, state=FAILED, ended_at=time.time(),
+                            error="Never started: its files are damaged (" + "; ".join(run.problems) + ").")
         running = sum(r.state == RUNNING for r in runs)
         for run in runs if start else ():
             if running >= limit:
                 break
-            if run.state == QUEUED:
+            if run.state == QUEUED and not run.problems:
                 child = _launch(run)
                 _set_status(run, state=RUNNING, pid=child.pid, started_at=time.time(), heartbeat=time.time())
                 started.append(run.id)
@@ -344,7 +584,8 @@ def _launch(run: Run) -> subprocess.Popen:
         child = subprocess.Popen([sys.executable, "-m", "cifarviz.services.runs", "worker", str(run.dir.resolve())],
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                  start_new_session=True, close_fds=True)  # fmt: skip
-    _CHILDREN[run.id] = child
+    with _CHILDREN_LOCK:
+        _CHILDREN[run.id] = child
     return child
 
 
@@ -355,7 +596,7 @@ class RunContext:
     """What a worker function gets: its folder and settings, a metrics log, and the stop request."""
 
     def __init__(self, run: Run):
-        self.run, self.dir, self.spec = run, run.dir, run.config.get("spec", {})
+        self.run, self.dir, self.spec = run, run.dir, run.spec
         self._stop_file = run.dir / "stop"
         self._metrics = open(run.dir / "metrics.jsonl", "a", encoding="utf-8")
 
@@ -384,7 +625,9 @@ def worker_main(run_dir: str) -> int:
     threading.Thread(target=_heartbeat, args=(run, done), daemon=True).start()
     state, note, error = FAILED, None, None
     try:
-        module, function = run.config["target"].split(":")
+        if run.problems:  # a target that is not the kind's own worker is never imported
+            raise RunError("Refused to run: " + "; ".join(run.problems) + ".")
+        module, function = KINDS[run.kind].split(":")
         state, note = getattr(importlib.import_module(module), function)(RunContext(run))
     except CifarvizError as exc:  # a message for people: a diverging loss, missing data
         error = str(exc)
@@ -502,7 +745,7 @@ def cli(args) -> int:
     """`python -m cifarviz runs [list|stop|cancel] [RUN_ID] [--json]`."""
     if args.action != "list" and not args.run_id:
         raise RunError(f"usage: python -m cifarviz runs {args.action} RUN_ID (`python -m cifarviz runs` lists them)")
-    if args.action == "stop":
+    if args.action == "stop":  # the command line is the server's operator: any run
         state = request_stop(args.run_id)
         print(f"{args.run_id}: {state}" + (" (asked to stop; it keeps its last finished epoch)" if state == RUNNING else ""))
         return 0
@@ -512,15 +755,18 @@ def cli(args) -> int:
     schedule(start=False)  # a dead worker's run is listed as failed; listing starts nothing
     runs = list_runs()
     if args.json:
-        print(json.dumps([{"id": r.id, "kind": r.kind, **r.status, "checkpoint": str(r.checkpoint) if r.has_model
-                           else None, "queue_position": queue_position(r, runs)} for r in runs], indent=2))
+        rows = [{"id": r.id, "kind": r.kind, **r.status,
+                 "checkpoint": str(r.checkpoint) if r.has_model else None, "queue_position": queue_position(r, runs),
+                 "problems": list(r.problems)} for r in runs]
+        print(json.dumps(rows, indent=2, allow_nan=False))  # strict JSON: status fields are checked finite
         return 0
     if not runs:
         print(f"no runs in {runs_dir()}")
     for run in runs:
         where = f"#{queue_position(run, runs)} in the queue" if run.state == QUEUED else run.status.get("note") or ""
         error = (run.error or "").splitlines()[0] if run.error else ""
-        print(f"{run.id:40} {run.state:10} {where or error}")
+        damaged = "damaged: " + "; ".join(run.problems) if run.problems else ""
+        print(f"{run.id:40} {run.state:10} {damaged or where or error}")
     return 0
 
 

@@ -19,6 +19,8 @@ import inspect
 import json
 import math
 import os
+import re
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pandas as pd
+import sqlalchemy.exc
 
 from cifarviz.core.data import Split
 from cifarviz.core.errors import CifarvizError, TrainingError
@@ -44,6 +47,10 @@ DEFAULT_MODEL = "cifar10net-dropout"
 
 class TuningError(CifarvizError):
     """A bad search space, storage URL or study name, or a study that cannot be joined as asked."""
+
+
+class NoStudyError(TuningError):
+    """The database holds no study of that name (yet)."""
 
 
 def runs_dir() -> Path:
@@ -160,8 +167,17 @@ class StudySettings:
                 "epochs_per_trial": self.epochs_per_trial, "subset": self.subset}
 
     @classmethod
-    def from_dict(cls, values: dict) -> StudySettings:
-        return cls(**values)
+    def from_dict(cls, values, study_name: str = "") -> StudySettings:
+        """Settings read back from a study (another machine or version wrote them): checked, never trusted."""
+        where = f"Study {study_name!r}'s stored settings" if study_name else "Stored study settings"
+        if not isinstance(values, dict) or not isinstance(values.get("space", {}), dict) \
+                or not isinstance(values.get("base_config", {}), dict):
+            raise TuningError(f"{where} are damaged (not a mapping of settings): {json.dumps(values)[:80]}. "
+                              "Start a new study under another name.")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise TuningError(f"{where} are not this version's: {exc}. Start a new study under another name.") from None
 
     def config(self, params: dict, epochs: int | None = None) -> TrainConfig:
         """The base recipe with `params` (a trial's values) for `epochs` (default: the recipe's own)."""
@@ -183,31 +199,70 @@ class StudySettings:
 # --------------------------------------------------------------------------- storage
 
 
-_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
+_STORAGES: dict[tuple[str, float], optuna.storages.BaseStorage] = {}
+_STORAGES_LOCK = threading.Lock()
+MAX_STORAGES = 4  # engines kept open; the oldest is disposed of (a URL typed per keystroke never piles them up)
+READ_WAIT_SECONDS = 3.0  # a page or a listing waits this long for a busy database, then says so
+WRITE_WAIT_SECONDS = 60.0  # a study's own processes wait for each other this long (each trial writes a few rows)
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Optuna's database storage at `url` (once per process). A SQLite file's folder is created.
+def open_storage(url: str, wait_seconds: float = WRITE_WAIT_SECONDS) -> optuna.storages.BaseStorage:
+    """Optuna's database storage at `url` (once per process and wait). A SQLite file's folder is created.
+    `wait_seconds`: how long a statement waits for a locked SQLite file, or a PostgreSQL server to answer.
 
     Heartbeats mark the running trials of a worker that died as failed, so they do not stay "running" forever."""
-    if url in _STORAGES:
-        return _STORAGES[url]
-    engine_kwargs = {}
+    key = (url, float(wait_seconds))
+    with _STORAGES_LOCK:
+        if key in _STORAGES:
+            return _STORAGES[key]
+    engine_kwargs = {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # several local processes: wait for the writer
+        engine_kwargs["connect_args"] = {"timeout": wait_seconds}  # several local processes: wait for the writer
+    elif url.startswith(("postgresql", "postgres")):
+        engine_kwargs["connect_args"] = {"connect_timeout": max(1, int(round(wait_seconds)))}  # a stopped server
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9; say it once, not per process
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with warnings.catch_warnings(), database_errors(url):  # a locked or stopped database: said as such
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: "experimental"
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
                                                  grace_period=180)
+    except TuningError:
+        raise
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy's URL, driver and connection errors have no common base
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TuningError(f"Storage {url!r} (--storage) could not be opened: {reason}. Give a database URL such "
-                          "as sqlite:///runs/optuna.db, or postgresql://user:password@host/database with its "
-                          "driver installed (pip install psycopg2-binary).") from None
-    _STORAGES[url] = storage
+        raise TuningError(f"Storage {url!r} (--storage) could not be opened: {_reason(exc)}. Give a database URL "
+                          "such as sqlite:///runs/optuna.db, or postgresql://user:password@host/database (its "
+                          "driver, psycopg2, comes with requirements.txt).") from None
+    with _STORAGES_LOCK:
+        _STORAGES[key] = storage
+        while len(_STORAGES) > MAX_STORAGES:
+            oldest = next(iter(_STORAGES))
+            with contextlib.suppress(Exception):
+                _STORAGES.pop(oldest).engine.dispose()
     return storage
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+@contextlib.contextmanager
+def database_errors(url: str):
+    """A database that is locked, stopped or unreachable becomes a TuningError that says so (within the wait),
+    never a traceback or a hang."""
+    try:
+        yield
+    except TuningError:
+        raise
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError, optuna.exceptions.StorageInternalError) as exc:
+        raise TuningError(f"The study database {_redacted(url)} did not answer: {_reason(exc)}. Another process may "
+                          "hold it (a study that is writing), or its server is down; the page tries again on its "
+                          "next refresh.") from None
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def _check_name(study_name: str) -> None:
@@ -215,32 +270,40 @@ def _check_name(study_name: str) -> None:
         raise TuningError(f"Study name (--study) must be 1 to 200 characters, not {study_name!r}.")
 
 
-def study_names(storage_url: str) -> list[str]:
+def study_names(storage_url: str, wait_seconds: float = READ_WAIT_SECONDS) -> list[str]:
     if storage_url.startswith("sqlite:///") and not Path(storage_url[len("sqlite:///"):]).is_file():
         return []  # looking creates no database file
-    return sorted(optuna.get_all_study_names(open_storage(storage_url)))
+    with database_errors(storage_url):
+        return sorted(optuna.get_all_study_names(open_storage(storage_url, wait_seconds)))
 
 
-def load_study(storage_url: str, study_name: str) -> optuna.Study:
+def load_study(storage_url: str, study_name: str, wait_seconds: float = READ_WAIT_SECONDS) -> optuna.Study:
+    """The study, for reading (a page, the CLI's listing): a busy database is reported after `wait_seconds`."""
     _check_name(study_name)
-    names = study_names(storage_url)
+    names = study_names(storage_url, wait_seconds)
     if study_name not in names:
-        raise TuningError(f"No study named {study_name!r} in {storage_url}. "
+        raise NoStudyError(f"No study named {study_name!r} in {_redacted(storage_url)}. "
                           f"Studies there: {', '.join(names) or 'none yet'}.")
-    return optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    with database_errors(storage_url):
+        return optuna.load_study(study_name=study_name, storage=open_storage(storage_url, wait_seconds))
 
 
 def has_running_trials(storage_url: str, study_name: str) -> bool:
     running = (optuna.trial.TrialState.RUNNING,)
-    return bool(load_study(storage_url, study_name).get_trials(deepcopy=False, states=running))
+    study = load_study(storage_url, study_name)
+    with database_errors(storage_url):
+        return bool(study.get_trials(deepcopy=False, states=running))
 
 
-def stored_settings(storage_url: str, study_name: str) -> StudySettings | None:
-    """The settings a study was started with, or None when there is no such study yet."""
-    if study_name not in study_names(storage_url):
+def stored_settings(storage_url: str, study_name: str, wait_seconds: float = READ_WAIT_SECONDS) -> StudySettings | None:
+    """The settings a study was started with, or None when there is no such study yet (damaged ones: an error
+    that says so)."""
+    if study_name not in study_names(storage_url, wait_seconds):
         return None
-    stored = load_study(storage_url, study_name).user_attrs.get("settings")
-    return StudySettings.from_dict(stored) if stored else None
+    study = load_study(storage_url, study_name, wait_seconds)
+    with database_errors(storage_url):
+        stored = study.user_attrs.get("settings")
+    return StudySettings.from_dict(stored, study_name) if stored is not None else None
 
 
 def check_same(study_name: str, stored: StudySettings, asked: StudySettings) -> None:
@@ -260,7 +323,7 @@ def _settle(study: optuna.Study, settings: StudySettings | None) -> StudySetting
         settings = settings or StudySettings()
         study.set_user_attr("settings", settings.to_dict())
         return settings
-    stored = StudySettings.from_dict(stored)
+    stored = StudySettings.from_dict(stored, study.study_name)
     if settings is not None:
         check_same(study.study_name, stored, settings)
     return stored
@@ -318,14 +381,15 @@ def run_study(
         resolve_device(device)  # a missing GPU fails now, not as a failed trial
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(
-            storage=open_storage(storage_url), study_name=study_name, direction="minimize", load_if_exists=True,
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=5))
+        with database_errors(storage_url):
+            study = optuna.create_study(
+                storage=open_storage(storage_url), study_name=study_name, direction="minimize", load_if_exists=True,
+                pruner=optuna.pruners.MedianPruner(n_startup_trials=5))
+            # Seeded, and offset by the trials already there: a resumed study does not repeat its first points.
+            study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
+            settings = _settle(study, settings)
     except ValueError as exc:  # e.g. an existing study that maximises
-        raise TuningError(f"Study {study_name!r} in {storage_url} cannot be used: {exc}") from None
-    # Seeded, and offset by the trials already there: a resumed study does not repeat its first random points.
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
-    settings = _settle(study, settings)
+        raise TuningError(f"Study {study_name!r} in {_redacted(storage_url)} cannot be used: {exc}") from None
     settings.config({"lr": settings.space.lr[0]}, settings.epochs_per_trial)  # a bad base fails now, not per trial
     data = training_subset(dataset, settings.subset)
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cifarviz.core.checkpoint import Checkpoint, output_classes
+from cifarviz.core.errors import DataError
 from cifarviz.core.inference import Predictions, predict
 from cifarviz.store.cache import Array, CacheKey, Schema, canonical, default_store
 
@@ -156,6 +157,10 @@ def split_artifacts(checkpoint: Checkpoint, dataset, split: str = "test", *, tta
     show those predictions while the flipped pass runs, and the second pass reuses the first."""
     tta = split_tta(checkpoint, split) if tta is None else tta
     data = dataset.split(split)
+    if len(data) == 0:
+        raise DataError(f"The {split} split of {dataset.root} has no images"
+                        + (" (a validation size of 0)" if split == "val" else "")
+                        + ": choose another split, or a validation size of at least 1 (--val-size).")
     key = artifact_key(checkpoint, dataset, split, tta)
 
     def compute() -> dict:

@@ -41,6 +41,8 @@ from cifarviz.ui.loaders import (  # noqa: F401
     wait_for,
     progress_bar,
     file_stamp,
+    classroom_refusal,
+    refused_notice,
 )
 from cifarviz.ui.sidebar import (  # noqa: F401
     PAGES,

@@ -24,7 +24,7 @@ def history_of(path: str, stamp: float) -> tuple[list[dict], dict, dict]:
     epochs = [r for r in runs.read_metrics(run) if r["event"] == "epoch"]
     saved = next((r for r in runs.read_metrics(run) if r["event"] == "saved"), {})
     return epochs, run.train_config, {"state": run.state, "test_accuracy": saved.get("test_accuracy"),
-                                      "subset": run.config.get("spec", {}).get("subset")}
+                                      "subset": run.spec.get("subset")}
 
 
 def compare_sources() -> dict[str, str]:

@@ -14,9 +14,11 @@ import streamlit as st
 from PIL import Image
 
 from cifarviz.analysis.embed import METHODS, Embedding, embedding, embedding_path, embedding_ready, knn_accuracy
+from cifarviz.core.errors import CifarvizError
 from cifarviz.core.settings import settings
 from cifarviz.services.jobs import JOBS, Job
-from cifarviz.ui import app
+from cifarviz.ui import app, identity
+from cifarviz.ui.text import md, md_message
 
 # points per map whose tooltip shows the picture; a server can lower it (bench/bench_embed.py measures both)
 HOVER_THUMBNAILS = settings().hover_thumbnails
@@ -31,23 +33,33 @@ def map_job(checkpoint, dataset, split: str, method: str, params: dict, subset) 
     """The computation of a map, started (or joined) if it is not on disk yet; None if it is."""
     if embedding_ready(checkpoint, dataset, split, method, params, subset):
         return None
-    return JOBS.start(str(embedding_path(checkpoint, dataset, split, method, params, subset)), lambda report: embedding(checkpoint, dataset, split, method, params, subset,
-                                                          on_progress=report))
+    if refused := app.classroom_refusal(f"this {METHODS[method].split(' (')[0]} map"):
+        return refused
+    return JOBS.start(str(embedding_path(checkpoint, dataset, split, method, params, subset)),
+                      lambda report: embedding(checkpoint, dataset, split, method, params, subset, on_progress=report),
+                      owner=identity.viewer())
 
 
 def get_maps(requests: list[tuple], dataset, split: str, method: str, params: dict, subset) -> list[Embedding]:
     """The maps of several sources (a checkpoint or None for pixels), each computed once for everyone. All missing
     ones start at once; while any runs, this run ends with progress bars that fill in by themselves."""
-    jobs = [(name, map_job(source, dataset, split, method, params, subset)) for name, source in requests]
+    try:  # settings that cannot map these points (a perplexity too large for a small split): said, not raised
+        jobs = [(name, map_job(source, dataset, split, method, params, subset)) for name, source in requests]
+    except CifarvizError as exc:
+        st.error(md_message(exc), icon=":material/error:")
+        st.stop()
     waiting = [(name, job) for name, job in jobs if job is not None]
     for name, job in waiting:
+        if job.refused:
+            app.refused_notice(job, f"The {METHODS[method]} map of {md(name)}")
+            st.stop()
         if job.done and job.error is not None:
-            st.error(f"The {METHODS[method]} map of {name} failed: {job.error}")
+            st.error(f"The {METHODS[method]} map of {md(name)} failed: {md_message(job.error)}")
             st.stop()
     if waiting:
         points = len(dataset.split(split)) if subset is None else len(subset)
         for name, job in waiting:  # each bar reruns the page when its map is ready
-            app.progress_bar(job, f"{METHODS[method]} map of {name}, {points:,} {split} images (once, then cached "
+            app.progress_bar(job, f"{METHODS[method]} map of {md(name)}, {points:,} {split} images (once, then cached "
                                   "for everyone)")
         st.stop()
     return [embedding(source, dataset, split, method, params, subset) for _, source in requests]

@@ -4,21 +4,20 @@ method predicted."""
 
 from __future__ import annotations
 
-import secrets
-
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from cifarviz.services import retrain, runs
-from cifarviz.ui.runs_view import progress_of
+from cifarviz.ui import identity
+from cifarviz.ui.text import md, md_message, shown
 
 REMOVED = 100  # the lists an ensemble index keeps, and the measured table's k on the full split
 
 
 def session_owner() -> str:
-    """This browser session's runs (the Train page uses the same)."""
-    return st.session_state.setdefault("train_owner", secrets.token_hex(8))
+    """This browser's runs (the Train page uses the same)."""
+    return identity.viewer()
 
 
 def retrain_section(index, checkpoint, dataset, test_index: int, influence_of, probs) -> None:
@@ -49,7 +48,7 @@ def retrain_section(index, checkpoint, dataset, test_index: int, influence_of, p
             retrain.submit_retrain(checkpoint, dataset, test_index=test_index, choice=choice, removed=removed,
                                    method=index.name, predicted_change=predicted, owner=session_owner())
         except runs.RunError as exc:
-            st.error(str(exc), icon=":material/error:")
+            st.error(md_message(exc), icon=":material/error:")
     retrain_results(str(checkpoint.path), test_index, dataset.classes)
 
 
@@ -79,23 +78,25 @@ def draw_retrain_results(found: list, classes) -> None:
         return
     rows = []
     for run in found:
-        spec = run.config["spec"]
-        what = f"without {len(spec['removed_sources'])} {spec['choice']} ({spec['method']})"
+        spec = run.spec
+        removed = spec.get("removed_sources")
+        what = (f"without {len(removed) if isinstance(removed, list) else '?'} {str(spec.get('choice', '?'))} "
+                f"({str(spec.get('method', '?'))})")
         if run.state in runs.ACTIVE:
-            draw_progress(run, what)
+            draw_progress(run, md(what))
             continue
         result = retrain.retrain_result(run)
         if result is None:
             if run.state == runs.FAILED:
-                st.error(f"{what}: failed. {(run.error or '').partition(chr(10))[0]}", icon=":material/error:")
+                st.error(f"{md(what)}: failed. {md_message((run.error or '').partition(chr(10))[0])}", icon=":material/error:")
             continue
         before, after = result["before"], result["after"]
         predicted = result.get("predicted_change")
-        rows.append({"removed": what, "training images": f"{result['train_images']:,}"
+        rows.append({"removed": shown(what), "training images": f"{result['train_images']:,}"
                      + (" (a subset)" if result["subset"] else ""),
                      "loss with them": before["loss"], "loss without": after["loss"], "change": result["change"],
                      "method predicted": predicted,
-                     "prediction with → without": f"{classes[before['predicted']]} → {classes[after['predicted']]}"})
+                     "prediction with → without": shown(f"{classes[before['predicted']]} → {classes[after['predicted']]}")})
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
             "loss with them": st.column_config.NumberColumn(format="%.3f"),
@@ -115,8 +116,8 @@ def draw_retrain_results(found: list, classes) -> None:
 
 
 def draw_progress(run: runs.Run, what: str) -> None:
-    p = progress_of(runs.read_metrics(run))
-    last, start = p["last"], p["start"]
+    p = runs.progress(run)
+    last, start = p.last, p.start
     if run.state == runs.QUEUED:
         st.progress(0.0, text=f"{what}: waiting for a free training slot ({runs.queue_position(run) or 1} in the queue)")
         return
@@ -127,7 +128,7 @@ def draw_progress(run: runs.Run, what: str) -> None:
     eta = last["elapsed"] / max(last["step"], 1) * (last["total_steps"] - last["step"])
     subset = " on a subset of the training images," if start and start.get("subset") else ""
     left = f"{eta / 60:.1f} min" if eta >= 60 else f"{eta:.0f} s"
-    st.progress(min(fraction, 1.0), text=f"{what}: {last.get('phase', 'training')},{subset} about {left} left")
+    st.progress(min(fraction, 1.0), text=f"{what}: {md(last.get('phase', 'training'))},{subset} about {left} left")
 
 
 def _figures(checkpoint):

@@ -26,6 +26,7 @@ from cifarviz.ui.loaders import (
     time_left,
 )
 from cifarviz.ui.widgets import INSPECT_KEY, close_inspector, image_grid
+from cifarviz.ui.text import md, shown
 
 
 def inspector(dataset, checkpoint: Checkpoint | None) -> None:
@@ -60,7 +61,7 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
         with left:
             st.image(to_png(image, scale=8), width="stretch", output_format="PNG")
             if label is not None:
-                st.markdown(f"**True label:** {classes[label]}")
+                st.markdown(f"**True label:** {md(classes[label])}")
         if checkpoint is None:
             st.info("Pick a checkpoint in the sidebar to see the model's prediction.")
             return
@@ -68,20 +69,21 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
         predicted = int(probs.argmax())
         verdict = "" if label is None else (" — correct" if predicted == label else " — wrong")
         with left:
-            st.markdown(f"**Predicted:** {classes[predicted]} ({probs[predicted]:.1%}){verdict}")
-            st.caption(f"by {checkpoint.name}" + (" with flip test-time augmentation"
+            st.markdown(f"**Predicted:** {md(classes[predicted])} ({probs[predicted]:.1%}){verdict}")
+            st.caption(f"by {md(checkpoint.name)}" + (" with flip test-time augmentation"
                                                   if _tta(checkpoint, ref) == "flip" else ""))
         with middle:
             chart = probability_chart(probs, classes, predicted, checkpoint.name)
             st.altair_chart(chart, width="stretch", height=PROBABILITY_CHART_HEIGHT)
         with right:
             explained = st.selectbox("Grad-CAM explains", classes, index=predicted, key=f"cam-{ref.split}-{ref.index}",
+                                     format_func=shown,
                                      help="Defaults to the predicted class; pick another to see its evidence.")
             target = classes.index(explained)
             note = "the predicted class" if target == predicted else "not the predicted class"
             st.image(saliency_png(checkpoint, str(checkpoint.path), file_stamp(checkpoint.path), image, target),
                      width="stretch", output_format="PNG",
-                     caption=f"Where the model found evidence for '{classes[target]}' ({note})")
+                     caption=f"Where the model found evidence for '{md(classes[target])}' ({note})")
         if ref.split != "upload":
             st.markdown("**Nearest training images in the model's feature space** (cosine similarity)")
             neighbours_section(checkpoint, dataset, ref, image)
@@ -135,7 +137,7 @@ def neighbours_section(checkpoint: Checkpoint, dataset, ref: ImageRef, image: np
     if job is None:
         idx, sims = nearest_training_images(checkpoint, dataset, ref, image, k)
         refs = [ImageRef("train", int(i)) for i in idx]
-        captions = [f"{dataset.classes[dataset.train.labels[i]]} {s:.2f}" for i, s in zip(idx, sims)]
+        captions = [f"{md(dataset.classes[dataset.train.labels[i]])} {s:.2f}" for i, s in zip(idx, sims)]
         image_grid(dataset.train.images[idx], refs, captions, key="neighbours", tile_width=96)
         return
 

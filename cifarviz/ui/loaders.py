@@ -26,10 +26,13 @@ from cifarviz.core.checkpoint import Checkpoint, load_checkpoint
 from cifarviz.core.data import default_data_root
 from cifarviz.core.errors import CifarvizError
 from cifarviz.core.inference import ready_for
+from cifarviz.core.settings import settings
 from cifarviz.core.utils import pick_device
-from cifarviz.services.jobs import JOBS, Job
+from cifarviz.services.jobs import JOBS, Job, ServerBusy
 from cifarviz.store.artifacts import artifact_path, artifacts_cached, split_artifacts, split_tta
 from cifarviz.store.datasets import load_cifar10
+from cifarviz.ui import identity
+from cifarviz.ui.text import md, md_message
 
 _modules_frozen = 0
 
@@ -75,7 +78,18 @@ def artifacts_job(checkpoint: Checkpoint, dataset, split: str, *, background: bo
         return None
     return JOBS.start(str(artifact_path(checkpoint, dataset, split)),
                       lambda report: split_artifacts(checkpoint, dataset, split, on_progress=report),
-                      background=background)
+                      background=background, owner=None if background else identity.viewer())
+
+
+def classroom_refusal(what: str) -> Job | None:
+    """In classroom mode a student's click computes nothing new that takes minutes (a map with other settings,
+    an influence index): only what the teacher precomputed, or the teacher (teacher key) asks for."""
+    if not settings().classroom or identity.is_teacher():
+        return None
+    return Job.failed(what, ServerBusy(
+        f"In classroom mode this server shows what the teacher prepared, and {what} was not prepared. Pick the "
+        "settings the page opened with, or ask the teacher (`python -m cifarviz precompute`, or the teacher key)."),
+        refused=True)
 
 
 def artifacts_ready(checkpoint: Checkpoint, dataset, split: str) -> bool:
@@ -99,8 +113,11 @@ def influence_job(method: str, checkpoint: Checkpoint, dataset, *, background: b
             return None
     except CifarvizError as exc:  # e.g. loss settings in the metadata that cannot be right: say so, on the page
         return Job.failed(f"influence-{method}-{checkpoint.name}", exc)
-    return JOBS.start(str(index_path(method, checkpoint, dataset)), lambda report: load_or_fit(method, checkpoint, dataset, on_progress=report),
-                      background=background)
+    if not background and (refused := classroom_refusal(f"the {METHODS[method].title} index of this checkpoint")):
+        return refused
+    return JOBS.start(str(index_path(method, checkpoint, dataset)),
+                      lambda report: load_or_fit(method, checkpoint, dataset, on_progress=report),
+                      background=background, owner=None if background else identity.viewer())
 
 
 def get_influence_index(method: str, checkpoint: Checkpoint, dataset):
@@ -108,7 +125,7 @@ def get_influence_index(method: str, checkpoint: Checkpoint, dataset):
     progress bar that fills in by itself if it is still being fitted)."""
     job = influence_job(method, checkpoint, dataset)
     if job is not None:
-        wait_for(job, f"Building the {METHODS[method].title} index of {checkpoint.name} over the "
+        wait_for(job, f"Building the {METHODS[method].title} index of {md(checkpoint.name)} over the "
                       f"{len(dataset.train):,} training images (once per checkpoint, for everyone)")
     return _influence_index(method, str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix(),
                             index_stamp(method, checkpoint, dataset))
@@ -167,7 +184,7 @@ def get_artifacts(checkpoint: Checkpoint, dataset, split: str, *, early: bool = 
     job = artifacts_job(checkpoint, dataset, split)
     tta = split_tta(checkpoint, split)
     if job is not None:
-        label = (f"Computing {checkpoint.name} on the {len(dataset.split(split)):,} {split} images "
+        label = (f"Computing {md(checkpoint.name)} on the {len(dataset.split(split)):,} {split} images "
                  "(first visit only; cached on disk for everyone)")
         def plain() -> bool:
             return artifacts_cached(checkpoint, dataset, split, "none")
@@ -188,24 +205,51 @@ def wait_for(job: Job, label: str, until=None) -> None:
     The page reruns when the job ends, or as soon as `until()` is true."""
     if job.done and job.error is None:
         return
+    if job.refused:
+        refused_notice(job, label)
+        st.stop()
     if job.done:
-        st.error(f"{label} failed: {job.error}")
+        st.error(f"{label} failed: {md_message(job.error)}")
         st.stop()
     progress_bar(job, label, until)
     st.stop()
 
 
+def refused_notice(job: Job, label: str) -> None:
+    """Work the pool did not admit: why, and (unless classroom mode forbids it) another try every 5 s."""
+    st.info(f"{label}: not started. {md_message(job.error)}", icon=":material/hourglass_empty:")
+    if "classroom mode" in str(job.error):
+        return
+
+    @st.fragment(run_every=5)
+    def retry() -> None:
+        if st.session_state.get("_refused_retry_tick"):
+            st.rerun()
+        st.session_state["_refused_retry_tick"] = True
+
+    st.session_state["_refused_retry_tick"] = False
+    retry()
+
+
 def progress_bar(job: Job, label: str, until=None, every: float = 0.5) -> None:
     """The job's progress, refreshed (only it) every `every` seconds; the whole page reruns when the job ends
     (or `until()` holds). A failed job shows its error instead."""
+    if job.refused:
+        refused_notice(job, label)
+        return
     if job.done and job.error is not None:
-        st.error(f"{label} failed: {job.error}")
+        st.error(f"{label} failed: {md_message(job.error)}")
         return
 
     @st.fragment(run_every=every)
     def progress() -> None:
         if job.done or (until is not None and until()):
             st.rerun()  # the whole page, now with the result
+        if not job.started:
+            ahead = JOBS.position(job)
+            st.progress(0.0, text=f"{label}: queued, {ahead or 0} computation(s) ahead of it (this server computes "
+                                  f"{JOBS.workers} at a time, what someone waits for first)")
+            return
         st.progress(job.progress, text=f"{label}: {job.progress:.0%}{time_left(job)}")
 
     progress()

@@ -7,25 +7,18 @@ import pandas as pd
 import streamlit as st
 
 from cifarviz.services import runs
-from cifarviz.ui import app
+from cifarviz.ui import app, identity
+from cifarviz.ui.text import md, md_message
 
 METRIC_WIDTH = 140  # pixels: "Learning rate" and "0.0469" in full
 
 
-def progress_of(rows: list[dict]) -> dict:
-    start = next((r for r in rows if r["event"] == "start"), {})
-    steps = [r for r in rows if r["event"] == "step"]
-    epochs = [r for r in rows if r["event"] == "epoch"]
-    return {"start": start, "steps": steps, "epochs": epochs, "last": steps[-1] if steps else None,
-            "finishing": any(r["event"] == "finishing" for r in rows)}
-
-
-def curve_frame(steps: list[dict], epochs: list[dict], max_points: int = 400) -> pd.DataFrame:
+def curve_frame(steps, epochs, max_points: int = 400) -> pd.DataFrame:
     """Long rows (epoch, split, metric, value): the training curve from the step lines (the epoch's running
     mean so far), the validation curve from the epoch lines."""
     every = max(1, math.ceil(len(steps) / max_points))
     rows = [{"epoch": s["step"] / s["steps_per_epoch"], "split": "train", "metric": m, "value": s[f"train_{m}"]}
-            for s in steps[::every] + steps[-1:] for m in ("loss", "acc")]  # fmt: skip
+            for s in list(steps[::every]) + list(steps[-1:]) for m in ("loss", "acc")]  # fmt: skip
     rows += [{"epoch": e["epoch"], "split": split, "metric": m, "value": e[f"{split}_{m}"]}
              for e in epochs for split in ("train", "val") for m in ("loss", "acc") if e.get(f"{split}_{m}") is not None]
     return pd.DataFrame(rows, columns=["epoch", "split", "metric", "value"])
@@ -49,24 +42,27 @@ def live_chart(frame: pd.DataFrame, metric: str, epochs: int) -> alt.Chart:
 
 
 def draw_running(run: runs.Run) -> None:
-    p = progress_of(runs.read_metrics(run))
-    config, start, last = run.train_config, p["start"], p["last"]
-    title = f"**{run.id}**: {config.get('model')}, {config.get('epochs')} epochs"
+    p = runs.progress(run)
+    config, start, last = run.train_config, p.start, p.last
+    epochs = config.get("epochs") if runs._is_count(config.get("epochs")) and config["epochs"] >= 1 else 1
+    title = f"**{md(run.id)}**: {md(config.get('model'))}, {epochs} epochs"
     if start:
-        title += f", {start['train_images']:,} training images on {start['device'].upper()}"
+        title += f", {start['train_images']:,} training images on {md(start['device'].upper())}"
     st.markdown(title)
+    if p.damaged_lines:
+        st.caption(f"{p.damaged_lines} damaged line(s) of its metrics.jsonl were skipped.")
     stopping = (run.dir / "stop").exists()
     if last is None:
         st.progress(0.0, text="Starting the training process (loading torch and the data)...")
     else:
         fraction = last["step"] / last["total_steps"]
         seconds_per_step = last["elapsed"] / last["step"]
-        eta = seconds_per_step * (last["total_steps"] - last["step"])
-        text = ("Measuring the test accuracy of the kept epoch..." if p["finishing"] else
+        eta = seconds_per_step * max(last["total_steps"] - last["step"], 0)
+        text = ("Measuring the test accuracy of the kept epoch..." if p.finishing else
                 "Stopping after this batch..." if stopping else
-                f"Epoch {last['epoch']}/{config.get('epochs')}, step {last['step']:,}/{last['total_steps']:,}")
+                f"Epoch {last['epoch']}/{epochs}, step {last['step']:,}/{last['total_steps']:,}")
         st.progress(min(fraction, 1.0), text=text)
-        val = p["epochs"][-1]["val_acc"] if p["epochs"] else None
+        val = p.epochs[-1].get("val_acc") if p.epochs else None
         with st.container(horizontal=True, wrap=True, gap="medium"):  # wraps on a projector, never cuts a number
             st.metric("Images/s", f"{last['images_per_s']:,.0f}", help="Training images per second in this epoch",
                       width=METRIC_WIDTH)
@@ -77,13 +73,24 @@ def draw_running(run: runs.Run) -> None:
                       width=METRIC_WIDTH)
             st.metric("Val accuracy", "—" if val is None else f"{val:.1%}", help="After the last finished epoch",
                       width=METRIC_WIDTH)
-        frame = curve_frame(p["steps"], p["epochs"])
+        frame = curve_frame(p.steps, p.epochs)
         left, right = st.columns(2)
-        left.altair_chart(live_chart(frame, "loss", config.get("epochs", 1)), width="stretch")
-        right.altair_chart(live_chart(frame, "acc", config.get("epochs", 1)), width="stretch")
-    if st.button("Stop", key=f"stop-{run.id}", icon=":material/stop:", disabled=stopping,
-                 help="Ends within one batch and keeps the last finished epoch as the checkpoint."):
-        runs.request_stop(run.id)
+        left.altair_chart(live_chart(frame, "loss", epochs), width="stretch")
+        right.altair_chart(live_chart(frame, "acc", epochs), width="stretch")
+    stop_button(run, stopping)
+
+
+def stop_button(run: runs.Run, stopping: bool) -> None:
+    """Stop: the owner's and the teacher's; for anyone else a disabled button that says whose it is."""
+    allowed = identity.may_control(run.owner)
+    if st.button("Stop", key=f"stop-{run.id}", icon=":material/stop:", disabled=stopping or not allowed,
+                 help="Ends within one batch and keeps the last finished epoch as the checkpoint." if allowed else
+                      "Someone else's run: only they, or the teacher, can stop it."):
+        try:
+            runs.request_stop(run.id, by=identity.acting_as())
+        except runs.RunError as exc:
+            st.error(md_message(exc))
+            return
         st.rerun(scope="fragment")
 
 
@@ -94,17 +101,21 @@ def checkpoint_label(run: runs.Run) -> str | None:
 
 def draw_finished(run: runs.Run) -> None:
     note = run.status.get("note") or ""
-    if run.state == runs.FAILED:
+    name = md(run.id)
+    if run.problems:
+        st.warning(f"**{name}**: its files are damaged, so it is left out ({md_message('; '.join(run.problems))}).",
+                   icon=":material/report:")
+    elif run.state == runs.FAILED:
         message, _, log = (run.error or "").partition("\n")  # a dead worker's report ends with its log's last lines
-        st.error(f"**{run.id}** failed. {message}", icon=":material/error:")
+        st.error(f"**{name}** failed. {md_message(message)}", icon=":material/error:")
         if log.strip():
-            with st.expander(f"The end of {run.id}'s log"):
+            with st.expander(f"The end of {name}'s log"):
                 st.code(log, language=None)
     elif run.state == runs.CANCELLED:
-        st.caption(f"{run.id}: cancelled before it started.")
+        st.caption(f"{name}: cancelled before it started.")
     else:
         left, right = st.columns([4, 1])
-        left.success(f"**{run.id}** {run.state}: {note}", icon=":material/check_circle:")
+        left.success(f"**{name}** {run.state}: {md_message(note)}", icon=":material/check_circle:")
         label = checkpoint_label(run) if run.has_model else None
         if label and right.button("Use in other pages", key=f"use-{run.id}",
                                   help="Selects this run's checkpoint in the sidebar"):
@@ -112,9 +123,13 @@ def draw_finished(run: runs.Run) -> None:
             st.rerun()
 
 
+MAX_RECENT = 5
+
+
 @st.fragment(run_every=2)
 def live_view(owner: str) -> None:
-    """Every run on the server, redrawn every 2 s: the running ones live, the queue, the recent ones."""
+    """Every run on the server, redrawn every 2 s: the running ones live, the queue, the recent ones. The runs
+    folder is listed once per tick (configs parsed once, metrics read incrementally)."""
     runs.schedule()  # starts a queued run when a slot is free; reports workers that died
     every = runs.list_runs()
     active = [r for r in every if r.state in runs.ACTIVE]
@@ -131,17 +146,24 @@ def live_view(owner: str) -> None:
     for run in running:
         with st.container(border=True, key=f"live-{run.id}"):
             draw_running(run)
+    waiting = [r.id for r in every if r.state == runs.QUEUED]
     for run in (r for r in active if r.state == runs.QUEUED):
         left, right = st.columns([4, 1])
-        yours = " (yours)" if run.config.get("owner") == owner else ""
-        left.info(f"**#{runs.queue_position(run, every)} in the queue**: {run.id}{yours}, "
-                  f"{run.train_config.get('epochs')} epochs. It starts when a running one ends.",
+        yours = " (yours)" if run.owner == owner else ""
+        left.info(f"**#{waiting.index(run.id) + 1} in the queue**: {md(run.id)}{yours}, "
+                  f"{md(run.train_config.get('epochs', '?'))} epochs. It starts when a running one ends.",
                   icon=":material/hourglass_top:")
-        if right.button("Cancel", key=f"cancel-{run.id}"):
-            runs.cancel(run.id)
-            st.rerun()
+        allowed = identity.may_control(run.owner)
+        if right.button("Cancel", key=f"cancel-{run.id}", disabled=not allowed,
+                        help=None if allowed else "Someone else's run: only they, or the teacher, can cancel it."):
+            try:
+                runs.cancel(run.id, by=identity.acting_as())
+            except runs.RunError as exc:
+                st.error(md_message(exc))
+            else:
+                st.rerun()
     done = sorted((r for r in every if r.state not in runs.ACTIVE), key=lambda r: r.status.get("ended_at", 0))
     if done:
         st.subheader("Recent runs")
-        for run in done[::-1][:5]:
+        for run in done[::-1][:MAX_RECENT]:
             draw_finished(run)

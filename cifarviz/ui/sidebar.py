@@ -14,8 +14,10 @@ from cifarviz.core.data import default_data_root, detect_layout
 from cifarviz.core.errors import CheckpointError, CifarvizError
 from cifarviz.services.runs import list_runs, runs_dir
 from cifarviz.store import default_store
+from cifarviz.ui import identity
 from cifarviz.ui.loaders import canonical_root, file_stamp, freeze_imported_modules, get_checkpoint, get_dataset
 from cifarviz.ui.uploads import data_locked
+from cifarviz.ui.text import md, md_message, shown
 
 PAGES = (  # (file, title, icon): the explorer's pages, in menu order
     ("pages/home.py", "Home", ":material/home:"),
@@ -33,15 +35,15 @@ def checkpoint_choices() -> dict[str, str]:
     """Label -> path for shipped checkpoints, the user's own runs, and this session's uploads."""
     choices = {}
     for path in shipped_files():
-        choices[f"{path.stem} (shipped)"] = str(path)
+        choices[shown(f"{path.stem} (shipped)")] = str(path)
     for path in sorted(runs_dir().glob("*.safetensors")):  # older flat run files
-        choices[f"{path.stem} (your run)"] = str(path)
+        choices[shown(f"{path.stem} (your run)")] = str(path)
     for run in list_runs(runs_dir()):  # runs trained on the Train page that completed or were stopped
         if run.has_model:
-            choices[f"{run.id} (your run)"] = str(run.checkpoint)
+            choices[shown(f"{run.id} (your run)")] = str(run.checkpoint)
     for label, path in st.session_state.get("uploaded_checkpoints", {}).items():
         if Path(path).is_file():  # uploads are pruned on disk when many accumulate
-            choices[label] = path
+            choices[shown(label)] = path
     return choices
 
 
@@ -94,6 +96,27 @@ def sidebar() -> None:
                       "Defaults to $CIFARVIZ_DATA, else ./data.")
         st.selectbox("Checkpoint", labels, key="checkpoint_label", on_change=_remember, args=("checkpoint_label",),
                      help="Shipped checkpoints, your runs (runs/), and checkpoints uploaded on the Models page.")
+        identity.viewer()  # the first visit sets this browser's cookie
+        if identity.teacher_key_set():
+            teacher_box()
+
+
+def teacher_box() -> None:
+    with st.expander("Teacher", icon=":material/school:", expanded=False):
+        if identity.is_teacher():
+            st.caption("You can stop or cancel every run on this server.")
+            st.button("Leave teacher mode", key="teacher_leave", on_click=identity.check_teacher_key, args=("",))
+            return
+        st.text_input("Teacher key", type="password", key="teacher_key_typed", on_change=_teacher_key_typed,
+                      help="The server's CIFARVIZ_TEACHER_KEY: lets this browser stop or cancel anyone's run.")
+        if st.session_state.get("_teacher_key_wrong"):
+            st.error("That is not this server's teacher key.")
+
+
+def _teacher_key_typed() -> None:
+    typed = st.session_state.get("teacher_key_typed") or ""
+    st.session_state["_teacher_key_wrong"] = bool(typed) and not identity.check_teacher_key(typed)
+    st.session_state["teacher_key_typed"] = ""  # never kept in a widget
 
 
 def data_and_checkpoint_page(title: str, training_images: bool = True):
@@ -141,7 +164,7 @@ def no_data_help(root: str, message: str) -> None:
     )
     if data_locked():  # only the server's own folder; students never choose where the server writes
         return
-    if st.button("Download CIFAR-10 into " + root, key="download-data"):
+    if st.button("Download CIFAR-10 into " + md(root), key="download-data"):
         from cifarviz.core.data import download_cifar10
 
         try:
@@ -150,7 +173,7 @@ def no_data_help(root: str, message: str) -> None:
             get_dataset.clear()
             st.rerun()
         except CifarvizError as exc:
-            st.error(str(exc))
+            st.error(md_message(exc))
 
 
 def current_checkpoint(quiet: bool = False, dataset=None) -> Checkpoint | None:
@@ -169,14 +192,14 @@ def current_checkpoint(quiet: bool = False, dataset=None) -> Checkpoint | None:
         return checkpoint
     except CifarvizError as exc:
         if not quiet:
-            st.error(str(exc))
+            st.error(md_message(exc))
         return None
 
 
 def data_status(root: str) -> str:
     layout = detect_layout(Path(root)) if Path(root).is_dir() else ""
     kind = {"python": "CIFAR-10 python archive", "image-folder": "image-folder tree"}.get(layout)
-    return f"`{root}`: {kind or 'no data found'}"
+    return f"{md(root)}: {kind or 'no data found'}"
 
 
 _FITS_LOCK = threading.Lock()

@@ -8,6 +8,7 @@ from cifarviz.core.models import list_models, model_card, model_cards
 from cifarviz.core.recipes import RECIPES
 from cifarviz.core.train import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES, TrainConfig
 from cifarviz.services import runs
+from cifarviz.ui.text import md, md_message
 
 CUDA = torch.cuda.is_available()
 BATCH_SIZES = [32, 64, 128, 256, 512, 1024]
@@ -89,7 +90,7 @@ def training_form(dataset, owner: str) -> None:
             st.session_state[KEY + "recipe"] = "(custom)"
             st.info("The form holds the configuration sent from the Tune tab; press Start to train it.")
         except (CifarvizError, TypeError) as exc:
-            st.error(f"The configuration sent to this form was not usable: {exc}")
+            st.error(f"The configuration sent to this form was not usable: {md_message(exc)}")
     if KEY + "model" not in st.session_state:
         load_form(demo_default(), subset=None if CUDA else 10000)
         st.session_state.setdefault(KEY + "subset", SUBSETS[-1])
@@ -154,7 +155,7 @@ def training_form(dataset, owner: str) -> None:
     try:
         config = config_from_form()
     except CifarvizError as exc:
-        st.error(str(exc))
+        st.error(md_message(exc))
         return
     if config.weight_decay_mode == "per_step":
         st.caption(f"Weight decay per step {config.weight_decay:g} at lr {config.lr:g}: coefficient "
@@ -172,6 +173,6 @@ def training_form(dataset, owner: str) -> None:
             run_id = runs.submit_training(config, dataset.root, subset=None if subset >= len(dataset.train) else subset,
                                           snapshots=st.session_state[KEY + "snapshots"],
                                           val_size=len(dataset.val), split_seed=dataset.split_seed, owner=owner)
-            st.toast(f"Submitted {run_id}")
+            st.toast(f"Submitted {md(run_id)}")
         except CifarvizError as exc:
-            st.error(str(exc))
+            st.error(md_message(exc))

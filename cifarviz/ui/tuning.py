@@ -25,6 +25,7 @@ from cifarviz.core.errors import CifarvizError
 from cifarviz.core.models import list_models
 from cifarviz.services import tune
 from cifarviz.ui import app
+from cifarviz.ui.text import md, md_message
 
 TRAIN_REQUEST_KEY = "train_config_request"
 SIZE_OPTIONS = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -102,11 +103,11 @@ def tuning_tab(dataset, train_page: str | None = "pages/train.py") -> None:
     study_name = right.text_input("Study name", value="cifar10net", key="tune_study").strip()
     try:
         stored = tune.stored_settings(storage, study_name)
+        elsewhere = stored is not None and tune.has_running_trials(storage, study_name)  # e.g. other machines
     except CifarvizError as exc:
-        st.error(str(exc))
+        st.error(md_message(exc))
         return
     busy = study_running() is not None
-    elsewhere = stored is not None and tune.has_running_trials(storage, study_name)  # e.g. other machines
     every = 2 if busy or elsewhere else None  # fragments that follow a running study; the form stays put
     st.fragment(run_every=every)(status_line)(busy)
     settings_form(dataset, storage, study_name, stored, busy)
@@ -122,7 +123,7 @@ def status_line(was_busy: bool) -> None:
         return
     name = running.get("study")
     stopping = tune.beside(tune.lock_target(), ".stop").exists()
-    text = (f"Study **{name}** is running (process {running.get('pid')}, {running.get('trials')} trials); "
+    text = (f"Study **{md(name)}** is running (process {running.get('pid')}, {running.get('trials')} trials); "
             "one study runs at a time on this server." if name else "A study is starting...")
     columns = st.columns([4, 1])
     columns[0].info(text + (" Stopping after the current batch..." if stopping else ""), icon=":material/tune:")
@@ -137,7 +138,7 @@ def settings_form(dataset, storage: str, study_name: str, stored: tune.StudySett
     start = stored or tune.StudySettings(epochs_per_trial=3, subset=10_000)
     space, base = start.space, start.base_config
     if stored is not None:
-        st.caption(f"Study **{study_name}** exists: the form holds its settings (new trials must use the same).")
+        st.caption(f"Study **{md(study_name)}** exists: the form holds its settings (new trials must use the same).")
     with st.form(f"tune_form_{study_name}", border=True):
         models = list_models()
         model = st.selectbox("Model (its shipped recipe is the base)", models, index=models.index(base["model"]),
@@ -169,7 +170,7 @@ def settings_form(dataset, storage: str, study_name: str, stored: tune.StudySett
             tune.check_same(study_name, stored, settings)
         launch(storage, study_name, settings, int(n_trials), dataset)
     except CifarvizError as exc:
-        st.error(str(exc))
+        st.error(md_message(exc))
         return
     st.rerun()
 
@@ -182,11 +183,17 @@ def results(storage: str, study_name: str, train_page: str | None) -> None:
             st.code(log_path().read_text(errors="replace")[-3000:] or "(no output)")
     try:
         study = tune.load_study(storage, study_name)
-    except CifarvizError:
-        st.caption(f"No study named {study_name} yet: start one above.")
-        return
+        with tune.database_errors(storage):  # every read below: a busy database is said in seconds
+            draw_results(study, study_name, train_page)
+    except tune.NoStudyError:
+        st.caption(f"No study named {md(study_name)} yet: start one above.")
+    except CifarvizError as exc:
+        st.warning(md_message(exc), icon=":material/database:")
+
+
+def draw_results(study, study_name: str, train_page: str | None) -> None:
     table = tune.trials_table(study)
-    st.subheader(f"Trials of {study_name}: {len(table)}")
+    st.subheader(f"Trials of {md(study_name)}: {len(table)}")
     if table.empty:
         st.caption("No trials yet.")
         return

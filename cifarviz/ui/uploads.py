@@ -14,6 +14,7 @@ from cifarviz.core.decode import load_image_file
 from cifarviz.core.errors import CifarvizError
 from cifarviz.core.settings import settings
 from cifarviz.core.utils import atomic_write, cache_dir
+from cifarviz.ui.text import md, md_message
 
 
 
@@ -68,5 +69,5 @@ def read_upload_image(uploaded) -> np.ndarray | None:
     try:
         return load_image_file(uploaded.getvalue())
     except CifarvizError as exc:
-        st.error(f"{uploaded.name}: {exc}")
+        st.error(f"{md(uploaded.name)}: {md_message(exc)}")
         return None

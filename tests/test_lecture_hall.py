@@ -1,0 +1,395 @@
+"""A lecture hall on one server: runs that belong to someone, files that cannot break a page, bounded work, names
+shown as text, documented inputs that never give a traceback, and the study database's trouble said in seconds.
+
+Each test is a case a class of students, or one curious student, broke before (issue 16)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, write_image_folder
+from streamlit.testing.v1 import AppTest
+from test_app import run_until
+
+from cifarviz.core.checkpoint import save_checkpoint
+from cifarviz.core.errors import CifarvizError
+from cifarviz.core.models import create_model
+from cifarviz.core.train import TrainConfig
+from cifarviz.services import runs, tune
+from cifarviz.ui.identity import owner_id
+from cifarviz.ui.text import md, shown
+
+HOSTILE_NAME = "![x](http://127.0.0.1:9/x.png) **bold** :red[alert] $\\frac{1}{0}$ \u202eabc"
+HOSTILE_CLASSES = ("**bold**", ":red[alert]", "$\\frac{1}{0}$")
+
+
+@pytest.fixture
+def runs_root(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    monkeypatch.setenv("CIFARVIZ_RUNS", str(root))
+    monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "1")
+    yield root
+
+
+def lenet() -> TrainConfig:
+    return TrainConfig(model="lenet", epochs=1, batch_size=64)
+
+
+def hand_made_run(root: Path, name: str, config: dict | None = None, status: dict | str | None = None,
+                  metrics: list[str] | None = None) -> Path:
+    """A run folder written as a hand (or a bug, or a student with a shell) would: anything at all."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    status = {"state": "completed", "queued_at": time.time(), "ended_at": time.time()} if status is None else status
+    (folder / "status.json").write_text(status if isinstance(status, str) else json.dumps(status))
+    config = {"kind": "train", "target": runs.KINDS["train"], "spec": {"train_config": lenet().to_dict()},
+              "owner": "someone"} if config is None else config
+    (folder / "config.json").write_text(json.dumps(config))
+    if metrics is not None:
+        (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics))
+    return folder
+
+
+# --------------------------------------------------------------------------- runs belong to someone
+
+
+def test_every_limit_is_checked_where_a_run_is_submitted(cifar, runs_root, monkeypatch):
+    """Eight submits at once by one person with a limit of 3: exactly 3 are queued (the check is under the queue
+    lock, not on the page); another person still can; nobody stops or cancels someone else's run."""
+    monkeypatch.setenv("CIFARVIZ_SESSION_RUNS", "3")
+    accepted, refused = [], []
+
+    def submit():
+        try:
+            accepted.append(runs.submit_training(lenet(), cifar.root, owner="alice", start=False))
+        except runs.RunError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=submit) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(accepted) == 3 and len(refused) == 5 and all("at most 3 per person" in m for m in refused)
+    bobs = runs.submit_training(lenet(), cifar.root, owner="bob", start=False)
+
+    with pytest.raises(runs.RunError, match="belongs to someone else"):
+        runs.cancel(accepted[0], by="bob")
+    with pytest.raises(runs.RunError, match="belongs to someone else"):
+        runs.request_stop(accepted[0], by="bob")
+    assert runs.load_run(accepted[0]).state == runs.QUEUED
+    assert runs.cancel(bobs, by="bob") == runs.CANCELLED  # one's own
+    assert runs.cancel(accepted[0]) == runs.CANCELLED  # the operator (command line) or the teacher: any run
+    assert runs.submit_training(lenet(), cifar.root, owner="alice", start=False)  # room again
+
+
+@pytest.fixture
+def busy_slot(runs_root):
+    """The one training slot taken by a live process that looks like a worker (so queued runs stay queued)."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "slot-holder"])
+    hand_made_run(runs_root, "slot-holder", status={"state": "running", "pid": sleeper.pid, "queued_at": 0.0},
+                  config={"kind": "train", "target": runs.KINDS["train"], "owner": "the-teacher's-browser",
+                          "spec": {"train_config": lenet().to_dict()}})
+    yield "slot-holder"
+    sleeper.kill()
+    sleeper.wait()
+
+
+def test_the_train_page_lets_only_the_owner_and_the_teacher_cancel(cifar, runs_root, busy_slot, monkeypatch):
+    monkeypatch.setenv("CIFARVIZ_TEACHER_KEY", "correct horse battery")
+    teacher_run = runs.submit_training(lenet(), cifar.root, owner="the-teacher's-browser", start=False)
+
+    def train_page() -> AppTest:
+        at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=300)
+        at.session_state["_data_root"] = str(cifar.root)
+        at.run()
+        at.switch_page("pages/train.py").run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    student = train_page()
+    cancel = student.button(key=f"cancel-{teacher_run}")
+    assert cancel.disabled and "Someone else's run" in cancel.help
+    assert student.button(key=f"stop-{busy_slot}").disabled
+    student.text_input(key="teacher_key_typed").set_value("a guess").run()
+    assert any("not this server's teacher key" in e.value for e in student.error)
+    assert student.button(key=f"cancel-{teacher_run}").disabled
+
+    teacher = train_page()
+    teacher.text_input(key="teacher_key_typed").set_value("correct horse battery").run()
+    assert not teacher.exception
+    assert not teacher.button(key=f"stop-{busy_slot}").disabled
+    teacher.button(key=f"cancel-{teacher_run}").click().run()
+    assert runs.load_run(teacher_run).state == runs.CANCELLED
+
+
+def test_a_viewer_id_is_a_hash_of_the_browsers_token():
+    token = "0123456789abcdef0123456789abcdef"
+    assert owner_id(token) == owner_id(token) != owner_id("f" * 32) and token not in owner_id(token)
+
+
+# --------------------------------------------------------------------------- only the project's own workers
+
+
+def test_a_worker_calls_only_the_project_targets(cifar, runs_root):
+    with pytest.raises(runs.RunError, match="Unknown kind of run"):
+        runs.submit("train", {}, name="x", target="builtins:print")
+    with pytest.raises(runs.RunError, match="Unknown kind of run"):
+        runs.submit("this", {}, name="x")
+    # A queued run whose file names another target: refused by the scheduler, never launched.
+    queued = hand_made_run(runs_root, "evil-queued", config={"kind": "train", "target": "this:nothing", "spec": {}},
+                           status={"state": "queued", "queued_at": time.time()})
+    runs.schedule()
+    run = runs.load_run("evil-queued")
+    assert run.state == runs.FAILED and "Never started" in run.error and "pid" not in run.status
+    assert not (queued / "worker.log").exists()
+    # A worker started on such a folder by hand refuses too, before importing anything.
+    for target in ("this:nothing", "builtins:print"):
+        folder = hand_made_run(runs_root, f"evil-{target.split(':')[0]}",
+                               config={"kind": "train", "target": target, "spec": {}},
+                               status={"state": "running", "queued_at": time.time()})
+        done = subprocess.run([sys.executable, "-m", "cifarviz.services.runs", "worker", str(folder)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "The Zen of Python" not in done.stdout + done.stderr
+        run = runs.load_run(folder.name)
+        assert run.state == runs.FAILED and "Refused to run" in run.error and target.split(":")[0] in run.error
+
+
+# --------------------------------------------------------------------------- damaged run files
+
+
+DAMAGED = {
+    "bad-queued-at": {"state": "completed", "queued_at": "abc"},
+    "bad-error": {"state": "failed", "error": 5, "queued_at": 1.0},
+    "bad-ended-at": {"state": "completed", "ended_at": "yesterday", "queued_at": 2.0},
+    "bad-state": {"state": "exploded", "queued_at": 3.0},
+    "infinite": {"state": "completed", "queued_at": float("inf")},
+    "not-json": "{{{",
+}
+
+
+def test_damaged_run_files_are_flagged_and_the_others_served(cifar, runs_root, busy_slot, capsys):
+    from cifarviz.cli import main
+
+    good = runs.submit_training(lenet(), cifar.root, owner="x", start=False)
+    for name, status in DAMAGED.items():
+        text = status if isinstance(status, str) else json.dumps(status)  # json.dumps writes Infinity, as a bug would
+        hand_made_run(runs_root, name, status=text)
+    step = {"event": "step", "step": 1, "total_steps": 10, "steps_per_epoch": 10, "epoch": 1, "elapsed": 1.0,
+            "images_per_s": 100.0, "lr": 0.1, "train_loss": 2.0, "train_acc": 0.1, "loss": 2.0}
+    hand_made_run(runs_root, "bad-metrics", status={"state": "running", "pid": 1, "queued_at": 4.0},
+                  metrics=["5", "[1, 2]", json.dumps({**step, "images_per_s": "fast"}), json.dumps(step),
+                           json.dumps({**step, "step": 0}), "not json"])
+    listed = {r.id: r for r in runs.list_runs()}
+    assert set(listed) == {good, busy_slot, *DAMAGED, "bad-metrics"}
+    for name in DAMAGED:
+        assert listed[name].problems, name
+    assert listed[good].problems == () and listed[good].state == runs.QUEUED
+    progress = runs.progress(listed["bad-metrics"])
+    assert progress.damaged_lines == 5 and progress.last["step"] == 1 and len(progress.steps) == 1
+    assert len(runs.read_metrics(listed["bad-metrics"])) == 1
+
+    runs.schedule(start=False)  # the queue goes on: the dead "running" run is failed, nothing raises
+    assert main(["runs", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert {r["id"] for r in rows} == set(listed) and next(r for r in rows if r["id"] == "infinite")["problems"]
+    assert main(["runs"]) == 0 and "damaged" in capsys.readouterr().out
+
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=300)
+    at.session_state["_data_root"] = str(cifar.root)
+    at.run()
+    at.switch_page("pages/train.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(md(good) in i.value for i in at.info)  # the good run is still in the queue
+    assert any("damaged" in w.value for w in at.warning)
+
+
+def test_metrics_are_read_incrementally_and_stay_bounded(runs_root):
+    folder = hand_made_run(runs_root, "long", status={"state": "running", "pid": 1, "queued_at": 1.0})
+    step = {"event": "step", "total_steps": 10**6, "steps_per_epoch": 1000, "epoch": 1, "elapsed": 1.0,
+            "images_per_s": 100.0, "lr": 0.1, "train_loss": 2.0, "train_acc": 0.1}
+    with open(folder / "metrics.jsonl", "w") as handle:
+        handle.writelines(json.dumps({**step, "step": i}) + "\n" for i in range(1, 20_001))
+    run = runs.load_run("long")
+    first = runs.progress(run)
+    assert first.last["step"] == 20_000 and len(first.steps) < 2 * runs.MAX_CURVE_STEPS
+    assert runs.progress(run) is first  # nothing appended: the same summary, nothing parsed again
+    with open(folder / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({**step, "step": 20_001}) + "\n" + '{"event": "step", "st')  # one line half-written
+    later = runs.progress(run)
+    assert later.last["step"] == 20_001 and later.damaged_lines == 0 and first.last["step"] == 20_000
+    assert runs._PROGRESS[str(folder / "metrics.jsonl")]["offset"] < (folder / "metrics.jsonl").stat().st_size
+    (folder / "metrics.jsonl").write_text(json.dumps({**step, "step": 3}) + "\n")  # replaced: read from the start
+    assert runs.progress(run).last["step"] == 3
+
+
+def test_concurrent_schedules_share_the_child_table_safely(runs_root):
+    """Every viewer's page calls schedule(); two at once popped the same finished child (KeyError) before."""
+
+    class Finished:
+        returncode = 0
+
+        def poll(self):
+            time.sleep(0.0005)  # widens the window between seeing a child and taking it
+            return 0
+
+    errors = []
+
+    def hammer():
+        try:
+            for _ in range(200):
+                runs.schedule(runs_root)
+        except Exception as exc:  # noqa: BLE001 - the failure being tested
+            errors.append(exc)
+
+    runs_root.mkdir(parents=True, exist_ok=True)
+    for round_ in range(5):
+        with runs._CHILDREN_LOCK:
+            runs._CHILDREN.update({f"fake-{round_}-{i}": Finished() for i in range(20)})
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    assert errors == [] and not any(k.startswith("fake-") for k in runs._CHILDREN)
+
+
+# --------------------------------------------------------------------------- the study database
+
+
+def _study(tmp_path, settings=None) -> str:
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="class", direction="minimize")
+    study.set_user_attr("settings", tune.StudySettings().to_dict() if settings is None else settings)
+    return url
+
+
+def test_a_busy_study_database_is_said_in_seconds(tmp_path):
+    url = _study(tmp_path)
+    holder = sqlite3.connect(tmp_path / "optuna.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing, and holding on
+    try:
+        started = time.monotonic()
+        with pytest.raises(tune.TuningError, match="did not answer"):
+            tune.stored_settings(url, "class")
+        assert time.monotonic() - started < 15  # was 60-66 s
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert tune.stored_settings(url, "class") is not None  # free again: read at once
+
+
+@pytest.mark.parametrize("settings", [[1, 2], "lr=0.1", {"space": 5}, {"base_config": {"model": "lenet"}, "x": 1}])
+def test_stored_study_settings_that_are_not_ours_give_a_message(tmp_path, settings, capsys, monkeypatch):
+    from cifarviz.cli import main
+
+    url = _study(tmp_path, settings)
+    with pytest.raises(tune.TuningError, match="stored settings are"):
+        tune.stored_settings(url, "class")
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", "--storage", url, "--study", "class", "--trials", "1"]) == 2
+    assert "stored settings are" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- names are text
+
+
+def test_names_are_escaped_for_markdown_and_cleaned_for_text():
+    assert md("**bold**") == "&#42;&#42;bold&#42;&#42;" and "\u202e" not in shown("a\u202eb") == "ab"
+    escaped = md(HOSTILE_NAME)
+    assert "![" not in escaped and "](" not in escaped and ":red[" not in escaped and "$\\frac" not in escaped
+    assert shown("x" * 500).endswith("…") and len(shown("x" * 500)) == 200
+
+
+@pytest.fixture
+def hostile_folder(tmp_path, monkeypatch):
+    """A tiny image folder whose class folders are Markdown, and a checkpoint whose name is an image link."""
+    root = write_image_folder(tmp_path / "data", classes=HOSTILE_CLASSES, per_class=(4, 10))
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    monkeypatch.setenv("CIFARVIZ_RUNS", str(runs_dir))
+    torch.manual_seed(0)
+    save_checkpoint(runs_dir / "hostile.safetensors", create_model("lenet", num_classes=3),
+                    {"name": HOSTILE_NAME, "classes": list(sorted(HOSTILE_CLASSES))})
+    return root
+
+
+def _rendered(at) -> list[str]:
+    """Every text the page handed to Streamlit's Markdown renderer."""
+    found = [e.value for kind in ("markdown", "caption", "subheader", "header", "title", "info", "warning",
+                                  "error", "success") for e in getattr(at, kind)]
+    return found + [b.label for b in at.button]
+
+
+@pytest.mark.parametrize("page", ["pages/dataset.py", "pages/evaluate.py", "pages/embeddings.py"])
+def test_names_from_files_are_never_rendered(hostile_folder, page):
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=300)
+    at.session_state["_data_root"] = str(hostile_folder)
+    at.session_state["_checkpoint_label"] = "hostile (your run)"
+    at.run()
+    at.switch_page(page).run()
+    run_until(at, lambda at: len(at.get("progress")) == 0, f"{page} without a progress bar")
+    if page == "pages/dataset.py":  # the tab with class names in headers and captions
+        at.session_state["dataset_tab"] = "Samples"
+        at.run()
+    rendered = "\n".join(_rendered(at))
+    assert not at.exception, [e.value for e in at.exception]
+    for raw in (*HOSTILE_CLASSES, "![x](http", "\u202e"):
+        assert raw not in rendered, (page, raw)
+    expected = md(HOSTILE_NAME) if page != "pages/dataset.py" else md(HOSTILE_CLASSES[0])
+    assert expected in rendered, page
+
+
+# --------------------------------------------------------------------------- documented inputs
+
+
+def test_documented_inputs_on_a_tiny_folder_give_messages_not_tracebacks(hostile_folder, tmp_path, capsys):
+    """30 test images, 4 per class for training (fewer than the augmentation preview's 8), an empty validation
+    split, a negative seed: each gives a message, and the pages keep serving."""
+    from cifarviz.cli import main
+
+    checkpoint = str(Path(os.environ["CIFARVIZ_RUNS"]) / "hostile.safetensors")
+    cases = [
+        (["evaluate", "-c", checkpoint, "--data", str(hostile_folder), "--split", "val", "--val-size", "0"],
+         "has no images"),
+        (["embed", "-c", checkpoint, "--data", str(hostile_folder), "--seed", "-1"], "seed -1 is out of range"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        assert words in capsys.readouterr().err, argv
+
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=300)
+    at.session_state["_data_root"] = str(hostile_folder)
+    at.session_state["_checkpoint_label"] = "hostile (your run)"
+    at.run()
+    at.switch_page("pages/embeddings.py").run()
+    run_until(at, lambda at: len(at.get("progress")) == 0, "the Embeddings page without a progress bar")
+    assert any("too large for 30 points" in e.value for e in at.error)  # t-SNE's default perplexity, said
+    at.switch_page("pages/dataset.py").run()
+    at.session_state["dataset_tab"] = "Augmentation"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.get("imgs")) >= 1 or any("original" in c.value for c in at.caption)
+
+
+def test_a_shared_server_is_locked_down_by_default(cifar, monkeypatch, tmp_path):
+    """Without CIFARVIZ_LOCK_DATA=0, the data folder, CIFAR-10's download and the study database are the
+    server's: the boxes are disabled and typed values are ignored."""
+    monkeypatch.delenv("CIFARVIZ_LOCK_DATA", raising=False)
+    monkeypatch.setenv("CIFARVIZ_DATA", str(cifar.root))
+    monkeypatch.setenv("CIFARVIZ_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=300)
+    at.session_state["_data_root"] = str(tmp_path / "elsewhere")
+    at.run()
+    at.switch_page("pages/train.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.text_input(key="data_root").disabled and at.text_input(key="data_root").value == str(cifar.root)
+    assert at.text_input(key="tune_storage").disabled
+    assert not any(b.key == "download-data" for b in at.button)
