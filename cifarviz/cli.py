@@ -622,6 +622,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", nargs="?", help="a run's id, as `runs` lists it")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=lambda args: __import__("cifarviz.services.runs", fromlist=["cli"]).cli(args))
+    p = sub.add_parser("serve", help="a lecture hall: several Streamlit processes behind one nginx address, sticky "
+                                     "by cookie (needs Debian's nginx)")
+    p.add_argument("--processes", type=int, default=2, help="Streamlit server processes (default 2; about one per "
+                                                              "30-40 viewers and core)")
+    p.add_argument("--port", type=int, default=8501, help="the address's port (default 8501)")
+    p.add_argument("--address", default="127.0.0.1", help="where nginx listens (default 127.0.0.1; 0.0.0.0 for "
+                                                          "the classroom's network)")
+    p.add_argument("--streamlit-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="more Streamlit config for every process, e.g. runner.postScriptGC=true")
+    p.set_defaults(func=lambda args: __import__("cifarviz.services.serve", fromlist=["cli"]).cli(args))
     add_tune_parser(sub, data_args)
     add_embed_parser(sub, data_args, arch_args)
     return parser

@@ -1,4 +1,5 @@
-"""The Train page in a real browser: Start a short run with the demo defaults, watch its curve grow, Stop it.
+"""The Train page in a real browser: Start a short run with the demo defaults, watch its curve grow, see that another
+browser cannot stop it while a reload of this one still can, Stop it.
 
 The run lands in the server's own runs folder ($CIFARVIZ_RUNS, else REPO/runs); the test removes what it created.
 """
@@ -26,7 +27,7 @@ def current_step(page) -> int:
     return int(STEP_TEXT.search(text).group(3).replace(",", ""))
 
 
-def test_start_watch_the_curve_grow_and_stop(page, server):
+def test_start_watch_the_curve_grow_and_stop(page, server, browser):
     root = server_runs_dir()
     before = {r.id for r in runs.list_runs(root)}
     try:
@@ -39,7 +40,22 @@ def test_start_watch_the_curve_grow_and_stop(page, server):
         epochs.press("Enter")
         wait_idle(page)
         page.get_by_role("button", name="Start", exact=True).click()
-        first = current_step(page)  # the live view appears by itself (no reload) once the worker trains
+        current_step(page)  # the live view appears by itself (no reload) once the worker trains
+
+        # The run is this browser's: another browser (its own cookie) watches it but cannot stop it, and a reload
+        # here is still its owner (the Stop clicked at the end is this tab's, after the reload).
+        other = browser.new_context(viewport={"width": 1400, "height": 900})
+        try:
+            stranger = other.new_page()
+            stranger.set_default_timeout(120_000)
+            stranger.goto(f"{server}/train")
+            stranger.get_by_text(STEP_TEXT).first.wait_for()
+            theirs = stranger.locator("[class*='st-key-live-']").first.get_by_role("button", name="Stop")
+            assert theirs.is_disabled(), "another browser could stop this browser's run"
+        finally:
+            other.close()
+        page.reload()
+        first = current_step(page)
 
         live = page.locator("[class*='st-key-live-']").first
         loss_chart = live.locator("[data-testid='stVegaLiteChart']").first
@@ -63,7 +79,9 @@ def test_start_watch_the_curve_grow_and_stop(page, server):
         page.set_viewport_size(size)
 
         [run_id] = {r.id for r in runs.list_runs(root)} - before
-        live.get_by_role("button", name="Stop").click()
+        stop = live.get_by_role("button", name="Stop")
+        assert stop.is_enabled(), "the reloaded tab is no longer the run's owner"
+        stop.click()
         page.get_by_text(re.compile(re.escape(run_id) + r" (stopped|completed)")).wait_for(timeout=120_000)
         assert runs.load_run(run_id, root).has_model
         assert_healthy(page, "train after the run")
