@@ -14,7 +14,11 @@ serially, after the run (so this process does not compete with the server for th
 
     python bench/load_test.py [--clients 30] [--seconds 300] [--think 2] [--data PATH]
                               [--streamlit-option runner.postScriptGC=true ...]
+    python bench/load_test.py --processes 2 --train lenet --study   # the lecture hall: 2 processes behind nginx
     python bench/load_test.py --profile [--reruns 30]   # one viewer: where the server's time goes (py-spy)
+
+With --processes N the viewers go through `python -m cifarviz serve` (nginx, sticky by cookie): each keeps its
+route cookie for its websocket and its media fetches, as a browser does. Memory and CPU are all processes' sums.
 
 Prints a table and writes JSON to bench/results/ (git-ignored).
 """
@@ -81,11 +85,30 @@ def free_port() -> int:
 @dataclass
 class Server:
     url: str
-    process: subprocess.Popen
+    process: subprocess.Popen | None
+    backends: list = field(default_factory=list)  # behind a proxy: (url, pid) of each Streamlit process
+    warm_urls: list = field(default_factory=list)
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.process.pid if self.process is not None else self.backends[0][1]
+
+    @property
+    def pids(self) -> list[int]:
+        return [pid for _, pid in self.backends] if self.backends else [self.process.pid]
+
+
+@contextlib.contextmanager
+def lecture_hall(env: dict, processes: int, options: tuple = ()):
+    """`cifarviz serve`: `processes` Streamlit processes behind nginx on a free loopback port, sticky by cookie."""
+    from cifarviz.services import serve
+
+    hall = serve.start(processes, port=free_port(), env=env, options=options)
+    try:
+        yield Server(hall.url, None, backends=[(url, p.pid) for url, p in zip(hall.backends, hall.processes)],
+                     warm_urls=list(hall.backends))
+    finally:
+        hall.stop()
 
 
 @contextlib.contextmanager
@@ -218,12 +241,18 @@ class StreamlitClient:
     def __init__(self, base_url: str, timeout: float = 120):
         self.base_url, self.timeout = base_url, timeout  # every request is bounded: a hung run is a time-out
         self.page_hash = ""
+        self.cookie = ""  # behind the lecture hall's proxy: the route cookie, sent with every request like a browser
         self._ws = None
 
     async def connect(self) -> None:
+        if not self.cookie:  # the first visit's page load: a proxy answers with the route this tab keeps
+            headers = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(self.base_url + "/", timeout=self.timeout).headers)
+            self.cookie = "; ".join(c.split(";", 1)[0] for c in headers.get_all("Set-Cookie") or [])
         ws_url = self.base_url.replace("http://", "ws://") + "/_stcore/stream"
+        extra = {"additional_headers": {"Cookie": self.cookie}} if self.cookie else {}
         self._ws = await asyncio.wait_for(
-            websockets.connect(ws_url, subprotocols=["streamlit"], max_size=None), self.timeout)
+            websockets.connect(ws_url, subprotocols=["streamlit"], max_size=None, **extra), self.timeout)
 
     async def close(self) -> None:
         if self._ws is not None:
@@ -262,7 +291,8 @@ class StreamlitClient:
     async def fetch(self, media_url: str) -> bytes:
         """An image's bytes from the server's media endpoint (served only while the page shows it)."""
         url = media_url if media_url.startswith("http") else self.base_url + media_url
-        return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=self.timeout).read())
+        request = urllib.request.Request(url, headers={"Cookie": self.cookie} if self.cookie else {})
+        return await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=self.timeout).read())
 
 
 def run_finished(msg: ForwardMsg) -> bool:
@@ -437,15 +467,16 @@ def count_wrong_saliency(samples: list[InspectorSample], data_root: str) -> tupl
 
 
 class Sampler:
-    """The server's RSS, read every few seconds in the background (its maximum is reported)."""
+    """The server's RSS (all its processes together), read every few seconds in the background (the maximum is
+    reported)."""
 
-    def __init__(self, pid: int, every: float = 2.0):
-        self.pid, self.every, self.max_rss_mb = pid, every, 0.0
+    def __init__(self, pids: list[int], every: float = 2.0):
+        self.pids, self.every, self.max_rss_mb = pids, every, 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(OSError):
-                self.max_rss_mb = max(self.max_rss_mb, rss_mb(self.pid))
+                self.max_rss_mb = max(self.max_rss_mb, sum(rss_mb(pid) for pid in self.pids))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.every)
 
@@ -453,7 +484,7 @@ class Sampler:
 async def load(server: Server, args) -> tuple[Tally, float]:
     """Run the viewers until the deadline; the whole run is bounded even if the server hangs."""
     tally, stop = Tally(), asyncio.Event()
-    sampler = Sampler(server.pid)
+    sampler = Sampler(server.pids)
     sampling = asyncio.create_task(sampler.run(stop))
     deadline = time.monotonic() + args.seconds
     viewers = [viewer(server.url, deadline, tally, random.Random(args.seed + i), args.think, args.timeout)
@@ -469,15 +500,17 @@ async def load(server: Server, args) -> tuple[Tally, float]:
 
 
 async def warm_up(server: Server) -> None:
-    """Every page once and one inspector: the server loads the data, the model and the feature bank once."""
-    client = StreamlitClient(server.url)
-    await client.connect()
-    for url_name, _ in PAGES.values():
-        await client.open_page(url_name)
-    run = await client.click((await client.open_page("evaluate")).image_buttons[0].widget_id)
-    if run.open_dialog_id:
-        await client.click(run.open_dialog_id)
-    await client.close()
+    """Every page once and one inspector, on each process: each loads the data, the model and the feature bank
+    once."""
+    for url in server.warm_urls or [server.url]:
+        client = StreamlitClient(url)
+        await client.connect()
+        for url_name, _ in PAGES.values():
+            await client.open_page(url_name)
+        run = await client.click((await client.open_page("evaluate")).image_buttons[0].widget_id)
+        if run.open_dialog_id:
+            await client.click(run.open_dialog_id)
+        await client.close()
 
 
 def percentiles(values: list[float]) -> dict:
@@ -488,10 +521,10 @@ def percentiles(values: list[float]) -> dict:
 
 
 def run_load(server: Server, args) -> dict:
-    cpu_before, client_before = cpu_seconds(server.pid), time.process_time()
+    cpu_before, client_before = sum(map(cpu_seconds, server.pids)), time.process_time()
     print(f"{args.clients} viewers for {args.seconds:.0f} s on {server.url} ...", flush=True)
     tally, max_rss = asyncio.run(load(server, args))
-    server_cpu, client_cpu = cpu_seconds(server.pid) - cpu_before, time.process_time() - client_before
+    server_cpu, client_cpu = sum(map(cpu_seconds, server.pids)) - cpu_before, time.process_time() - client_before
     print(f"checking {len(tally.samples)} Grad-CAM pictures serially ...", flush=True)
     wrong, wrong_notes, largest = count_wrong_saliency(tally.samples, args.data)
     return {
@@ -538,8 +571,39 @@ def background_training(model: str, data: str):
         shutil.rmtree(root, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def background_study(data: str, env: dict):
+    """An Optuna study (`python -m cifarviz tune`, niced as the Tune tab starts it) for the duration of the block;
+    then stopped. Yields a dict filled in at the end: trials finished."""
+    import optuna
+
+    root = Path(tempfile.mkdtemp(prefix="load-test-study-"))
+    url = f"sqlite:///{root / 'optuna.db'}"
+    with open(root / "tune.log", "wb") as log:
+        process = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "cifarviz", "tune", "--storage", url,
+                                    "--study", "load-test", "--trials", "200", "--epochs", "2", "--subset", "2000",
+                                    "--data", data], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    print(f"tuning in the background (process {process.pid}) ...", flush=True)
+    result = {"study": "load-test"}
+    try:
+        yield result
+    finally:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+        if process.poll() is None:
+            process.kill()
+        with contextlib.suppress(Exception):
+            trials = optuna.load_study(study_name="load-test", storage=url).trials
+            result["trials_finished"] = sum(t.state.is_finished() for t in trials)
+        result["still_running_at_end"] = process.returncode in (-15, 143) or process.returncode is None
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def print_load(report: dict) -> None:
     print(f"\n{report['clients']} viewers for {report['seconds']:.0f} s (think {report['think_seconds']} s), "
+          f"processes: {report.get('processes')}, load average before/after {report.get('load_average_before')}/"
+          f"{report.get('load_average_after')}, "
           f"data {report['data']}, checkpoint {CHECKPOINT}, warm caches, server options {report['streamlit_options']}")
     print(f"{'time to':20} {'n':>6} {'p50 s':>8} {'p95 s':>8} {'max s':>8}")
     for name, label in (("page", "finished page"), ("inspector", "open inspector"), ("close", "closed inspector")):
@@ -678,6 +742,10 @@ def parse_args():
     parser.add_argument("--train", metavar="MODEL", default=None,
                         help="while the viewers load the server, train MODEL (all training images) as a background "
                              "run through the Train page's own machinery (cifarviz.services.runs), and report its images/s")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="serve through `cifarviz serve`: this many Streamlit processes behind nginx, sticky by "
+                             "cookie (default 0: one server, no proxy)")
+    parser.add_argument("--study", action="store_true", help="run an Optuna study in the background during the load")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the load: one viewer, Evaluate reruns and inspectors, server CPU per run and "
                              "(with py-spy installed) where the server's time goes")
@@ -700,19 +768,28 @@ def main() -> None:
     report = {"clients": 1 if args.profile else args.clients, "seconds": args.seconds, "think_seconds": args.think,
               "data": args.data, "checkpoint": CHECKPOINT, "cpu_count": os.cpu_count(),
               "streamlit_options": args.streamlit_option, "server_log": str(log)}  # fmt: skip
-    with streamlit_server(env, log, options) as server:
+    report["processes"] = args.processes or "one server, no proxy"
+    serving = lecture_hall(env, args.processes, options) if args.processes else streamlit_server(env, log, options)
+    with serving as server, contextlib.ExitStack() as background:
         asyncio.run(warm_up(server))
         if args.profile:
             if not args.py_spy:
                 print("py-spy not found (pip install py-spy): server CPU per run only")
             report["profile"] = asyncio.run(profile_actions(server, args.reruns, args.py_spy, args.rate))
-        elif args.train:
-            with background_training(args.train, args.data) as training:
-                report.update(run_load(server, args))
-            report["training"] = training
         else:
+            training = background.enter_context(background_training(args.train, args.data)) if args.train else None
+            study = background.enter_context(background_study(args.data, env)) if args.study else None
+            report["load_average_before"] = os.getloadavg()
             report.update(run_load(server, args))
+            report["load_average_after"] = os.getloadavg()
+    if not args.profile:
+        if args.train:
+            report["training"] = training
+        if args.study:
+            report["study"] = study
     print_profile(report) if args.profile else print_load(report)
+    if "study" in report:
+        print(f"study during the load: {report['study'].get('trials_finished', '?')} trial(s) finished")
     if "training" in report:
         t = report["training"]
         print(f"training {t['model']} during the load: {t['images_per_s']:.0f} images/s (median of its step reports), "

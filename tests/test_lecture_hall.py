@@ -298,6 +298,13 @@ def test_stored_study_settings_that_are_not_ours_give_a_message(tmp_path, settin
     assert "stored settings are" in capsys.readouterr().err
 
 
+def test_typed_storage_urls_never_pile_up_database_engines(tmp_path):
+    for i in range(3 * tune.MAX_STORAGES):
+        tune.study_names(f"sqlite:///{tmp_path / f'typed-{i}.db'}") if i % 2 else tune.open_storage(
+            f"sqlite:///{tmp_path / f'typed-{i}.db'}", tune.READ_WAIT_SECONDS)
+    assert len(tune._STORAGES) <= tune.MAX_STORAGES
+
+
 # --------------------------------------------------------------------------- names are text
 
 
@@ -360,6 +367,11 @@ def test_documented_inputs_on_a_tiny_folder_give_messages_not_tracebacks(hostile
         (["evaluate", "-c", checkpoint, "--data", str(hostile_folder), "--split", "val", "--val-size", "0"],
          "has no images"),
         (["embed", "-c", checkpoint, "--data", str(hostile_folder), "--seed", "-1"], "seed -1 is out of range"),
+        (["embed", "-c", checkpoint, "--data", str(hostile_folder)], "too large for 30 points"),
+        (["runs", "stop", "../etc"], "No run '../etc'"),
+        (["serve", "--processes", "0"], "--processes must be 1 to"),
+        (["tune", "--storage", "nosuchdb://x", "--study", "s", "--trials", "1", "--data", str(hostile_folder)],
+         "could not be opened"),
     ]
     for argv, words in cases:
         assert main(argv) == 2, argv

@@ -204,7 +204,7 @@ def config_problems(config: dict) -> list[str]:
 
 
 def _make_run(folder: Path, config: dict) -> Run:
-    status, problems = clean_status(_read_json(folder / "status.json"))
+    status, problems = clean_status(_cached_json(folder / "status.json"))  # a copy: Run.status is the run's own
     problems += config_problems(config)
     if problems and status["state"] in ACTIVE and status["state"] != RUNNING:
         status = {**status, "state": FAILED}  # shown as what it is; the scheduler records why
@@ -225,29 +225,32 @@ def load_run(run_id: str, root=None) -> Run:
     return _make_run(folder, config)
 
 
-_CONFIGS: dict[str, tuple[tuple, dict]] = {}  # config.json by folder, re-read only when its (inode, mtime, size) moved
-_CONFIGS_LOCK = threading.Lock()
+_PARSED: dict[str, tuple[tuple, dict]] = {}  # a run file by path, re-read only when its (inode, mtime, size) moved
+_PARSED_LOCK = threading.Lock()
 
 
-def _config_of(folder: Path) -> dict:
-    """config.json, parsed once per version (a run's config never changes after submit): a page that lists 300
-    runs every 2 s stats them instead of parsing them."""
-    path = folder / "config.json"
+def _cached_json(path: Path) -> dict:
+    """A run's config.json or status.json, parsed once per version (every write is a rename: a new inode). A page
+    that lists 300 runs every 2 s stats 600 files instead of reading and parsing them. Callers never mutate it."""
     try:
         info = path.stat()
     except OSError:
         return {}
     stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
-    with _CONFIGS_LOCK:
-        known = _CONFIGS.get(str(path))
+    with _PARSED_LOCK:
+        known = _PARSED.get(str(path))
     if known and known[0] == stamp:
         return known[1]
-    config = _read_json(path)
-    with _CONFIGS_LOCK:
-        if len(_CONFIGS) > 4096:
-            _CONFIGS.clear()
-        _CONFIGS[str(path)] = (stamp, config)
-    return config
+    value = _read_json(path)
+    with _PARSED_LOCK:
+        if len(_PARSED) > 8192:
+            _PARSED.clear()
+        _PARSED[str(path)] = (stamp, value)
+    return value
+
+
+def _config_of(folder: Path) -> dict:
+    return _cached_json(folder / "config.json")
 
 
 def list_runs(root=None) -> list[Run]:
@@ -338,20 +341,23 @@ _PROGRESS_LOCK = threading.Lock()
 
 def progress(run: Run) -> Progress:
     """The run's progress, reading only what was appended since the last call from any viewer (a 77 MB log is
-    parsed once, not on every 2-s refresh of every viewer), with the step lines thinned so memory stays bounded."""
+    parsed once, not on every 2-s refresh of every viewer), with the step lines thinned so memory stays bounded.
+    One lock per log: viewers of other runs never wait for a long first read."""
     path = run.dir / "metrics.jsonl"
+    try:
+        info = path.stat()
+    except OSError:
+        return Progress({}, (), (), None, False, {}, 0)
     with _PROGRESS_LOCK:
-        try:
-            info = path.stat()
-        except OSError:
-            return Progress({}, (), (), None, False, {}, 0)
         state = _PROGRESS.get(str(path))
-        if state is None or state["inode"] != info.st_ino or info.st_size < state["offset"]:
-            state = {"inode": info.st_ino, "offset": 0, "start": {}, "steps": [], "stride": 1, "epochs": [],
-                     "last": None, "finishing": False, "saved": {}, "bad": 0, "seen_steps": 0, "summary": None}
+        if state is None or state["inode"] != info.st_ino:
+            state = _fresh_state(info.st_ino)
             if len(_PROGRESS) > 1024:
                 _PROGRESS.clear()
             _PROGRESS[str(path)] = state
+    with state["lock"]:
+        if info.st_size < state["offset"]:  # truncated in place: start again
+            state.update({k: v for k, v in _fresh_state(info.st_ino).items() if k != "lock"})
         if info.st_size > state["offset"] or state["summary"] is None:
             with contextlib.suppress(OSError), open(path, "rb") as handle:
                 handle.seek(state["offset"])
@@ -365,6 +371,11 @@ def progress(run: Run) -> Progress:
             state["summary"] = Progress(state["start"], tuple(state["steps"]), tuple(state["epochs"]), state["last"],
                                         state["finishing"], state["saved"], state["bad"])
         return state["summary"]
+
+
+def _fresh_state(inode: int) -> dict:
+    return {"inode": inode, "lock": threading.Lock(), "offset": 0, "start": {}, "steps": [], "stride": 1,
+            "epochs": [], "last": None, "finishing": False, "saved": {}, "bad": 0, "seen_steps": 0, "summary": None}
 
 
 def _absorb(state: dict, row: dict) -> None:
