@@ -319,6 +319,13 @@ def cmd_influence(args) -> int:
     checkpoint = load_named_checkpoint(args.checkpoint, args.arch)
     dataset = _load_data(args)
     check_fits_data(checkpoint, dataset)  # classes and images, once, before any work
+    # The query is checked before the index is built: the ensemble's takes minutes, a typo should not.
+    if args.test_index is not None and not 0 <= args.test_index < len(dataset.test):
+        raise CifarvizError(f"--test-index {args.test_index} is out of range: the test split has "
+                            f"{len(dataset.test):,} images (0-{len(dataset.test) - 1}).")
+    if args.class_name is not None and args.class_name not in dataset.classes:
+        raise CifarvizError(f"Unknown class {args.class_name!r} (--class): the classes are "
+                            f"{', '.join(dataset.classes)}.")
     args.method = args.method or default_method(checkpoint)  # the best measured for this checkpoint (the page's too)
     index = load_or_fit(args.method, checkpoint, dataset, progress=not args.json)
     if args.self:

@@ -163,6 +163,9 @@ def no_data_help(root: str, message: str) -> None:
         "- Or download the original (170 MB) with `python -m cifarviz data --download --data FOLDER`."
     )
     if data_locked():  # only the server's own folder; students never choose where the server writes
+        st.caption("The data folder is the server's (the safe choice for a shared server). On your own machine, "
+                   "start the app with CIFARVIZ_LOCK_DATA=0 to choose the folder here and download CIFAR-10 with "
+                   "one click.")
         return
     if st.button("Download CIFAR-10 into " + md(root), key="download-data"):
         from cifarviz.core.data import download_cifar10
