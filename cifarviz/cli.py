@@ -404,7 +404,8 @@ def cmd_tune(args) -> int:
         settings = StudySettings.from_dict(merged)
         check_same(args.study, stored, settings)  # before any data is loaded
     lock = Path(args.lock) if args.lock else None
-    holding = exclusive(lock, {"study": args.study, "storage": storage, "trials": args.trials}) if lock \
+    holding = exclusive(lock, {"study": args.study, "storage": storage, "trials": args.trials,
+                               "owner": args.owner or ""}) if lock \
         else contextlib.nullcontext()
     with holding:
         dataset = _load_data(args)
@@ -458,6 +459,8 @@ def add_tune_parser(sub, data_args) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps (this machine's; not stored)")
     p.add_argument("--lock", help="hold this lock file while tuning; another run with it refuses to start, and "
                    "creating LOCK.stop stops the run (the app runs one study at a time this way)")
+    p.add_argument("--owner", help="who started it, recorded with --lock (the app's viewer id: only they and the "
+                   "teacher may stop it from the app)")
     p.set_defaults(func=cmd_tune)
 
 

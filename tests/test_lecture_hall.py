@@ -298,6 +298,26 @@ def test_stored_study_settings_that_are_not_ours_give_a_message(tmp_path, settin
     assert "stored settings are" in capsys.readouterr().err
 
 
+def test_only_its_owner_and_the_teacher_stop_a_study(cifar_small, tmp_path, monkeypatch):
+    from test_tune import tab_script
+
+    monkeypatch.setenv("CIFARVIZ_RUNS", str(tmp_path))
+    monkeypatch.setenv("CIFARVIZ_TEACHER_KEY", "correct horse battery")
+    status = {"study": "theirs", "storage": "sqlite://", "trials": 3, "owner": "another-browser"}
+    with tune.exclusive(tune.lock_target(), status):  # a study someone else started from the app
+        at = AppTest.from_function(tab_script, args=(cifar_small,), default_timeout=60)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        stop = at.button(key="tune_stop")
+        assert stop.disabled and "Someone else's study" in stop.help
+        at.session_state["_teacher_key_ok"] = "correct horse battery"  # what typing the key in the sidebar sets
+        at.run()
+        assert not at.button(key="tune_stop").disabled
+        tune.beside(tune.lock_target(), ".json").write_text("[1, 2]")  # a damaged status file: the tab still draws
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+
+
 def test_typed_storage_urls_never_pile_up_database_engines(tmp_path):
     for i in range(3 * tune.MAX_STORAGES):
         tune.study_names(f"sqlite:///{tmp_path / f'typed-{i}.db'}") if i % 2 else tune.open_storage(

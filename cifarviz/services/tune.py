@@ -544,6 +544,7 @@ def running_study(target: Path | None = None) -> dict | None:
             return None
     except Timeout:
         try:
-            return json.loads(beside(target, ".json").read_text())
+            status = json.loads(beside(target, ".json").read_text())
         except (OSError, ValueError):
             return {}
+        return status if isinstance(status, dict) else {}  # a damaged status file: "a study runs", no details

@@ -24,7 +24,7 @@ import streamlit as st
 from cifarviz.core.errors import CifarvizError
 from cifarviz.core.models import list_models
 from cifarviz.services import tune
-from cifarviz.ui import app
+from cifarviz.ui import app, identity
 from cifarviz.ui.text import md, md_message
 
 TRAIN_REQUEST_KEY = "train_config_request"
@@ -56,7 +56,7 @@ def launch(storage: str, study_name: str, settings: tune.StudySettings, n_trials
         "--trials", str(n_trials), "--epochs", str(settings.epochs_per_trial),
         "--model", settings.base_config["model"], "--lock", str(tune.lock_target().resolve()),
         "--data", str(Path(dataset.root).resolve()), "--val-size", str(len(dataset.val)),
-        "--split-seed", str(dataset.split_seed),
+        "--split-seed", str(dataset.split_seed), "--owner", identity.viewer(),
         "--lr", *map(repr, space.lr), "--weight-decay", *map(repr, space.weight_decay),
         "--dropout", *map(repr, space.dropout), "--batch-size", *map(str, space.batch_size),
         "--fc1", *map(str, space.fc1), "--fc2", *map(str, space.fc2),
@@ -127,8 +127,11 @@ def status_line(was_busy: bool) -> None:
             "one study runs at a time on this server." if name else "A study is starting...")
     columns = st.columns([4, 1])
     columns[0].info(text + (" Stopping after the current batch..." if stopping else ""), icon=":material/tune:")
-    if name and columns[1].button("Stop the study", key="tune_stop", disabled=stopping,
-                                  help="The trial under way is recorded as failed; finished trials stay."):
+    owner = running.get("owner") if isinstance(running.get("owner"), str) else ""
+    allowed = identity.may_control(owner)
+    if name and columns[1].button("Stop the study", key="tune_stop", disabled=stopping or not allowed,
+                                  help="The trial under way is recorded as failed; finished trials stay." if allowed
+                                  else "Someone else's study: only they, or the teacher, can stop it."):
         request_stop()
         st.rerun()
 
