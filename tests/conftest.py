@@ -7,6 +7,7 @@ skipped with a reason that says so, and CI fails on any skip.
 
 from __future__ import annotations
 
+import html
 import os
 import tempfile
 from pathlib import Path
@@ -27,6 +28,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # Tests point the data box at folders of their own, as on a personal machine; the shared server's default (locked)
 # has tests of its own that unset this.
 os.environ.setdefault("CIFARVIZ_LOCK_DATA", "0")
+
+
+def visible(text: str) -> str:
+    """What a person reads of a Markdown string the app sent: names and messages are written with numeric character
+    references and word joiners (cifarviz.ui.text.md) so that nothing in them renders; the browser shows the text."""
+    return html.unescape(text).replace("\u2060", "")
 
 
 def real_data_root() -> Path:

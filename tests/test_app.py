@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import visible
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -53,7 +54,7 @@ def wait_for_neighbours(at) -> None:
 
 
 def texts(at) -> str:
-    return "\n".join([m.value for m in at.markdown] + [c.value for c in at.caption] + [s.value for s in at.subheader])
+    return visible("\n".join([m.value for m in at.markdown] + [c.value for c in at.caption] + [s.value for s in at.subheader]))
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +143,9 @@ def test_uploads_own_image_and_bad_images(cifar):
     assert not at.exception and "Your uploaded image" in texts(at)
     assert "**Predicted:**" in texts(at)
     at.file_uploader(key="own_image").set_value(("notes.txt", b"not an image at all", "text/plain")).run()
-    assert any("not an image" in e.value for e in at.error)
+    assert any("not an image" in visible(e.value) for e in at.error)
     at.file_uploader(key="own_image").set_value(("huge.png", _png(10000, 5000), "image/png")).run()  # 50 megapixels
-    assert any("10000x5000" in e.value for e in at.error) and not at.exception
+    assert any("10000x5000" in visible(e.value) for e in at.error) and not at.exception
 
 
 def test_models_page_summary_and_checkpoint_uploads(cifar, tmp_path):
@@ -158,17 +159,17 @@ def test_models_page_summary_and_checkpoint_uploads(cifar, tmp_path):
     open_tab(at, "models_tab", "Upload a checkpoint")  # only the open tab is drawn
     assert len(at.dataframe) == 1  # the zoo table only: the layer summary's tab is closed
     at.file_uploader(key="checkpoint_upload").set_value(("broken.safetensors", b"\x00garbage", "application/octet-stream")).run()
-    assert any("broken.safetensors" in e.value for e in at.error) and not at.exception
+    assert any("broken.safetensors" in visible(e.value) for e in at.error) and not at.exception
 
     foreign = io.BytesIO()
     torch.save({"encoder.weight": torch.zeros(4, 4)}, foreign)  # another architecture entirely
     at.file_uploader(key="checkpoint_upload").set_value(("foreign.pth", foreign.getvalue(), "application/octet-stream")).run()
-    assert any("match no zoo architecture" in e.value for e in at.error)
+    assert any("match no zoo architecture" in visible(e.value) for e in at.error)
 
     good = io.BytesIO()
     torch.save(load_checkpoint(SHIPPED / "lenet.safetensors").model.state_dict(), good)
     at.file_uploader(key="checkpoint_upload").set_value(("mine.pth", good.getvalue(), "application/octet-stream")).run()
-    assert any("architecture lenet" in s.value for s in at.success)
+    assert any("architecture lenet" in visible(s.value) for s in at.success)
     assert at.sidebar.selectbox(key="checkpoint_label").value == "mine (uploaded)"
 
 
@@ -254,11 +255,11 @@ def test_ambiguous_state_dict_upload_asks_which_architecture(cifar):
     at = app_at("pages/models.py", cifar)
     open_tab(at, "models_tab", "Upload a checkpoint")
     at.file_uploader(key="checkpoint_upload").set_value(("mine.pth", buffer.getvalue(), "application/octet-stream")).run()
-    assert not at.exception and any("deepnet-conv, deepnet-res" in w.value for w in at.warning)
+    assert not at.exception and any("deepnet-conv, deepnet-res" in visible(w.value) for w in at.warning)
     assert at.sidebar.selectbox(key="checkpoint_label").value != "mine (uploaded)"  # nothing guessed
     choice = next(s for s in at.selectbox if s.key and s.key.startswith("upload_arch_"))
     choice.set_value("deepnet-res").run()
-    assert any("architecture deepnet-res" in s.value for s in at.success)
+    assert any("architecture deepnet-res" in visible(s.value) for s in at.success)
     assert at.sidebar.selectbox(key="checkpoint_label").value == "mine (uploaded)"
 
 
@@ -274,7 +275,7 @@ def test_hostile_uploads_get_clear_messages_and_the_server_keeps_serving(cifar, 
         at.file_uploader(key="checkpoint_upload").set_value((path.name, path.read_bytes(), "application/octet-stream"))
         at.run()
         assert not at.exception, case.id
-        message = "\n".join(e.value for e in at.error)
+        message = visible("\n".join(e.value for e in at.error))
         assert all(word in message for word in case.words), (case.id, message)
     at.switch_page("pages/evaluate.py").run()  # and every page still works
     assert not at.exception and at.metric
@@ -331,7 +332,7 @@ def test_image_tiles_are_sent_as_their_own_pngs(cifar):
 def test_a_bad_training_image_is_named_where_it_is_needed(tmp_path):
     """The training images are decoded on first use (a first Evaluate waits for the test images only): a broken
     one is named by the inspector's neighbours and by the Dataset page, and Evaluate keeps working."""
-    from conftest import write_image_folder
+    from conftest import write_image_folder, visible
 
     from cifarviz.core.data import CIFAR10_CLASSES
 
@@ -346,7 +347,7 @@ def test_a_bad_training_image_is_named_where_it_is_needed(tmp_path):
     assert at.metric[0].label == "Accuracy" and "10 test images" in texts(at)
     at.session_state["inspect"] = ImageRef("test", 0)
     at.run()
-    run_until(at, lambda at: any("0001.png" in e.value for e in at.error), "the neighbours' error")
+    run_until(at, lambda at: any("0001.png" in visible(e.value) for e in at.error), "the neighbours' error")
     assert any("Test image #0" in m.value for m in at.markdown)  # the rest of the inspector is there
     at.session_state["inspect"] = None
     at.switch_page("pages/dataset.py").run()

@@ -95,22 +95,22 @@ def _plain_losses(model, dataset, idx):
 
 def test_removing_the_default_methods_helpful_images_really_raises_the_test_loss(cifar, record_property):
     """The product's claim, checked the way a sceptical researcher would: the lenet recipe on a fixed 5,000-image
-    subset, 8 correctly classified test images (seeded); for each, the whole network retrained without the default
-    method's top 250 helpful images (5%), without the 250 most similar same-label images, and without 250 random
-    ones. The default (TRAK over 20 models, as lenet ships it) raises the test loss more than random removal and at
-    least 0.8 x as much as similarity."""
+    subset, 6 correctly classified test images (seeded); for each, the whole network retrained without the default
+    method's top 250 helpful images (5%) and without the 250 most similar same-label images; and twice without 250
+    random ones (a random removal knows no test image, so each of the two is measured on all six). The default
+    (TRAK over 20 models, as lenet ships it) raises the test loss more than random removal and at least 0.8 x as
+    much as similarity. 34 trainings; none validates (nothing here reads a validation figure)."""
     rng = np.random.default_rng(0)
     subset = np.sort(rng.choice(len(cifar.train), 5000, replace=False))
     t = cifar.train
     data = dataclasses.replace(cifar, train=Split("train", t.images[subset], t.labels[subset], t.source_index[subset]),
-                               val=Split("val", cifar.val.images[:500], cifar.val.labels[:500],
-                                         cifar.val.source_index[:500]))
+                               val=Split("val", cifar.val.images[:0], cifar.val.labels[:0], cifar.val.source_index[:0]))
     config = RECIPES["lenet"]
     models = [train(dataclasses.replace(config, seed=s), data).model for s in range(1 + len(model_card("lenet").replicas))]
     base = models[0]
     probs = predict(base, data.test.images, features=False).probs
     correct = np.flatnonzero(probs.argmax(1) == data.test.labels)
-    tests = np.sort(np.random.default_rng(1).choice(correct, 8, replace=False))
+    tests = np.sort(np.random.default_rng(1).choice(correct, 6, replace=False))
     before = _plain_losses(base, data, tests)
     trak = ensemble_scores(models, data, tests)[0]
     features = predict(base, data.train.images).features
@@ -120,18 +120,20 @@ def test_removing_the_default_methods_helpful_images_really_raises_the_test_loss
     similarity = np.where(data.train.labels[None] == data.test.labels[tests][:, None], similarity, -similarity)
     k = 250
 
-    def retrained_change(row, removed):
+    def retrained_changes(removed) -> np.ndarray:
+        """Every test image's change of plain loss after retraining without `removed`."""
         keep = np.setdiff1d(np.arange(len(data.train)), removed)
         smaller = dataclasses.replace(data, train=Split("train", data.train.images[keep], data.train.labels[keep],
                                                         data.train.source_index[keep]))
-        return float(_plain_losses(train(config, smaller).model, data, tests[[row]])[0] - before[row])
+        return _plain_losses(train(config, smaller).model, data, tests) - before
 
     change = {"default": [], "similarity": [], "random": []}
     for row in range(len(tests)):
-        change["default"].append(retrained_change(row, np.argsort(-trak[row], kind="stable")[:k]))
-        change["similarity"].append(retrained_change(row, np.argsort(-similarity[row], kind="stable")[:k]))
-        change["random"].append(retrained_change(row, np.random.default_rng(1000 + row).choice(len(data.train), k,
-                                                                                                 replace=False)))
+        change["default"].append(float(retrained_changes(np.argsort(-trak[row], kind="stable")[:k])[row]))
+        change["similarity"].append(float(retrained_changes(np.argsort(-similarity[row], kind="stable")[:k])[row]))
+    for seed in (1000, 1001):
+        change["random"] += retrained_changes(np.random.default_rng(seed).choice(len(data.train), k,
+                                                                                 replace=False)).tolist()
     mean = {m: float(np.mean(v)) for m, v in change.items()}
     for m, v in mean.items():
         record_property(f"{m}_mean_change", v)

@@ -21,7 +21,6 @@ from streamlit.testing.v1 import AppTest
 from test_app import run_until
 
 from cifarviz.core.checkpoint import save_checkpoint
-from cifarviz.core.errors import CifarvizError
 from cifarviz.core.models import create_model
 from cifarviz.core.train import TrainConfig
 from cifarviz.services import runs, tune
@@ -160,6 +159,12 @@ def test_a_worker_calls_only_the_project_targets(cifar, runs_root):
         assert done.returncode == 0 and "The Zen of Python" not in done.stdout + done.stderr
         run = runs.load_run(folder.name)
         assert run.state == runs.FAILED and "Refused to run" in run.error and target.split(":")[0] in run.error
+
+
+def test_every_kind_the_app_queues_has_its_worker():
+    from cifarviz.services import retrain
+
+    assert runs.KINDS[retrain.KIND] == retrain.TARGET and runs.KINDS["train"].endswith(":train_worker")
 
 
 # --------------------------------------------------------------------------- damaged run files
@@ -409,6 +414,23 @@ def test_documented_inputs_on_a_tiny_folder_give_messages_not_tracebacks(hostile
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert len(at.get("imgs")) >= 1 or any("original" in c.value for c in at.caption)
+
+
+def test_in_classroom_mode_a_students_click_computes_only_what_was_prepared(hostile_folder, monkeypatch):
+    """A map nobody prepared: the student is told so and nothing starts; the teacher's click computes it."""
+    monkeypatch.setenv("CIFARVIZ_CLASSROOM", "1")
+    monkeypatch.setenv("CIFARVIZ_DATA", str(hostile_folder))
+    monkeypatch.setenv("CIFARVIZ_TEACHER_KEY", "correct horse battery")
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=300)
+    at.session_state["_checkpoint_label"] = "hostile (your run)"
+    at.session_state["emb_method"] = "pca"
+    at.run()
+    at.switch_page("pages/embeddings.py").run()
+    run_until(at, lambda at: any("classroom mode" in i.value for i in at.info), "the classroom notice")
+    assert not at.get("vega_lite_chart") and not at.get("progress")  # no map, and no computation of one
+    at.session_state["_teacher_key_ok"] = "correct horse battery"  # the key typed into the sidebar
+    at.run()
+    run_until(at, lambda at: bool(at.get("vega_lite_chart")), "the teacher's map")
 
 
 def test_a_shared_server_is_locked_down_by_default(cifar, monkeypatch, tmp_path):

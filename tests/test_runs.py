@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, visible
 from streamlit.testing.v1 import AppTest
 from test_app import run_until, texts
 
@@ -89,7 +89,7 @@ def test_a_run_started_on_the_page_trains_to_a_checkpoint_every_page_accepts(cif
 
     # the page shows it as finished; its button selects it in the sidebar, and Evaluate works on it
     at.run()
-    assert any(run.id in e.value for e in at.success)
+    assert any(run.id in visible(e.value) for e in at.success)
     [b for b in at.button if b.key == f"use-{run.id}"][0].click().run()
     at.run()
     assert at.selectbox(key="checkpoint_label").value == f"{run.id} (your run)"
@@ -138,7 +138,7 @@ def test_queue_cancel_killed_worker_and_a_diverging_run(cifar, runs_root):
     assert runs.queue_position(runs.load_run(absurd)) == 1  # the cancelled run gave up its place
 
     at = train_page(cifar)
-    assert any("#1 in the queue" in i.value for i in at.info)
+    assert any("#1 in the queue" in visible(i.value) for i in at.info)
     run = runs.load_run(first)
     wait_until(lambda: any(r["event"] == "step" for r in runs.read_metrics(run)), "the first run's training")
     os.kill(run.status["pid"], signal.SIGKILL)
@@ -151,7 +151,7 @@ def test_queue_cancel_killed_worker_and_a_diverging_run(cifar, runs_root):
     assert "smaller learning rate" in diverged.error and "diverged" in diverged.error
     at.run()  # the app keeps serving and explains both
     assert not at.exception, [e.value for e in at.exception]
-    errors = "\n".join(e.value for e in at.error)
+    errors = visible("\n".join(e.value for e in at.error))
     assert "SIGKILL" in errors and "smaller learning rate" in errors
     assert f"{first} (your run)" not in at.selectbox(key="checkpoint_label").options
 

@@ -67,7 +67,8 @@ HEARTBEAT_SECONDS = 5.0
 METRICS_EVERY_SECONDS = 0.5  # step lines in metrics.jsonl at most this often (the page redraws every 2 s)
 STATES = (QUEUED, RUNNING, COMPLETED, STOPPED, FAILED, CANCELLED)
 # The only functions a worker ever calls, by kind (config.json's "target" must name the same one).
-KINDS = {"train": "cifarviz.services.runs:train_worker", "retrain": "cifarviz.services.retrain:retrain_worker"}
+KINDS = {"train": "cifarviz.services.runs:train_worker",
+         "retrain-without": "cifarviz.services.retrain:retrain_worker"}
 
 
 class RunError(CifarvizError):
