@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--metrics-mb", type=float, default=77.0)
     args = parser.parse_args()
     load_before = os.getloadavg()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                            check=False).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="bench-runs-") as tmp:
         root = Path(tmp) / "runs"
         make_runs(root, args.runs)
@@ -97,7 +100,7 @@ def main() -> None:
         tick = timed(one_tick, 20)
         whole_file = timed(lambda: runs.read_metrics(run), 1)  # what every viewer's tick did before
     report = {
-        "runs": args.runs, "list_first_ms": first_list * 1e3, "list_later_ms": later_list * 1e3,
+        "commit": commit, "runs": args.runs, "list_first_ms": first_list * 1e3, "list_later_ms": later_list * 1e3,
         "metrics_mb": args.metrics_mb, "metrics_lines": step, "line_bytes": line_bytes,
         "progress_first_read_s": first_read, "progress_tick_ms": tick * 1e3, "whole_file_read_s": whole_file,
         "summary_steps_kept": len(first.steps), "summary_memory_mb": kept_mb,

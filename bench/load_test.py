@@ -765,7 +765,9 @@ def main() -> None:
     print(f"warming caches in {env['CIFARVIZ_CACHE']} ...", flush=True)
     precompute(env)
     log = Path(tempfile.mkstemp(prefix="load-test-server-", suffix=".log")[1])
-    report = {"clients": 1 if args.profile else args.clients, "seconds": args.seconds, "think_seconds": args.think,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                            check=False).stdout.strip()  # what is measured: recorded at the start
+    report = {"commit": commit, "clients": 1 if args.profile else args.clients, "seconds": args.seconds, "think_seconds": args.think,
               "data": args.data, "checkpoint": CHECKPOINT, "cpu_count": os.cpu_count(),
               "streamlit_options": args.streamlit_option, "server_log": str(log)}  # fmt: skip
     report["processes"] = args.processes or "one server, no proxy"
