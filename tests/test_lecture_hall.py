@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_image_folder
+from conftest import REPO, visible, write_image_folder
 from streamlit.testing.v1 import AppTest
 from test_app import run_until
 
@@ -301,6 +301,18 @@ def test_stored_study_settings_that_are_not_ours_give_a_message(tmp_path, settin
     monkeypatch.chdir(tmp_path)
     assert main(["tune", "--storage", url, "--study", "class", "--trials", "1"]) == 2
     assert "stored settings are" in capsys.readouterr().err
+
+
+def test_the_tune_tab_says_a_study_has_damaged_settings(cifar_small, tmp_path, monkeypatch):
+    import optuna
+    from test_tune import tab_script
+
+    monkeypatch.setenv("CIFARVIZ_RUNS", str(tmp_path))
+    optuna.create_study(storage=tune.default_storage_url(), study_name="cifar10net").set_user_attr("settings", [1, 2])
+    at = AppTest.from_function(tab_script, args=(cifar_small,), default_timeout=60)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("stored settings are damaged" in visible(e.value) for e in at.error)
 
 
 def test_only_its_owner_and_the_teacher_stop_a_study(cifar_small, tmp_path, monkeypatch):
