@@ -316,11 +316,11 @@ class LeNet(ZooModel):
                                  "random": 0.207},
                     rose={"trak-ensemble": 8, "similarity": 8, "head": 7, "trak": 5, "random": 6}),
                 mislabels=MislabelFigures(
-                    protocol="5% of the labels of a 5,000-image subset of cifar10-jpeg flipped (seed 0), the lenet "
-                             "recipe trained on them with seeds 0-19",
-                    command="OMP_NUM_THREADS=1 python bench/bench_suspicious.py", commit="a8d5588",
-                    recall={"mean training loss": 0.684, "training loss": 0.616, "self-influence (head)": 0.600,
-                            "self-influence (trak-ensemble)": 0.508, "self-influence (trak)": 0.424}),
+                    protocol="5% of the labels of the 45,000 training images of cifar10-jpeg flipped (seed 0), the "
+                             "lenet recipe trained on them with seeds 0-4",
+                    command="python bench/bench_suspicious.py --subset 45000 --models 5", commit="2031044",
+                    recall={"mean training loss": 0.866, "training loss": 0.813, "self-influence (head)": 0.729,
+                            "self-influence (trak-ensemble)": 0.561, "self-influence (trak)": 0.463}),
                 recipe={"epochs": 20, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4,
                         "augment": FLIP_CROP})
 def lenet(num_classes: int = 10) -> ZooModel:
