@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -84,3 +85,18 @@ def write_image_folder(root: Path, classes=("cat", "dog", "frog"), per_class=(6,
 @pytest.fixture
 def image_folder(tmp_path):
     return write_image_folder(tmp_path / "tiny")
+
+
+@pytest.fixture
+def runs_root(tmp_path, monkeypatch):
+    """A private runs folder for the library, the workers it starts (they inherit the environment) and the app."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("CIFARVIZ_RUNS", str(root))
+    monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "1")
+    yield root
+    from cifarviz.services import runs
+
+    for run in runs.list_runs(root):  # never leave a worker behind
+        pid = run.status.get("pid")
+        if run.state == runs.RUNNING and runs._alive(pid, run.dir):
+            os.kill(pid, signal.SIGKILL)

@@ -31,14 +31,6 @@ HOSTILE_NAME = "![x](http://127.0.0.1:9/x.png) **bold** :red[alert] $\\frac{1}{0
 HOSTILE_CLASSES = ("**bold**", ":red[alert]", "$\\frac{1}{0}$")
 
 
-@pytest.fixture
-def runs_root(tmp_path, monkeypatch):
-    root = tmp_path / "runs"
-    monkeypatch.setenv("CIFARVIZ_RUNS", str(root))
-    monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "1")
-    yield root
-
-
 def lenet() -> TrainConfig:
     return TrainConfig(model="lenet", epochs=1, batch_size=64)
 

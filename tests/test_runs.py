@@ -16,19 +16,6 @@ from cifarviz.core.train import TrainConfig
 from cifarviz.services import runs
 
 
-@pytest.fixture
-def runs_root(tmp_path, monkeypatch):
-    """A private runs folder for the library, the workers it starts (they inherit the environment) and the app."""
-    root = tmp_path / "runs"
-    monkeypatch.setenv("CIFARVIZ_RUNS", str(root))
-    monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "1")
-    yield root
-    for run in runs.list_runs(root):  # never leave a worker behind
-        pid = run.status.get("pid")
-        if run.state == runs.RUNNING and runs._alive(pid, run.dir):
-            os.kill(pid, signal.SIGKILL)
-
-
 def wait_until(check, what: str, timeout: float = 120):
     deadline = time.monotonic() + timeout
     while not (value := check()):
