@@ -1,7 +1,6 @@
 """`python -m cifarviz`: everything the app computes, for scripts and for warming caches before a class.
 
-Commands: data, models, train, evaluate, export-features, influence, precompute. `--help` after any of them lists
-its flags."""
+`--help` after any command lists its flags."""
 
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ import json
 import re
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -244,10 +244,32 @@ def cmd_evaluate(args) -> int:
     for row in report["per_class"]:
         print(f"{row['class']:>12} {row['precision']:9.4f} {row['recall']:9.4f} {row['f1']:9.4f} {row['support']:8d}")
     print("\nconfusion matrix (rows: true, columns: predicted)")
-    for name, row in zip(dataset.classes, report["confusion_matrix"]):
-        print(f"{name:>12} " + " ".join(f"{v:5d}" for v in row))
+    print("\n".join(confusion_lines(report["confusion_matrix"], dataset.classes)))
     print("\nmost confused: " + "; ".join(f"{p['pair']} ({p['count']})" for p in report["most_confused"]))
     return 0
+
+
+def column_labels(classes, width: int) -> list[str]:
+    """Class names cut to `width` characters for column headers; the class numbers where cut names would clash."""
+    cut = [str(c)[:width] for c in classes]
+    return cut if len(set(cut)) == len(cut) else [str(i) for i in range(len(classes))]
+
+
+def confusion_lines(matrix, classes, columns: int = 100) -> list[str]:
+    """The confusion matrix as text: a header row of (abbreviated) class names, a row per true class, and a legend
+    line for the headers that are not the whole name. Fits `columns` characters where ten classes can."""
+    row_width = 12
+    count_width = max(5, len(f"{max((max(r) for r in matrix), default=0):d}"))
+    longest = max((len(str(c)) for c in classes), default=1)
+    room = (columns - row_width) // max(1, len(classes)) - 1  # one space before each column
+    width = max(count_width, min(longest, room))
+    labels = column_labels(classes, width)
+    lines = [f"{'':>{row_width}} " + " ".join(f"{label:>{width}}" for label in labels)]
+    lines += [f"{str(name):>{row_width}} " + " ".join(f"{v:{width}d}" for v in row) for name, row in zip(classes, matrix)]
+    cut = [f"{label} = {name}" for label, name in zip(labels, classes) if label != str(name)]
+    if cut:
+        lines.append("columns: " + ", ".join(cut))
+    return lines
 
 
 def cmd_export_features(args) -> int:
@@ -351,8 +373,14 @@ def cmd_influence(args) -> int:
                   f"{row['predicted']:>11} {row['self_influence']:10.4g} {row['training_loss']:7.3f}")
         return 0
     if args.test_index is not None:
+        from cifarviz.store.artifacts import split_artifacts
+
         result = lookup(index, checkpoint, dataset, args.test_index, k=args.k)
-        about = f"test image #{args.test_index} (true label {dataset.classes[dataset.test.labels[args.test_index]]})"
+        probs = split_artifacts(checkpoint, dataset, "test").probs[args.test_index]
+        result.query.update(label=dataset.classes[dataset.test.labels[args.test_index]],
+                            predicted=dataset.classes[int(probs.argmax())], confidence=float(probs.max()))
+        about = (f"test image #{args.test_index} (true label {result.query['label']}, predicted "
+                 f"{result.query['predicted']} with {result.query['confidence']:.0%} confidence)")
     else:
         result = class_lookup(index, checkpoint, dataset, args.class_name, k=args.k)
         about = f"the {result.query['test_images']:,} test images of class {args.class_name}"
@@ -366,6 +394,162 @@ def cmd_influence(args) -> int:
         for rank, e in enumerate(entries, 1):
             print(f"{rank:5d} {e.train_index:11d} {e.source_index:12d} {e.label:>11} {e.predicted:>11} {e.score:11.4g}")
     return 0
+
+
+EXPORTS = ("cell", "mistakes", "suspicious", "influence")  # the app's selections that `export` writes
+RANKINGS = {"training-loss": "training loss", "self-influence": "self-influence", "mean-training-loss":
+            "mean training loss"}  # --ranking: cifarviz.analysis.influence.suspicious_rankings' names
+
+
+def _class_number(dataset, name: str, flag: str) -> int:
+    if name not in dataset.classes:
+        raise CifarvizError(f"Unknown class {name!r} ({flag}): the classes are {', '.join(dataset.classes)}.")
+    return dataset.classes.index(name)
+
+
+def _check_export_flags(args) -> None:
+    """Flags that do not belong to --what, before any checkpoint or data is read."""
+    wanted = {"cell": ("true", "pred"), "influence": ("test_index",)}.get(args.what, ())
+    missing = [f"--{f.replace('_', '-')}" for f in wanted if getattr(args, f) is None]
+    if missing:
+        raise CifarvizError(f"--what {args.what} needs {' and '.join(missing)}; e.g. "
+                            + ("--true cat --pred dog." if args.what == "cell" else "--test-index 42."))
+    own = {"true": ("cell",), "pred": ("cell",), "test_index": ("influence",), "method": ("suspicious", "influence"),
+           "ranking": ("suspicious",)}
+    for flag, whats in own.items():
+        if getattr(args, flag) is not None and args.what not in whats:
+            raise CifarvizError(f"--{flag.replace('_', '-')} is for --what {' or '.join(whats)}, not --what "
+                                f"{args.what}.")
+    fixed = {"suspicious": "train", "influence": "test"}.get(args.what)  # whose images these selections are
+    if fixed and args.split not in (None, fixed):
+        raise CifarvizError(f"--what {args.what} selects from the {fixed} split; leave --split out "
+                            "(it is for cell and mistakes).")
+    if args.top is not None and args.top < 1:
+        raise CifarvizError(f"--top must be at least 1, not {args.top}.")
+
+
+def cmd_export(args) -> int:
+    """One of the app's selections as CSV or JSON (cifarviz.analysis.export): a confusion cell's images, the most
+    confident mistakes, the suspicious training images, or a test image's helpful and harmful training images."""
+    import numpy as np
+
+    from cifarviz.analysis.explore import confusion_cell_indices, misclassified_by_confidence
+    from cifarviz.analysis.export import COLUMNS, rows_to_csv, rows_to_json, selection_rows
+    from cifarviz.store.artifacts import split_artifacts, split_tta
+
+    _check_export_flags(args)
+    out = ensure_writable(Path(args.output), "--output") if args.output else None
+    checkpoint = load_named_checkpoint(args.checkpoint, args.arch)
+    dataset = _load_data(args)
+    check_fits_data(checkpoint, dataset)  # classes and images, once, before any work
+    split = args.split or {"suspicious": "train"}.get(args.what, "test")
+    rows_split = "train" if args.what == "influence" else split  # influence lists training images
+    about = {"what": args.what, "checkpoint": checkpoint.name, "data_fingerprint": dataset.fingerprint,
+             "split": rows_split, "tta": split_tta(checkpoint, rows_split)}
+    score, score_name, effects = None, "score", None
+    if args.what == "cell":
+        # Both names are checked before the (possibly long) first computation of the split's outputs.
+        true, pred = _class_number(dataset, args.true, "--true"), _class_number(dataset, args.pred, "--pred")
+        arts = split_artifacts(checkpoint, dataset, split, progress=True)
+        cell = confusion_cell_indices(arts.labels, arts.predicted, true, pred)
+        indices = cell[np.argsort(-arts.probs[cell, pred], kind="stable")][:args.top]  # as the Evaluate page
+        about.update(true=args.true, predicted=args.pred, images_in_cell=len(cell),
+                     order="most confident in the predicted class first")
+    elif args.what == "mistakes":
+        arts = split_artifacts(checkpoint, dataset, split, progress=True)
+        wrong = misclassified_by_confidence(arts.probs, arts.labels)
+        indices = wrong[:args.top]
+        about.update(mistakes=len(wrong), order="most confident first")
+    elif args.what == "suspicious":
+        from cifarviz.analysis.influence import (
+            best_ranking,
+            default_method,
+            load_or_fit,
+            loss_ranking,
+            suspicious_rankings,
+        )
+
+        top = args.top or 100
+        if args.ranking == "training-loss":  # needs no influence index (lenet's default takes minutes to build)
+            rankings = {RANKINGS["training-loss"]: loss_ranking(checkpoint, dataset, top)}
+        else:
+            about["method"] = args.method or default_method(checkpoint)  # the page's default
+            index = load_or_fit(about["method"], checkpoint, dataset, progress=True)
+            rankings = suspicious_rankings(index, checkpoint, dataset, top=top)
+        if args.ranking is None:
+            ranking = best_ranking(checkpoint, rankings)[0]  # the page's left column
+        else:  # "self-influence (head)" is the self-influence ranking of the head method
+            ranking = next((n for n in rankings if n.split(" (")[0] == RANKINGS[args.ranking]), None)
+            if ranking is None:
+                have = ", ".join(k for k, v in RANKINGS.items() if any(n.split(" (")[0] == v for n in rankings))
+                raise CifarvizError(f"--ranking {args.ranking} is not available with the {about['method']} "
+                                    f"method; its rankings: {have}. Another --method may have it.")
+        indices, score = rankings[ranking]
+        score_name = re.sub(r"\W+", "_", ranking.split(" (")[0]).strip("_")  # "training loss" -> training_loss
+        arts = split_artifacts(checkpoint, dataset, "train", progress=True)
+        about.update(ranking=ranking, order="most suspicious (likely mislabelled or atypical) first")
+    else:
+        from cifarviz.analysis.influence import METHODS as INFLUENCE_METHODS
+        from cifarviz.analysis.influence import default_method, load_or_fit, lookup
+
+        # The query is checked before the index is built, as in `influence`.
+        if not 0 <= args.test_index < len(dataset.test):
+            raise CifarvizError(f"--test-index {args.test_index} is out of range: the test split has "
+                                f"{len(dataset.test):,} images (0-{len(dataset.test) - 1}).")
+        method = args.method or default_method(checkpoint)  # the page's default
+        index = load_or_fit(method, checkpoint, dataset, progress=True)
+        result = lookup(index, checkpoint, dataset, args.test_index, k=args.top or 10)
+        test_probs = split_artifacts(checkpoint, dataset, "test", progress=True).probs
+        arts = split_artifacts(checkpoint, dataset, "train", progress=True)
+        listed = [("helpful", e) for e in result.helpful] + [("harmful", e) for e in result.harmful]
+        indices, score = [e.train_index for _, e in listed], [e.score for _, e in listed]
+        effects = [effect for effect, _ in listed]
+        [test_image] = selection_rows(dataset, "test", [args.test_index], test_probs)
+        about.update(method=method, test_image=test_image, score=INFLUENCE_METHODS[method].score_meaning,
+                     training_images=result.training_images, order="the most helpful first, then the most harmful")
+    rows = selection_rows(dataset, rows_split, indices, arts.probs, score=score, score_name=score_name)
+    for row, effect in zip(rows, effects or ()):
+        row["effect"] = effect  # helpful or harmful
+    columns = [*COLUMNS, *([score_name] if score is not None else []), *(["effect"] if effects is not None else [])]
+    text = rows_to_json(rows, about) + "\n" if args.format == "json" else rows_to_csv(rows, columns=columns)
+    if out is None:
+        sys.stdout.write(text)
+        return 0
+    from cifarviz.core.utils import atomic_write
+
+    with atomic_write(out, "w") as fh:  # a reader never sees half a file; a failed run keeps the old one
+        fh.write(text)
+    print(f"wrote {out}: {len(rows):,} images ({args.what}, {args.format})")
+    return 0
+
+
+def add_export_parser(sub, data_args, arch_args) -> None:
+    p = sub.add_parser("export", parents=[data_args, arch_args],
+                       help="an app selection as CSV or JSON: a confusion cell, mistakes, suspicious or influential "
+                            "training images")
+    p.add_argument("--checkpoint", "-c", required=True, help="checkpoint file, or a shipped name such as fastnet")
+    p.add_argument("--what", required=True, choices=EXPORTS,
+                   help="cell (a confusion cell's images: --true, --pred), mistakes (most confident first), "
+                        "suspicious (training images, likely mislabelled first), influence (the helpful and harmful "
+                        "training images of --test-index)")
+    p.add_argument("--true", metavar="CLASS", help="with --what cell: the true class")
+    p.add_argument("--pred", metavar="CLASS", help="with --what cell: the predicted class")
+    p.add_argument("--test-index", type=int, metavar="N",
+                   help="with --what influence: index of the test image (dataset.test)")
+    p.add_argument("--split", choices=["train", "val", "test"],
+                   help="with cell or mistakes: which split (default test)")
+    p.add_argument("--top", type=int, metavar="K",
+                   help="at most K images (default: the whole cell or every mistake; 100 suspicious; 10 helpful "
+                        "and 10 harmful)")
+    p.add_argument("--method", choices=list(METHODS), default=None,
+                   help="with suspicious or influence: influence method (default: the checkpoint's, as on the "
+                        "Influence page)")
+    p.add_argument("--ranking", choices=list(RANKINGS),
+                   help="with suspicious: which ranking (default: the one that found flipped labels best, as on "
+                        "the Influence page)")
+    p.add_argument("--format", choices=["csv", "json"], default="csv", help="csv (default) or json")
+    p.add_argument("--output", "-o", metavar="FILE", help="write to FILE (atomically) instead of standard output")
+    p.set_defaults(func=cmd_export)
 
 
 def cmd_tune(args) -> int:
@@ -549,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cifarviz.core.recipes import RECIPES
     from cifarviz.core.train import OPTIMIZERS, SCHEDULES
 
-    parser = argparse.ArgumentParser(prog="python -m cifarviz", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m cifarviz", formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     data_args = argparse.ArgumentParser(add_help=False)
@@ -621,6 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Influence page: trak-ensemble for lenet, head where there are no replicas)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_influence)
+    add_export_parser(sub, data_args, arch_args)  # beside influence: it writes the same lists
     p = sub.add_parser("precompute", parents=[data_args, arch_args], help="warm the caches the app uses (run before a class)")
     p.add_argument("--checkpoint", "-c", action="append", help="checkpoint file or shipped name; repeatable (default: all shipped)")
     p.add_argument("--influence", action="append", choices=[*METHODS, "none"],
@@ -644,7 +829,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda args: __import__("cifarviz.services.serve", fromlist=["cli"]).cli(args))
     add_tune_parser(sub, data_args)
     add_embed_parser(sub, data_args, arch_args)
+    parser.description = describe(sub)
     return parser
+
+
+def describe(sub) -> str:
+    """--help's description, the commands named from the registered subparsers (so the list cannot go stale)."""
+    first, flags = __doc__.split("\n\n", 1)
+
+    def fill(text: str) -> str:  # whole names on a line: "export-features", not "export-" then "features"
+        return textwrap.fill(text, width=100, break_on_hyphens=False)
+
+    return f"{first}\n\n{fill('Commands: ' + ', '.join(sub.choices) + '.')}\n\n{fill(flags)}"
 
 
 def main(argv=None) -> int:

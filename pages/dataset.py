@@ -114,7 +114,8 @@ def browser_tab() -> None:
 # Only the open tab is drawn (a tab switch reruns the page): five tabs of image tiles on every rerun were the
 # slowest page for a class (170 tiles; p50 7 s with 30 viewers).
 overview, samples, stats, augmentation, browser = st.tabs(
-    ["Class counts", "Samples", "Statistics", "Augmentation", "Browser"], key="dataset_tab", on_change="rerun")
+    app.linked_tab("dataset_tab", ["Class counts", "Samples", "Statistics", "Augmentation", "Browser"]),
+    key="dataset_tab", on_change="rerun")
 
 with overview:
     if overview.open:

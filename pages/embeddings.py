@@ -4,6 +4,7 @@ import streamlit as st
 
 from cifarviz.analysis.embed import DEFAULT_PARAMS, METHODS, class_mix, selected_indices, subset_indices
 from cifarviz.analysis.explore import ImageRef
+from cifarviz.analysis.export import selection_rows
 from cifarviz.ui import app
 from cifarviz.ui import embeddings as ui
 from cifarviz.ui.text import md
@@ -15,9 +16,12 @@ st.markdown(f"Each point is an image, placed by a 2-D map of **{md(checkpoint.na
             "it, drag a box to see the images inside; click a legend entry to show only that class.")
 
 a, b, c = st.columns([1, 1.5, 1.3])  # "t-SNE | UMAP | PCA" fits a 1024-pixel projector
-split = a.segmented_control("Images", ["test", "train"], default="test", key="emb_split", required=True,
+app.linked("split", "emb_split", choices=("test", "train"), default="test")
+app.linked("method", "emb_method", choices=tuple(METHODS), default="tsne")
+app.linked("colour", "emb_colour", choices=tuple(ui.COLOUR_BY), default="true class")
+split = a.segmented_control("Images", ["test", "train"], key="emb_split", required=True,
                             format_func={"test": "Test", "train": "Training"}.get)
-method = b.segmented_control("Method", list(METHODS), default="tsne", key="emb_method", required=True,
+method = b.segmented_control("Method", list(METHODS), key="emb_method", required=True,
                              format_func=lambda m: METHODS[m].split(" (")[0])
 subset = None
 if split == "train":
@@ -36,8 +40,7 @@ elif method == "umap":
     params["min_dist"] = c.slider("min_dist", 0.0, 0.99, 0.1, step=0.05, key="emb_min_dist",
                                   help="How tightly points may pack (UMAP).")
 a, b = st.columns([1.3, 1])
-colour_by = a.segmented_control("Colour by", list(ui.COLOUR_BY), default="true class", key="emb_colour",
-                                required=True)
+colour_by = a.segmented_control("Colour by", list(ui.COLOUR_BY), key="emb_colour", required=True)
 others = {label: path for label, path in app.checkpoint_choices().items() if path != str(checkpoint.path)}
 compare = b.selectbox("Side by side with", ["nothing", "raw pixels (PCA to 50 dimensions first)", *others],
                        key="emb_compare", help="The same map of another checkpoint, or of the raw pixels: what the "
@@ -87,7 +90,8 @@ chosen_split, chosen = st.session_state.get("emb_selected", (split, []))
 if chosen_split == split and chosen:
     chosen = np.asarray(chosen)
     data = dataset.split(split)
-    st.subheader(f"{len(chosen):,} images in the box")
+    st.container(key="emb-box").subheader(f"{len(chosen):,} images in the box")
+    app.scroll_into_view("emb-box", (split, len(chosen), int(chosen[0])))  # the answer to a drag, below the map
     mix = class_mix(data.labels[chosen], len(classes))
     wrong = int((arts.predicted[chosen] != data.labels[chosen]).sum())
     st.markdown("**Class mix:** " + ", ".join(f"{md(classes[i])} {mix[i]}" for i in np.argsort(-mix) if mix[i]) +
@@ -100,6 +104,10 @@ if chosen_split == split and chosen:
     app.image_grid(data.images[shown], [ImageRef(split, int(i)) for i in shown],
                    [f"#{i} {md(classes[arts.predicted[i]])}" + ("" if arts.predicted[i] == data.labels[i] else " ✗")
                     for i in shown], key="emb-selection", tile_width=96)
+    app.export_buttons(lambda: selection_rows(dataset, split, chosen, arts.probs), key="box",
+                       name=f"{checkpoint.name}-{split}-{method}-box",
+                       about={"view": "box on the map", "checkpoint": checkpoint.name, "split": split,
+                              "method": method, "params": params, "data": dataset.root.name})
     if st.button("Clear the selection", key="emb-clear", icon=":material/close:"):
         st.session_state.pop("emb_selected", None)
         st.session_state["emb_round"] = st.session_state.get("emb_round", 0) + 1  # a fresh chart, without the box

@@ -7,25 +7,22 @@ from cifarviz.analysis.summary import describe_args, model_for_summary, shipped_
 from cifarviz.core.checkpoint import read_metadata, shipped_files
 from cifarviz.core.models import list_models
 from cifarviz.ui import app
+from cifarviz.ui.lesson import lesson_path
 
 app.sidebar()
 st.title("cifarviz: watch a CNN learn CIFAR-10")
 st.markdown(
-    """
-Explore the CIFAR-10 images, the networks of five classic student projects plus one modern fast network,
-how they are wrong, and why. **Every image is clickable**: its button opens the *image inspector* with the
-picture enlarged, the model's class probabilities, a Grad-CAM saliency map and its nearest training images.
+    "Explore the CIFAR-10 images, the networks of five classic student projects plus one modern fast network, how "
+    "they are wrong, and why. **Every image is clickable**: it opens the *image inspector* with the picture "
+    "enlarged, the model's class probabilities, a Grad-CAM saliency map and its nearest training images.")
 
-**In class** (one server, many students): pick the checkpoint in the sidebar, then walk through
-1. **Dataset** — what the ten classes look like, their statistics, what augmentation does to a picture;
-2. **Evaluate** — accuracy, per-class precision/recall, the confusion matrix (click a cell to see those images),
-   the most confident mistakes, calibration, and predictions on your own photos;
-3. **Models** — the zoo, layer tables, training curves, BatchNorm vs GroupNorm vs LayerNorm, plain vs residual vs
-   skip blocks, and parameters vs accuracy.
-
-Warm every cache before class with `python -m cifarviz precompute --checkpoint fastnet`.
-"""
-)
+st.subheader("A lesson in five steps")
+st.caption("Pick the checkpoint in the sidebar, then follow the steps; each opens its page with a view chosen for "
+           "it. **Models** compares the architectures (BatchNorm vs GroupNorm vs LayerNorm, plain vs residual). "
+           "Every page's *Link to this view* (sidebar) puts what you see on the board. Before class, warm every "
+           "cache: `python -m cifarviz precompute --checkpoint fastnet`.")
+dataset = app.current_dataset(required=False, training_images=False)
+lesson_path(app.current_checkpoint(quiet=True, dataset=dataset) if dataset is not None else None, dataset)
 
 st.subheader("Data")
 st.markdown(app.data_status(st.session_state.get("data_root", "")))
@@ -66,12 +63,14 @@ if table.empty:
 else:
     # A column with one value for every checkpoint is a sentence, not a column: the table fits a projector.
     same = [c for c in ("measured on", "device") if table[c].notna().all() and table[c].nunique() == 1]
-    st.dataframe(table.drop(columns=same), hide_index=True, placeholder="—", height=36 * len(table) + 40,
+    table["test accuracy"] *= 100  # two decimals everywhere: "75.00%", as the Models page shows it, not "75%"
+    st.dataframe(table.drop(columns=same), hide_index=True, placeholder="—", height=35 * (len(table) + 1) + 3,
                  column_config={
-        "test accuracy": st.column_config.NumberColumn(format="percent"),
+        "test accuracy": st.column_config.NumberColumn(format="%.2f%%"),
         "parameters": st.column_config.NumberColumn(format="localized"),
         "minutes": st.column_config.NumberColumn(format="%.1f", help="Training time in minutes"),
     })  # fmt: skip
     if same:
         said = {"measured on": "test accuracy measured on", "device": "trained on"}
         st.caption("Every checkpoint: " + "; ".join(f"{said[c]} {table[c].iat[0]}" for c in same) + ".")
+app.publish_link()

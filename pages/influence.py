@@ -27,6 +27,7 @@ if st.session_state.get("influence_method_of") != str(checkpoint.path) or \
         st.session_state.get("influence_method") not in methods:  # another checkpoint: its own measured default
     st.session_state["influence_method"] = default_method(checkpoint)
     st.session_state["influence_method_of"] = str(checkpoint.path)
+app.linked("method", "influence_method", choices=methods)
 method = st.segmented_control("Method", methods, key="influence_method", required=True,
                               format_func=lambda name: METHODS[name].title)
 titles = {name: cls.title for name, cls in METHODS.items()} | {"random": "k random images (for scale)"}
@@ -58,7 +59,10 @@ def pick_test_image(split: str, index: int) -> None:
 
 # Only the open tab is drawn (a tab switch reruns the page): three tabs of image tiles on every rerun of every
 # viewer made this one of the slowest pages for a class.
-one, whole_class, suspects = st.tabs(["One test image", "A whole class", "Suspicious training images"],
+app.linked("test", "influence_test", parse=app.parse_index(len(dataset.test)))
+app.linked("class", "influence_whole_class", choices=classes)
+one, whole_class, suspects = st.tabs(app.linked_tab("influence_tab", ["One test image", "A whole class",
+                                                                           "Suspicious training images"]),
                                      key="influence_tab", on_change="rerun")
 
 
@@ -88,7 +92,8 @@ def one_test_image() -> None:
     if chosen is None or not 0 <= chosen < len(dataset.test):
         return
     st.divider()
-    with st.container(horizontal=True, gap="medium"):
+    answer = st.container(key="influence-answer")
+    with answer, st.container(horizontal=True, gap="medium"):
         with st.container(width=128):  # a fixed width: a column of the page's width cut "Inspect" at 1024 px
             st.image(to_png(dataset.test.images[chosen], scale=4), width="stretch", output_format="PNG")
             st.button("Inspect", key=f"influence-inspect-{chosen}", on_click=app.open_inspector,
@@ -99,7 +104,9 @@ def one_test_image() -> None:
         st.markdown(f"#### Test image #{chosen}: true label **{true}**, predicted **{predicted}** "
                     f"({test_arts.probs[chosen].max():.0%})")
         st.caption(f"Scores: {METHODS[method].score_meaning}.")
-    show_result(app.influence_of(method, checkpoint, dataset, test_index=chosen, k=k), key=f"test-{chosen}")
+    with answer:
+        show_result(app.influence_of(method, checkpoint, dataset, test_index=chosen, k=k), key=f"test-{chosen}")
+    app.scroll_into_view("influence-answer", chosen)  # a click on a tile: its answer, below the grid, into view
     app.retrain_section(index, checkpoint, dataset, chosen, lambda n: app.influence_of(
         method, checkpoint, dataset, test_index=chosen, k=n), test_arts.probs)
     app.measured_table(checkpoint, titles)
@@ -141,7 +148,8 @@ def suspicious_training_images() -> None:
 
 
 def suspects_grid(idx, train_predicted, key: str) -> None:
-    captions = [f"{md(classes[dataset.train.labels[i]])} (pred. {md(classes[train_predicted[i]])})" for i in idx]
+    captions = [md(classes[dataset.train.labels[i]]) + ("" if train_predicted[i] == dataset.train.labels[i] else
+                f" →\u00a0{md(classes[train_predicted[i]])}") for i in idx]  # label → prediction, as elsewhere
     app.image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions, key=f"suspect-{key}")
 
 

@@ -18,7 +18,8 @@ shown_table(view.zoo[["model", "parameters", "test accuracy", "source reported",
 
 # Only the open tab is drawn (a tab switch reruns the page): its charts were the costliest rerun of any page.
 tab_summary, tab_curves, tab_compare, tab_upload = st.tabs(
-    ["Layer summary", "Training curves", "Comparisons", "Upload a checkpoint"], key="models_tab", on_change="rerun")
+    app.linked_tab("models_tab", ["Layer summary", "Training curves", "Comparisons", "Upload a checkpoint"]),
+    key="models_tab", on_change="rerun")
 
 with tab_summary:
     if tab_summary.open:
@@ -64,3 +65,4 @@ with tab_upload:
 
     if tab_upload.open:
         upload_checkpoint()
+app.publish_link()

@@ -17,7 +17,8 @@ owner = identity.viewer()  # this browser's runs (a reload is the same person)
 
 if "train_config_request" in st.session_state:  # "Train with the best parameters" on the Tune tab: show the form
     st.session_state["train_tabs"] = "Train"
-train_tab, compare, tune = st.tabs(["Train", "Compare", "Tune"], key="train_tabs", on_change="rerun")
+train_tab, compare, tune = st.tabs(app.linked_tab("train_tabs", ["Train", "Compare", "Tune"]), key="train_tabs",
+                                   on_change="rerun")
 with train_tab:
     training_form(dataset, owner)
     live_view(owner)
@@ -25,3 +26,4 @@ with compare:
     compare_tab()
 with tune:
     tuning_tab(dataset)
+app.publish_link()

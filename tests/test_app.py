@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import visible
@@ -68,7 +69,8 @@ def test_home_lists_the_zoo_with_measured_accuracy(cifar):
     table = at.dataframe[0].value
     assert {"fastnet", "s8net-bn", "lenet"} <= set(table["model"])
     stored = json.loads((SHIPPED / "fastnet.json").read_text())["metrics"]["test_accuracy"]
-    assert table.set_index("model").loc["fastnet", "test accuracy"] == pytest.approx(stored)
+    assert table.set_index("model").loc["fastnet", "test accuracy"] == pytest.approx(100 * stored)  # in points:
+    assert table.shape[0] == len(list(SHIPPED.glob("*.safetensors")))  # shown as "%.2f%%", no empty row
     assert "image-folder tree" in texts(at)
 
 
@@ -108,7 +110,9 @@ def test_evaluate_confusion_cell_and_inspector(cifar, fastnet_test):
     at.selectbox(key="cm_pred").set_value("dog").run()
     expected = confusion_cell_indices(fastnet_test.labels, fastnet_test.predicted, 3, 5)
     shown = [int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("cell-test-")]
-    assert shown and set(shown) <= set(expected.tolist()) and len(shown) == min(48, len(expected))
+    assert shown and set(shown) <= set(expected.tolist()) and len(shown) == min(24, len(expected))  # beside it
+    confidence = fastnet_test.probs[shown, 5]
+    assert (np.diff(confidence) <= 0).all() and confidence[-1] >= np.sort(fastnet_test.probs[expected, 5])[-24]
     button = next(b for b in at.button if b.key == f"cell-test-{shown[0]}")
     button.click().run()
     page = texts(at)
@@ -118,6 +122,49 @@ def test_evaluate_confusion_cell_and_inspector(cifar, fastnet_test):
     assert len([b for b in at.button if b.key and b.key.startswith("neighbours-train-")]) == 8
     at.button(key="inspector-close").click().run()
     assert "Test image #" not in texts(at) and "inspect" not in at.session_state
+
+
+def test_calibration_is_fitted_on_val_measured_on_test_and_shown_in_the_inspector(cifar, fastnet_test):
+    """fastnet was trained with label smoothing 0.2: underconfident. The temperature that minimises the plain NLL
+    on the validation split (fitted here independently, with torch's LBFGS on log T) sharpens it, and on the
+    held-out test split the calibration error and the NLL both fall; the inspector's switch shows the scaled
+    probability of that image."""
+    from cifarviz.analysis.calibration import scaled_probabilities
+    from cifarviz.analysis.metrics import reliability
+
+    val = split_artifacts(load_checkpoint(SHIPPED / "fastnet.safetensors"), cifar, "val")
+    logp, labels = torch.log(torch.as_tensor(val.probs, dtype=torch.float64).clamp_min(1e-12)), torch.as_tensor(val.labels)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logp / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    temperature = float(log_t.detach().exp())
+    assert 0.3 < temperature < 0.8  # sharpened: label smoothing left it underconfident
+
+    at = app_at("pages/evaluate.py", cifar)
+    metrics = {m.label: m for m in at.metric}
+    _, ece_before = reliability(fastnet_test.probs, fastnet_test.labels)
+    _, ece_after = reliability(scaled_probabilities(fastnet_test.probs, temperature), fastnet_test.labels)
+    assert ece_before > 0.1 and ece_after < ece_before / 4
+    assert metrics["ECE on test"].value == f"{ece_after:.3f}"
+    assert f"T = {temperature:.2f}" in texts(at) and "5,000 validation images" in texts(at)
+
+    index = int(np.flatnonzero(fastnet_test.predicted == fastnet_test.labels)[0])
+    at.session_state["inspect"] = ImageRef("test", index)
+    at.run()
+    plain = fastnet_test.probs[index].max()
+    assert f"({plain:.1%})" in texts(at)
+    at.toggle(key="calibrated-inspector").set_value(True).run()
+    scaled = scaled_probabilities(fastnet_test.probs[index][None], temperature)[0].max()
+    assert f"({scaled:.1%})" in texts(at) and "temperature-scaled" in texts(at)
+    assert at.session_state["calibrated_probabilities"] is True  # one setting: Evaluate's switch follows
+    assert at.toggle(key="calibrated-evaluate").value is True
 
 
 def test_switching_checkpoint_changes_the_numbers(cifar):

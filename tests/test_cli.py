@@ -95,13 +95,18 @@ def test_precompute_warms_the_app_caches(cifar):
 
 # ----------------------------------------------------------------- in-process: cifarviz.cli.main([...])
 
+import csv
+import io
+
 import pytest
 import torch
 
 from cifarviz.analysis.summary import model_for_summary
 from cifarviz.cli import build_parser, load_named_checkpoint, main, safe_stem
-from cifarviz.core.checkpoint import read_metadata, save_checkpoint
+from cifarviz.core.checkpoint import load_checkpoint, read_metadata, save_checkpoint, shipped_file, shipped_files
+from cifarviz.core.errors import CheckpointError
 from cifarviz.core.models import create_model
+from cifarviz.store.artifacts import split_artifacts
 
 FILE_IN_THE_WAY = "FILE_IN_THE_WAY"  # replaced by a path whose "folder" is a regular file
 
@@ -204,3 +209,146 @@ def test_arch_picks_the_architecture_of_an_ambiguous_state_dict(cifar, tmp_path,
         assert build_parser().parse_args([command, "-c", str(pt), "--arch", "s8net-ln"]).arch == "s8net-ln"
     assert main(["evaluate", "-c", "lenet", "--arch", "s8net-ln"]) == 2  # a safetensors file names its own
     assert "--arch" in capsys.readouterr().err
+
+
+def test_help_names_every_command_in_its_description():
+    import argparse
+
+    [commands] = [a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {"runs", "serve", "tune", "embed", "export"} <= set(commands)
+    out = run("--help").stdout
+    listed = " ".join(out.split("Commands: ", 1)[1].split(".", 1)[0].split())  # the description's list, unwrapped
+    assert listed.split(", ") == list(commands)
+
+
+def test_evaluate_prints_the_confusion_matrix_with_class_headers(cifar, capsys):
+    assert main(["evaluate", "-c", "lenet", "--data", str(cifar.root), "--json"]) == 0
+    confusion = json.loads(capsys.readouterr().out)["confusion_matrix"]
+    assert main(["evaluate", "-c", "lenet", "--data", str(cifar.root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("confusion matrix (rows: true, columns: predicted)")
+    header, rows = lines[at + 1], lines[at + 2 : at + 2 + len(cifar.classes)]
+    legend_line = lines[at + 2 + len(cifar.classes)]  # "columns: airplan = airplane, ..."
+    legend = dict(part.split(" = ") for part in legend_line.removeprefix("columns: ").split(", "))
+    assert [legend.get(label, label) for label in header.split()] == list(cifar.classes)
+    assert all(full.startswith(short) for short, full in legend.items())
+    for name, line, counts in zip(cifar.classes, rows, confusion):
+        assert line.split() == [name, *map(str, counts)]
+    assert max(map(len, [header, *rows])) <= 100
+
+
+def test_influence_shows_the_test_image_s_prediction(cifar, capsys):
+    probs = split_artifacts(load_named_checkpoint("lenet"), cifar, "test").probs[7]
+    predicted, confidence = cifar.classes[probs.argmax()], float(probs.max())
+    # head: the cheapest attribution index for lenet (its default, an ensemble of 20 models, takes minutes)
+    argv = ["influence", "-c", "lenet", "--test-index", "7", "--method", "head", "--k", "3", "--data", str(cifar.root)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"(true label {cifar.classes[cifar.test.labels[7]]}, predicted {predicted} with {confidence:.0%} " \
+           "confidence)" in first
+    assert main([*argv, "--json"]) == 0
+    query = json.loads(capsys.readouterr().out)["query"]
+    assert query == {"test_index": 7, "label": cifar.classes[cifar.test.labels[7]], "predicted": predicted,
+                     "confidence": confidence}
+
+
+def test_load_checkpoint_takes_a_shipped_name(tmp_path, monkeypatch):
+    by_name, by_path = load_checkpoint("fastnet"), load_checkpoint(shipped_file("fastnet"))
+    assert by_name.path == by_path.path == shipped_file("fastnet")
+    named, pathed = by_name.model.state_dict(), by_path.model.state_dict()
+    assert named.keys() == pathed.keys() and all(torch.equal(named[k], pathed[k]) for k in named)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint("fastnett")
+    assert "fastnett" in str(error.value) and all(p.stem in str(error.value) for p in shipped_files())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lenet").write_bytes(b"a file of that name")  # a file here is that file, not the shipped one
+    with pytest.raises(CheckpointError, match="unsupported checkpoint type"):
+        load_checkpoint("lenet")
+    with pytest.raises(CheckpointError, match="unsupported checkpoint type"):
+        load_checkpoint("fastnet", data=b"uploaded bytes")  # an upload's name is only its name
+    with pytest.raises(CheckpointError, match="unsupported checkpoint type"):
+        load_checkpoint("sub/fastnet")  # a path, not a name
+
+
+def read_csv(text: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_export_a_confusion_cell(cifar, tmp_path, capsys):
+    arts = split_artifacts(load_named_checkpoint("lenet"), cifar, "test")
+    cat, dog = cifar.classes.index("cat"), cifar.classes.index("dog")
+    out = tmp_path / "exports" / "cat-as-dog.csv"
+    data = ["--data", str(cifar.root)]
+    cell = ["export", "-c", "lenet", "--what", "cell", "--true", "cat", "--pred", "dog", *data]
+    assert main([*cell, "-o", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    rows = read_csv(out.read_text())
+    assert len(rows) == int(((arts.labels == cat) & (arts.predicted == dog)).sum()) > 0
+    assert {(r["label"], r["prediction"], r["split"]) for r in rows} == {("cat", "dog", "test")}
+    confidences = [float(r["confidence"]) for r in rows]
+    assert confidences == sorted(confidences, reverse=True)  # as the Evaluate page: most confident first
+    assert [float(arts.probs[int(r["index"]), dog]) for r in rows] == confidences
+    assert [p.name for p in out.parent.iterdir()] == ["cat-as-dog.csv"]  # written atomically: no temporary left
+    assert main([*cell, "--top", "3", "--format", "json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["about"]["images_in_cell"] == len(rows)
+    assert [str(image["index"]) for image in exported["images"]] == [r["index"] for r in rows[:3]]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--true", "kat", "--pred", "dog"], "'kat' (--true)"), (["--true", "cat", "--pred", "Dog"], "'Dog' (--pred)"),
+])  # fmt: skip
+def test_export_refuses_an_unknown_class(cifar, tmp_path, capsys, flags, named):
+    out = tmp_path / "never.csv"
+    assert main(["export", "-c", "lenet", "--what", "cell", *flags, "-o", str(out), "--data", str(cifar.root)]) == 2
+    err = capsys.readouterr().err
+    assert named in err and ", ".join(cifar.classes) in err and "Traceback" not in err and not out.exists()
+
+
+def test_export_the_most_confident_mistakes(cifar, capsys):
+    arts = split_artifacts(load_named_checkpoint("lenet"), cifar, "val")
+    assert main(["export", "-c", "lenet", "--what", "mistakes", "--split", "val", "--top", "30", "--format", "json",
+                 "--data", str(cifar.root)]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    images = exported["images"]
+    assert exported["about"]["mistakes"] == int((arts.predicted != arts.labels).sum()) and len(images) == 30
+    assert all(i["label"] != i["prediction"] and i["split"] == "val" for i in images)
+    confidences = [i["confidence"] for i in images]
+    wrong = arts.predicted != arts.labels
+    assert confidences == sorted(confidences, reverse=True) and confidences[0] == float(arts.probs[wrong].max())
+
+
+def test_export_suspicious_images_by_training_loss(cifar, capsys):
+    # --ranking training-loss needs no influence index: fast even for lenet, whose default index is an ensemble
+    assert main(["export", "-c", "lenet", "--what", "suspicious", "--ranking", "training-loss", "--top", "20",
+                 "--data", str(cifar.root)]) == 0
+    rows = read_csv(capsys.readouterr().out)
+    probs = split_artifacts(load_named_checkpoint("lenet"), cifar, "train").probs
+    losses = [float(r["training_loss"]) for r in rows]
+    assert len(rows) == 20 and losses == sorted(losses, reverse=True)
+    for row, loss in zip(rows, losses):
+        i = int(row["index"])
+        assert row["split"] == "train" and row["label"] == cifar.classes[cifar.train.labels[i]]
+        assert loss == pytest.approx(-np.log(probs[i, cifar.train.labels[i]]), rel=1e-4)
+    assert main(["export", "-c", "lenet", "--what", "suspicious", "--split", "test"]) == 2  # before any data
+    assert "--split" in capsys.readouterr().err
+
+
+def test_export_the_influence_of_training_images_on_a_test_image(cifar, capsys):
+    data = ["--data", str(cifar.root)]
+    # head, the cheapest attribution index for lenet, as in test_precompute_warms_the_app_caches
+    assert main(["influence", "-c", "lenet", "--test-index", "7", "--method", "head", "--k", "4", "--json", *data]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert main(["export", "-c", "lenet", "--what", "influence", "--test-index", "7", "--method", "head", "--top", "4",
+                 "--format", "json", *data]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    images = exported["images"]
+    assert [(i["effect"], i["index"], i["source_index"], i["label"], i["prediction"], i["score"]) for i in images] == [
+        (effect, e["train_index"], e["source_index"], e["label"], e["predicted"], e["score"])
+        for effect in ("helpful", "harmful") for e in expected[effect]]
+    about = exported["about"]
+    assert about["method"] == "head" and about["split"] == "train"
+    assert about["test_image"]["index"] == 7 and about["test_image"]["prediction"] == expected["query"]["predicted"]
+    assert main(["export", "-c", "lenet", "--what", "influence", "--test-index", "7", "--method", "head", "--top", "4",
+                 *data]) == 0
+    assert [r["effect"] for r in read_csv(capsys.readouterr().out)] == ["helpful"] * 4 + ["harmful"] * 4

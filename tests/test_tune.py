@@ -217,3 +217,34 @@ def test_start_runs_a_study_in_the_background(cifar_small, tmp_path, monkeypatch
     study = optuna.load_study(study_name="background", storage=tune.default_storage_url())
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE], (tmp_path / "tuning.log").read_text()
     assert study.user_attrs["settings"]["subset"] == 300
+
+
+def test_a_finished_study_whose_process_is_still_exiting_is_not_called_starting(cifar_small, tmp_path, monkeypatch):
+    """The study released its lock (all trials done) but its process takes a while to exit: the tab says nothing
+    runs and Start is enabled, not "A study is starting..." with Start disabled."""
+    import subprocess
+    import sys
+
+    from cifarviz.ui import tuning
+
+    monkeypatch.setenv("CIFARVIZ_RUNS", str(tmp_path))
+    script = ("import sys, time; from pathlib import Path; from cifarviz.services import tune\n"
+              "with tune.exclusive(Path(sys.argv[1]), {'study': 'quick', 'trials': 3}): pass\n"
+              "print('released', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", script, str(tune.lock_target())], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "released"
+        monkeypatch.setattr(tuning, "_LAUNCHED", [child])
+        at = AppTest.from_function(tab_script, args=(cifar_small,), default_timeout=60)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert not any("starting" in i.value or "is running" in i.value for i in at.info), [i.value for i in at.info]
+        assert tuning.study_running() is None
+        starting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # not holding it yet
+        try:
+            tuning._LAUNCHED.append(starting)
+            assert tuning.study_running() == {}  # that one is still starting
+        finally:
+            starting.kill()
+    finally:
+        child.kill()

@@ -87,17 +87,21 @@ def layer_table(model: torch.nn.Module, input_size=(1, 3, 32, 32)) -> list[dict]
     """One row per leaf layer, in execution order, like torchsummary's table. Works on meta-device models."""
     device = next(model.parameters(), torch.empty(0)).device
     stats = torchinfo_summary(model, input_size=input_size, verbose=0, device=device, mode="eval")
-    rows = []
+    # The module's dotted path ("blocks.1.conv1"): torchinfo's own name is the last part only, which read "0", "1"
+    # inside a Sequential and "conv1" once per block.
+    paths = {id(module): name for name, module in model.named_modules() if name}
+    rows, seen = [], set()  # a module called twice (ResNet's ReLU) is said to be the same one
     for layer in stats.summary_list:
         if not layer.is_leaf_layer:
             continue
         rows.append({
             "layer": f"{layer.class_name}-{len(rows) + 1}",
-            "name": layer.var_name,
+            "name": paths.get(id(layer.module), layer.var_name) + (" (called again)" if id(layer.module) in seen else ""),
             "output_shape": list(layer.output_size)[1:] if layer.output_size else [],
             "parameters": int(layer.num_params or 0),
             "trainable": int(layer.trainable_params or 0),
         })  # fmt: skip
+        seen.add(id(layer.module))
     return rows
 
 

@@ -264,13 +264,23 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Load a checkpoint safely. `data` lets the app pass uploaded bytes (then `path` only names it).
 
+    `path` may also be a shipped checkpoint's name (`"fastnet"`, as the CLI takes it): a bare name without a
+    suffix that is not a file here.
     `.safetensors` files carry their architecture. For `.pt`/`.pth` state dicts pass
     `architecture`, or let cifarviz find the zoo model whose parameter names and shapes match;
     when several match, AmbiguousArchitectureError lists them (its `.candidates`).
     Every problem with the file raises CheckpointError with a message for people.
     """
-    path = Path(path)
+    given, path = os.fspath(path), Path(path)
     suffix = path.suffix.lower()
+    bare = given == path.name and given not in ("", ".", "..")  # a name, not a path
+    if data is None and not suffix and bare and not path.exists():
+        shipped = shipped_file(path.name)  # the CLI's lookup too (cli.resolve_checkpoint)
+        if shipped is None:
+            names = ", ".join(p.stem for p in shipped_files()) or "none"
+            raise CheckpointError(f"{path.name!r} is neither a checkpoint file nor a shipped checkpoint's name. "
+                                  f"Shipped: {names}; or give a .safetensors, .pt or .pth file's path.")
+        return load_checkpoint(shipped, architecture=architecture, arch_args=arch_args)
     if suffix not in (".safetensors", ".pt", ".pth", ".bin"):
         raise CheckpointError(f"{path.name}: unsupported checkpoint type {suffix or '(none)'}; "
                               "use .safetensors, .pt or .pth.")

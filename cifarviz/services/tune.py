@@ -527,11 +527,25 @@ def exclusive(target: Path, status: dict):
                 yield
             finally:
                 beside(target, ".json").unlink(missing_ok=True)
+                # "This process is done": it may take a while yet to exit (its summary, the interpreter's
+                # shutdown), and a page that launched it must not call it "starting" meanwhile.
+                with atomic_write(beside(target, ".done"), "w") as f:
+                    json.dump({"pid": os.getpid(), "ended": time.time()}, f)
     except Timeout:
         running = running_study(target) or {}
         raise TuningError(f"Another study is running ({running.get('study', 'unknown')}, process "
                           f"{running.get('pid', '?')}); one study runs at a time here. Wait for it or stop it."
                           ) from None
+
+
+def finished_pids(target: Path | None = None) -> set[int]:
+    """The process that last released `target`'s lock (its study is over even while the process still exits)."""
+    try:
+        done = json.loads(beside(target or lock_target(), ".done").read_text())
+    except (OSError, ValueError):
+        return set()
+    pid = done.get("pid") if isinstance(done, dict) else None
+    return {pid} if isinstance(pid, int) and not isinstance(pid, bool) else set()
 
 
 def running_study(target: Path | None = None) -> dict | None:

@@ -4,7 +4,8 @@
 * loaders.py: datasets and models once per server, artifacts and influence computed once per key in the
   background with progress;
 * sidebar.py: the data folder and checkpoint pickers, and the page starts that need them;
-* widgets.py: the clickable image grid;  inspector.py: the image inspector every image opens;
+* widgets.py: the clickable image grid;  exports.py: CSV/JSON downloads of a selection;
+* layout.py: the page's margins, scrolling an answer into view;  links.py: the view in the address (a link to it);  inspector.py: the image inspector every image opens;
 * uploads.py: the server's flags, uploaded checkpoints and photos;
 * influence_view.py: the Influence page's measured figures and "retrain without these images";
 * charts.py, embeddings.py, tuning.py, train_form.py, runs_view.py, compare.py, models_view.py: one page's pieces.
@@ -60,6 +61,9 @@ from cifarviz.ui.widgets import (  # noqa: F401
     close_inspector,
     image_grid,
 )
+from cifarviz.ui.exports import export_buttons, safe_file_name  # noqa: F401
+from cifarviz.ui.layout import scroll_into_view  # noqa: F401
+from cifarviz.ui.links import from_link, linked, linked_tab, slug, parse_index, publish as publish_link, show as show_in_link  # noqa: F401
 from cifarviz.ui.influence_view import how_sure, measured_table, retrain_section  # noqa: F401
 from cifarviz.ui.inspector import (  # noqa: F401
     inspector,

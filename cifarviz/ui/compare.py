@@ -42,7 +42,7 @@ def config_rows(configs: dict[str, tuple]) -> pd.DataFrame:
             "optimizer": config.get("optimizer"), "learning rate": config.get("lr"), "schedule": config.get("schedule"),
             "weight decay": f"{config.get('weight_decay', 0):.4g} ({config.get('weight_decay_mode', 'coefficient')})",
             "label smoothing": config.get("label_smoothing"),
-            "augmentation": ", ".join(f"{k} {v}" for k, v in aug.items() if v) or "none",
+            "augmentation": ", ".join(k if v is True else f"{k} {v}" for k, v in aug.items() if v) or "none",
             "training images": f"{status['subset']:,}" if status.get("subset") else "all",
             "seed": config.get("seed"), "state": status.get("state"),
             "test accuracy": f"{status['test_accuracy']:.2%}" if status.get("test_accuracy") is not None else "—",

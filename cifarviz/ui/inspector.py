@@ -14,6 +14,7 @@ from cifarviz.core.checkpoint import Checkpoint
 from cifarviz.core.inference import predict
 from cifarviz.store.artifacts import split_tta
 from cifarviz.ui.loaders import (
+    calibration_now,
     artifacts_job,
     artifacts_ready,
     file_stamp,
@@ -25,6 +26,9 @@ from cifarviz.ui.loaders import (
     progress_bar,
     time_left,
 )
+from cifarviz.analysis.calibration import scaled_probabilities
+from cifarviz.ui.evaluate_view import CALIBRATED_KEY, calibrated_switch
+from cifarviz.ui import links
 from cifarviz.ui.widgets import INSPECT_KEY, close_inspector, image_grid
 from cifarviz.ui.text import md, shown
 
@@ -33,6 +37,7 @@ def inspector(dataset, checkpoint: Checkpoint | None) -> None:
     """Open the image inspector if an image was clicked. Every page calls this once, at its end; it also
     starts computing, in the background, the features the inspector's neighbours need."""
     prefetch(checkpoint, dataset)
+    links.publish()  # the page's view, now complete, into the address bar
     if st.session_state.get(INSPECT_KEY) is not None and dataset is not None:
         _inspector_dialog(dataset, checkpoint)
 
@@ -69,9 +74,18 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
         predicted = int(probs.argmax())
         verdict = "" if label is None else (" — correct" if predicted == label else " — wrong")
         with left:
+            calibration = None
+            if calibrated_switch("inspector", "Calibrated"):
+                calibration = calibration_now(checkpoint, dataset)
+                if calibration is not None:
+                    probs = scaled_probabilities(probs[None], calibration.temperature)[0]
             st.markdown(f"**Predicted:** {md(classes[predicted])} ({probs[predicted]:.1%}){verdict}")
-            st.caption(f"by {md(checkpoint.name)}" + (" with flip test-time augmentation"
-                                                  if _tta(checkpoint, ref) == "flip" else ""))
+            how = [f"by {md(checkpoint.name)}"] + (["with flip test-time augmentation"]
+                                                   if _tta(checkpoint, ref) == "flip" else [])
+            if st.session_state.get(CALIBRATED_KEY):
+                how.append(f"temperature-scaled, T = {calibration.temperature:.2f} fitted on the validation split"
+                           if calibration is not None else "(calibration waits for the validation predictions)")
+            st.caption(", ".join(how))
         with middle:
             chart = probability_chart(probs, classes, predicted, checkpoint.name)
             st.altair_chart(chart, width="stretch", height=PROBABILITY_CHART_HEIGHT)
@@ -171,8 +185,10 @@ def influence_section(checkpoint: Checkpoint, dataset, ref: ImageRef, k: int = 4
 def influence_grid(dataset, entries, key: str, tile_width: int = 112) -> None:
     """Training images of an influence result, each opening the inspector: label, prediction, score."""
     idx = np.array([e.train_index for e in entries], dtype=np.int64)
-    captions = [e.label + ("" if e.predicted == e.label else f" (pred. {e.predicted})") + " " + readable_score(e.score)
-                for e in entries]
+    # A no-break space after the arrow: a narrow tile breaks between label, "→ prediction" and score, never
+    # inside a word or before a bracket ("(pred. automobile" / ") +2.0×10⁻³" was what it showed).
+    captions = [md(e.label) + ("" if e.predicted == e.label else f" →\u00a0{md(e.predicted)}") + " "
+                + readable_score(e.score) for e in entries]
     image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions, key=key,
                tile_width=tile_width)
 

@@ -274,3 +274,22 @@ def file_stamp(path) -> float:
         return Path(path).stat().st_mtime
     except OSError:
         return 0.0
+
+
+def calibration_now(checkpoint: Checkpoint, dataset):
+    """The checkpoint's temperature scaling (fitted on val, measured on test), or None while either split's
+    predictions are still being computed (their jobs are started; the caller says so)."""
+    if not (artifacts_ready(checkpoint, dataset, "val") and artifacts_ready(checkpoint, dataset, "test")):
+        artifacts_job(checkpoint, dataset, "val")
+        artifacts_job(checkpoint, dataset, "test")
+        return None
+    return _calibration(str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix(),
+                        split_tta(checkpoint, "val"), split_tta(checkpoint, "test"))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)  # milliseconds to fit; cached so every rerun is free
+def _calibration(path: str, stamp: float, root: str, val_tta: str, test_tta: str):
+    from cifarviz.analysis.calibration import calibrate
+
+    val, test = _artifacts(path, stamp, root, "val", val_tta), _artifacts(path, stamp, root, "test", test_tta)
+    return calibrate(val.probs, val.labels, test.probs, test.labels, fitted_on="val", measured_on="test")

@@ -89,7 +89,7 @@ def shown_table(frame: pd.DataFrame, all_rows: bool = False) -> None:
         frame.insert(frame.columns.get_loc("source reported"), "source's figure", frame["model"].map(source_figure))
         frame = frame.drop(columns=["source reported", "source target"], errors="ignore")
     frame = frame.dropna(axis=1, how="all")
-    height = 36 * len(frame) + 40 if all_rows else "auto"
+    height = 35 * (len(frame) + 1) + 3 if all_rows else "auto"  # rows of 35 px and the header: no empty row
     st.dataframe(frame, hide_index=True, column_config=TABLE_FORMATS, placeholder="—", height=height)
 
 

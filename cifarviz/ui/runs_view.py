@@ -8,6 +8,7 @@ import streamlit as st
 
 from cifarviz.services import runs
 from cifarviz.ui import app, identity
+from cifarviz.ui.layout import scroll_into_view
 from cifarviz.ui.text import md, md_message
 
 METRIC_WIDTH = 140  # pixels: "Learning rate" and "0.0469" in full
@@ -114,10 +115,10 @@ def draw_finished(run: runs.Run) -> None:
     elif run.state == runs.CANCELLED:
         st.caption(f"{name}: cancelled before it started.")
     else:
-        left, right = st.columns([4, 1])
+        left, right = st.columns([3, 1], vertical_alignment="center")  # [4, 1] cut "Use in other pages" at 1024 px
         left.success(f"**{name}** {run.state}: {md_message(note)}", icon=":material/check_circle:")
         label = checkpoint_label(run) if run.has_model else None
-        if label and right.button("Use in other pages", key=f"use-{run.id}",
+        if label and right.button("Use in other pages", key=f"use-{run.id}", width="stretch",
                                   help="Selects this run's checkpoint in the sidebar"):
             st.session_state["checkpoint_label_request"] = label
             st.rerun()
@@ -141,12 +142,20 @@ def live_view(owner: str) -> None:
     st.subheader("Training now")
     running = [r for r in active if r.state == runs.RUNNING]
     if not running:
-        st.caption(f"Nothing is training. At most {runs.max_running()} run(s) train at once on this server; "
-                   "others wait in the queue.")
+        most = runs.max_running()
+        st.caption(f"Nothing is training. {f'At most {most} runs train' if most != 1 else 'One run trains'} at once "
+                   "on this server; others wait in the queue.")
     for run in running:
         with st.container(border=True, key=f"live-{run.id}"):
             draw_running(run)
+    started = st.session_state.get("train_just_started")
+    if started in ids:  # Start was pressed below the fold: bring this run (its curves, or its place in the queue)
+        scroll_into_view(f"live-{started}" if started in {r.id for r in running} else "train-queue", started,
+                         skip_first=False)
+        if started in {r.id for r in running}:
+            st.session_state.pop("train_just_started")
     waiting = [r.id for r in every if r.state == runs.QUEUED]
+    st.container(key="train-queue")
     for run in (r for r in active if r.state == runs.QUEUED):
         left, right = st.columns([4, 1])
         yours = " (yours)" if run.owner == owner else ""

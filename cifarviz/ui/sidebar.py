@@ -14,7 +14,8 @@ from cifarviz.core.data import default_data_root, detect_layout
 from cifarviz.core.errors import CheckpointError, CifarvizError
 from cifarviz.services.runs import list_runs, runs_dir
 from cifarviz.store import default_store
-from cifarviz.ui import identity
+from cifarviz.ui import identity, links
+from cifarviz.ui.layout import page_style
 from cifarviz.ui.loaders import canonical_root, file_stamp, freeze_imported_modules, get_checkpoint, get_dataset
 from cifarviz.ui.uploads import data_locked
 from cifarviz.ui.text import md, md_message, shown
@@ -67,6 +68,25 @@ def _accuracies(stamped: tuple) -> dict[str, float]:
     return found
 
 
+LINKABLE = (" (shipped)", " (your run)")  # an upload lives in one session only: no link names it
+
+
+def link_name(label: str | None) -> str | None:
+    """The checkpoint's name in a link: `fastnet` for "fastnet (shipped)", a run's id for a run."""
+    for suffix in LINKABLE:
+        if label and label.endswith(suffix):
+            return label[: -len(suffix)]
+    return None
+
+
+def link_label(choices: dict[str, str]) -> str | None:
+    """The checkpoint a new address names (shipped first, then runs), if it is one of the choices."""
+    name = links.from_link("checkpoint")
+    if not name:
+        return None
+    return next((name + suffix for suffix in LINKABLE if name + suffix in choices), None)
+
+
 def _remember(key: str) -> None:
     st.session_state[f"_{key}"] = st.session_state[key]
 
@@ -75,15 +95,19 @@ def sidebar() -> None:
     """Data source and checkpoint pickers. Every page draws them first; their values are mirrored in
     session state (the usual multipage pattern), so a choice holds across pages."""
     freeze_imported_modules()
+    page_style()
     locked = data_locked()
     st.session_state["data_root"] = (str(default_data_root()) if locked
                                      else st.session_state.get("_data_root") or str(default_data_root()))
     choices = checkpoint_choices()
     labels = list(choices)
-    wanted = st.session_state.pop("checkpoint_label_request", None) or st.session_state.get("_checkpoint_label")
+    links.begin()
+    wanted = (st.session_state.pop("checkpoint_label_request", None) or link_label(choices)
+              or st.session_state.get("_checkpoint_label"))
     if wanted not in labels:
         wanted = default_checkpoint(choices)
     st.session_state["checkpoint_label"] = st.session_state["_checkpoint_label"] = wanted
+    st.session_state["_checkpoint_link"] = link_name(wanted)
     with st.sidebar:
         for path, title, icon in PAGES:
             st.page_link(path, label=title, icon=icon)
@@ -96,6 +120,7 @@ def sidebar() -> None:
                       "Defaults to $CIFARVIZ_DATA, else ./data.")
         st.selectbox("Checkpoint", labels, key="checkpoint_label", on_change=_remember, args=("checkpoint_label",),
                      help="Shipped checkpoints, your runs (runs/), and checkpoints uploaded on the Models page.")
+        links.share_slot()  # "Link to this view", filled at the page's end (when the view is known)
         identity.viewer()  # the first visit sets this browser's cookie
         if identity.teacher_key_set():
             teacher_box()
@@ -155,7 +180,9 @@ def current_dataset(required: bool = True, training_images: bool = True):
 
 def no_data_help(root: str, message: str) -> None:
     st.warning("No CIFAR-10 data here yet.", icon=":material/folder_off:")
-    st.code(message, language=None)
+    # What was looked for, wrapped to the page; the message's own "Fix:" is the command line's (--data PATH),
+    # this page says what to do here below it.
+    st.code(message.split("\nFix:")[0].split(" Fix:")[0], language=None, wrap_lines=True)
     st.markdown(
         "**How to provide it**\n"
         "- Point the *Data folder* in the sidebar (or `CIFARVIZ_DATA`) at a copy of CIFAR-10: the python archive "

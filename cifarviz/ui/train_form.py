@@ -174,5 +174,6 @@ def training_form(dataset, owner: str) -> None:
                                           snapshots=st.session_state[KEY + "snapshots"],
                                           val_size=len(dataset.val), split_seed=dataset.split_seed, owner=owner)
             st.toast(f"Submitted {md(run_id)}")
+            st.session_state["train_just_started"] = run_id  # the live view scrolls its curves into view
         except CifarvizError as exc:
             st.error(md_message(exc))

@@ -44,7 +44,10 @@ def study_running() -> dict | None:
     status = tune.running_study()
     if status is not None:
         return status
-    return {} if any(process.poll() is None for process in _LAUNCHED) else None
+    # A child this server launched that has not taken the lock yet is starting; one that has released it is done,
+    # however long it takes to exit ("A study is starting..." stayed up for that while).
+    done = tune.finished_pids()
+    return {} if any(process.poll() is None and process.pid not in done for process in _LAUNCHED) else None
 
 
 def launch(storage: str, study_name: str, settings: tune.StudySettings, n_trials: int, dataset) -> None:
@@ -233,13 +236,16 @@ def best_section(study, best, train_page: str | None) -> None:
         st.rerun(scope="app")
 
 
+LOSS_AXIS = alt.Axis(format=".4~g")  # "1.05", never "1.000000" when the trials' losses are close
+
+
 def charts(study) -> None:
     history, curves, importances = tune.history_table(study), tune.epoch_table(study), tune.param_importances(study)
     left, right = st.columns(2)
     if not history.empty:
         base = alt.Chart(history).encode(x=alt.X("trial:Q", title="trial", axis=alt.Axis(tickMinStep=1)))
         points = base.mark_circle(size=70).encode(
-            y=alt.Y("val_loss:Q", title="validation loss", scale=alt.Scale(zero=False)),
+            y=alt.Y("val_loss:Q", title="validation loss", scale=alt.Scale(zero=False), axis=LOSS_AXIS),
             tooltip=["trial", alt.Tooltip("val_loss", format=".4f")])
         line = base.mark_line(interpolate="step-after", color="#d62728").encode(y="best_so_far:Q")
         left.altair_chart((points + line).properties(title="Optimisation history", height=300), width="stretch")
@@ -247,7 +253,7 @@ def charts(study) -> None:
     if not curves.empty:
         chart = alt.Chart(curves).mark_line(point=True).encode(
             x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1)),
-            y=alt.Y("val_loss:Q", title="validation loss", scale=alt.Scale(zero=False)),
+            y=alt.Y("val_loss:Q", title="validation loss", scale=alt.Scale(zero=False), axis=LOSS_AXIS),
             color=alt.Color("state:N", title="trial state"), detail="trial:N",
             tooltip=["trial", "epoch", alt.Tooltip("val_loss", format=".4f"), "state"])
         right.altair_chart(chart.properties(title="Validation loss per epoch", height=300), width="stretch")
