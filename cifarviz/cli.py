@@ -434,7 +434,7 @@ def cmd_export(args) -> int:
     import numpy as np
 
     from cifarviz.analysis.explore import confusion_cell_indices, misclassified_by_confidence
-    from cifarviz.analysis.export import COLUMNS, rows_to_csv, rows_to_json, selection_rows
+    from cifarviz.analysis.export import COLUMNS, influence_rows, rows_to_csv, rows_to_json, selection_rows
     from cifarviz.store.artifacts import split_artifacts, split_tta
 
     _check_export_flags(args)
@@ -501,15 +501,15 @@ def cmd_export(args) -> int:
         result = lookup(index, checkpoint, dataset, args.test_index, k=args.top or 10)
         test_probs = split_artifacts(checkpoint, dataset, "test", progress=True).probs
         arts = split_artifacts(checkpoint, dataset, "train", progress=True)
-        listed = [("helpful", e) for e in result.helpful] + [("harmful", e) for e in result.harmful]
-        indices, score = [e.train_index for _, e in listed], [e.score for _, e in listed]
-        effects = [effect for effect, _ in listed]
+        influence = influence_rows(result, dataset, arts.probs)
+        effects = [row["effect"] for row in influence]
         [test_image] = selection_rows(dataset, "test", [args.test_index], test_probs)
         about.update(method=method, test_image=test_image, score=INFLUENCE_METHODS[method].score_meaning,
                      training_images=result.training_images, order="the most helpful first, then the most harmful")
-    rows = selection_rows(dataset, rows_split, indices, arts.probs, score=score, score_name=score_name)
-    for row, effect in zip(rows, effects or ()):
-        row["effect"] = effect  # helpful or harmful
+    if effects is None:
+        rows = selection_rows(dataset, rows_split, indices, arts.probs, score=score, score_name=score_name)
+    else:
+        rows, score = influence, [row["score"] for row in influence]  # helpful, then harmful, with their effect
     columns = [*COLUMNS, *([score_name] if score is not None else []), *(["effect"] if effects is not None else [])]
     text = rows_to_json(rows, about) + "\n" if args.format == "json" else rows_to_csv(rows, columns=columns)
     if out is None:

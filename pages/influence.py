@@ -41,18 +41,6 @@ test_arts = app.get_artifacts(checkpoint, dataset, "test")
 k = st.slider("Images per list", 4, 24, 8, step=4, key="influence_k")
 
 
-def show_result(result, key: str) -> None:
-    helpful, harmful = st.columns(2)
-    with helpful:
-        st.markdown("**Most helpful** (removing it would raise the loss)")
-        app.influence_grid(dataset, result.helpful, key=f"{key}-helpful")
-    with harmful:
-        st.markdown("**Most harmful** (removing it would lower the loss)")
-        app.influence_grid(dataset, result.harmful, key=f"{key}-harmful")
-    st.download_button("Export as JSON", result.to_json(), file_name=f"influence-{checkpoint.name}-{key}.json",
-                       mime="application/json", key=f"{key}-export", icon=":material/download:")
-
-
 def pick_test_image(split: str, index: int) -> None:
     st.session_state["influence_test"] = int(index)
 
@@ -105,7 +93,7 @@ def one_test_image() -> None:
                     f"({test_arts.probs[chosen].max():.0%})")
         st.caption(f"Scores: {METHODS[method].score_meaning}.")
     with answer:
-        show_result(app.influence_of(method, checkpoint, dataset, test_index=chosen, k=k), key=f"test-{chosen}")
+        app.show_result(dataset, checkpoint, app.influence_of(method, checkpoint, dataset, test_index=chosen, k=k), key=f"test-{chosen}")
     app.scroll_into_view("influence-answer", chosen)  # a click on a tile: its answer, below the grid, into view
     app.retrain_section(index, checkpoint, dataset, chosen, lambda n: app.influence_of(
         method, checkpoint, dataset, test_index=chosen, k=n), test_arts.probs)
@@ -116,7 +104,7 @@ def a_whole_class() -> None:
     st.markdown("The training images that help and hurt **a whole test class** on average (the influence-functions "
                 "source project analysed the airplane class this way).")
     target = st.selectbox("Test class", classes, key="influence_whole_class", format_func=shown)
-    show_result(app.influence_of(method, checkpoint, dataset, class_name=target, k=k), key=f"class-{target}")
+    app.show_result(dataset, checkpoint, app.influence_of(method, checkpoint, dataset, class_name=target, k=k), key=f"class-{target}")
 
 
 def suspicious_training_images() -> None:
@@ -136,7 +124,7 @@ def suspicious_training_images() -> None:
     with left:
         models = f" over the {index.models} models of the ensemble" if best == "mean training loss" else ""
         st.markdown(f"**By {best}**{models}")
-        suspects_grid(rankings[best][0], train_predicted, "best")
+        app.suspects_grid(dataset, checkpoint, rankings[best], train_predicted, "best", best)
     with right:
         if not others:
             st.info(f"The {METHODS[method].title} method has no self-influence: pick another method above.")
@@ -144,13 +132,7 @@ def suspicious_training_images() -> None:
         other = st.segmented_control("Or by", others, default=others[0], required=True, key="suspect_other",
                                      label_visibility="collapsed") if len(others) > 1 else others[0]
         st.markdown(f"**By {other}**")
-        suspects_grid(rankings[other][0], train_predicted, "other")
-
-
-def suspects_grid(idx, train_predicted, key: str) -> None:
-    captions = [md(classes[dataset.train.labels[i]]) + ("" if train_predicted[i] == dataset.train.labels[i] else
-                f" →\u00a0{md(classes[train_predicted[i]])}") for i in idx]  # label → prediction, as elsewhere
-    app.image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions, key=f"suspect-{key}")
+        app.suspects_grid(dataset, checkpoint, rankings[other], train_predicted, "other", other)
 
 
 for tab, draw in ((one, one_test_image), (whole_class, a_whole_class), (suspects, suspicious_training_images)):

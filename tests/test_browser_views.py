@@ -134,3 +134,41 @@ def test_a_clicked_test_image_on_influence_brings_its_answer_into_view(page, ser
         assert 0 <= top < 768 - 200, f"the answer's heading is at y={top}, out of view"
     finally:
         page.set_viewport_size({"width": 1600, "height": 1200})
+
+
+def test_a_cells_images_and_an_influence_lookup_download_as_csv_and_json(page, server, cifar):
+    """What the buttons download is the selection on screen, every image of it: the cell's images in the page's
+    order (most confident first), and the lookup's helpful then harmful training images with their scores."""
+    import csv
+    import io
+    import json
+
+    arts = split_artifacts(load_checkpoint(REPO / "checkpoints" / "fastnet.safetensors"), cifar, "test")
+    cat, dog = cifar.classes.index("cat"), cifar.classes.index("dog")
+    cell = np.flatnonzero((arts.labels == cat) & (arts.predicted == dog))
+    cell = cell[np.argsort(-arts.probs[cell, dog], kind="stable")]
+    page.goto(f"{server}/evaluate?checkpoint=fastnet&cell=cat,dog")
+    page.get_by_text(re.compile(r"test images are cat predicted as dog")).first.wait_for()
+    wait_idle(page)
+    with page.expect_download() as download:
+        page.locator(".st-key-export-cell button >> visible=true").filter(has_text="CSV").click()
+    rows = list(csv.DictReader(io.StringIO(open(download.value.path(), encoding="utf-8").read())))
+    assert [int(r["index"]) for r in rows] == cell.tolist()  # all 90, not only the 24 drawn
+    assert {r["label"] for r in rows} == {"cat"} and {r["prediction"] for r in rows} == {"dog"}
+    assert [int(r["source_index"]) for r in rows] == cifar.test.source_index[cell].tolist()
+    assert np.allclose([float(r["confidence"]) for r in rows], arts.probs[cell].max(1))
+
+    page.goto(f"{server}/influence?checkpoint=fastnet&method=head&test=7")
+    page.get_by_text(re.compile(r"Test image #7: true label")).first.wait_for()
+    wait_idle(page)
+    with page.expect_download() as download:
+        page.locator(".st-key-export-test-7 button >> visible=true").filter(has_text="JSON").click()
+    saved = json.loads(open(download.value.path(), encoding="utf-8").read())
+    assert saved["about"]["query"]["test_index"] == 7 and saved["about"]["method"] == "head"
+    effects = [row["effect"] for row in saved["images"]]
+    assert effects == ["helpful"] * 8 + ["harmful"] * 8  # "Images per list": 8
+    scores = [row["score"] for row in saved["images"]]
+    assert all(s > 0 for s in scores[:8]) and all(s < 0 for s in scores[8:])
+    assert scores[:8] == sorted(scores[:8], reverse=True)
+    shown = page.locator("[class*='st-key-test-7-helpful-train-'] >> visible=true").first.get_attribute("class")
+    assert int(re.search(r"st-key-test-7-helpful-train-(\d+)", shown).group(1)) == saved["images"][0]["index"]

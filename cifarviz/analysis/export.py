@@ -91,3 +91,15 @@ def rows_to_json(rows: list[dict], about: dict) -> str:
                     if isinstance(v, float) and not math.isfinite(v)), "a value of `about`")
         raise CifarvizError(f"The selection cannot be written as JSON: {bad} is not a finite number (NaN or "
                             "infinite). Write it as CSV, or recompute the model's outputs.") from None
+
+
+def influence_rows(result, dataset, train_probs) -> list[dict]:
+    """An influence lookup's training images (an `InfluenceResult`): the most helpful first, then the most
+    harmful, each row with its `score` (the method's score, see its `score_meaning`) and `effect` (helpful or
+    harmful). `train_probs`: the training split's predicted probabilities."""
+    listed = [("helpful", e) for e in result.helpful] + [("harmful", e) for e in result.harmful]
+    rows = selection_rows(dataset, "train", [e.train_index for _, e in listed], train_probs,
+                          score=[e.score for _, e in listed], score_name="score")
+    for row, (effect, _) in zip(rows, listed):
+        row["effect"] = effect
+    return rows

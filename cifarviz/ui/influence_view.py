@@ -8,8 +8,14 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from cifarviz.analysis.explore import ImageRef
+from cifarviz.analysis.export import influence_rows, selection_rows
 from cifarviz.services import retrain, runs
 from cifarviz.ui import identity
+from cifarviz.ui.exports import export_buttons
+from cifarviz.ui.inspector import influence_grid
+from cifarviz.ui.loaders import get_artifacts
+from cifarviz.ui.widgets import image_grid
 from cifarviz.ui.text import md, md_message, shown
 
 REMOVED = 100  # the lists an ensemble index keeps, and the measured table's k on the full split
@@ -173,3 +179,33 @@ def measured_table(checkpoint, titles: dict) -> None:
         st.caption(f"{figures.protocol}. For each test image, the recipe was retrained without the method's top "
                    f"helpful training images and the test image's plain loss measured. Measured at commit "
                    f"{figures.commit} with `{figures.command}`.")
+
+
+def show_result(dataset, checkpoint, result, key: str) -> None:
+    """An influence lookup: the most helpful and most harmful training images side by side, and its export."""
+    helpful, harmful = st.columns(2)
+    with helpful:
+        st.markdown("**Most helpful** (removing it would raise the loss)")
+        influence_grid(dataset, result.helpful, key=f"{key}-helpful")
+    with harmful:
+        st.markdown("**Most harmful** (removing it would lower the loss)")
+        influence_grid(dataset, result.harmful, key=f"{key}-harmful")
+    export_buttons(lambda: influence_rows(result, dataset, get_artifacts(checkpoint, dataset, "train").probs),
+                   key=key, name=f"influence-{checkpoint.name}-{key}",
+                   about={"view": "influence", "method": result.method, "checkpoint": checkpoint.name,
+                          "query": result.query, "data": dataset.root.name,
+                          "order": "the most helpful first, then the most harmful"})
+
+
+def suspects_grid(dataset, checkpoint, ranking: tuple, train_predicted, key: str, name: str) -> None:
+    """One suspicious-images ranking, `(positions in dataset.train, values)`, as tiles "label → prediction"."""
+    idx, values = ranking
+    classes, labels = dataset.classes, dataset.train.labels
+    captions = [md(classes[labels[i]]) + ("" if train_predicted[i] == labels[i] else
+                f" →\u00a0{md(classes[train_predicted[i]])}") for i in idx]  # as the other grids
+    image_grid(dataset.train.images[idx], [ImageRef("train", int(i)) for i in idx], captions, key=f"suspect-{key}")
+    export_buttons(lambda: selection_rows(dataset, "train", idx, get_artifacts(checkpoint, dataset, "train").probs,
+                                          score=values, score_name="_".join(name.split(" (")[0].split())),
+                   key=f"suspect-{key}", name=f"suspicious-{checkpoint.name}-{name}",
+                   about={"view": "suspicious training images", "ranking": name, "checkpoint": checkpoint.name,
+                          "order": "most suspicious first"})
