@@ -32,6 +32,9 @@ method = st.segmented_control("Method", methods, key="influence_method", require
                               format_func=lambda name: METHODS[name].title)
 titles = {name: cls.title for name, cls in METHODS.items()} | {"random": "k random images (for scale)"}
 st.caption(" ".join(filter(None, [METHODS[method].explanation, app.how_sure(checkpoint, method, titles), scope_note])))
+if app.needs_asking(method, checkpoint, dataset):  # minutes of work: asked first, answered with head meanwhile
+    app.ask_before_building(method, checkpoint, dataset)
+    method = "head"
 index, method, building = app.influence_index_now(method, checkpoint, dataset)
 if building is not None:  # the ensemble takes minutes to build, once: answer with the head meanwhile
     app.progress_bar(building, f"Building the {METHODS[st.session_state['influence_method']].title} index of "

@@ -399,3 +399,38 @@ def test_a_bad_training_image_is_named_where_it_is_needed(tmp_path):
     at.session_state["inspect"] = None
     at.switch_page("pages/dataset.py").run()
     assert not at.exception and "0001.png" in "\n".join(c.value for c in at.code)
+
+
+def test_influence_asks_before_minutes_of_work_and_says_how_long(cifar):
+    """TRAK on fastnet is minutes of work: choosing it starts nothing, says so, and answers with head influence
+    meanwhile. A method measured here at over a minute says how long it took; "Build it now" starts it in the
+    background and the page keeps answering."""
+    from cifarviz.analysis.influence import index_path
+    from cifarviz.services.jobs import JOBS
+    from cifarviz.store import timings
+    from cifarviz.ui.loaders import timing_key
+
+    checkpoint = load_checkpoint(SHIPPED / "fastnet.safetensors")
+    at = app_at("pages/influence.py", cifar)
+    at.segmented_control(key="influence_method").set_value("trak").run()
+    assert not at.exception, [e.value for e in at.exception]
+    page = texts(at)
+    assert "index of **fastnet** is not built yet" in page and "several minutes" in page
+    assert JOBS.find(str(index_path("trak", checkpoint, cifar))) is None  # nothing started without a yes
+    assert any(b.key == "build-trak" for b in at.button)
+    assert any(b.key and b.key.startswith("test-") and "-helpful-train-" in b.key for b in at.button)  # answered
+
+    index_path("similarity", checkpoint, cifar).unlink(missing_ok=True)  # not built, and measured here at 8 min
+    timings.record(timing_key("similarity", checkpoint, cifar), 480.0)
+    at.segmented_control(key="influence_method").set_value("similarity").run()
+    assert "about 8 minutes (as long as it took on this server last time)" in texts(at)
+    assert JOBS.find(str(index_path("similarity", checkpoint, cifar))) is None
+    at.button(key="build-similarity").click().run()
+    job = JOBS.find(str(index_path("similarity", checkpoint, cifar)))
+    assert job is not None  # started, in the background
+    assert "is not built yet" not in texts(at)
+    job.wait(600)
+    assert job.error is None
+    assert timings.expected_seconds(timing_key("similarity", checkpoint, cifar)) < 480  # its real time, recorded
+    run_until(at, lambda at: not at.progress, "the similarity index")
+    assert not at.exception, [e.value for e in at.exception]

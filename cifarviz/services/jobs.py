@@ -143,6 +143,11 @@ class JobRegistry:
             self._push(BACKGROUND if background else FOREGROUND, job)
             return job
 
+    def find(self, key: str) -> Job | None:
+        """The job for `key` if one was started (queued, running, or kept after it ended), without starting it."""
+        with self._lock:
+            return self._jobs.get(key)
+
     def position(self, job: Job) -> int | None:
         """How many queued jobs start before `job` (0: it is next); None once it runs or has ended."""
         with self._lock:
@@ -191,7 +196,9 @@ class JobRegistry:
         heapq.heappush(self._queue, (priority, next(self._order), job))
         self._threads = [t for t in self._threads if t.is_alive()]
         if len(self._threads) < self.workers:
-            thread = threading.Thread(target=self._work, name=f"cifarviz-job-{len(self._threads)}")
+            # Never a daemon (a thread started from a daemon script thread would be one): at exit the interpreter
+            # joins it after JOBS.stop, so it ends at a progress report, not killed inside torch (an abort).
+            thread = threading.Thread(target=self._work, name=f"cifarviz-job-{len(self._threads)}", daemon=False)
             self._threads.append(thread)
             thread.start()
         self._wake.notify()

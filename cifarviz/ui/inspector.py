@@ -15,6 +15,7 @@ from cifarviz.core.inference import predict
 from cifarviz.store.artifacts import split_tta
 from cifarviz.ui.loaders import (
     calibration_now,
+    needs_asking,
     artifacts_job,
     artifacts_ready,
     file_stamp,
@@ -165,6 +166,8 @@ def influence_section(checkpoint: Checkpoint, dataset, ref: ImageRef, k: int = 4
     chosen = st.session_state.get("influence_method")
     if st.session_state.get("influence_method_of") != str(checkpoint.path) or chosen not in METHODS:
         chosen = default_method(checkpoint)
+    if needs_asking(chosen, checkpoint, dataset):  # minutes of work that nobody asked for: the Influence page asks
+        chosen = "head"
     job = influence_job(chosen, checkpoint, dataset, background=METHODS[chosen].needs_members)
     if job is not None and not METHODS[chosen].needs_members:
         progress_bar(job, "Building the influence index (once per checkpoint, for everyone)")

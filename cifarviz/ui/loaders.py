@@ -30,6 +30,7 @@ from cifarviz.core.settings import settings
 from cifarviz.core.utils import pick_device
 from cifarviz.services.jobs import JOBS, Job, ServerBusy
 from cifarviz.store.artifacts import artifact_path, artifacts_cached, split_artifacts, split_tta
+from cifarviz.store import timings
 from cifarviz.store.datasets import load_cifar10
 from cifarviz.ui import identity
 from cifarviz.ui.text import md, md_message
@@ -102,7 +103,8 @@ def prefetch(checkpoint: Checkpoint | None, dataset) -> None:
         for split in ("test", "train", "val"):
             artifacts_job(checkpoint, dataset, split, background=True)
         method = default_method(checkpoint)
-        if not METHODS[method].needs_members:  # an ensemble takes minutes: built when Influence or the inspector asks
+        # An ensemble or a TRAK fit takes minutes: built when a viewer says yes on Influence (or precompute)
+        if not METHODS[method].needs_members and not takes_long(method, checkpoint, dataset):
             influence_job(method, checkpoint, dataset, background=True)
 
 
@@ -115,9 +117,53 @@ def influence_job(method: str, checkpoint: Checkpoint, dataset, *, background: b
         return Job.failed(f"influence-{method}-{checkpoint.name}", exc)
     if not background and (refused := classroom_refusal(f"the {METHODS[method].title} index of this checkpoint")):
         return refused
-    return JOBS.start(str(index_path(method, checkpoint, dataset)),
-                      lambda report: load_or_fit(method, checkpoint, dataset, on_progress=report),
-                      background=background, owner=None if background else identity.viewer())
+
+    def fit(report):
+        started = time.monotonic()
+        index = load_or_fit(method, checkpoint, dataset, on_progress=report)
+        timings.record(timing_key(method, checkpoint, dataset), time.monotonic() - started)  # the next estimate
+        return index
+
+    return JOBS.start(str(index_path(method, checkpoint, dataset)), fit, background=background,
+                      owner=None if background else identity.viewer())
+
+
+ASK_ABOVE_SECONDS = 60  # longer than this, a page asks before it starts the work
+
+
+def timing_key(method: str, checkpoint: Checkpoint, dataset) -> str:
+    """What an index's build time depends on: the method, the network and its size, the images, the device."""
+    parameters = sum(p.numel() for p in checkpoint.model.parameters())
+    return (f"influence/{method}/{checkpoint.model.arch_name}/{parameters}/{len(dataset.train)}/"
+            f"{pick_device('auto').type}")
+
+
+def build_estimate(method: str, checkpoint: Checkpoint, dataset) -> float | None:
+    """Seconds the index took when it was last built on this machine (None: never built here)."""
+    return timings.expected_seconds(timing_key(method, checkpoint, dataset))
+
+
+def takes_long(method: str, checkpoint: Checkpoint, dataset) -> bool:
+    estimate = build_estimate(method, checkpoint, dataset)
+    return estimate > ASK_ABOVE_SECONDS if estimate is not None else METHODS[method].takes_minutes
+
+
+def needs_asking(method: str, checkpoint: Checkpoint, dataset) -> bool:
+    """Whether a page must ask before building `method`'s index: it is not on disk, nobody has started it, this
+    viewer has not said yes, and it takes more than about a minute (measured here, or the method's nature)."""
+    if st.session_state.get(f"_build_{method}_{checkpoint.path}") or not takes_long(method, checkpoint, dataset):
+        return False
+    try:
+        if index_ready(method, checkpoint, dataset):
+            return False
+    except CifarvizError:
+        return False  # the page shows that problem when it asks for the index
+    job = JOBS.find(str(index_path(method, checkpoint, dataset)))
+    return job is None or (job.done and job.error is not None)
+
+
+def confirm_build(method: str, checkpoint: Checkpoint) -> None:
+    st.session_state[f"_build_{method}_{checkpoint.path}"] = True
 
 
 def get_influence_index(method: str, checkpoint: Checkpoint, dataset):
@@ -146,8 +192,9 @@ def influence_index_now(method: str, checkpoint: Checkpoint, dataset, fallback: 
     """(index, the method it is, the job still building `method` or None). A method that takes minutes to build
     (the ensemble) is built in the background while the page answers with `fallback`, which takes seconds:
     the first answer should not wait for the best one."""
-    job = influence_job(method, checkpoint, dataset, background=METHODS[method].needs_members)
-    if job is None or not METHODS[method].needs_members or (job.done and job.error is None):
+    slow = METHODS[method].needs_members or takes_long(method, checkpoint, dataset)
+    job = influence_job(method, checkpoint, dataset, background=slow)
+    if job is None or not slow or (job.done and job.error is None):
         return get_influence_index(method, checkpoint, dataset), method, None
     return get_influence_index(fallback, checkpoint, dataset), fallback, job
 

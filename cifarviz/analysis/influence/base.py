@@ -32,6 +32,7 @@ class InfluenceIndex(ABC):
     score_meaning: str = "the predicted change of this image's loss if the training image were removed"
     has_self_influence: bool = True
     needs_members: bool = False  # fitted over the checkpoint and other models of its recipe (ensemble_members)
+    takes_minutes: bool = False  # its fit is minutes of work on a CPU: the app asks before starting it
     arrays: ClassVar[dict] = {}  # the store schema of `state()`: name -> Array, with "n" the training images
     origin: dict | None = None  # what the index was built from (set by load_or_fit): model, images, method
     positions = None  # row -> position in dataset.train of the images it covers (set by load_or_fit); None: all

@@ -100,6 +100,7 @@ def _top(scores: np.ndarray, keep: int, largest: bool) -> tuple[np.ndarray, np.n
 class TrakEnsemble(InfluenceIndex):
     name = "trak-ensemble"
     title = "TRAK, ensemble of models"
+    takes_minutes = True  # per-example gradients of the whole network, 45,000 images
     explanation = ("TRAK over several models of the same recipe (other seeds): each compares the test image's "
                    "gradient with every training image's over the whole network, projected and corrected for "
                    "redundant training images; averaging the models removes most of one model's noise.")

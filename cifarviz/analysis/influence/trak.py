@@ -137,6 +137,7 @@ def whitened_gradients(gradients: MarginGradients, train, on_progress: Progress 
 class TrakInfluence(InfluenceIndex):
     name = "trak"
     title = "TRAK (whole network, projected gradients)"
+    takes_minutes = True  # per-example gradients of the whole network, 45,000 images
     explanation = ("TRAK: compares the test image's gradient with every training image's gradient over the whole "
                    "network (its last layers for large models), randomly projected, and corrects for how "
                    "redundant the training images are with one another.")
