@@ -205,3 +205,41 @@ def test_embeddings_page_map_comparison_selection_and_inspector(cifar, fastnet):
     assert [int(b.key.rsplit("-", 1)[1]) for b in tiles] == inside[:60].tolist()
     tiles[0].click().run()
     assert f"Test image #{inside[0]}" in "\n".join(m.value for m in at.markdown)
+
+
+def test_a_tsne_shows_its_layouts_as_it_goes_and_ends_where_it_would_without(cifar, fastnet):
+    """The first layout (t-SNE's PCA start) comes before the slow neighbour search, then one every 25
+    iterations; watching changes nothing: the final map is the one computed without a watcher."""
+    features = split_artifacts(fastnet, cifar, "test").features[:1500]
+    seen, fractions = [], []
+
+    def progress(fraction):
+        fractions.append(fraction)
+
+    watched = embed.compute_embedding(features, "tsne", {"perplexity": 30}, on_progress=progress,
+                                      on_partial=lambda coords: seen.append((len(fractions), coords)))
+    plain = embed.compute_embedding(features, "tsne", {"perplexity": 30})
+    np.testing.assert_array_equal(watched, plain)
+    first_at, first = seen[0]
+    assert max(fractions[:first_at]) < 0.15  # before the affinities (the slow part before any movement)
+    assert first.shape == (1500, 2) and not np.allclose(first, plain)  # a start, not the answer
+    assert len(seen) >= (embed.TSNE_EXAGGERATION_ITERS + embed.TSNE_ITERS) // 25
+    assert np.allclose(seen[-1][1], plain, atol=1e-3 * np.abs(plain).max())  # the last layout is the map
+
+
+def test_the_embeddings_page_shows_the_layout_while_the_map_computes(cifar, fastnet):
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = str(cifar.root)
+    at.session_state["emb_perplexity"] = 37  # a map no other test computed
+    at.run()
+    at.switch_page("pages/embeddings.py").run()
+    split_artifacts(fastnet, cifar, "test")  # the features (Evaluate computes them first, in class)
+    deadline, arranging = time.monotonic() + 600, False
+    while not at.get("vega_lite_chart") or at.progress:
+        assert not at.exception, [e.value for e in at.exception]
+        assert time.monotonic() < deadline, "the map never arrived"
+        arranging |= any("Still arranging" in c.value for c in at.caption) and bool(at.get("vega_lite_chart"))
+        time.sleep(0.5)
+        at.run()
+    assert arranging, "no layout was shown while the t-SNE ran"
+    assert "10-NN accuracy in this map" in "\n".join(m.value for m in at.markdown)  # then the finished map

@@ -192,10 +192,11 @@ _MAPS_LOCK = threading.Lock()
 
 
 def embedding(checkpoint, dataset, split: str, method: str, params: dict | None = None, subset=None, *,
-              seed: int = SEED, on_progress=None) -> Embedding:
+              seed: int = SEED, on_progress=None, on_partial=None) -> Embedding:
     """The 2-D map of `split` (or of the images `subset` of it): from the store, or computed and stored now.
 
-    `checkpoint=None` maps the raw pixels. `on_progress(fraction)` is called while it runs."""
+    `checkpoint=None` maps the raw pixels. `on_progress(fraction)` is called while it runs; `on_partial(coords)`
+    with each intermediate layout of a t-SNE (its starting PCA layout first), for a first view that refines."""
     key = embedding_key(checkpoint, dataset, split, method, params, subset, seed)
     data = dataset.split(split)
     idx = _check_subset(subset, len(data), split)
@@ -208,7 +209,7 @@ def embedding(checkpoint, dataset, split: str, method: str, params: dict | None 
             arts = split_artifacts(checkpoint, dataset, split)
             inputs, predicted = arts.features[idx], arts.predicted[idx]
         start = time.perf_counter()
-        coords = compute_embedding(inputs, method, full, seed=seed, on_progress=on_progress)
+        coords = compute_embedding(inputs, method, full, seed=seed, on_progress=on_progress, on_partial=on_partial)
         info = {"source": "raw pixels" if checkpoint is None else checkpoint.name, "split": split, "method": method,
                 "params": full, "seed": seed, "points": len(idx), "seconds": round(time.perf_counter() - start, 2)}
         return {"coords": coords, "indices": idx, "labels": data.labels[idx],
@@ -223,8 +224,9 @@ def embedding(checkpoint, dataset, split: str, method: str, params: dict | None 
 
 
 def compute_embedding(inputs: np.ndarray, method: str, params: dict | None = None, *, seed: int = SEED,
-                      on_progress=None) -> np.ndarray:
-    """(n, 2) float32 coordinates of `inputs` (n, d), uncached. Deterministic for a seed."""
+                      on_progress=None, on_partial=None) -> np.ndarray:
+    """(n, 2) float32 coordinates of `inputs` (n, d), uncached. Deterministic for a seed (`on_partial`, see
+    `embedding`, only looks: the result is the same with it or without)."""
     report = on_progress or (lambda fraction: None)
     params = check_params(method, params, len(inputs))
     x = np.ascontiguousarray(inputs, dtype=np.float32)
@@ -235,20 +237,23 @@ def compute_embedding(inputs: np.ndarray, method: str, params: dict | None = Non
         x = PCA(2 if method == "pca" else PCA_DIMS, random_state=seed).fit_transform(x).astype(np.float32)
     report(0.05)
     if method == "tsne":
-        x = _tsne(x, params["perplexity"], seed, report)
+        x = _tsne(x, params["perplexity"], seed, report, on_partial)
     elif method == "umap":
         x = _umap(x, params["n_neighbors"], params["min_dist"], seed, report)
     report(1.0)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _tsne(x: np.ndarray, perplexity: float, seed: int, report) -> np.ndarray:
+def _tsne(x: np.ndarray, perplexity: float, seed: int, report, on_partial=None) -> np.ndarray:
     """openTSNE in its two phases (early exaggeration, then the rest), so progress is reported per iteration.
 
     From 10,000 points the gradients are FFT-interpolated with ints_in_interval=2, half the grid resolution of
     openTSNE's default: faster, with the same 10-NN accuracy in the map (bench/bench_embed.py)."""
     from openTSNE import TSNEEmbedding, affinity, initialization
 
+    start = initialization.pca(x, random_state=seed)
+    show = on_partial or (lambda coords: None)
+    show(np.array(start, dtype=np.float32))  # a first view in a second: the PCA layout t-SNE starts from
     affinities = affinity.PerplexityBasedNN(x, perplexity=perplexity, n_jobs=TSNE_JOBS, random_state=seed)
     report(0.15)
     total = TSNE_EXAGGERATION_ITERS + TSNE_ITERS
@@ -256,11 +261,12 @@ def _tsne(x: np.ndarray, perplexity: float, seed: int, report) -> np.ndarray:
 
     def callback(iteration, error, embedding):  # openTSNE restarts the count in each phase
         report(0.15 + 0.85 * (done[0] + iteration) / total)
+        show(np.array(embedding, dtype=np.float32))  # a copy: openTSNE goes on moving its own array
         return False
 
     fft = {"negative_gradient_method": "fft", "ints_in_interval": 2} if len(x) >= FFT_FROM else {
         "negative_gradient_method": "bh"}
-    emb = TSNEEmbedding(initialization.pca(x, random_state=seed), affinities, n_jobs=TSNE_JOBS, random_state=seed,
+    emb = TSNEEmbedding(start, affinities, n_jobs=TSNE_JOBS, random_state=seed,
                         callbacks=callback, callbacks_every_iters=25, **fft)
     emb = emb.optimize(TSNE_EXAGGERATION_ITERS, exaggeration=12, momentum=0.5)
     done[0] = TSNE_EXAGGERATION_ITERS

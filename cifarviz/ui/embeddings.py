@@ -4,6 +4,8 @@ artifacts), their Altair charts with hover thumbnails, and what a click or a box
 from __future__ import annotations
 
 import base64
+import threading
+import time
 import io
 from functools import lru_cache
 
@@ -35,9 +37,26 @@ def map_job(checkpoint, dataset, split: str, method: str, params: dict, subset) 
         return None
     if refused := app.classroom_refusal(f"this {METHODS[method].split(' (')[0]} map"):
         return refused
-    return JOBS.start(str(embedding_path(checkpoint, dataset, split, method, params, subset)),
-                      lambda report: embedding(checkpoint, dataset, split, method, params, subset, on_progress=report),
-                      owner=identity.viewer())
+    key = str(embedding_path(checkpoint, dataset, split, method, params, subset))
+
+    def partial(coords: np.ndarray) -> None:  # the job's latest layout, for everyone waiting on it (replaced whole)
+        with _PARTIAL_LOCK:
+            _PARTIAL[key] = (coords, time.monotonic())
+            while len(_PARTIAL) > 8:
+                _PARTIAL.pop(next(iter(_PARTIAL)))
+
+    return JOBS.start(key, lambda report: embedding(checkpoint, dataset, split, method, params, subset,
+                                                   on_progress=report, on_partial=partial), owner=identity.viewer())
+
+
+_PARTIAL_LOCK = threading.Lock()
+_PARTIAL: dict[str, tuple] = {}  # job key -> (the t-SNE's latest coordinates, when): never mutated, only replaced
+
+
+def partial_layout(job: Job) -> np.ndarray | None:
+    with _PARTIAL_LOCK:
+        found = _PARTIAL.get(job.key)
+    return None if found is None or job.done else found[0]
 
 
 def get_maps(requests: list[tuple], dataset, split: str, method: str, params: dict, subset) -> list[Embedding]:
@@ -58,11 +77,40 @@ def get_maps(requests: list[tuple], dataset, split: str, method: str, params: di
             st.stop()
     if waiting:
         points = len(dataset.split(split)) if subset is None else len(subset)
-        for name, job in waiting:  # each bar reruns the page when its map is ready
-            app.progress_bar(job, f"{METHODS[method]} map of {md(name)}, {points:,} {split} images (once, then cached "
-                                  "for everyone)")
+        labels = dataset.split(split).labels if subset is None else dataset.split(split).labels[subset]
+        refining(waiting, labels, list(dataset.classes), f"{METHODS[method]} map of {{}}, {points:,} {split} images")
         st.stop()
     return [embedding(source, dataset, split, method, params, subset) for _, source in requests]
+
+
+def refining(waiting: list[tuple], labels: np.ndarray, classes: list[str], label: str) -> None:
+    """While maps compute: each one's progress, and, for a t-SNE, its latest layout (a first view within seconds
+    that refines every second or so: points move as the optimisation goes). The page reruns when all are done."""
+
+    @st.fragment(run_every=1.5)
+    def view() -> None:
+        if all(job.done for _, job in waiting):
+            st.rerun()
+        columns = st.columns(len(waiting)) if len(waiting) > 1 else [st.container()]
+        for column, (name, job) in zip(columns, waiting):
+            with column:
+                if not job.started:
+                    st.progress(0.0, text=f"{label.format(md(name))}: queued ({JOBS.position(job) or 0} ahead)")
+                    continue
+                st.progress(job.progress, text=f"{label.format(md(name))}: arranging the points, "
+                                               f"{job.progress:.0%}{app.time_left(job)}")
+                coords = partial_layout(job)
+                if coords is not None and len(coords) == len(labels):
+                    frame = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1],
+                                          "class": np.asarray(classes, dtype=object)[labels]})
+                    chart = alt.Chart(frame).mark_circle(size=12, opacity=0.7).encode(
+                        x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None),
+                        color=alt.Color("class:N", sort=classes, legend=alt.Legend(orient="right", labelFontSize=13)))
+                    st.altair_chart(chart.properties(height=460), width="stretch")
+                    st.caption("Still arranging: images the network finds alike are pulled together. Hover, click "
+                               "and box selection come when the map is finished.")
+
+    view()
 
 
 @lru_cache(maxsize=32)
