@@ -227,6 +227,10 @@ def test_wrong_data_folder_explains_and_keeps_serving(cifar, tmp_path):
     at.sidebar.text_input(key="data_root").set_value(str(tmp_path)).run()
     assert not at.exception
     assert any("No CIFAR-10 data" in w.value for w in at.warning)
+    said = at.get("code")[0]
+    assert "Looked in" in said.value and "--data PATH" not in said.value  # a CLI flag means nothing here
+    assert said.proto.wrap_lines  # wrapped to the page: nothing lost off its right edge at 1024 px
+    assert "Data folder* in the sidebar" in texts(at)  # what to do, in the app's terms
     assert "does not look like CIFAR-10" in "\n".join(c.value for c in at.code)
     at.switch_page("pages/models.py").run()  # pages that need no data still work
     assert not at.exception and len(at.dataframe) >= 1
