@@ -16,11 +16,11 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from cifarviz.analysis.explore import ImageRef
+from cifarviz.ui.widgets import INSPECT_KEY
 
 _WRITTEN = "_link_written"  # the parameters this session last wrote: a different address came from outside
 _FIELDS = "_link_fields"  # this run's bound parameters: {param: (session key, format)}
 _FRESH = "_link_fresh"
-INSPECT_KEY = "inspect"  # widgets.INSPECT_KEY (not imported: widgets imports nothing of this module either)
 
 
 def begin() -> None:
