@@ -243,3 +243,27 @@ def test_the_embeddings_page_shows_the_layout_while_the_map_computes(cifar, fast
         at.run()
     assert arranging, "no layout was shown while the t-SNE ran"
     assert "10-NN accuracy in this map" in "\n".join(m.value for m in at.markdown)  # then the finished map
+
+
+def test_a_map_of_minutes_is_asked_for_first(cifar, fastnet):
+    """All 45,000 training images on a t-SNE map are minutes of work: choosing them starts nothing until "Compute
+    this map", and once measured here the page says how long it took."""
+    from cifarviz.services.jobs import JOBS
+    from cifarviz.store import timings
+    from cifarviz.ui.embeddings import map_timing_key
+
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = str(cifar.root)
+    at.session_state["emb_split"], at.session_state["emb_train_size"] = "train", len(cifar.train)
+    at.session_state["emb_perplexity"] = 41
+    split_artifacts(fastnet, cifar, "train")  # the features a map of training images starts from
+    at.run()
+    at.switch_page("pages/embeddings.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    page = "\n".join(m.value for m in at.markdown)
+    assert "map of **45,000** images is not computed yet" in page and "a few minutes" in page
+    assert not at.progress and not [key for key in JOBS._jobs if "tsne" in key]  # nothing started
+    timings.record(map_timing_key(fastnet, cifar, "train", "tsne", np.arange(len(cifar.train))), 300.0)
+    at.run()
+    assert "about 5 minutes (as long as it took on this server last time)" in "\n".join(m.value for m in at.markdown)
+    assert not at.progress and not [key for key in JOBS._jobs if "tsne" in key]

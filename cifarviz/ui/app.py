@@ -45,6 +45,7 @@ from cifarviz.ui.loaders import (  # noqa: F401
     classroom_refusal,
     refused_notice,
     needs_asking,
+    ASK_ABOVE_SECONDS,
     build_estimate,
     calibration_now,
 )

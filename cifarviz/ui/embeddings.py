@@ -19,6 +19,7 @@ from cifarviz.analysis.embed import METHODS, Embedding, embedding, embedding_pat
 from cifarviz.core.errors import CifarvizError
 from cifarviz.core.settings import settings
 from cifarviz.services.jobs import JOBS, Job
+from cifarviz.store import timings
 from cifarviz.ui import app, identity
 from cifarviz.ui.text import md, md_message
 
@@ -45,8 +46,53 @@ def map_job(checkpoint, dataset, split: str, method: str, params: dict, subset) 
             while len(_PARTIAL) > 8:
                 _PARTIAL.pop(next(iter(_PARTIAL)))
 
-    return JOBS.start(key, lambda report: embedding(checkpoint, dataset, split, method, params, subset,
-                                                   on_progress=report, on_partial=partial), owner=identity.viewer())
+    timing = map_timing_key(checkpoint, dataset, split, method, subset)
+
+    def compute(report):
+        started = time.monotonic()
+        result = embedding(checkpoint, dataset, split, method, params, subset, on_progress=report, on_partial=partial)
+        timings.record(timing, time.monotonic() - started)  # what the next one of this size is expected to take
+        return result
+
+    return JOBS.start(key, compute, owner=identity.viewer())
+
+
+LONG_MAP_POINTS = 20_000  # a t-SNE or UMAP of more points than this is minutes on a CPU (until measured here)
+
+
+def map_timing_key(checkpoint, dataset, split: str, method: str, subset) -> str:
+    points = len(dataset.split(split)) if subset is None else len(subset)
+    return f"map/{method}/{'pixels' if checkpoint is None else 'features'}/{points}"
+
+
+def map_needs_asking(requests: list[tuple], dataset, split: str, method: str, params: dict, subset) -> float | None:
+    """Seconds (or 0.0: unknown, but minutes by its size) that the maps not on disk would take, when that is over a
+    minute and this viewer has not said yes; None when the page may go ahead."""
+    if st.session_state.get(f"_map_yes_{split}_{method}_{len(subset) if subset is not None else 'all'}"):
+        return None
+    longest = None
+    for _, source in requests:
+        if embedding_ready(source, dataset, split, method, params, subset) or JOBS.find(
+                str(embedding_path(source, dataset, split, method, params, subset))):
+            continue
+        estimate = timings.expected_seconds(map_timing_key(source, dataset, split, method, subset))
+        points = len(dataset.split(split)) if subset is None else len(subset)
+        if estimate is not None and estimate > app.ASK_ABOVE_SECONDS:
+            longest = max(longest or 0.0, estimate)
+        elif estimate is None and method != "pca" and points > LONG_MAP_POINTS:
+            longest = max(longest or 0.0, 0.0)
+    return longest
+
+
+def ask_before_mapping(seconds: float, split: str, method: str, subset, points: int) -> None:
+    how_long = (f"about {seconds / 60:.0f} minutes (as long as it took on this server last time)" if seconds else
+                "a few minutes on a CPU")
+    with st.container(border=True, key="map-ask"):
+        st.markdown(f"A {METHODS[method].split(' (')[0]} map of **{points:,}** images is not computed yet: it takes "
+                    f"{how_long}, once for everyone on this server. Fewer images map in seconds.")
+        st.button("Compute this map", key="map-yes", icon=":material/play_arrow:", on_click=st.session_state.update,
+                  kwargs={f"_map_yes_{split}_{method}_{len(subset) if subset is not None else 'all'}": True})
+    st.stop()
 
 
 _PARTIAL_LOCK = threading.Lock()
@@ -63,6 +109,10 @@ def get_maps(requests: list[tuple], dataset, split: str, method: str, params: di
     """The maps of several sources (a checkpoint or None for pixels), each computed once for everyone. All missing
     ones start at once; while any runs, this run ends with progress bars that fill in by themselves."""
     try:  # settings that cannot map these points (a perplexity too large for a small split): said, not raised
+        asking = map_needs_asking(requests, dataset, split, method, params, subset)  # minutes of work: ask first
+        if asking is not None:
+            ask_before_mapping(asking, split, method, subset, len(dataset.split(split)) if subset is None
+                               else len(subset))
         jobs = [(name, map_job(source, dataset, split, method, params, subset)) for name, source in requests]
     except CifarvizError as exc:
         st.error(md_message(exc), icon=":material/error:")
