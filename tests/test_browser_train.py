@@ -41,6 +41,9 @@ def test_start_watch_the_curve_grow_and_stop(page, server, browser):
         wait_idle(page)
         page.get_by_role("button", name="Start", exact=True).click()
         current_step(page)  # the live view appears by itself (no reload) once the worker trains
+        page.wait_for_timeout(2000)  # the smooth scroll to it
+        top = page.locator("[class*='st-key-live-']").first.bounding_box()["y"]
+        assert 0 <= top < page.viewport_size["height"] - 150, f"the live curves start at y={top}, out of view"
 
         # The run is this browser's: another browser (its own cookie) watches it but cannot stop it, and a reload
         # here is still its owner (the Stop clicked at the end is this tab's, after the reload).
@@ -85,6 +88,12 @@ def test_start_watch_the_curve_grow_and_stop(page, server, browser):
         page.get_by_text(re.compile(re.escape(run_id) + r" (stopped|completed)")).wait_for(timeout=120_000)
         assert runs.load_run(run_id, root).has_model
         assert_healthy(page, "train after the run")
+        page.set_viewport_size({"width": 1024, "height": 768})  # "Use in other pages" whole on a projector
+        page.wait_for_timeout(2500)
+        page.get_by_role("button", name="Use in other pages").first.scroll_into_view_if_needed()
+        screenshot(page, "train-finished-1024x768")
+        assert cut_off_texts(page, "[data-testid='stMain']") == []
+        page.set_viewport_size(size)
     finally:
         for run in runs.list_runs(root):
             if run.id in before:

@@ -104,7 +104,7 @@ def calibration_section(checkpoint, dataset) -> None:
             st.warning(f"{md(checkpoint.name)} does not record a held-out validation split: if it was trained on "
                        "these validation images, the temperature is fitted on training data.",
                        icon=":material/warning:")
-        calibrated_switch("evaluate", "Show calibrated probabilities in the image inspector")
+        calibrated_switch("evaluate", "Calibrated in the inspector")  # a short label: the column is narrow at 1024 px
     with right:
         st.vega_lite_chart(spec=reliability_spec({
             f"as trained (ECE {result.ece_before:.3f})": list(result.bins_before),
