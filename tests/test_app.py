@@ -420,7 +420,7 @@ def test_influence_asks_before_minutes_of_work_and_says_how_long(cifar):
     assert not at.exception, [e.value for e in at.exception]
     page = texts(at)
     assert "index of **fastnet** is not built yet" in page and "several minutes" in page
-    assert JOBS.find(str(index_path("trak", checkpoint, cifar))) is None  # nothing started without a yes
+    assert JOBS.get(str(index_path("trak", checkpoint, cifar))) is None  # nothing started without a yes
     assert any(b.key == "build-trak" for b in at.button)
     assert any(b.key and b.key.startswith("test-") and "-helpful-train-" in b.key for b in at.button)  # answered
 
@@ -428,9 +428,9 @@ def test_influence_asks_before_minutes_of_work_and_says_how_long(cifar):
     timings.record(timing_key("similarity", checkpoint, cifar), 480.0)
     at.segmented_control(key="influence_method").set_value("similarity").run()
     assert "about 8 minutes (as long as it took on this server last time)" in texts(at)
-    assert JOBS.find(str(index_path("similarity", checkpoint, cifar))) is None
+    assert JOBS.get(str(index_path("similarity", checkpoint, cifar))) is None
     at.button(key="build-similarity").click().run()
-    job = JOBS.find(str(index_path("similarity", checkpoint, cifar)))
+    job = JOBS.get(str(index_path("similarity", checkpoint, cifar)))
     assert job is not None  # started, in the background
     assert "is not built yet" not in texts(at)
     job.wait(600)

@@ -161,3 +161,23 @@ print(json.dumps({{"computed": len(calls), "rows": len(arts.labels)}}))
     assert all(r["rows"] == 4321 for r in results)
     assert not list((Path(os.environ["CIFARVIZ_CACHE"]) / "artifacts").glob(".*.tmp"))
     assert np.isfinite(np.load(next((Path(os.environ["CIFARVIZ_CACHE"]) / "artifacts").glob("*.npz")))["logits"]).all()
+
+
+def test_prefetching_never_takes_the_last_worker_from_someone_waiting():
+    """Two workers, three prefetches that take long: one runs, the others wait, so what a viewer then asks for
+    (a map's first view) starts at once instead of queuing behind them."""
+    jobs, release, started = JobRegistry(workers=2), threading.Event(), []
+
+    def slow(name):
+        def fn(report):
+            started.append(name)
+            release.wait(20)
+        return fn
+
+    prefetches = [jobs.start(f"prefetch-{i}", slow(f"prefetch-{i}"), background=True) for i in range(3)]
+    time.sleep(0.5)
+    assert sum(j.started for j in prefetches) == 1
+    asked = jobs.start("asked", lambda report: started.append("asked"))
+    assert asked.wait(5), "the job someone waits for queued behind prefetching"
+    release.set()
+    assert all(j.wait(20) for j in prefetches) and len(started) == 4

@@ -107,6 +107,7 @@ class JobRegistry:
         self._queue: list[tuple[int, int, Job]] = []
         self._order = itertools.count()
         self._threads: list[threading.Thread] = []
+        self._background_running = 0  # workers busy prefetching
         self._workers = workers
         self.max_waiting, self.per_owner, self.failed_kept_seconds = max_waiting, per_owner, failed_kept_seconds
 
@@ -142,11 +143,6 @@ class JobRegistry:
             job = self._jobs[key] = Job(key, fn, owner)
             self._push(BACKGROUND if background else FOREGROUND, job)
             return job
-
-    def find(self, key: str) -> Job | None:
-        """The job for `key` if one was started (queued, running, or kept after it ended), without starting it."""
-        with self._lock:
-            return self._jobs.get(key)
 
     def position(self, job: Job) -> int | None:
         """How many queued jobs start before `job` (0: it is next); None once it runs or has ended."""
@@ -205,20 +201,33 @@ class JobRegistry:
 
     # ----------------------------------------------------------------------- the workers
 
+    def _may_take_next(self) -> bool:
+        """Prefetching (a BACKGROUND entry) never takes the last free worker: one is always there for what someone
+        waits for (a map's first view, an index someone asked for), with two or more workers."""
+        priority = self._queue[0][0]
+        return priority != BACKGROUND or self._background_running < max(1, self.workers - 1)
+
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not _STOPPING.is_set():
+                while not (self._queue and self._may_take_next()) and not _STOPPING.is_set():
                     if not self._wake.wait(timeout=30):  # idle a while: the thread ends (a new one starts on demand)
                         if not self._queue:
                             self._threads = [t for t in self._threads if t is not threading.current_thread()]
                             return
                 if _STOPPING.is_set():
                     return
-                _, _, job = heapq.heappop(self._queue)
-            if job.started or job.done:  # a duplicate entry of a job moved up the queue
-                continue
-            job.run()
+                priority, _, job = heapq.heappop(self._queue)
+                if job.started or job.done:  # a duplicate entry of a job moved up the queue
+                    continue
+                background = priority == BACKGROUND
+                self._background_running += background
+            try:
+                job.run()
+            finally:
+                with self._lock:
+                    self._background_running -= background
+                    self._wake.notify_all()  # a waiting prefetch may go now
             if job.error is None:
                 self._forget(job)
 

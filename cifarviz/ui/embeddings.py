@@ -72,7 +72,7 @@ def map_needs_asking(requests: list[tuple], dataset, split: str, method: str, pa
         return None
     longest = None
     for _, source in requests:
-        if embedding_ready(source, dataset, split, method, params, subset) or JOBS.find(
+        if embedding_ready(source, dataset, split, method, params, subset) or JOBS.get(
                 str(embedding_path(source, dataset, split, method, params, subset))):
             continue
         estimate = timings.expected_seconds(map_timing_key(source, dataset, split, method, subset))

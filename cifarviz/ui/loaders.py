@@ -158,7 +158,7 @@ def needs_asking(method: str, checkpoint: Checkpoint, dataset) -> bool:
             return False
     except CifarvizError:
         return False  # the page shows that problem when it asks for the index
-    job = JOBS.find(str(index_path(method, checkpoint, dataset)))
+    job = JOBS.get(str(index_path(method, checkpoint, dataset)))
     return job is None or (job.done and job.error is not None)
 
 
