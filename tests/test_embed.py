@@ -230,16 +230,17 @@ def test_a_tsne_shows_its_layouts_as_it_goes_and_ends_where_it_would_without(cif
 def test_the_embeddings_page_shows_the_layout_while_the_map_computes(cifar, fastnet):
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
     at.session_state["_data_root"] = str(cifar.root)
-    at.session_state["emb_perplexity"] = 37  # a map no other test computed
+    at.session_state["emb_perplexity"] = 37  # a map no other test computed, of 2,000 training images (seconds)
+    at.session_state["emb_split"], at.session_state["emb_train_size"] = "train", 2_000
+    split_artifacts(fastnet, cifar, "train")  # the features (computed in the background, in class)
     at.run()
     at.switch_page("pages/embeddings.py").run()
-    split_artifacts(fastnet, cifar, "test")  # the features (Evaluate computes them first, in class)
     deadline, arranging = time.monotonic() + 600, False
     while not at.get("vega_lite_chart") or at.progress:
         assert not at.exception, [e.value for e in at.exception]
         assert time.monotonic() < deadline, "the map never arrived"
         arranging |= any("Still arranging" in c.value for c in at.caption) and bool(at.get("vega_lite_chart"))
-        time.sleep(0.5)
+        time.sleep(0.25)
         at.run()
     assert arranging, "no layout was shown while the t-SNE ran"
     assert "10-NN accuracy in this map" in "\n".join(m.value for m in at.markdown)  # then the finished map
