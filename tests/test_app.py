@@ -421,7 +421,7 @@ def test_influence_asks_before_minutes_of_work_and_says_how_long(cifar):
     page = texts(at)
     assert "index of **fastnet** is not built yet" in page and "several minutes" in page
     assert JOBS.get(str(index_path("trak", checkpoint, cifar))) is None  # nothing started without a yes
-    assert any(b.key == "build-trak" for b in at.button)
+    assert any(b.key == "build-trak-yes" for b in at.button)
     assert any(b.key and b.key.startswith("test-") and "-helpful-train-" in b.key for b in at.button)  # answered
 
     index_path("similarity", checkpoint, cifar).unlink(missing_ok=True)  # not built, and measured here at 8 min
@@ -429,7 +429,7 @@ def test_influence_asks_before_minutes_of_work_and_says_how_long(cifar):
     at.segmented_control(key="influence_method").set_value("similarity").run()
     assert "about 8 minutes (as long as it took on this server last time)" in texts(at)
     assert JOBS.get(str(index_path("similarity", checkpoint, cifar))) is None
-    at.button(key="build-similarity").click().run()
+    at.button(key="build-similarity-yes").click().run()
     job = JOBS.get(str(index_path("similarity", checkpoint, cifar)))
     assert job is not None  # started, in the background
     assert "is not built yet" not in texts(at)

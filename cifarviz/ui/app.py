@@ -37,6 +37,8 @@ from cifarviz.ui.loaders import (  # noqa: F401
     get_influence_index,
     influence_index_now,
     time_left,
+    about,
+    ask_first,
     influence_of,
     get_artifacts,
     wait_for,

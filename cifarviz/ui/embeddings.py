@@ -65,33 +65,38 @@ def map_timing_key(checkpoint, dataset, split: str, method: str, subset) -> str:
     return f"map/{method}/{'pixels' if checkpoint is None else 'features'}/{points}"
 
 
-def map_needs_asking(requests: list[tuple], dataset, split: str, method: str, params: dict, subset) -> float | None:
-    """Seconds (or 0.0: unknown, but minutes by its size) that the maps not on disk would take, when that is over a
-    minute and this viewer has not said yes; None when the page may go ahead."""
-    if st.session_state.get(f"_map_yes_{split}_{method}_{len(subset) if subset is not None else 'all'}"):
-        return None
-    longest = None
+def _said_yes(split: str, method: str, subset) -> str:
+    return f"_map_yes_{split}_{method}_{len(subset) if subset is not None else 'all'}"
+
+
+def map_needs_asking(requests: list[tuple], dataset, split: str, method: str, params: dict, subset):
+    """(ask first?, the longest measured time of the maps not on disk, or None when none was measured here). Ask when
+    one was measured above a minute, or, never measured, is a t-SNE or UMAP of over LONG_MAP_POINTS images; never
+    once this viewer said yes, nor for a map someone already started."""
+    if st.session_state.get(_said_yes(split, method, subset)):
+        return False, None
+    points = len(dataset.split(split)) if subset is None else len(subset)
+    ask, longest = False, None
     for _, source in requests:
         if embedding_ready(source, dataset, split, method, params, subset) or JOBS.get(
                 str(embedding_path(source, dataset, split, method, params, subset))):
             continue
         estimate = timings.expected_seconds(map_timing_key(source, dataset, split, method, subset))
-        points = len(dataset.split(split)) if subset is None else len(subset)
-        if estimate is not None and estimate > app.ASK_ABOVE_SECONDS:
+        if estimate is not None:
+            ask |= estimate > app.ASK_ABOVE_SECONDS
             longest = max(longest or 0.0, estimate)
-        elif estimate is None and method != "pca" and points > LONG_MAP_POINTS:
-            longest = max(longest or 0.0, 0.0)
-    return longest
+        else:
+            ask |= method != "pca" and points > LONG_MAP_POINTS
+    return ask, longest
 
 
-def ask_before_mapping(seconds: float, split: str, method: str, subset, points: int) -> None:
-    how_long = (f"about {seconds / 60:.0f} minutes (as long as it took on this server last time)" if seconds else
+def ask_before_mapping(seconds: float | None, split: str, method: str, subset, points: int) -> None:
+    how_long = (f"{app.about(seconds)} (as long as it took on this server last time)" if seconds is not None else
                 "a few minutes on a CPU")
-    with st.container(border=True, key="map-ask"):
-        st.markdown(f"A {METHODS[method].split(' (')[0]} map of **{points:,}** images is not computed yet: it takes "
-                    f"{how_long}, once for everyone on this server. Fewer images map in seconds.")
-        st.button("Compute this map", key="map-yes", icon=":material/play_arrow:", on_click=st.session_state.update,
-                  kwargs={f"_map_yes_{split}_{method}_{len(subset) if subset is not None else 'all'}": True})
+    app.ask_first("map-ask", f"A {METHODS[method].split(' (')[0]} map of **{points:,}** images is not computed yet: "
+                  f"it takes {how_long}, once for everyone on this server. Fewer images map in seconds.",
+                  "Compute this map", lambda: st.session_state.update({_said_yes(split, method, subset): True}),
+                  "Computes it in the background; the map shows its layout as it goes.")
     st.stop()
 
 
@@ -109,9 +114,9 @@ def get_maps(requests: list[tuple], dataset, split: str, method: str, params: di
     """The maps of several sources (a checkpoint or None for pixels), each computed once for everyone. All missing
     ones start at once; while any runs, this run ends with progress bars that fill in by themselves."""
     try:  # settings that cannot map these points (a perplexity too large for a small split): said, not raised
-        asking = map_needs_asking(requests, dataset, split, method, params, subset)  # minutes of work: ask first
-        if asking is not None:
-            ask_before_mapping(asking, split, method, subset, len(dataset.split(split)) if subset is None
+        ask, seconds = map_needs_asking(requests, dataset, split, method, params, subset)  # minutes: ask first
+        if ask:
+            ask_before_mapping(seconds, split, method, subset, len(dataset.split(split)) if subset is None
                                else len(subset))
         jobs = [(name, map_job(source, dataset, split, method, params, subset)) for name, source in requests]
     except CifarvizError as exc:

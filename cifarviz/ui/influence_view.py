@@ -4,6 +4,8 @@ method predicted."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -15,7 +17,7 @@ from cifarviz.ui import identity
 from cifarviz.ui.exports import export_buttons
 from cifarviz.ui.inspector import influence_grid
 from cifarviz.analysis.influence import METHODS
-from cifarviz.ui.loaders import build_estimate, confirm_build, get_artifacts
+from cifarviz.ui.loaders import about, ask_first, build_estimate, confirm_build, get_artifacts
 from cifarviz.ui.widgets import image_grid
 from cifarviz.ui.text import md, md_message, shown
 
@@ -212,21 +214,15 @@ def suspects_grid(dataset, checkpoint, ranking: tuple, train_predicted, key: str
                           "order": "most suspicious first"})
 
 
-def minutes(seconds: float) -> str:
-    return f"about {seconds / 60:.0f} minutes" if seconds >= 90 else f"about {seconds:.0f} seconds"
-
-
 def ask_before_building(method: str, checkpoint, dataset, fallback: str = "head") -> None:
     """The index of `method` takes minutes to build and nobody asked for it yet: say so, how long, and offer to
     start it (the answers meanwhile are `fallback`'s)."""
     estimate = build_estimate(method, checkpoint, dataset)
-    how_long = (f"{minutes(estimate)} (as long as it took on this server last time)" if estimate is not None else
+    how_long = (f"{about(estimate)} (as long as it took on this server last time)" if estimate is not None else
                 "several minutes on a CPU (ten for fastnet on two cores)")
-    with st.container(border=True, key="influence-ask"):
-        st.markdown(f"The **{METHODS[method].title}** index of **{md(checkpoint.name)}** is not built yet. Building it "
-                    f"takes {how_long}, once for everyone on this server; the answers below use "
-                    f"**{METHODS[fallback].title}** until it is ready.")
-        st.button("Build it now", key=f"build-{method}", icon=":material/play_arrow:", on_click=confirm_build,
-                  args=(method, checkpoint), help="Runs in the background; this page keeps answering meanwhile.")
-        st.caption(f"Or before class: `python -m cifarviz precompute --checkpoint {md(checkpoint.name)} "
-                   f"--influence {method}`.")
+    ask_first(f"build-{method}",
+              f"The **{METHODS[method].title}** index of **{md(checkpoint.name)}** is not built yet. Building it takes "
+              f"{how_long}, once for everyone on this server; the answers below use **{METHODS[fallback].title}** "
+              "until it is ready.", "Build it now", partial(confirm_build, method, checkpoint),
+              "Runs in the background; this page keeps answering meanwhile.",
+              f"Or before class: `python -m cifarviz precompute --checkpoint {md(checkpoint.name)} --influence {method}`.")

@@ -303,11 +303,26 @@ def progress_bar(job: Job, label: str, until=None, every: float = 0.5) -> None:
 
 
 def time_left(job: Job) -> str:
-    """", about 3 min left" from the job's pace so far (nothing until there is a pace to go by)."""
+    """", about 3 minutes left" from the job's pace so far (nothing until there is a pace to go by)."""
     if job.started_at is None or job.progress < 0.02:
         return ""
     seconds = (time.monotonic() - job.started_at) * (1 - job.progress) / job.progress
-    return f", about {seconds / 60:.0f} min left" if seconds >= 90 else f", about {max(seconds, 1):.0f} s left"
+    return f", {about(seconds)} left"
+
+
+def about(seconds: float) -> str:
+    """"about 8 minutes", "about 40 seconds": a duration as the pages say it."""
+    return f"about {seconds / 60:.0f} minutes" if seconds >= 90 else f"about {max(seconds, 1):.0f} seconds"
+
+
+def ask_first(key: str, text: str, button: str, on_click, help: str, fix: str | None = None) -> None:
+    """The box that asks before minutes of work: what, how long, a button that says yes, and the command that
+    prepares it before class (`fix`)."""
+    with st.container(border=True, key=key):
+        st.markdown(text)
+        st.button(button, key=f"{key}-yes", icon=":material/play_arrow:", on_click=on_click, help=help)
+        if fix:
+            st.caption(fix)
 
 
 @st.cache_resource(show_spinner=False, max_entries=24)
