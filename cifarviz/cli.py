@@ -97,6 +97,33 @@ def _load_data(args, download: bool = True):
     return dataset
 
 
+def announced_index(method: str, checkpoint, dataset, *, progress: bool = True):
+    """load_or_fit, saying first on stderr what will be built when that takes minutes: how long (this machine's
+    last build, or per-example gradients timed now) and how to get a quick answer instead."""
+    from cifarviz.analysis.influence import METHODS as INFLUENCE_METHODS
+    from cifarviz.analysis.influence import build_estimate, how_sure, index_ready, load_or_fit, method_choice
+
+    cls = INFLUENCE_METHODS[method]
+    if not index_ready(method, checkpoint, dataset):
+        seconds, source = build_estimate(method, checkpoint, dataset)
+        if cls.takes_minutes or (seconds is not None and seconds > 60):
+            quick = method_choice(checkpoint).quick
+            when = f"about {seconds / 60:.1f} minutes ({source})" if seconds is not None else "several minutes"
+            print(f"Building the {cls.title} index of {inert(checkpoint.name)} over {len(dataset.train):,} training "
+                  f"images first: {when}, once (it is cached; later lookups take milliseconds).", file=sys.stderr)
+            if quick != method:
+                print(f"For an answer now: --method {quick} (seconds). {how_sure(checkpoint, quick)}",
+                      file=sys.stderr)
+    return load_or_fit(method, checkpoint, dataset, progress=progress)
+
+
+def inert(name) -> str:
+    """A name read from a file, printable on a terminal: control and escape characters shown as escapes, bounded."""
+    text = str(name)
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text if len(text) <= 200 else text[:200] + f"... ({len(text):,} characters)"
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -307,14 +334,14 @@ def cmd_precompute(args) -> int:
             split_artifacts(checkpoint, dataset, split, progress=not cached)
             state = "already cached" if cached else f"computed in {time.perf_counter() - start:.1f} s"
             print(f"{checkpoint.name:20} {split:5} {state}")
-        from cifarviz.analysis.influence import default_method, index_ready, load_or_fit
+        from cifarviz.analysis.influence import default_method, index_ready
 
         for method in args.influence or [default_method(checkpoint)]:
             if method == "none":
                 continue
             cached = index_ready(method, checkpoint, dataset)
             start = time.perf_counter()
-            load_or_fit(method, checkpoint, dataset, progress=not cached)
+            announced_index(method, checkpoint, dataset, progress=not cached)
             state = "already cached" if cached else f"built in {time.perf_counter() - start:.1f} s"
             print(f"{checkpoint.name:20} {method} influence index {state}")
         precompute_maps(checkpoint, dataset)
@@ -327,7 +354,6 @@ def cmd_influence(args) -> int:
     from cifarviz.analysis.influence import (
         class_lookup,
         default_method,
-        load_or_fit,
         lookup,
         suspicious,
         training_losses,
@@ -349,7 +375,7 @@ def cmd_influence(args) -> int:
         raise CifarvizError(f"Unknown class {args.class_name!r} (--class): the classes are "
                             f"{', '.join(dataset.classes)}.")
     args.method = args.method or default_method(checkpoint)  # the best measured for this checkpoint (the page's too)
-    index = load_or_fit(args.method, checkpoint, dataset, progress=not args.json)
+    index = announced_index(args.method, checkpoint, dataset, progress=not args.json)
     if args.self:
         order, scores = suspicious(index, args.top or 100)
         losses = training_losses(checkpoint, dataset)
@@ -393,6 +419,81 @@ def cmd_influence(args) -> int:
         print(f"\n{title}\n{'rank':>5} {'train_index':>11} {'source_index':>12} {'label':>11} {'predicted':>11} {'score':>11}")
         for rank, e in enumerate(entries, 1):
             print(f"{rank:5d} {e.train_index:11d} {e.source_index:12d} {e.label:>11} {e.predicted:>11} {e.score:11.4g}")
+    return 0
+
+
+def cmd_retrain_without(args) -> int:
+    """The Influence page's "Retrain without these images", in this process: one training of the checkpoint's
+    recipe without a test image's top-k helpful (or harmful, or k random) training images, against the seed band."""
+    import numpy as np
+
+    from cifarviz.analysis.influence import METHODS as INFLUENCE_METHODS
+    from cifarviz.analysis.influence import default_method, lookup, trained_positions
+    from cifarviz.core.train import TrainConfig
+    from cifarviz.services import retrain
+    from cifarviz.store.artifacts import split_artifacts
+
+    if args.k < 1:
+        raise CifarvizError("--k must be at least 1.")
+    checkpoint = load_named_checkpoint(args.checkpoint, args.arch)
+    dataset = _load_data(args)
+    check_fits_data(checkpoint, dataset)
+    if not 0 <= args.test_index < len(dataset.test):
+        raise CifarvizError(f"--test-index {args.test_index} is out of range: the test split has "
+                            f"{len(dataset.test):,} images (0-{len(dataset.test) - 1}).")
+    recipe = checkpoint.meta.get("train_config") if isinstance(checkpoint.meta, dict) else None
+    if not isinstance(recipe, dict):
+        raise CifarvizError(f"{inert(checkpoint.name)} records no training recipe (train_config), so it cannot be "
+                            "retrained: use a shipped checkpoint or a run.")
+    config = TrainConfig(**recipe)
+    positions, _ = trained_positions(checkpoint, dataset)
+    if args.k >= len(positions):
+        raise CifarvizError(f"--k {args.k} would remove every one of the {len(positions):,} training images.")
+    method = None
+    predicted = None
+    if args.choice == "random":
+        rows = np.random.default_rng(args.test_index).choice(len(positions), args.k, replace=False)
+        removed = positions[rows]
+    else:
+        method = args.method or default_method(checkpoint)
+        index = announced_index(method, checkpoint, dataset, progress=not args.json)
+        result = lookup(index, checkpoint, dataset, args.test_index, k=args.k)
+        entries = getattr(result, args.choice)
+        removed = np.array([e.train_index for e in entries])
+        probs = split_artifacts(checkpoint, dataset, "test").probs[args.test_index]
+        predicted = index.predicted_loss_change(sum(e.score for e in entries),
+                                                float(probs[dataset.test.labels[args.test_index]]))
+    images = len(positions) - len(removed)
+    seconds, source = retrain.estimate_seconds(checkpoint, images)
+    when = f"about {seconds / 60:.1f} minutes ({source})" if seconds is not None else "its recipe's training time"
+    print(f"Training {inert(checkpoint.name)}'s recipe (seed {config.seed}, {config.epochs} epochs) once on "
+          f"{images:,} images, without {len(removed)} {args.choice}"
+          + (f" ({INFLUENCE_METHODS[method].title})" if method else "") + f": {when}.", file=sys.stderr)
+    bar = None
+    if not args.json:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.epochs * -(-images // config.batch_size), desc="retraining", unit="step")
+
+    def callback(event: dict) -> None:
+        if bar is not None and event["event"] == "step":
+            bar.n = event["step"]
+            bar.refresh()
+
+    report = retrain.retrain_without(checkpoint, dataset, test_index=args.test_index,
+                                     removed_sources=dataset.train.source_index[removed], choice=args.choice,
+                                     method=method or "random", predicted_change=predicted, config=config,
+                                     callback=callback)
+    if bar is not None:
+        bar.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    band = report["band"]
+    print(f"test image #{args.test_index} ({dataset.classes[dataset.test.labels[args.test_index]]}): plain loss "
+          f"{report['retrained']['loss']:.3g} retrained without them; {band['n']} seed(s) of the recipe: "
+          f"{band['low']:.3g} to {band['high']:.3g} (mean {band['mean']:.3g})")
+    print(report["verdict"])
     return 0
 
 
@@ -464,7 +565,6 @@ def cmd_export(args) -> int:
         from cifarviz.analysis.influence import (
             best_ranking,
             default_method,
-            load_or_fit,
             loss_ranking,
             suspicious_rankings,
         )
@@ -474,7 +574,7 @@ def cmd_export(args) -> int:
             rankings = {RANKINGS["training-loss"]: loss_ranking(checkpoint, dataset, top)}
         else:
             about["method"] = args.method or default_method(checkpoint)  # the page's default
-            index = load_or_fit(about["method"], checkpoint, dataset, progress=True)
+            index = announced_index(about["method"], checkpoint, dataset)
             rankings = suspicious_rankings(index, checkpoint, dataset, top=top)
         if args.ranking is None:
             ranking = best_ranking(checkpoint, rankings)[0]  # the page's left column
@@ -490,14 +590,14 @@ def cmd_export(args) -> int:
         about.update(ranking=ranking, order="most suspicious (likely mislabelled or atypical) first")
     else:
         from cifarviz.analysis.influence import METHODS as INFLUENCE_METHODS
-        from cifarviz.analysis.influence import default_method, load_or_fit, lookup
+        from cifarviz.analysis.influence import default_method, lookup
 
         # The query is checked before the index is built, as in `influence`.
         if not 0 <= args.test_index < len(dataset.test):
             raise CifarvizError(f"--test-index {args.test_index} is out of range: the test split has "
                                 f"{len(dataset.test):,} images (0-{len(dataset.test) - 1}).")
         method = args.method or default_method(checkpoint)  # the page's default
-        index = load_or_fit(method, checkpoint, dataset, progress=True)
+        index = announced_index(method, checkpoint, dataset)
         result = lookup(index, checkpoint, dataset, args.test_index, k=args.top or 10)
         test_probs = split_artifacts(checkpoint, dataset, "test", progress=True).probs
         arts = split_artifacts(checkpoint, dataset, "train", progress=True)
@@ -802,9 +902,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, help="with --self: how many to list (default 100)")
     p.add_argument("--method", choices=list(METHODS), default=None,
                    help="influence method (default: the best measured by retraining for the checkpoint, as on the "
-                        "Influence page: trak-ensemble for lenet, head where there are no replicas)")
+                        "Influence page: trak-ensemble for lenet, similarity where no influence estimate reached it)")
+    p.add_argument_group("lists").description = (
+        "An index keeps what a lookup needs: the ensemble keeps each test image's top 100 helpful and harmful "
+        "images (--k up to 100); the other methods rank every training image (--k up to all).")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_influence)
+    p = sub.add_parser("retrain-without", parents=[data_args, arch_args],
+                       help="retrain a checkpoint's recipe without a test image's top helpful (or harmful, or random) "
+                            "training images, and judge its loss against the recipe's seeds (JSON with --json)")
+    p.add_argument("--checkpoint", "-c", required=True, help="checkpoint file, or a shipped name such as lenet")
+    p.add_argument("--test-index", type=int, required=True, help="index of the test image (dataset.test)")
+    p.add_argument("--choice", choices=["helpful", "harmful", "random"], default="helpful",
+                   help="which images to remove (default helpful)")
+    p.add_argument("--k", type=int, default=100, help="how many to remove (default 100, as the page)")
+    p.add_argument("--method", choices=list(METHODS), default=None,
+                   help="influence method that picks them (default: the checkpoint's, as on the Influence page)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (progress on stderr)")
+    p.set_defaults(func=cmd_retrain_without)
     add_export_parser(sub, data_args, arch_args)  # beside influence: it writes the same lists
     p = sub.add_parser("precompute", parents=[data_args, arch_args], help="warm the caches the app uses (run before a class)")
     p.add_argument("--checkpoint", "-c", action="append", help="checkpoint file or shipped name; repeatable (default: all shipped)")

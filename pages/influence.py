@@ -7,6 +7,7 @@ from cifarviz.analysis.influence import (
     available_methods,
     best_ranking,
     default_method,
+    method_choice,
     suspicious_rankings,
     trained_positions,
 )
@@ -31,15 +32,17 @@ app.linked("method", "influence_method", choices=methods)
 method = st.segmented_control("Method", methods, key="influence_method", required=True,
                               format_func=lambda name: METHODS[name].title)
 titles = {name: cls.title for name, cls in METHODS.items()} | {"random": "k random images (for scale)"}
-st.caption(" ".join(filter(None, [METHODS[method].explanation, app.how_sure(checkpoint, method, titles), scope_note])))
-if app.needs_asking(method, checkpoint, dataset):  # minutes of work: asked first, answered with head meanwhile
+quick = method_choice(checkpoint).quick  # the best measured method that takes seconds: answers while one builds
+if app.needs_asking(method, checkpoint, dataset):  # minutes of work: asked first, answered with `quick` meanwhile
     app.ask_before_building(method, checkpoint, dataset)
-    method = "head"
+    method = quick
 index, method, building = app.influence_index_now(method, checkpoint, dataset)
-if building is not None:  # the ensemble takes minutes to build, once: answer with the head meanwhile
+if building is not None:  # the ensemble takes minutes to build, once: answer with `quick` meanwhile
     app.progress_bar(building, f"Building the {METHODS[st.session_state['influence_method']].title} index of "
                      f"{md(checkpoint.name)} (once, for everyone); until then the answers below are the "
                      f"{METHODS[method].title} method's")
+# The caption is of the method that answered (not of the one picked while it builds)
+st.caption(" ".join(filter(None, [METHODS[method].explanation, app.how_sure(checkpoint, method, titles), scope_note])))
 test_arts = app.get_artifacts(checkpoint, dataset, "test")
 k = st.slider("Images per list", 4, 24, 8, step=4, key="influence_k")
 
@@ -97,6 +100,8 @@ def one_test_image() -> None:
         st.caption(f"Scores: {METHODS[method].score_meaning}.")
     with answer:
         app.show_result(dataset, checkpoint, app.influence_of(method, checkpoint, dataset, test_index=chosen, k=k), key=f"test-{chosen}")
+    if method == "similarity":  # where no influence estimate reached it: said, with the best estimate beside
+        app.similarity_explains_better(checkpoint, dataset, chosen, k, titles)
     app.scroll_into_view("influence-answer", chosen)  # a click on a tile: its answer, below the grid, into view
     app.retrain_section(index, checkpoint, dataset, chosen, lambda n: app.influence_of(
         method, checkpoint, dataset, test_index=chosen, k=n), test_arts.probs)

@@ -16,8 +16,22 @@ from cifarviz.services import retrain, runs
 from cifarviz.ui import identity
 from cifarviz.ui.exports import export_buttons
 from cifarviz.ui.inspector import influence_grid
-from cifarviz.analysis.influence import METHODS
-from cifarviz.ui.loaders import about, ask_first, build_estimate, confirm_build, get_artifacts
+from cifarviz.analysis.influence import METHODS, index_ready, method_choice
+from cifarviz.analysis.influence import build_estimate as influence_build_estimate
+from cifarviz.analysis.influence import how_sure as plain_how_sure
+from cifarviz.analysis.influence.choice import where_measured
+from cifarviz.ui.loaders import (
+    about,
+    ask_first,
+    build_estimate,
+    confirm_build,
+    file_stamp,
+    get_artifacts,
+    get_checkpoint,
+    get_dataset,
+    influence_job,
+    influence_of,
+)
 from cifarviz.ui.widgets import image_grid
 from cifarviz.ui.text import md, md_message, shown
 
@@ -39,11 +53,24 @@ def retrain_section(index, checkpoint, dataset, test_index: int, influence_of, p
                                   required=True, key="retrain_choice")
     mine = [r for r in runs.list_runs() if r.state in runs.ACTIVE and r.config.get("owner") == session_owner()]
     full = len(mine) >= runs.max_per_session()
+    seconds, source = retrain.estimate_seconds(checkpoint, index.n_train - k)
+    band = len(retrain.seed_models(checkpoint))
+    st.caption(f"One training of {md(checkpoint.name)}'s recipe and seed on the {index.n_train - k:,} other images it "
+               "was trained on (never a subset), in the background with the server's other runs"
+               + (f": {about(seconds)} here ({source})." if seconds is not None else ".")
+               + (f" The loss with the images is the spread of this test image's loss over the {band} seeds of the "
+                  "recipe the app ships (the checkpoint and its replicas), so you see whether the change is beyond "
+                  "what a new seed alone does." if band > 1 else
+                  " This checkpoint ships no other seeds of its recipe, so the result cannot be told from seed noise."))
+    if seconds is not None and seconds > retrain.CLASS_MINUTES * 60:
+        st.warning(f"That is longer than a class discussion on this machine ({about(seconds)}). On a GPU it takes "
+                   "seconds to minutes; here, the same proof on lenet (19 seeds shipped) takes about two minutes: "
+                   "[open lenet's Influence page](/influence?checkpoint=lenet).", icon=":material/schedule:")
     if st.button("Retrain without them", key=f"retrain-{test_index}", icon=":material/model_training:",
                  disabled=full,
                  help=(f"At most {runs.max_per_session()} of your runs may wait or train at once." if full else
-                       "Trains the checkpoint's recipe twice in the background, with and without these images, "
-                       "and measures this test image's loss after each.")):
+                       "Trains the checkpoint's recipe once in the background without these images, and measures "
+                       "this test image's loss against the seeds' spread.")):
         try:
             if choice == "random":
                 rows = np.random.default_rng(test_index).choice(index.n_train, k, replace=False)
@@ -80,17 +107,19 @@ def live_retrain_results(checkpoint_path: str, test_index: int, classes) -> None
     draw_retrain_results(found, classes)
 
 
+def _what(spec: dict) -> str:
+    removed = spec.get("removed_sources")
+    return (f"without {len(removed) if isinstance(removed, list) else '?'} {str(spec.get('choice', '?'))} "
+            f"({str(spec.get('method', '?'))})")
+
+
 def draw_retrain_results(found: list, classes) -> None:
     if not found:
-        st.caption("Nobody has retrained without this test image's images yet. Two trainings of the recipe, "
-                   "queued with the server's other runs.")
+        st.caption("Nobody has retrained without this test image's images yet.")
         return
-    rows = []
+    finished = []
     for run in found:
-        spec = run.spec
-        removed = spec.get("removed_sources")
-        what = (f"without {len(removed) if isinstance(removed, list) else '?'} {str(spec.get('choice', '?'))} "
-                f"({str(spec.get('method', '?'))})")
+        what = _what(run.spec)
         if run.state in runs.ACTIVE:
             draw_progress(run, md(what))
             continue
@@ -98,90 +127,110 @@ def draw_retrain_results(found: list, classes) -> None:
         if result is None:
             if run.state == runs.FAILED:
                 st.error(f"{md(what)}: failed. {md_message((run.error or '').partition(chr(10))[0])}", icon=":material/error:")
+            elif run.state == runs.COMPLETED:
+                st.caption(f"{md(what)}: finished by an older version of the app, which measured it another way; "
+                           "retrain again to see it against the seeds.")
             continue
-        before, after = result["before"], result["after"]
-        predicted = result.get("predicted_change")
-        rows.append({"removed": shown(what), "training images": f"{result['train_images']:,}"
-                     + (" (a subset)" if result["subset"] else ""),
-                     "loss with them": before["loss"], "loss without": after["loss"], "change": result["change"],
-                     "method predicted": predicted,
-                     "prediction with → without": shown(f"{classes[before['predicted']]} → {classes[after['predicted']]}")})
-    if rows:
-        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
-            "loss with them": st.column_config.NumberColumn(format="%.3f"),
-            "loss without": st.column_config.NumberColumn(format="%.3f"),
-            "change": st.column_config.NumberColumn(format="%+.3f", help="What really happened: the plain loss "
-                                                    "of this test image's true label, without minus with"),
-            "method predicted": st.column_config.NumberColumn(format="%+.3f", help="The method's own first-order "
-                                                              "estimate of that change (none for similarity or random)"),
-        })
-        if any(r["training images"].endswith("(a subset)") for r in rows):
-            st.caption("Both trainings of a row marked 'a subset' used a random part of the training images (the "
-                       "removed ones included in the first): the whole split would have taken longer than "
-                       f"{retrain.BUDGET_SECONDS / 60:.0f} minutes here.")
-        st.caption("Both trainings use the recipe and seed of the checkpoint on this machine, so the change is the "
-                   "removal's, not a new seed's. One retraining is one sample: removing random images moves the loss "
-                   "too (the table of measured figures above gives the average over many test images).")
+        finished.append((what, result))
+    if finished:
+        st.altair_chart(seed_band_chart(finished), width="stretch")
+        for what, result in finished:
+            predicted = result.get("predicted_change")
+            guess = f" The method predicted a change of {predicted:+.3f}." if predicted is not None else ""
+            st.markdown(f"**{md(what)}**, {result['train_images']:,} training images: {md(result['verdict'])}{guess}")
+        st.caption("Each row: the grey dots are this test image's plain loss under each seed of the recipe "
+                   "(the checkpoint and its replicas: what a new seed alone does), the red diamond the model "
+                   "retrained without the images. Loss is the plain cross-entropy of the true label.")
+
+
+def seed_band_chart(finished: list):
+    """One row per finished retraining: the seeds' losses as dots, the retrained model's as a red diamond."""
+    import altair as alt
+
+    points = []
+    for what, result in finished:
+        points += [{"run": shown(what), "loss": s["loss"], "model": "a seed of the recipe", "name": shown(s["name"])}
+                   for s in result["seeds"]]
+        points.append({"run": shown(what), "loss": result["retrained"]["loss"], "model": "retrained without them",
+                       "name": "retrained"})
+    frame = pd.DataFrame(points)
+    low, high = frame["loss"].min(), frame["loss"].max()
+    wide = low > 0 and high / low > 20  # a confident image's losses span decades: a log axis keeps them apart
+    scale = alt.Scale(type="log") if wide else alt.Scale(zero=False)
+    return alt.Chart(frame).mark_point(filled=True, size=90).encode(
+        x=alt.X("loss:Q", title="this test image's loss (plain cross-entropy" + (", log scale)" if wide else ")"),
+                scale=scale, axis=alt.Axis(format=".2g")),
+        y=alt.Y("run:N", title=None, axis=alt.Axis(labelLimit=360)),
+        color=alt.Color("model:N", scale=alt.Scale(domain=["a seed of the recipe", "retrained without them"],
+                                                   range=["#8c8c8c", "#d62728"]), legend=alt.Legend(orient="top", title=None)),
+        shape=alt.Shape("model:N", scale=alt.Scale(domain=["a seed of the recipe", "retrained without them"],
+                                                   range=["circle", "diamond"]), legend=None),
+        tooltip=["name", alt.Tooltip("loss:Q", format=".3f")],
+    ).properties(height=60 + 40 * len(finished))
 
 
 def draw_progress(run: runs.Run, what: str) -> None:
     p = runs.progress(run)
     last, start = p.last, p.start
     if run.state == runs.QUEUED:
-        st.progress(0.0, text=f"{what}: waiting for a free training slot ({runs.queue_position(run) or 1} in the queue)")
+        ahead = runs.queue_position(run) or 1
+        st.progress(0.0, text=f"{what}: waiting for a free training slot ({ahead} in the queue): it trains on the "
+                    "whole training split when its turn comes, never on fewer images")
         return
     if last is None:
-        st.progress(0.0, text=f"{what}: starting (timing the recipe on this machine)...")
+        estimate = (start or {}).get("estimate_seconds")
+        st.progress(0.0, text=f"{what}: starting" + (f" ({about(estimate)} in all)"
+                                                       if runs._is_number(estimate) else "..."))
         return
     fraction = last["step"] / max(last["total_steps"], 1)
     eta = last["elapsed"] / max(last["step"], 1) * (last["total_steps"] - last["step"])
-    subset = " on a subset of the training images," if start and start.get("subset") else ""
-    left = f"{eta / 60:.1f} min" if eta >= 60 else f"{eta:.0f} s"
-    st.progress(min(fraction, 1.0), text=f"{what}: {md(last.get('phase', 'training'))},{subset} about {left} left")
-
-
-def _figures(checkpoint):
-    from cifarviz.core.errors import ModelError
-    from cifarviz.core.models import model_card
-
-    try:
-        return model_card(checkpoint.model.arch_name).influence
-    except ModelError:  # not a zoo model
-        return None
+    st.progress(min(fraction, 1.0), text=f"{what}: {md(last.get('phase', 'training'))}, {about(eta)} left")
 
 
 def how_sure(checkpoint, method: str, titles: dict) -> str:
-    """One sentence: the method's measured retraining effect beside similarity's and random's (the model card's
-    figures, from bench/bench_retrain.py), or that it was not measured."""
-    figures = _figures(checkpoint)
-    if figures is None:
-        return (f"No method has been checked by retraining for {checkpoint.model.arch_name} yet (it takes hours on a "
-                "CPU): the default is the best one measured on lenet. See it for yourself below.")
-    change = figures.mean_change
-    if method not in change:
-        return (f"**How sure?** This method has not been checked by retraining for {checkpoint.model.arch_name}; the "
-                "table at the bottom has the ones that were.")
-    others = ", ".join(f"{titles.get(m, m).split(' (')[0].lower()} {change[m]:+.2f}" for m in ("similarity", "random")
-                       if m in change and m != method)
-    return (f"**How sure?** Retrained without this method's top helpful images, the test image's loss rose by "
-            f"**{change[method]:+.2f}** on average (for {figures.rose[method]} of {figures.tests}); {others} "
-            f"({figures.protocol}).")
+    """The sentence of the method that actually answered (analysis.influence.how_sure), its figure in bold."""
+    sentence = plain_how_sure(checkpoint, method, titles)
+    head, sep, rest = sentence.partition("How sure?")
+    return f"{head}**How sure?**{rest}" if sep else sentence
+
+
+def similarity_explains_better(checkpoint, dataset, test_index: int, k: int, titles: dict) -> None:
+    """Where no influence estimate reached the similarity baseline when retrained (the default is then similarity),
+    say so in plain words, and show the best estimate's lists beside (built only if that takes seconds)."""
+    choice = method_choice(checkpoint)
+    if not choice.similarity_wins or choice.best_attribution is None:
+        return
+    best = choice.best_attribution
+    st.info(f"For {md(checkpoint.model.arch_name)}, the most similar training images explain its decision better than "
+            f"any influence estimate we can compute here: removed and retrained, they raised the test loss by "
+            f"{choice.figure('similarity'):+.2f} against {choice.figure(best):+.2f} for the best estimate "
+            f"({md(titles.get(best, best))}). So the lists above are similarity's.", icon=":material/info:")
+    if not index_ready(best, checkpoint, dataset):  # prepared in the background when it takes seconds
+        if not METHODS[best].takes_minutes:
+            influence_job(best, checkpoint, dataset, background=True)
+        st.caption(f"The {md(titles.get(best, best))} lists for this image appear here once its index is built.")
+        return
+    with st.expander(f"What {titles.get(best, best)} says for this image"):
+        show_result(dataset, checkpoint, influence_of(best, checkpoint, dataset, test_index=test_index, k=k),
+                    key=f"best-{best}-{test_index}")
 
 
 def measured_table(checkpoint, titles: dict) -> None:
     """Every method's measured retraining effect, in a small table (nothing when none was measured)."""
-    figures = _figures(checkpoint)
+    choice = method_choice(checkpoint)
+    figures = choice.figures
     if figures is None:
         return
-    with st.expander("Each method checked by retraining"):
+    where = "" if choice.applies == "recipe" else f" (measured on {choice.measured_on})"
+    with st.expander(f"Each method checked by retraining{where}"):
         rows = [{"method": titles.get(m, m), "mean change of the test loss": v,
                  "rose for": f"{figures.rose[m]} of {figures.tests}"}
                 for m, v in sorted(figures.mean_change.items(), key=lambda item: -item[1])]
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
             "mean change of the test loss": st.column_config.NumberColumn(format="%+.3f")})
-        st.caption(f"{figures.protocol}. For each test image, the recipe was retrained without the method's top "
-                   f"helpful training images and the test image's plain loss measured. Measured at commit "
-                   f"{figures.commit} with `{figures.command}`.")
+        st.caption(f"{md(where_measured(choice, checkpoint.model.arch_name))}. For each test image, the recipe was "
+                   "retrained without the method's top helpful training images and the test image's plain loss "
+                   f"measured. Measured at commit {figures.commit} with `{figures.command}`.")
 
 
 def show_result(dataset, checkpoint, result, key: str) -> None:
@@ -214,15 +263,24 @@ def suspects_grid(dataset, checkpoint, ranking: tuple, train_predicted, key: str
                           "order": "most suspicious first"})
 
 
-def ask_before_building(method: str, checkpoint, dataset, fallback: str = "head") -> None:
+def ask_before_building(method: str, checkpoint, dataset, fallback: str | None = None) -> None:
     """The index of `method` takes minutes to build and nobody asked for it yet: say so, how long, and offer to
-    start it (the answers meanwhile are `fallback`'s)."""
-    estimate = build_estimate(method, checkpoint, dataset)
-    how_long = (f"{about(estimate)} (as long as it took on this server last time)" if estimate is not None else
-                "several minutes on a CPU (ten for fastnet on two cores)")
+    start it (the answers meanwhile are `fallback`'s: by default the best measured method that takes seconds)."""
+    fallback = fallback or method_choice(checkpoint).quick
+    estimate, source = build_estimate_probed(method, str(checkpoint.path), file_stamp(checkpoint.path),
+                                             dataset.root.as_posix(), build_estimate(method, checkpoint, dataset))
+    how_long = (f"{about(estimate)} ({source.replace('this machine', 'this server')})" if estimate is not None else
+                "several minutes on a CPU")
     ask_first(f"build-{method}",
               f"The **{METHODS[method].title}** index of **{md(checkpoint.name)}** is not built yet. Building it takes "
               f"{how_long}, once for everyone on this server; the answers below use **{METHODS[fallback].title}** "
               "until it is ready.", "Build it now", partial(confirm_build, method, checkpoint),
               "Runs in the background; this page keeps answering meanwhile.",
               f"Or before class: `python -m cifarviz precompute --checkpoint {md(checkpoint.name)} --influence {method}`.")
+
+
+@st.cache_data(show_spinner="Timing a few per-example gradients...", max_entries=64)
+def build_estimate_probed(method: str, path: str, stamp: float, root: str, measured: float | None):
+    """analysis.influence.build_estimate, its probe (about a second) run once per server and index, not on every
+    rerun; `measured` (this server's last build) is in the key, so a build that finishes replaces the guess."""
+    return influence_build_estimate(method, get_checkpoint(path, stamp), get_dataset(root))

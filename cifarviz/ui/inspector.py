@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from cifarviz.analysis.explore import ImageRef, grad_cam, nearest_neighbours, overlay_heatmap, to_png
-from cifarviz.analysis.influence import METHODS, default_method
+from cifarviz.analysis.influence import METHODS, default_method, method_choice
 from cifarviz.core.checkpoint import Checkpoint
 from cifarviz.core.inference import predict
 from cifarviz.store.artifacts import split_tta
@@ -167,7 +167,7 @@ def influence_section(checkpoint: Checkpoint, dataset, ref: ImageRef, k: int = 4
     if st.session_state.get("influence_method_of") != str(checkpoint.path) or chosen not in METHODS:
         chosen = default_method(checkpoint)
     if needs_asking(chosen, checkpoint, dataset):  # minutes of work that nobody asked for: the Influence page asks
-        chosen = "head"
+        chosen = method_choice(checkpoint).quick
     job = influence_job(chosen, checkpoint, dataset, background=METHODS[chosen].needs_members)
     if job is not None and not METHODS[chosen].needs_members:
         progress_bar(job, "Building the influence index (once per checkpoint, for everyone)")

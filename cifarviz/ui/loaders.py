@@ -13,10 +13,11 @@ from pathlib import Path
 import streamlit as st
 import torch
 
+from cifarviz.analysis.influence import build_estimate as influence_build_estimate
 from cifarviz.analysis.influence import (
     METHODS,
     class_lookup,
-    default_method,
+    method_choice,
     index_path,
     index_ready,
     load_or_fit,
@@ -30,7 +31,6 @@ from cifarviz.core.settings import settings
 from cifarviz.core.utils import pick_device
 from cifarviz.services.jobs import JOBS, Job, ServerBusy
 from cifarviz.store.artifacts import artifact_path, artifacts_cached, split_artifacts, split_tta
-from cifarviz.store import timings
 from cifarviz.store.datasets import load_cifar10
 from cifarviz.ui import identity
 from cifarviz.ui.text import md, md_message
@@ -102,10 +102,13 @@ def prefetch(checkpoint: Checkpoint | None, dataset) -> None:
     if checkpoint is not None and dataset is not None:
         for split in ("test", "train", "val"):
             artifacts_job(checkpoint, dataset, split, background=True)
-        method = default_method(checkpoint)
-        # An ensemble or a TRAK fit takes minutes: built when a viewer says yes on Influence (or precompute)
-        if not METHODS[method].needs_members and not takes_long(method, checkpoint, dataset):
-            influence_job(method, checkpoint, dataset, background=True)
+        choice = method_choice(checkpoint)
+        # An ensemble or a TRAK fit takes minutes: built when a viewer says yes on Influence (or precompute); the
+        # quick method that answers meanwhile is prepared now
+        for method in dict.fromkeys((choice.method, choice.quick)):
+            if not METHODS[method].needs_members and not takes_long(method, checkpoint, dataset):
+                influence_job(method, checkpoint, dataset, background=True)
+                break
 
 
 def influence_job(method: str, checkpoint: Checkpoint, dataset, *, background: bool = False) -> Job | None:
@@ -119,10 +122,7 @@ def influence_job(method: str, checkpoint: Checkpoint, dataset, *, background: b
         return refused
 
     def fit(report):
-        started = time.monotonic()
-        index = load_or_fit(method, checkpoint, dataset, on_progress=report)
-        timings.record(timing_key(method, checkpoint, dataset), time.monotonic() - started)  # the next estimate
-        return index
+        return load_or_fit(method, checkpoint, dataset, on_progress=report)  # records its time: the next estimate
 
     return JOBS.start(str(index_path(method, checkpoint, dataset)), fit, background=background,
                       owner=None if background else identity.viewer())
@@ -131,16 +131,9 @@ def influence_job(method: str, checkpoint: Checkpoint, dataset, *, background: b
 ASK_ABOVE_SECONDS = 60  # longer than this, a page asks before it starts the work
 
 
-def timing_key(method: str, checkpoint: Checkpoint, dataset) -> str:
-    """What an index's build time depends on: the method, the network and its size, the images, the device."""
-    parameters = sum(p.numel() for p in checkpoint.model.parameters())
-    return (f"influence/{method}/{checkpoint.model.arch_name}/{parameters}/{len(dataset.train)}/"
-            f"{pick_device('auto').type}")
-
-
 def build_estimate(method: str, checkpoint: Checkpoint, dataset) -> float | None:
     """Seconds the index took when it was last built on this machine (None: never built here)."""
-    return timings.expected_seconds(timing_key(method, checkpoint, dataset))
+    return influence_build_estimate(method, checkpoint, dataset, probe=False)[0]
 
 
 def takes_long(method: str, checkpoint: Checkpoint, dataset) -> bool:
@@ -188,10 +181,12 @@ def index_stamp(method: str, checkpoint: Checkpoint, dataset) -> str:
     return f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}"
 
 
-def influence_index_now(method: str, checkpoint: Checkpoint, dataset, fallback: str = "head"):
+def influence_index_now(method: str, checkpoint: Checkpoint, dataset, fallback: str | None = None):
     """(index, the method it is, the job still building `method` or None). A method that takes minutes to build
-    (the ensemble) is built in the background while the page answers with `fallback`, which takes seconds:
-    the first answer should not wait for the best one."""
+    (the ensemble) is built in the background while the page answers with `fallback` (by default the checkpoint's
+    best measured method whose index takes seconds: method_choice().quick): the first answer should not wait for
+    the best one, and is still a measured one."""
+    fallback = fallback or method_choice(checkpoint).quick
     slow = METHODS[method].needs_members or takes_long(method, checkpoint, dataset)
     job = influence_job(method, checkpoint, dataset, background=slow)
     if job is None or not slow or (job.done and job.error is None):
@@ -312,7 +307,10 @@ def time_left(job: Job) -> str:
 
 def about(seconds: float) -> str:
     """"about 8 minutes", "about 40 seconds": a duration as the pages say it."""
-    return f"about {seconds / 60:.0f} minutes" if seconds >= 90 else f"about {max(seconds, 1):.0f} seconds"
+    if seconds >= 90:
+        return f"about {seconds / 60:.0f} minutes"
+    whole = max(round(seconds), 1)
+    return f"about {whole} second{'s' if whole != 1 else ''}"
 
 
 def ask_first(key: str, text: str, button: str, on_click, help: str, fix: str | None = None) -> None:

@@ -4,10 +4,11 @@
     result = lookup(index, checkpoint, dataset, test_index=42, k=10)   # then any test image, in milliseconds
     result.helpful, result.harmful                             # lists of InfluenceEntry
 
-Methods (`METHODS`): "head" (Koh & Liang's influence function on the classifier head, exact Hessian: the
-default), "trak" (TRAK-style projected gradients over the whole network or its last layers), "similarity"
-(a baseline: label-signed feature similarity). Every method follows one sign convention (base.py):
-positive = helpful = removing the image would raise the test image's loss.
+Methods (`METHODS`): "trak-ensemble" (TRAK over several models of one recipe), "head" (Koh & Liang's influence
+function on the classifier head, exact Hessian), "trak" (TRAK-style projected gradients over the whole network or
+its last layers), "similarity" (a baseline: label-signed feature similarity). Which one answers for a checkpoint is
+decided by retraining measurements, against the baseline too (choice.py). Every method follows one sign convention
+(base.py): positive = helpful = removing the image would raise the test image's loss.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,9 +25,11 @@ import numpy as np
 
 from cifarviz.core.data import Split
 from cifarviz.store.artifacts import checkpoint_digest, model_identity, split_artifacts, split_digest, subset_digest
+from cifarviz.store import timings
 from cifarviz.store.cache import CacheKey, Schema, default_store
 
 from .base import InfluenceError, InfluenceIndex, Progress
+from .choice import MethodChoice, default_method, how_sure, method_choice
 from .ensemble import TrakEnsemble, ensemble_scores
 from .head import HeadInfluence
 from .similarity import FeatureSimilarity
@@ -34,21 +38,21 @@ from .trak import TrakInfluence
 
 METHODS: dict[str, type[InfluenceIndex]] = {m.name: m for m in (TrakEnsemble, HeadInfluence, TrakInfluence,
                                                                  FeatureSimilarity)}
-DEFAULT_METHOD = "head"  # where a model's card has no retraining figures (default_method) and no ensemble
-BASELINES = ("similarity",)  # shown beside the attribution methods, never their default
 INDEX_VERSION = 5  # 5: the ensemble's lists; test images in the key of methods that precompute them
 
 __all__ = [
-    "DEFAULT_METHOD",
     "MEASUREMENT",
     "METHODS",
     "InfluenceEntry",
     "InfluenceError",
     "InfluenceIndex",
     "InfluenceResult",
+    "MethodChoice",
     "Task",
     "TrakEnsemble",
     "available_methods",
+    "build_estimate",
+    "build_timing_key",
     "best_ranking",
     "class_lookup",
     "default_method",
@@ -57,9 +61,11 @@ __all__ = [
     "index_key",
     "index_path",
     "index_ready",
+    "how_sure",
     "load_or_fit",
     "lookup",
     "loss_ranking",
+    "method_choice",
     "method_class",
     "suspicious",
     "suspicious_rankings",
@@ -109,24 +115,6 @@ def available_methods(checkpoint) -> list[str]:
 
     has_members = bool(ensemble_member_files(checkpoint))
     return [name for name, cls in METHODS.items() if has_members or not cls.needs_members]
-
-
-def default_method(checkpoint) -> str:
-    """The page's, inspector's and CLI's default: of the attribution methods available for this checkpoint, the one
-    with the best measured retraining effect on its model card (bench/bench_retrain.py); else the ensemble where
-    there is one, else DEFAULT_METHOD (the best single-model method measured on lenet)."""
-    from cifarviz.core.errors import ModelError
-    from cifarviz.core.models import model_card
-
-    available = [m for m in available_methods(checkpoint) if m not in BASELINES]
-    try:
-        figures = model_card(checkpoint.model.arch_name).influence
-    except ModelError:  # not a zoo model: nothing measured
-        figures = None
-    measured = {m: v for m, v in (figures.mean_change.items() if figures else ()) if m in available}
-    if measured:
-        return max(measured, key=measured.get)
-    return "trak-ensemble" if "trak-ensemble" in available else DEFAULT_METHOD
 
 
 def trained_positions(checkpoint, dataset) -> tuple[np.ndarray, str | None]:
@@ -198,6 +186,41 @@ def index_ready(method: str, checkpoint, dataset) -> bool:
     return default_store().has(index_key(method, checkpoint, dataset))
 
 
+def build_timing_key(method: str, checkpoint, dataset) -> str:
+    """What an index's build time depends on: the method, the network and its size, the images, the device."""
+    from cifarviz.core.utils import pick_device
+
+    parameters = sum(p.numel() for p in checkpoint.model.parameters())
+    return (f"influence/{method}/{checkpoint.model.arch_name}/{parameters}/{len(dataset.train)}/"
+            f"{pick_device('auto').type}")
+
+
+def build_estimate(method: str, checkpoint, dataset, *, probe: bool = True) -> tuple[float | None, str]:
+    """Seconds the method's index should take to build on this machine, and where that figure comes from: the last
+    build here (store/timings.py), else, for the gradient methods, per-example gradients timed on 128 training
+    images and scaled to every image and model (`probe`; about a second). (None, "") when neither is known."""
+    measured = timings.expected_seconds(build_timing_key(method, checkpoint, dataset))
+    if measured is not None:
+        return measured, "as long as it took on this machine last time"
+    cls = method_class(method)
+    if not probe or not cls.takes_minutes:
+        return None, ""
+    from .trak import BATCH, MarginGradients, chosen_parameters, projection_dim
+
+    positions, _ = trained_positions(checkpoint, dataset)
+    models = 1 + (len(ensemble_members(checkpoint)) if cls.needs_members else 0)
+    gradients = MarginGradients(checkpoint.model, chosen_parameters(checkpoint.model),
+                                projection_dim(2048, len(positions)), 0)
+    images, labels = dataset.train.images[:BATCH], dataset.train.labels[:BATCH]
+    gradients(images, labels)  # the first call pays for tracing
+    started = time.perf_counter()
+    for _ in range(2):
+        gradients(images, labels)
+        gradients.probabilities(images)
+    per_image = (time.perf_counter() - started) / (2 * BATCH)
+    return per_image * len(positions) * models * 1.1, "estimated from per-example gradients timed just now"
+
+
 def _origin(checkpoint, dataset) -> dict:
     return {"model": checkpoint_digest(checkpoint), "images": split_digest(dataset, "train"),
             "train_images": len(dataset.train)}
@@ -216,8 +239,10 @@ def load_or_fit(method: str, checkpoint, dataset, *, on_progress: Progress | Non
 
     def fit() -> dict:
         bar = _terminal_bar(f"{method} index for {checkpoint.name}") if progress else None
+        started = time.monotonic()
         index = cls.fit(checkpoint, _training_subset(dataset, positions), on_progress=_both(on_progress, bar),
                         **extra)
+        timings.record(build_timing_key(method, checkpoint, dataset), time.monotonic() - started)  # next estimate
         if bar is not None:
             bar.close()
         fitted.append(index)
