@@ -4,9 +4,11 @@ and count how many of the flipped images each ranking puts in its top 10%.
     python bench/bench_suspicious.py                    # lenet, a 5,000-image subset, 20 models for the ensembles
     python bench/bench_suspicious.py --subset 45000 --models 1     # the whole split, single-model rankings only
 
-Rankings: the training loss (plain cross-entropy of the given label), the head's and single-model TRAK's
-self-influence, and over an ensemble of models of the recipe (seeds 0, 1, ...): TRAK's self-influence, the mean
-training loss, and the two combined (mean of their ranks). Writes bench/results/suspicious-MODEL-SUBSET.json.
+Rankings: the training loss (plain cross-entropy of the given label), the area under the margin the first run
+recorded while it trained (Pleiss et al. 2020: the label's margin on its augmented copies, averaged over epochs),
+the head's and single-model TRAK's self-influence, and over an ensemble of models of the recipe (seeds 0, 1, ...):
+TRAK's self-influence, the mean training loss, and the two combined (mean of their ranks). Writes
+bench/results/suspicious-MODEL-SUBSET-DATE-COMMIT.json.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def main() -> int:
     labels[flipped] = (labels[flipped] + rng.integers(1, len(data.classes), len(flipped))) % len(data.classes)
     noisy = dataclasses.replace(data, train=Split("train", data.train.images, labels, data.train.source_index))
     config = RECIPES[args.model]
-    models = [train(dataclasses.replace(config, seed=args.seed + s), noisy).model for s in range(args.models)]
+    trained = [train(dataclasses.replace(config, seed=args.seed + s), noisy) for s in range(args.models)]
+    models = [t.model for t in trained]
     checkpoint = Checkpoint(models[0], {"name": "noisy", "train_config": config.to_dict()})
 
     def losses(model):
@@ -73,6 +76,8 @@ def main() -> int:
         return -np.log(probs[np.arange(len(labels)), labels] + 1e-12)
 
     rankings = {"training loss": losses(models[0]),
+                # what the first run recorded while it trained (the app's "area under the margin"): minus the margin
+                "area under the margin (one run)": -trained[0].mean_margins,
                 "head self-influence": load_or_fit("head", checkpoint, noisy).self_influence(),
                 "TRAK self-influence (one model)": load_or_fit("trak", checkpoint, noisy).self_influence()}
     if args.models > 1:
@@ -91,7 +96,7 @@ def main() -> int:
               "models": args.models, "load_average": load, "seconds": round(time.perf_counter() - started),
               "recall_in_top_10_percent": recall}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"suspicious-{args.model}-{len(labels)}.json"
+    out = RESULTS / f"suspicious-{args.model}-{len(labels)}-{time.strftime('%Y%m%d')}-{commit or 'nocommit'}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"{len(flipped)} of {len(labels):,} labels flipped ({args.data}); flipped images in each ranking's top 10%:")
     print("| ranking | recall |\n| --- | ---: |")

@@ -406,35 +406,67 @@ def test_a_bad_training_image_is_named_where_it_is_needed(tmp_path):
 
 
 def test_influence_asks_before_minutes_of_work_and_says_how_long(cifar):
-    """TRAK on fastnet is minutes of work: choosing it starts nothing, says so, and answers with head influence
-    meanwhile. A method measured here at over a minute says how long it took; "Build it now" starts it in the
-    background and the page keeps answering."""
-    from cifarviz.analysis.influence import index_path
+    """TRAK on fastnet is minutes of work: choosing it starts nothing, says how long (per-example gradients timed on
+    this machine), and answers meanwhile with the best measured method that takes seconds (similarity), whose own
+    figure the caption quotes. A method measured here at over a minute says how long it took; "Build it now"
+    starts it in the background and the page keeps answering."""
+    from cifarviz.analysis.influence import build_timing_key, index_path
     from cifarviz.services.jobs import JOBS
     from cifarviz.store import timings
-    from cifarviz.ui.loaders import timing_key
 
     checkpoint = load_checkpoint(SHIPPED / "fastnet.safetensors")
+    index_path("head", checkpoint, cifar).unlink(missing_ok=True)  # not built, and measured here at 8 min
+    timings.record(build_timing_key("head", checkpoint, cifar), 480.0)
     at = app_at("pages/influence.py", cifar)
     at.segmented_control(key="influence_method").set_value("trak").run()
     assert not at.exception, [e.value for e in at.exception]
     page = texts(at)
-    assert "index of **fastnet** is not built yet" in page and "several minutes" in page
+    assert "index of **fastnet** is not built yet" in page and "estimated from per-example gradients timed" in page
+    assert "the answers below use **Feature similarity (baseline)**" in page
     assert JOBS.get(str(index_path("trak", checkpoint, cifar))) is None  # nothing started without a yes
     assert any(b.key == "build-trak-yes" for b in at.button)
     assert any(b.key and b.key.startswith("test-") and "-helpful-train-" in b.key for b in at.button)  # answered
+    caption = next(c.value for c in at.caption if "How sure?" in c.value)
+    assert "+2.70" in caption and "measured on lenet, not on fastnet" in caption  # similarity's figure, said whose
 
-    index_path("similarity", checkpoint, cifar).unlink(missing_ok=True)  # not built, and measured here at 8 min
-    timings.record(timing_key("similarity", checkpoint, cifar), 480.0)
-    at.segmented_control(key="influence_method").set_value("similarity").run()
+    at.segmented_control(key="influence_method").set_value("head").run()
     assert "about 8 minutes (as long as it took on this server last time)" in texts(at)
-    assert JOBS.get(str(index_path("similarity", checkpoint, cifar))) is None
-    at.button(key="build-similarity-yes").click().run()
-    job = JOBS.get(str(index_path("similarity", checkpoint, cifar)))
+    assert JOBS.get(str(index_path("head", checkpoint, cifar))) is None
+    at.button(key="build-head-yes").click().run()
+    job = JOBS.get(str(index_path("head", checkpoint, cifar)))
     assert job is not None  # started, in the background
     assert "is not built yet" not in texts(at)
     job.wait(600)
     assert job.error is None
-    assert timings.expected_seconds(timing_key("similarity", checkpoint, cifar)) < 480  # its real time, recorded
-    run_until(at, lambda at: not at.progress, "the similarity index")
+    assert timings.expected_seconds(build_timing_key("head", checkpoint, cifar)) < 480  # its real time, recorded
+    run_until(at, lambda at: not at.progress, "the head index")
     assert not at.exception, [e.value for e in at.exception]
+
+
+def test_the_figure_on_the_influence_page_belongs_to_the_method_that_answered(cifar):
+    """lenet's default is the 20-model ensemble (+3.50 when retrained); until it is built, nothing is built without a
+    yes and the answer is similarity's (+2.70): the caption quotes +2.70, never the ensemble's +3.50. fastnet, where
+    no influence estimate reached similarity, answers with similarity and says so in words, the head's lists beside."""
+    from cifarviz.analysis.influence import index_path, index_ready
+
+    lenet = load_checkpoint(SHIPPED / "lenet.safetensors")
+    assert not index_ready("trak-ensemble", lenet, cifar)
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = str(cifar.root)
+    at.run()
+    at.sidebar.selectbox(key="checkpoint_label").set_value("lenet (shipped)").run()
+    at.switch_page("pages/influence.py").run()
+    run_until(at, lambda at: not at.progress, "the similarity answer")
+    assert at.segmented_control(key="influence_method").value == "trak-ensemble"  # the default, asked for first
+    assert any(b.key == "build-trak-ensemble-yes" for b in at.button)
+    caption = next(c.value for c in at.caption if "How sure?" in c.value)
+    assert "+2.70" in caption and "+3.50" not in caption, caption
+    assert not index_ready("trak-ensemble", lenet, cifar) and not index_path("trak-ensemble", lenet, cifar).exists()
+
+    at.sidebar.selectbox(key="checkpoint_label").set_value("fastnet (shipped)").run()
+    run_until(at, lambda at: not at.progress, "fastnet's answer")
+    assert at.segmented_control(key="influence_method").value == "similarity"
+    page = texts(at) + "\n".join(visible(i.value) for i in at.info)
+    assert "the most similar training images explain its decision better than any influence estimate" in page
+    run_until(at, lambda at: any("-helpful-train-" in (b.key or "") and (b.key or "").startswith("best-head-")
+                                 for b in at.button), "the head's lists beside")

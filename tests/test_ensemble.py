@@ -9,16 +9,19 @@ import numpy as np
 import pytest
 
 from cifarviz.analysis.influence import (
+    METHODS,
     InfluenceError,
     available_methods,
     class_lookup,
     default_method,
     ensemble_scores,
+    how_sure,
     index_key,
     load_or_fit,
     lookup,
+    method_choice,
 )
-from cifarviz.core.checkpoint import SHIPPED_DIR, ensemble_member_files, load_checkpoint
+from cifarviz.core.checkpoint import SHIPPED_DIR, ensemble_member_files, load_checkpoint, shipped_files
 from cifarviz.core.data import Split
 from cifarviz.core.inference import predict
 from cifarviz.core.models import model_card
@@ -72,20 +75,39 @@ def test_ensemble_index_is_its_computation_and_knows_its_members(cifar_small, sn
     assert index_key("trak-ensemble", checkpoint, cifar_small) != key
 
 
-def test_the_shipped_lenet_defaults_to_its_measured_best_method():
-    """lenet ships 19 replicas of its recipe, and its card the retraining figures that chose the ensemble; models
-    without replicas fall back to the best single-model method."""
+def test_every_checkpoints_default_is_measured_at_least_as_good_as_similarity(snapshot_run):
+    """The rule, on every shipped checkpoint, a run and an upload: the default is an attribution method whose
+    applicable figure is at least similarity's, or similarity itself where no attribution method reached it (and
+    then the page's "similarity explains it better" path is on). A snapshot ensemble, never measured, is offered
+    but never the default; a run of another recipe is told that its figure is the card's recipe's."""
+    for path in shipped_files():
+        checkpoint = load_checkpoint(path)
+        choice = method_choice(checkpoint)
+        assert choice.figures is not None, path.name
+        if choice.method == "similarity":
+            assert choice.similarity_wins and choice.figure(choice.best_attribution) < choice.figure("similarity")
+        else:
+            assert not choice.similarity_wins and choice.figure(choice.method) >= choice.figure("similarity")
+        assert choice.method in available_methods(checkpoint) and choice.quick in available_methods(checkpoint)
+        assert not METHODS[choice.quick].takes_minutes  # what answers while the default builds takes seconds
+        assert default_method(checkpoint) == choice.method
+
     lenet = load_checkpoint(SHIPPED_DIR / "lenet.safetensors")
     card = model_card("lenet")
     assert len(ensemble_member_files(lenet)) == len(card.replicas) == 19
-    figures = card.influence
-    assert default_method(lenet) == "trak-ensemble" == max(
-        (m for m in figures.mean_change if m not in ("similarity", "random")), key=figures.mean_change.get)
-    assert figures.mean_change["trak-ensemble"] >= 0.8 * figures.mean_change["similarity"]
-    fastnet = load_checkpoint(SHIPPED_DIR / "fastnet.safetensors")
-    assert "trak-ensemble" not in available_methods(fastnet) and default_method(fastnet) == "head"
+    choice = method_choice(lenet)
+    assert choice.method == "trak-ensemble" and choice.applies == "recipe"
+    assert choice.quick == "similarity"  # measured above the head (+2.70 vs +1.00): it answers while the ensemble builds
     upload = dataclasses.replace(lenet, path=None)  # an uploaded copy is not the shipped file: no replicas
-    assert default_method(upload) == "head"
+    assert default_method(upload) == "similarity" and method_choice(upload).similarity_wins
+
+    run = load_checkpoint(snapshot_run / "model.safetensors")  # lenet, 6 epochs, with per-epoch snapshots
+    choice = method_choice(run)
+    assert "trak-ensemble" in available_methods(run) and choice.method != "trak-ensemble"
+    assert choice.applies == "other recipe" and "epochs" in choice.differs
+    sentence = how_sure(run, choice.method)
+    assert "this run's recipe differs" in sentence and "epochs" in sentence
+    assert "has not been checked by retraining" in how_sure(run, "trak-ensemble")  # no figure quoted for it
 
 
 def _plain_losses(model, dataset, idx):

@@ -402,3 +402,26 @@ def test_an_index_replaced_on_disk_is_read_again_not_served_from_memory(cifar_sm
     fresh.write_bytes(path.read_bytes())
     fresh.replace(path)  # the same content in a new file, as every write of the store does it
     assert index_stamp("similarity", lenet, cifar_small) != first
+
+
+def test_the_cli_says_what_it_builds_and_how_long_before_minutes_of_work(tmp_path, capsys, monkeypatch):
+    """TRAK's index is minutes of work on the real split: before it starts, the CLI says what it builds, how long
+    (per-example gradients timed now, or this machine's last build), and the quick measured method instead. Built
+    once, it is not announced again. (A small image folder keeps the build itself to seconds.)"""
+    from conftest import write_image_folder
+
+    from cifarviz.core.data import CIFAR10_CLASSES
+
+    monkeypatch.setenv("CIFARVIZ_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path / "data", classes=CIFAR10_CLASSES, per_class=(20, 3))
+    args = ["influence", "-c", "lenet", "--method", "trak", "--data", str(tmp_path / "data"), "--val-size", "20",
+            "--test-index", "2", "--k", "3", "--json"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    said = out.err
+    assert "Building the TRAK (whole network, projected gradients) index of lenet over 180 training images first" in said
+    assert "estimated from per-example gradients timed just now" in said
+    assert "For an answer now: --method similarity (seconds). How sure? Retrained without" in said and "+2.70" in said
+    assert json.loads(out.out)["method"] == "trak"  # and then it answered
+    assert main(args) == 0
+    assert "Building" not in capsys.readouterr().err  # built once: nothing to announce

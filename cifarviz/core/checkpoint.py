@@ -58,6 +58,9 @@ class Checkpoint:
     model: ZooModel
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    # What training recorded per training image (training_statistics(): checked 1-D arrays of one length), e.g.
+    # "source_index" and "mean_margin" (the area under the margin): {} for files that recorded none
+    statistics: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -131,8 +134,11 @@ def check_fits_data(checkpoint: Checkpoint, dataset) -> None:
         raise CheckpointError(f"{name} takes 32x32 RGB images, but the data in {where} holds {shape}. {fix}")
 
 
-def save_checkpoint(path: str | os.PathLike, model: ZooModel, meta: dict | None = None) -> Path:
-    """Write PATH (.safetensors) and its .json sidecar atomically; returns the weights path."""
+def save_checkpoint(path: str | os.PathLike, model: ZooModel, meta: dict | None = None,
+                    statistics: dict | None = None) -> Path:
+    """Write PATH (.safetensors) and its .json sidecar atomically; returns the weights path. `statistics`: per
+    training image arrays that training recorded (name -> 1-D array), stored as tensors named STATISTICS_PREFIX +
+    name beside the weights."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
@@ -149,6 +155,8 @@ def save_checkpoint(path: str | os.PathLike, model: ZooModel, meta: dict | None 
         "save_id": uuid.uuid4().hex,  # new on every save, even when `meta` came from another checkpoint
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, values in (statistics or {}).items():  # beside the weights, in the same atomic file
+        tensors[STATISTICS_PREFIX + name] = torch.as_tensor(np.ascontiguousarray(values))
     blob = st_save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
     with atomic_write(path) as fh:
         fh.write(blob)
@@ -289,8 +297,11 @@ def load_checkpoint(
         raise CheckpointError(f"{path.name} is empty (0 bytes): it was not written completely, or the upload failed. "
                               "Save or upload it again.")
     _check_size(path.name, len(raw))
+    statistics = {}
     if suffix == ".safetensors":
         state, meta = _read_safetensors(path, raw)
+        statistics = training_statistics(path, {k[len(STATISTICS_PREFIX):]: state.pop(k)
+                                                for k in [k for k in state if k.startswith(STATISTICS_PREFIX)]})
     else:
         state, meta = _read_torch_state_dict(path, raw), {}
 
@@ -299,7 +310,32 @@ def load_checkpoint(
     model = _build_fitting(path, architecture, args, state)
     if data is None and suffix == ".safetensors":
         _heal_sidecar(path, meta)
-    return Checkpoint(model=model, meta={**meta, "architecture": architecture}, path=path)
+    return Checkpoint(model=model, meta={**meta, "architecture": architecture}, path=path, statistics=statistics)
+
+
+STATISTICS_PREFIX = "training_statistics."
+STATISTICS = {"source_index": "integer", "mean_margin": "float"}  # the names a file may hold, and their kind
+MAX_STATISTICS_ROWS = 1_000_000
+
+
+def training_statistics(path: Path, tensors: dict) -> dict:
+    """The per-image statistics a file holds, checked before they are trusted: only known names, 1-D, one length
+    (at most MAX_STATISTICS_ROWS), the right kind, finite; anything else is left out whole (a file read back is
+    not trusted, and a damaged extra never stops the weights from loading)."""
+    if not tensors:
+        return {}
+    arrays = {}
+    for name, tensor in tensors.items():
+        if STATISTICS.get(name) != _dtype_kind(tensor.dtype) or tensor.ndim != 1 or \
+                not 0 < tensor.numel() <= MAX_STATISTICS_ROWS:
+            return {}
+        values = tensor.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return {}
+        arrays[name] = values
+    if len({len(v) for v in arrays.values()}) != 1 or set(arrays) != set(STATISTICS):
+        return {}
+    return arrays
 
 
 def _read_bytes(path: Path) -> bytes:

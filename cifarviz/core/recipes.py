@@ -51,7 +51,7 @@ def train_and_save(
     result = train(config, dataset, callback=callback, cancel=cancel, on_epoch=on_epoch)
     meta = checkpoint_meta(config, dataset, result.model, result.history, result.status, result.seconds,
                            measure_test=True, notes=notes)
-    path = save_checkpoint(out, result.model, meta)
+    path = save_checkpoint(out, result.model, meta, statistics=result.statistics(dataset))
     return path, result
 
 

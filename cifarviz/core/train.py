@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -138,6 +139,17 @@ class TrainResult:
     status: str  # "completed" or "cancelled"
     seconds: float
     device: str
+    # Each training image's margin (its label's logit minus the largest other logit) on its augmented copies,
+    # averaged over the epochs that saw it: Pleiss et al.'s area under the margin. Low or negative = the network
+    # kept fighting the label: a mislabelled image, or an atypical one. Rows follow dataset.train.
+    mean_margins: np.ndarray | None = None
+
+    def statistics(self, dataset) -> dict:
+        """What save_checkpoint stores beside the weights: each training image's source index and mean margin."""
+        if self.mean_margins is None:
+            return {}
+        return {"source_index": np.asarray(dataset.train.source_index, dtype=np.int64),
+                "mean_margin": self.mean_margins.astype(np.float32)}
 
 
 def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -227,6 +239,8 @@ def train(
 
     history: list[dict] = []
     status, step, start = "completed", 0, time.perf_counter()
+    margin_sum = torch.zeros(len(labels), device=device)  # the area under the margin, per training image
+    margin_seen = torch.zeros(len(labels), device=device)
     for epoch in range(1, config.epochs + 1):
         model.train()
         order = torch.randperm(len(labels), generator=generator, device=device)
@@ -247,6 +261,12 @@ def train(
             with autocast_context(device):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            with torch.no_grad():  # the assigned label's margin on what the network trained on (AUM)
+                scored = logits.detach().float()
+                own = scored.gather(1, y[:, None])[:, 0]
+                other = scored.scatter(1, y[:, None], float("-inf")).amax(1)
+                margin_sum.index_add_(0, index, own - other)
+                margin_seen.index_add_(0, index, torch.ones_like(own))
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise TrainingError(
@@ -300,7 +320,10 @@ def train(
             on_epoch(model, history)
 
     model.eval()
-    return TrainResult(model, config, history, status, time.perf_counter() - start, str(device))
+    seen_any = margin_seen > 0
+    margins = torch.where(seen_any, margin_sum / margin_seen.clamp(min=1), torch.nan).cpu().numpy() \
+        if bool(seen_any.all()) else None  # a cancelled first epoch saw only some images: no statistic
+    return TrainResult(model, config, history, status, time.perf_counter() - start, str(device), margins)
 
 
 def evaluate_split(model: ZooModel, split, tta: str = "none", device="auto") -> dict:

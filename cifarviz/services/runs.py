@@ -742,7 +742,8 @@ def train_worker(ctx: RunContext) -> tuple[str, str | None]:
     meta = checkpoint_meta(config, dataset, model, result.history, state, result.history[-1]["elapsed"],
                            measure_test=True, notes=f"trained in the app as run {run_id}")
     meta["device"] = result.device
-    save_checkpoint(path, model, {**meta, "name": run_id})
+    # the area under the margin goes with every finished run (a stopped run's covers the epochs it finished)
+    save_checkpoint(path, model, {**meta, "name": run_id}, statistics=result.statistics(dataset))
     test = meta["metrics"]["test_accuracy"]
     ctx.log({"event": "saved", "state": state, "test_accuracy": test})
     epochs = len(result.history)

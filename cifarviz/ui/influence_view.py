@@ -31,6 +31,7 @@ from cifarviz.ui.loaders import (
     get_dataset,
     influence_job,
     influence_of,
+    takes_long,
 )
 from cifarviz.ui.widgets import image_grid
 from cifarviz.ui.text import md, md_message, shown
@@ -206,7 +207,7 @@ def similarity_explains_better(checkpoint, dataset, test_index: int, k: int, tit
             f"{choice.figure('similarity'):+.2f} against {choice.figure(best):+.2f} for the best estimate "
             f"({md(titles.get(best, best))}). So the lists above are similarity's.", icon=":material/info:")
     if not index_ready(best, checkpoint, dataset):  # prepared in the background when it takes seconds
-        if not METHODS[best].takes_minutes:
+        if not takes_long(best, checkpoint, dataset):
             influence_job(best, checkpoint, dataset, background=True)
         st.caption(f"The {md(titles.get(best, best))} lists for this image appear here once its index is built.")
         return

@@ -65,6 +65,7 @@ __all__ = [
     "load_or_fit",
     "lookup",
     "loss_ranking",
+    "margin_ranking",
     "method_choice",
     "method_class",
     "suspicious",
@@ -355,9 +356,13 @@ def suspicious(index: InfluenceIndex, top: int | None = None) -> tuple[np.ndarra
 
 def suspicious_rankings(index: InfluenceIndex, checkpoint, dataset, top: int | None = None) -> dict:
     """Rankings of the training images the checkpoint was trained on, most suspicious (likely mislabelled) first:
-    name -> (positions in dataset.train, values). "training loss" always; "self-influence (METHOD)" where the method
-    has one; "mean training loss" (each image's plain loss averaged over the ensemble's models) for an ensemble."""
+    name -> (positions in dataset.train, values). "training loss" always; MARGIN_RANKING where training recorded each
+    image's margin (margin_ranking); "self-influence (METHOD)" where the method has one; "mean training loss" (each
+    image's plain loss averaged over the ensemble's models) for an ensemble."""
     rankings = {"training loss": loss_ranking(checkpoint, dataset, top)}
+    margins = margin_ranking(checkpoint, dataset, top)
+    if margins is not None:
+        rankings[MARGIN_RANKING] = margins
     if index.has_self_influence:
         rankings[f"self-influence ({index.name})"] = suspicious(index, top)
     mean_losses = getattr(index, "mean_losses", None)
@@ -383,6 +388,31 @@ def best_ranking(checkpoint, names) -> tuple[str, float | None]:
         best = max(measured, key=measured.get)
         return best, measured[best]
     return "training loss", None
+
+
+MARGIN_RANKING = "area under the margin"
+
+
+def margin_ranking(checkpoint, dataset, top: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The training images by the margin they kept while the checkpoint trained (Pleiss et al.'s area under the
+    margin: their label's logit minus the largest other, on the augmented copies the network trained on, averaged
+    over epochs), lowest first, as (positions in dataset.train, minus the mean margin: higher = more suspicious).
+    One training run's own record, no other model needed. None when the checkpoint recorded none, or recorded it
+    for images that are not in this training split."""
+    stats = getattr(checkpoint, "statistics", None) or {}
+    if "mean_margin" not in stats or "source_index" not in stats:
+        return None
+    source = dataset.train.source_index
+    order = np.argsort(source, kind="stable")
+    at = np.clip(np.searchsorted(source[order], stats["source_index"]), 0, len(source) - 1)
+    found = source[order][at] == stats["source_index"]
+    if not found.all():
+        return None  # another split or data: the record is not of these images
+    positions = order[at]
+    suspicion = -np.asarray(stats["mean_margin"], dtype=np.float64)
+    ranked = np.argsort(-suspicion, kind="stable")
+    ranked = ranked if top is None else ranked[:top]
+    return positions[ranked], suspicion[ranked]
 
 
 def loss_ranking(checkpoint, dataset, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:

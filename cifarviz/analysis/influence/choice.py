@@ -38,12 +38,12 @@ class MethodChoice:
     measured_on: str  # the card those figures are from
     applies: str  # "recipe": this model's recipe; "other recipe": the card's, the run's differs; "other model"
     differs: tuple[str, ...] = ()  # with "other recipe": the settings that differ
+    applicable: tuple[tuple[str, float], ...] = ()  # (method, measured mean change) where it applies to this one
 
     def figure(self, method: str) -> float | None:
-        """The measured mean change of the test loss for `method`, where that figure applies to this checkpoint."""
-        if self.figures is None:
-            return None
-        return self.figures.mean_change.get(method)
+        """The measured mean change of the test loss for `method`, where that figure applies to this checkpoint
+        (an ensemble's figure is of the models it was measured with, never of a run's snapshots)."""
+        return dict(self.applicable).get(method)
 
 
 def _card(checkpoint):
@@ -111,9 +111,9 @@ def method_choice(checkpoint) -> MethodChoice:
         figures = reference.influence if reference is not None else None
         measured_on, applies, differs = REFERENCE_MODEL, "other model", ()
     measured = dict(figures.mean_change) if figures is not None else {}
+    if "trak-ensemble" in measured and not (applies != "other model" and _ensemble_measured(checkpoint, card)):
+        measured.pop("trak-ensemble")  # a snapshot ensemble, or other replicas: never measured
     usable = {m: v for m, v in measured.items() if m in available and m != RANDOM}
-    if "trak-ensemble" in usable and not (applies != "other model" and _ensemble_measured(checkpoint, card)):
-        usable.pop("trak-ensemble")  # a snapshot ensemble, or other replicas: never measured
     attribution = {m: v for m, v in usable.items() if m != BASELINE}
     best = max(attribution, key=attribution.get) if attribution else None
     baseline = usable.get(BASELINE)
@@ -127,7 +127,8 @@ def method_choice(checkpoint) -> MethodChoice:
     quick = method if method in seconds or not seconds else max(seconds, key=seconds.get)
     if quick not in available:
         quick = BASELINE
-    return MethodChoice(method, quick, best, similarity_wins, figures, measured_on, applies, differs)
+    return MethodChoice(method, quick, best, similarity_wins, figures, measured_on, applies, differs,
+                        tuple(measured.items()))
 
 
 def default_method(checkpoint) -> str:
@@ -159,7 +160,7 @@ def how_sure(checkpoint, method: str, titles: dict | None = None) -> str:
         return (f"How sure? The {titles.get(method, method)} method has not been checked by retraining "
                 f"on {arch}{' or ' + choice.measured_on if choice.measured_on != arch else ''}, so nobody "
                 "knows how faithful this answer is.")
-    change, rose = choice.figures.mean_change, choice.figures.rose
+    change, rose = dict(choice.applicable), choice.figures.rose
     others = ", ".join(f"{titles.get(m, m).split(' (')[0].lower()} {change[m]:+.2f}" for m in (BASELINE, RANDOM)
                        if m in change and m != method)
     return (f"How sure? Retrained without this method's top helpful images, the test image's loss rose by "
