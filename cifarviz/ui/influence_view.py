@@ -189,10 +189,11 @@ def draw_progress(run: runs.Run, what: str) -> None:
 
 
 def how_sure(checkpoint, method: str, titles: dict) -> str:
-    """The sentence of the method that actually answered (analysis.influence.how_sure), its figure in bold."""
-    sentence = plain_how_sure(checkpoint, method, titles)
-    head, sep, rest = sentence.partition("How sure?")
-    return f"{head}**How sure?**{rest}" if sep else sentence
+    """The sentence of the method that actually answered (analysis.influence.how_sure), its figure in bold. Plain
+    text from the library (numbers and the card's words, no names from files): safe as Markdown."""
+    sentence = plain_how_sure(checkpoint, method, titles).replace("How sure?", "**How sure?**", 1)
+    figure = method_choice(checkpoint).figure(method)
+    return sentence if figure is None else sentence.replace(f"by {figure:+.2f}", f"by **{figure:+.2f}**", 1)
 
 
 def similarity_explains_better(checkpoint, dataset, test_index: int, k: int, titles: dict) -> None:
