@@ -414,6 +414,10 @@ def cmd_influence(args) -> int:
         print(result.to_json())
         return 0
     print(f"{args.method} influence of {checkpoint.name}'s training images on {about}")
+    if result.agreement:
+        share = result.agreement
+        print(f"how sure: {share['helpful_share']:.0%} of the helpful and {share['harmful_share']:.0%} of the harmful "
+              f"images listed are in the own top {share['top']} of at least half of the {share['models']} models")
     print("helpful: removing it would raise the test loss; harmful: removing it would lower it")
     for title, entries in (("most helpful", result.helpful), ("most harmful", result.harmful)):
         print(f"\n{title}\n{'rank':>5} {'train_index':>11} {'source_index':>12} {'label':>11} {'predicted':>11} {'score':>11}")

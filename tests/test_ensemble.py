@@ -54,6 +54,17 @@ def test_ensemble_index_is_its_computation_and_knows_its_members(cifar_small, sn
         assert [e.train_index for e in result.helpful] == list(np.argsort(-full[row], kind="stable")[:10])
         np.testing.assert_allclose([e.score for e in result.harmful], np.sort(full[row])[:10], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(index.self_influence(), self_scores, rtol=1e-4, atol=1e-7)
+    # how sure each answer is: for every listed image, how many of the 4 models alone rank it in their own top 100
+    # (model m alone is TRAK with its own projection seed m, as inside the ensemble)
+    alone = [ensemble_scores([model], cifar_small, tests, seed=m)[0] for m, model in enumerate(models)]
+    for row, t in enumerate(tests):
+        result = lookup(index, checkpoint, cifar_small, int(t), k=10)
+        own_tops = [set(np.argsort(-scores[row], kind="stable")[:100]) for scores in alone]
+        expected = [sum(e.train_index in top for top in own_tops) for e in result.helpful]
+        assert result.agreement["helpful"] == expected and result.agreement["models"] == 4
+        assert result.agreement["helpful_share"] == pytest.approx(np.mean(np.array(expected) >= 2))
+        own_bottoms = [set(np.argsort(scores[row], kind="stable")[:100]) for scores in alone]
+        assert result.agreement["harmful"] == [sum(e.train_index in b for b in own_bottoms) for e in result.harmful]
     airplanes = np.flatnonzero(cifar_small.test.labels == 0)
     mean = ensemble_scores(models, cifar_small, airplanes)[0].mean(0)
     expected = np.argsort(-mean, kind="stable")[:5]

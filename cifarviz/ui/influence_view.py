@@ -244,11 +244,23 @@ def show_result(dataset, checkpoint, result, key: str) -> None:
     with harmful:
         st.markdown("**Most harmful** (removing it would lower the loss)")
         influence_grid(dataset, result.harmful, key=f"{key}-harmful")
+    if result.agreement:
+        st.caption(agreement_sentence(result.agreement, len(result.helpful)))
     export_buttons(lambda: influence_rows(result, dataset, get_artifacts(checkpoint, dataset, "train").probs),
                    key=key, name=f"influence-{checkpoint.name}-{key}",
                    about={"view": "influence", "method": result.method, "checkpoint": checkpoint.name,
                           "query": result.query, "data": dataset.root.name,
                           "order": "the most helpful first, then the most harmful"})
+
+
+def agreement_sentence(agreement: dict, k: int) -> str:
+    """How sure this one answer is: how many of the shown images most of the ensemble's models agree on."""
+    models, top = agreement["models"], agreement["top"]
+    helpful = round(agreement["helpful_share"] * k)
+    harmful = round(agreement["harmful_share"] * k)
+    return (f"**How sure is this answer?** {helpful} of the {k} most helpful images shown are in the own top {top} of "
+            f"at least half of the {models} models (each model alone, another seed), and {harmful} of the {k} most "
+            "harmful. Images few models agree on could change with another seed.")
 
 
 def suspects_grid(dataset, checkpoint, ranking: tuple, train_predicted, key: str, name: str) -> None:

@@ -38,7 +38,7 @@ from .trak import TrakInfluence
 
 METHODS: dict[str, type[InfluenceIndex]] = {m.name: m for m in (TrakEnsemble, HeadInfluence, TrakInfluence,
                                                                  FeatureSimilarity)}
-INDEX_VERSION = 5  # 5: the ensemble's lists; test images in the key of methods that precompute them
+INDEX_VERSION = 6  # 6: the ensemble's agreement between its models; 5: its lists, test images in the key
 
 __all__ = [
     "MEASUREMENT",
@@ -287,6 +287,8 @@ class InfluenceResult:
     helpful: list[InfluenceEntry]
     harmful: list[InfluenceEntry]
     training_images: int = 0  # how many training images were ranked (those the checkpoint was trained on)
+    # an ensemble's: how many of its models rank each listed image in their own top 100 (TrakEnsemble.agreement)
+    agreement: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -331,7 +333,10 @@ def lookup(index: InfluenceIndex, checkpoint, dataset, test_index: int, k: int =
         raise InfluenceError(f"Test index {test_index} is out of range: the test split has {len(dataset.test):,} images.")
     _check_origin(index, checkpoint, dataset)
     ranked = index.ranked(checkpoint, dataset, int(test_index), int(k))
-    return _result(index, checkpoint, dataset, {"test_index": int(test_index)}, ranked)
+    result = _result(index, checkpoint, dataset, {"test_index": int(test_index)}, ranked)
+    if hasattr(index, "agreement"):
+        result.agreement = index.agreement(int(test_index), len(result.helpful))
+    return result
 
 
 def class_lookup(index: InfluenceIndex, checkpoint, dataset, class_name: str, k: int = 10) -> InfluenceResult:

@@ -37,14 +37,51 @@ from .trak import (
 )
 
 LIST_LENGTH = 100  # per test image, its top helpful and harmful: the page's lists and "retrain without the top 100"
+AGREE_TOP = 100  # a member "agrees" with a listed image when it ranks it among its own top AGREE_TOP of that side
+
+
+class MemberLists:
+    """Each member's own top-AGREE_TOP helpful and harmful training images per test image, gathered while the
+    ensemble's scores are summed (ensemble_scores' each_member), then counted against the ensemble's lists."""
+
+    def __init__(self, models: int, tests: int, n_train: int):
+        keep = min(AGREE_TOP, n_train)
+        self.helpful = np.empty((models, tests, keep), dtype=np.int32)
+        self.harmful = np.empty((models, tests, keep), dtype=np.int32)
+        self.n_train = n_train
+
+    def __call__(self, m: int, start: int, scores: np.ndarray) -> None:
+        keep = self.helpful.shape[2]
+        for table, largest in ((self.helpful, True), (self.harmful, False)):
+            signed = -scores if largest else scores
+            rows = np.argpartition(signed, keep - 1, axis=1)[:, :keep] if keep < scores.shape[1] else \
+                np.tile(np.arange(scores.shape[1]), (len(scores), 1))
+            table[m, start:start + len(scores)] = rows
+
+    def votes(self, listed: np.ndarray, side: str) -> np.ndarray:
+        """(T, L) uint8 (ensembles have at most a few dozen models): for each listed training image, how many members
+        rank it in their own top AGREE_TOP."""
+        tables = self.helpful if side == "helpful" else self.harmful
+        out = np.zeros(listed.shape, dtype=np.uint8)
+        for start in range(0, len(listed), 256):
+            rows = np.arange(min(256, len(listed) - start))
+            marks = np.zeros((len(rows), self.n_train), dtype=bool)
+            for member in tables:
+                marks[:] = False
+                marks[rows[:, None], member[start:start + len(rows)]] = True
+                out[start:start + len(rows)] += marks[rows[:, None], listed[start:start + len(rows)]]
+        return out
 
 
 def ensemble_scores(models, dataset, test_indices, *, k: int = PROJECTION_DIM, seed: int = 0,
-                    budget: int = PARAM_BUDGET, class_means: bool = False, on_progress: Progress | None = None):
+                    budget: int = PARAM_BUDGET, class_means: bool = False, on_progress: Progress | None = None,
+                    each_member=None):
     """TRAK over `models` for `dataset.test[test_indices]` against every image of `dataset.train`.
 
     Returns (scores (T, n) float32, self-influence (n,), class mean scores (C, n) or None, each training image's
     plain cross-entropy of its label averaged over the models (n,)). Model m projects with seed `seed + m`.
+    `each_member(m, start, scores)`: called with model m's own TRAK scores (its q_m applied) of test rows
+    start.. in chunks, for what one model alone would rank (the answer's agreement between models).
     Memory: one (T, n) float32 table and one model's (n, k) matrix at a time."""
     report = on_progress or (lambda fraction: None)
     train, test = dataset.train, dataset.test
@@ -68,7 +105,11 @@ def ensemble_scores(models, dataset, test_indices, *, k: int = PROJECTION_DIM, s
             phi_test[start:start + BATCH] = gradients(test.images[rows], test.labels[rows]).numpy()
             report((m + 0.85 + 0.1 * min(1.0, (start + BATCH) / len(idx))) / len(models))
         for start in range(0, len(idx), 1024):
-            total[start:start + 1024] += phi_test[start:start + 1024] @ weighted.T
+            chunk = phi_test[start:start + 1024] @ weighted.T
+            total[start:start + 1024] += chunk
+            if each_member is not None:
+                chunk *= q_m[None, :].astype(np.float32)
+                each_member(m, start, chunk)
         if classes is not None:
             labels = test.labels[idx]
             for c in range(n_classes):
@@ -112,16 +153,19 @@ class TrakEnsemble(InfluenceIndex):
         "harmful_rows": Array("i", ("t", "l"), low=0, below="n"), "harmful_scores": Array("f", ("t", "l")),
         "class_scores": Array("f", ("c", "n")), "self_scores": Array("f", ("n",)), "models": Array("i", low=2),
         "mean_losses": Array("f", ("n",), low=0),
+        "helpful_votes": Array("u", ("t", "l")), "harmful_votes": Array("u", ("t", "l")),
     }
 
     def __init__(self, helpful_rows, helpful_scores, harmful_rows, harmful_scores, class_scores, self_scores,
-                 models: int, mean_losses):
+                 models: int, mean_losses, helpful_votes, harmful_votes):
         self.helpful_rows, self.helpful_scores = helpful_rows, helpful_scores
         self.harmful_rows, self.harmful_scores = harmful_rows, harmful_scores
         self.class_scores_table = class_scores
         self.self_scores = self_scores
         self.models = models
         self.mean_losses = mean_losses  # each training image's plain loss averaged over the models
+        # per listed image, how many of the models rank it in their own top AGREE_TOP (how sure the list is)
+        self.helpful_votes, self.harmful_votes = helpful_votes, harmful_votes
 
     @classmethod
     def settings(cls) -> dict:
@@ -142,8 +186,10 @@ class TrakEnsemble(InfluenceIndex):
             raise InfluenceError(f"{checkpoint.name} has no other models of its recipe to average over (replicas or "
                                  "per-epoch snapshots): use the single-model TRAK method.")
         models = [checkpoint.model, *(m.model for m in members)]
+        lists = MemberLists(len(models), len(dataset.test), len(dataset.train))
         scores, self_scores, class_scores, mean_losses = ensemble_scores(
-            models, dataset, np.arange(len(dataset.test)), class_means=True, on_progress=on_progress)
+            models, dataset, np.arange(len(dataset.test)), class_means=True, on_progress=on_progress,
+            each_member=lists)
         keep = min(LIST_LENGTH, scores.shape[1])
         tables = [np.empty((len(scores), keep), dtype=dtype) for dtype in (np.int32, np.float32) * 2]
         for start in range(0, len(scores), 512):  # argpartition's int64 indices for 512 rows at a time
@@ -152,7 +198,7 @@ class TrakEnsemble(InfluenceIndex):
                 rows, values = _top(chunk, keep, largest)
                 tables[offset][start:start + 512], tables[offset + 1][start:start + 512] = rows, values
         return cls(*tables, class_scores, self_scores.astype(np.float32), len(models),
-                   mean_losses.astype(np.float32))
+                   mean_losses.astype(np.float32), lists.votes(tables[0], "helpful"), lists.votes(tables[2], "harmful"))
 
     def ranked(self, checkpoint, dataset, test_index: int, k: int):
         if k > self.list_length:
@@ -179,9 +225,21 @@ class TrakEnsemble(InfluenceIndex):
         return {"helpful_rows": self.helpful_rows, "helpful_scores": self.helpful_scores,
                 "harmful_rows": self.harmful_rows, "harmful_scores": self.harmful_scores,
                 "class_scores": self.class_scores_table, "self_scores": self.self_scores,
-                "models": np.array(self.models), "mean_losses": self.mean_losses}
+                "models": np.array(self.models), "mean_losses": self.mean_losses,
+                "helpful_votes": self.helpful_votes, "harmful_votes": self.harmful_votes}
 
     @classmethod
     def from_state(cls, state):
         return cls(state["helpful_rows"], state["helpful_scores"], state["harmful_rows"], state["harmful_scores"],
-                   state["class_scores"], state["self_scores"], int(state["models"]), state["mean_losses"])
+                   state["class_scores"], state["self_scores"], int(state["models"]), state["mean_losses"],
+                   state["helpful_votes"], state["harmful_votes"])
+
+    def agreement(self, test_index: int, k: int) -> dict:
+        """How many of the models rank each of the k listed images in their own top AGREE_TOP: per side, and the
+        share of the listed images that at least half of the models agree on."""
+        helpful = self.helpful_votes[test_index, :k].astype(int)
+        harmful = self.harmful_votes[test_index, :k].astype(int)
+        half = self.models / 2
+        return {"models": self.models, "top": AGREE_TOP, "helpful": helpful.tolist(), "harmful": harmful.tolist(),
+                "helpful_share": float((helpful >= half).mean()) if k else 0.0,
+                "harmful_share": float((harmful >= half).mean()) if k else 0.0}
