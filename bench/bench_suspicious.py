@@ -8,7 +8,7 @@ Rankings: the training loss (plain cross-entropy of the given label), the area u
 recorded while it trained (Pleiss et al. 2020: the label's margin on its augmented copies, averaged over epochs),
 the head's and single-model TRAK's self-influence, and over an ensemble of models of the recipe (seeds 0, 1, ...):
 TRAK's self-influence, the mean training loss, and the two combined (mean of their ranks). Writes
-bench/results/suspicious-MODEL-SUBSET-DATE-COMMIT.json.
+bench/results/suspicious-MODEL-SUBSET-seedS-DATE-COMMIT.json.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> int:
     parser.add_argument("--subset", type=int, default=5000)
     parser.add_argument("--flip", type=float, default=0.05)
     parser.add_argument("--models", type=int, default=20, help="models of the ensemble rankings (1: none)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="which labels are flipped, and the first run's seed")
     args = parser.parse_args()
 
     load = os.getloadavg()[0]
@@ -78,6 +78,11 @@ def main() -> int:
     rankings = {"training loss": losses(models[0]),
                 # what the first run recorded while it trained (the app's "area under the margin"): minus the margin
                 "area under the margin (one run)": -trained[0].mean_margins,
+                # variants measured beside it: the margins of the later epochs only (early ones are all near 0)
+                "margin, second half of training (one run)":
+                    -trained[0].epoch_margins[len(trained[0].epoch_margins) // 2:].mean(0),
+                "margin, last quarter of training (one run)":
+                    -trained[0].epoch_margins[3 * len(trained[0].epoch_margins) // 4:].mean(0),
                 "head self-influence": load_or_fit("head", checkpoint, noisy).self_influence(),
                 "TRAK self-influence (one model)": load_or_fit("trak", checkpoint, noisy).self_influence()}
     if args.models > 1:
@@ -87,6 +92,8 @@ def main() -> int:
         rankings[f"mean training loss ({args.models} models)"] = mean_loss
         rankings[f"mean loss and ensemble self-influence ({args.models} models), mean rank"] = \
             ranks(mean_loss) + ranks(self_scores)
+    rankings["area under the margin and training loss, mean rank (one run)"] = \
+        ranks(rankings["area under the margin (one run)"]) + ranks(rankings["training loss"])
     rankings["training loss and head self-influence, mean rank"] = \
         ranks(rankings["training loss"]) + ranks(rankings["head self-influence"])
     top = len(labels) // 10
@@ -96,7 +103,8 @@ def main() -> int:
               "models": args.models, "load_average": load, "seconds": round(time.perf_counter() - started),
               "recall_in_top_10_percent": recall}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"suspicious-{args.model}-{len(labels)}-{time.strftime('%Y%m%d')}-{commit or 'nocommit'}.json"
+    out = RESULTS / (f"suspicious-{args.model}-{len(labels)}-seed{args.seed}-{time.strftime('%Y%m%d')}-"
+                     f"{commit or 'nocommit'}.json")
     out.write_text(json.dumps(report, indent=2))
     print(f"{len(flipped)} of {len(labels):,} labels flipped ({args.data}); flipped images in each ranking's top 10%:")
     print("| ranking | recall |\n| --- | ---: |")

@@ -143,6 +143,7 @@ class TrainResult:
     # averaged over the epochs that saw it: Pleiss et al.'s area under the margin. Low or negative = the network
     # kept fighting the label: a mislabelled image, or an atypical one. Rows follow dataset.train.
     mean_margins: np.ndarray | None = None
+    epoch_margins: np.ndarray | None = None  # (finished epochs, images): each epoch's margin, for benchmarks
 
     def statistics(self, dataset) -> dict:
         """What save_checkpoint stores beside the weights: each training image's source index and mean margin."""
@@ -239,8 +240,8 @@ def train(
 
     history: list[dict] = []
     status, step, start = "completed", 0, time.perf_counter()
-    margin_sum = torch.zeros(len(labels), device=device)  # the area under the margin, per training image
-    margin_seen = torch.zeros(len(labels), device=device)
+    margin_sum = torch.zeros(len(labels), device=device)  # this epoch's margin per training image (AUM)
+    epoch_margins: list[torch.Tensor] = []  # one per finished epoch
     for epoch in range(1, config.epochs + 1):
         model.train()
         order = torch.randperm(len(labels), generator=generator, device=device)
@@ -265,8 +266,7 @@ def train(
                 scored = logits.detach().float()
                 own = scored.gather(1, y[:, None])[:, 0]
                 other = scored.scatter(1, y[:, None], float("-inf")).amax(1)
-                margin_sum.index_add_(0, index, own - other)
-                margin_seen.index_add_(0, index, torch.ones_like(own))
+                margin_sum.index_add_(0, index, own - other)  # each image once per epoch (a permutation)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise TrainingError(
@@ -295,6 +295,9 @@ def train(
                     "images_per_s": seen / (time.perf_counter() - epoch_start),
                     "elapsed": time.perf_counter() - start,
                 })  # fmt: skip
+        if status != "cancelled":
+            epoch_margins.append(margin_sum.clone())
+        margin_sum.zero_()
         if status == "cancelled" and (seen == 0 or not validate_partial):
             break
 
@@ -320,10 +323,14 @@ def train(
             on_epoch(model, history)
 
     model.eval()
-    seen_any = margin_seen > 0
-    margins = torch.where(seen_any, margin_sum / margin_seen.clamp(min=1), torch.nan).cpu().numpy() \
-        if bool(seen_any.all()) else None  # a cancelled first epoch saw only some images: no statistic
-    return TrainResult(model, config, history, status, time.perf_counter() - start, str(device), margins)
+    by_epoch = torch.stack(epoch_margins).cpu().numpy() if epoch_margins else None  # finished epochs only
+    return TrainResult(model, config, history, status, time.perf_counter() - start, str(device),
+                       area_under_margin(by_epoch) if by_epoch is not None else None, by_epoch)
+
+
+def area_under_margin(epoch_margins: np.ndarray) -> np.ndarray:
+    """Each training image's margin averaged over the epochs (Pleiss et al. 2020), as the app ranks suspects by."""
+    return np.asarray(epoch_margins, dtype=np.float64).mean(0).astype(np.float32)
 
 
 def evaluate_split(model: ZooModel, split, tta: str = "none", device="auto") -> dict:
