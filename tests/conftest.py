@@ -100,3 +100,21 @@ def runs_root(tmp_path, monkeypatch):
         pid = run.status.get("pid")
         if run.state == runs.RUNNING and runs._alive(pid, run.dir):
             os.kill(pid, signal.SIGKILL)
+
+
+# The fast lane: `python -m pytest -m "not slow"` leaves out what takes minutes (real browsers, the lecture hall's
+# processes, trainings of the recipes, wheels, the PostgreSQL server). Marked here by module, in one place, so a new
+# test in one of them is slow by default; a test elsewhere that retrains a recipe marks itself.
+SLOW_MODULES = {"test_browser", "test_browser_names", "test_browser_train", "test_browser_views", "test_serve",
+                "test_lecture_hall", "test_retrain", "test_ensemble", "test_tune_postgres", "test_wheel",
+                "test_shipped_checkpoints"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes minutes (browsers, trainings, servers); -m 'not slow' skips it")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
