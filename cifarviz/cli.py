@@ -351,6 +351,7 @@ def cmd_precompute(args) -> int:
 def cmd_influence(args) -> int:
     """Top-k helpful and harmful training images for a test image (--test-index), a whole test class
     (--class), or the training images ranked by self-influence (--self)."""
+    from cifarviz.analysis.influence import METHODS as INFLUENCE_METHODS
     from cifarviz.analysis.influence import (
         class_lookup,
         default_method,
@@ -374,7 +375,13 @@ def cmd_influence(args) -> int:
     if args.class_name is not None and args.class_name not in dataset.classes:
         raise CifarvizError(f"Unknown class {args.class_name!r} (--class): the classes are "
                             f"{', '.join(dataset.classes)}.")
+    given = args.method
     args.method = args.method or default_method(checkpoint)  # the best measured for this checkpoint (the page's too)
+    if args.self and not INFLUENCE_METHODS[args.method].has_self_influence:
+        if given is not None:
+            raise CifarvizError(f"The {args.method} method has no self-influence: use --method head (found flipped "
+                                "labels best of the self-influence rankings measured) or trak.")
+        args.method = "head"  # the default (similarity) ranks nothing by itself: the best measured self-influence
     index = announced_index(args.method, checkpoint, dataset, progress=not args.json)
     if args.self:
         order, scores = suspicious(index, args.top or 100)

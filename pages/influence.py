@@ -8,6 +8,7 @@ from cifarviz.analysis.influence import (
     best_ranking,
     default_method,
     method_choice,
+    ranking_meaning,
     suspicious_rankings,
     trained_positions,
 )
@@ -121,9 +122,7 @@ def suspicious_training_images() -> None:
     st.markdown("Training images most likely to be **mislabelled** (or atypical) first. On the left the ranking "
                 f"that found flipped labels best when measured: **{best}**"
                 + (f" ({recall:.0%} of 5% flipped labels in its top 10%)." if recall is not None else ".")
-                + " On the right the other plain rankings: **training loss** (how wrong the model is about the "
-                "image's label) and **self-influence** (how much the image's own loss depends on it being in the "
-                "training set).")
+                + " On the right another ranking to compare it with.")
     train_predicted = app.get_artifacts(checkpoint, dataset, "train").predicted
     others = [name for name in rankings if name != best]
     if st.session_state.get("suspect_other") not in others:  # another method: other rankings
@@ -132,6 +131,7 @@ def suspicious_training_images() -> None:
     with left:
         models = f" over the {index.models} models of the ensemble" if best == "mean training loss" else ""
         st.markdown(f"**By {best}**{models}")
+        st.caption(ranking_meaning(best))
         app.suspects_grid(dataset, checkpoint, rankings[best], train_predicted, "best", best)
     with right:
         if not others:
@@ -140,6 +140,7 @@ def suspicious_training_images() -> None:
         other = st.segmented_control("Or by", others, default=others[0], required=True, key="suspect_other",
                                      label_visibility="collapsed") if len(others) > 1 else others[0]
         st.markdown(f"**By {other}**")
+        st.caption(ranking_meaning(other))
         app.suspects_grid(dataset, checkpoint, rankings[other], train_predicted, "other", other)
 
 

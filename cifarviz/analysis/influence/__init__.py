@@ -66,6 +66,7 @@ __all__ = [
     "lookup",
     "loss_ranking",
     "margin_ranking",
+    "ranking_meaning",
     "method_choice",
     "method_class",
     "suspicious",
@@ -396,6 +397,19 @@ def best_ranking(checkpoint, names) -> tuple[str, float | None]:
 
 
 MARGIN_RANKING = "area under the margin"
+RANKING_MEANINGS = {  # what each suspicious ranking measures, in a sentence for the page (by the name's first part)
+    "training loss": "how wrong the final model is about the image's given label (its plain cross-entropy)",
+    MARGIN_RANKING: ("how far below the other classes the model kept the given label while it trained, averaged over "
+                     "the epochs (recorded by the training run itself: runs trained with this version)"),
+    "mean training loss": "the training loss averaged over the ensemble's models (other seeds of the recipe)",
+    "self-influence": "how much the image's own loss depends on it being in the training set",
+}
+
+
+def ranking_meaning(name: str) -> str:
+    """The sentence for a suspicious ranking's name ("self-influence (head)" -> self-influence's)."""
+    return RANKING_MEANINGS.get(name, RANKING_MEANINGS.get(name.split(" (")[0], ""))
+
 
 
 def margin_ranking(checkpoint, dataset, top: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
