@@ -100,9 +100,11 @@ def one_test_image() -> None:
                     f"({test_arts.probs[chosen].max():.0%})")
         st.caption(f"Scores: {METHODS[method].score_meaning}.")
     with answer:
+        if method == "similarity":  # where no influence estimate reached it: said, the best estimate's lists below
+            app.similarity_explains_better(checkpoint, titles)
         app.show_result(dataset, checkpoint, app.influence_of(method, checkpoint, dataset, test_index=chosen, k=k), key=f"test-{chosen}")
-    if method == "similarity":  # where no influence estimate reached it: said, with the best estimate beside
-        app.similarity_explains_better(checkpoint, dataset, chosen, k, titles)
+        if method == "similarity":
+            app.best_estimate_beside(checkpoint, dataset, chosen, k, titles)
     app.scroll_into_view("influence-answer", chosen)  # a click on a tile: its answer, below the grid, into view
     app.retrain_section(index, checkpoint, dataset, chosen, lambda n: app.influence_of(
         method, checkpoint, dataset, test_index=chosen, k=n), test_arts.probs)

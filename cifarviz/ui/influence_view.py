@@ -196,9 +196,9 @@ def how_sure(checkpoint, method: str, titles: dict) -> str:
     return sentence if figure is None else sentence.replace(f"by {figure:+.2f}", f"by **{figure:+.2f}**", 1)
 
 
-def similarity_explains_better(checkpoint, dataset, test_index: int, k: int, titles: dict) -> None:
+def similarity_explains_better(checkpoint, titles: dict) -> None:
     """Where no influence estimate reached the similarity baseline when retrained (the default is then similarity),
-    say so in plain words, and show the best estimate's lists beside (built only if that takes seconds)."""
+    say so in plain words above the lists (best_estimate_beside shows that estimate's lists below them)."""
     choice = method_choice(checkpoint)
     if not choice.similarity_wins or choice.best_attribution is None:
         return
@@ -206,7 +206,16 @@ def similarity_explains_better(checkpoint, dataset, test_index: int, k: int, tit
     st.info(f"For {md(checkpoint.model.arch_name)}, the most similar training images explain its decision better than "
             f"any influence estimate we can compute here: removed and retrained, they raised the test loss by "
             f"{choice.figure('similarity'):+.2f} against {choice.figure(best):+.2f} for the best estimate "
-            f"({md(titles.get(best, best))}). So the lists above are similarity's.", icon=":material/info:")
+            f"({md(titles.get(best, best))}). So the lists below are similarity's; the estimate's are under them.",
+            icon=":material/info:")
+
+
+def best_estimate_beside(checkpoint, dataset, test_index: int, k: int, titles: dict) -> None:
+    """The best influence estimate's lists for this image, in an expander (built only if that takes seconds)."""
+    choice = method_choice(checkpoint)
+    if not choice.similarity_wins or choice.best_attribution is None:
+        return
+    best = choice.best_attribution
     if not index_ready(best, checkpoint, dataset):  # prepared in the background when it takes seconds
         if not takes_long(best, checkpoint, dataset):
             influence_job(best, checkpoint, dataset, background=True)
