@@ -9,7 +9,11 @@ plain feature similarity, the baseline every method must at least match.
     python bench/bench_retrain.py --shipped --k 100 --methods trak-ensemble similarity random   # the app's own
         # lenet and its replicas on all 45,000 images: each retraining takes minutes on 2 CPU cores
 
-Prints a table and writes bench/results/retrain-MODEL-SUBSET-kK.json with the commit it measured.
+    python bench/bench_retrain.py --model fastnet --tests 8 --methods similarity head trak random   # fastnet's
+        # protocol: its recipe on the same 5,000-image subset; about 5 minutes a training on 2 CPU cores (a GPU:
+        # seconds), so hours for every method here
+
+Prints a table and writes bench/results/retrain-MODEL-SUBSET-kK-DATE-COMMIT.json after every method.
 """
 
 from __future__ import annotations
@@ -111,6 +115,25 @@ def ekfac_scores(model, config, data, test_idx: np.ndarray) -> np.ndarray:
         return analyzer.load_pairwise_scores("scores")["all_modules"].numpy()
 
 
+def write_report(args, commit, data, members, test_idx, before, load, retrain_seconds, results) -> Path:
+    """bench/results/retrain-MODEL-SUBSET-kK-DATE-COMMIT.json (the same protocol measured earlier on the same day
+    and commit keeps its other methods)."""
+    report = {"commit": commit, "command": " ".join(["python", "bench/bench_retrain.py", *sys.argv[1:]]),
+              "data": args.data, "model": args.model, "subset": len(data.train), "k": args.k,
+              "ensemble_models": len(members) if members else args.models, "shipped": args.shipped,
+              "seed": args.seed, "test_images": test_idx.tolist(), "loss_before": before.tolist(),
+              "load_average": load, "seconds_per_training_run": retrain_seconds, "methods": dict(results)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / (f"retrain-{args.model}-{len(data.train)}-k{args.k}-{time.strftime('%Y%m%d')}-"
+                     f"{commit or 'nocommit'}.json")
+    if out.is_file():  # the same protocol measured before: keep its other methods (each says its commit)
+        earlier = json.loads(out.read_text())
+        if earlier.get("test_images") == report["test_images"] and earlier.get("seed") == args.seed:
+            report["methods"] = {**earlier.get("methods", {}), **results}
+    out.write_text(json.dumps(report, indent=2))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("CIFARVIZ_DATA") or "../shared/data/cifar10-jpeg")
@@ -149,7 +172,8 @@ def main() -> int:
     before = test_losses(base, data, test_idx)
     print(f"{args.model} on {len(data.train):,} images of {args.data}: a training run takes {retrain_seconds:.0f} s "
           f"(load average {load:.1f} at the start); {args.tests} test images, k = {args.k}"
-          + (f"; scores from the shipped checkpoint and {len(members) - 1} replicas" if args.shipped else ""))
+          + (f"; scores from the shipped checkpoint and {len(members) - 1} replicas" if args.shipped else ""),
+          flush=True)
 
     results = {}
     for method in args.methods:
@@ -180,28 +204,15 @@ def main() -> int:
                 rows = np.array([e.train_index for e in result.helpful])
             model = train(config, without(data, rows)).model
             changes.append(float(test_losses(model, data, np.array([t]))[0] - before[j]))
-            print(f"  {method:10} test #{t}: loss {before[j]:.3f} -> {before[j] + changes[-1]:.3f}")
+            print(f"  {method:10} test #{t}: loss {before[j]:.3f} -> {before[j] + changes[-1]:.3f}", flush=True)
         changes = np.array(changes)
         results[method] = {"mean_change": float(changes.mean()), "rose": int((changes > 0).sum()),
-                           "changes": changes.tolist()}
+                           "changes": changes.tolist(), "commit": commit}
         print(f"{method:10} mean change of the plain test loss {changes.mean():+.3f}, rose for {(changes > 0).sum()} "
-              f"of {len(changes)}")
+              f"of {len(changes)}", flush=True)
+        out = write_report(args, commit, data, members, test_idx, before, load, retrain_seconds, results)
+        print(f"written to {out}", flush=True)  # after every method: a long run stopped midway keeps what it measured
 
-    report = {"commit": commit, "command": " ".join(["python", "bench/bench_retrain.py", *sys.argv[1:]]),
-              "data": args.data, "model": args.model, "subset": len(data.train), "k": args.k,
-              "ensemble_models": len(members) if members else args.models, "shipped": args.shipped,
-              "seed": args.seed, "test_images": test_idx.tolist(), "loss_before": before.tolist(),
-              "load_average": load, "seconds_per_training_run": retrain_seconds, "methods": results}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"retrain-{args.model}-{len(data.train)}-k{args.k}.json"
-    for r in results.values():
-        r["commit"] = commit
-    if out.is_file():  # the same protocol measured before: keep its other methods (each says its commit)
-        earlier = json.loads(out.read_text())
-        if earlier.get("test_images") == report["test_images"] and earlier.get("seed") == args.seed:
-            report["methods"] = {**earlier.get("methods", {}), **results}
-    out.write_text(json.dumps(report, indent=2))
-    print(f"written to {out}")
     print("\n| method | mean change of the plain test loss | rose |\n| --- | ---: | ---: |")
     for method, r in results.items():
         print(f"| {method} | {r['mean_change']:+.3f} | {r['rose']} of {len(r['changes'])} |")
