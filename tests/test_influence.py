@@ -131,17 +131,22 @@ def test_self_influence_finds_flipped_labels(cifar, record_property):
         val=Split("val", cifar.val.images[:500], cifar.val.labels[:500], cifar.val.source_index[:500]))
     config = TrainConfig(model="lenet", epochs=30, batch_size=128, lr=0.05, weight_decay=5e-4,
                          augment=AugmentConfig(translate=2, flip=True))
-    model = train(config, noisy).model
+    trained = train(config, noisy)
+    model = trained.model
     out = predict(model, noisy.train.images)
     index = HeadInfluence.fit_arrays(out.features, labels, linear_head(model), l2=config.weight_decay)
     top_tenth = np.argsort(-index.self_influence())[:500]
     recall = np.isin(flipped, top_tenth).mean()
     loss = -np.log(out.probs[np.arange(len(labels)), labels] + 1e-12)
     loss_recall = np.isin(flipped, np.argsort(-loss)[:500]).mean()
+    # the area under the margin, recorded by the training run itself (no other model, no index)
+    margin_recall = np.isin(flipped, np.argsort(trained.mean_margins, kind="stable")[:500]).mean()
     record_property("self_influence_recall", recall)
     record_property("training_loss_recall", loss_recall)
-    print(f"flipped labels in the top 10%: self-influence {recall:.1%}, training loss {loss_recall:.1%}")
-    assert recall >= 0.5
+    record_property("area_under_margin_recall", margin_recall)
+    print(f"flipped labels in the top 10%: self-influence {recall:.1%}, training loss {loss_recall:.1%}, "
+          f"area under the margin {margin_recall:.1%}")
+    assert recall >= 0.5 and margin_recall >= 0.5
 
 
 # --------------------------------------------------------------------------- lookups, cache, methods
@@ -425,3 +430,39 @@ def test_the_cli_says_what_it_builds_and_how_long_before_minutes_of_work(tmp_pat
     assert json.loads(out.out)["method"] == "trak"  # and then it answered
     assert main(args) == 0
     assert "Building" not in capsys.readouterr().err  # built once: nothing to announce
+
+
+def test_a_training_run_records_each_images_margin_and_the_suspicious_list_uses_it(cifar, cifar_small, tmp_path):
+    """train_and_save stores each training image's mean margin beside the weights; read back, the app's "area under
+    the margin" ranking is that record, lowest margin first, over the images the run trained on. A file whose record
+    is damaged (NaN, another type, unknown names, lengths that differ) loads its weights and ranks nothing by it."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from cifarviz.analysis.influence import MARGIN_RANKING, margin_ranking, suspicious_rankings
+    from cifarviz.core.checkpoint import STATISTICS_PREFIX
+    from cifarviz.core.recipes import RECIPES, train_and_save
+
+    path, result = train_and_save(dataclasses.replace(RECIPES["lenet"], epochs=2), cifar_small,
+                                  tmp_path / "run.safetensors")
+    run = load_checkpoint(path)
+    assert result.epoch_margins.shape == (2, len(cifar_small.train))
+    np.testing.assert_allclose(run.statistics["mean_margin"], result.epoch_margins.mean(0), rtol=1e-5, atol=1e-6)
+    positions, values = margin_ranking(run, cifar, top=20)  # positions in the whole split's training images
+    expected = np.argsort(result.mean_margins, kind="stable")[:20]
+    assert list(cifar.train.source_index[positions]) == list(cifar_small.train.source_index[expected])
+    np.testing.assert_allclose(values, -result.mean_margins[expected], rtol=1e-6)
+    assert MARGIN_RANKING in suspicious_rankings(load_or_fit("head", run, cifar), run, cifar, top=5)
+
+    tensors = load_file(path)
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    name = STATISTICS_PREFIX + "mean_margin"
+    for damage in ({name: torch.full_like(tensors[name], float("nan"))}, {name: tensors[name].to(torch.int64)},
+                   {STATISTICS_PREFIX + "surprise": tensors[name].clone()}, {name: tensors[name][:-1].clone()}):
+        damaged = tmp_path / "damaged.safetensors"
+        save_file({**tensors, **damage}, damaged, metadata=meta)
+        loaded = load_checkpoint(damaged)
+        assert loaded.statistics == {} and margin_ranking(loaded, cifar) is None
+        assert torch.equal(loaded.model.head.weight, run.model.head.weight)  # the weights still load
