@@ -5,7 +5,8 @@ and count how many of the flipped images each ranking puts in its top 10%.
     python bench/bench_suspicious.py --subset 45000 --models 1     # the whole split, single-model rankings only
 
 Rankings: the training loss (plain cross-entropy of the given label), the area under the margin the first run
-recorded while it trained (Pleiss et al. 2020: the label's margin on its augmented copies, averaged over epochs),
+recorded while it trained (Pleiss et al. 2020: the label's margin on its augmented copies, averaged over the second
+half of training, as the app; every epoch and the last quarter beside it),
 the head's and single-model TRAK's self-influence, and over an ensemble of models of the recipe (seeds 0, 1, ...):
 TRAK's self-influence, the mean training loss, and the two combined (mean of their ranks). Writes
 bench/results/suspicious-MODEL-SUBSET-seedS-DATE-COMMIT.json.
@@ -77,10 +78,9 @@ def main() -> int:
 
     rankings = {"training loss": losses(models[0]),
                 # what the first run recorded while it trained (the app's "area under the margin"): minus the margin
-                "area under the margin (one run)": -trained[0].mean_margins,
-                # variants measured beside it: the margins of the later epochs only (early ones are all near 0)
-                "margin, second half of training (one run)":
-                    -trained[0].epoch_margins[len(trained[0].epoch_margins) // 2:].mean(0),
+                "area under the margin (one run)": -trained[0].mean_margins,  # the app's: the second half
+                # variants measured beside it: every epoch (Pleiss et al.), the last quarter
+                "margin, every epoch (one run)": -trained[0].epoch_margins.mean(0),
                 "margin, last quarter of training (one run)":
                     -trained[0].epoch_margins[3 * len(trained[0].epoch_margins) // 4:].mean(0),
                 "head self-influence": load_or_fit("head", checkpoint, noisy).self_influence(),

@@ -140,8 +140,8 @@ class TrainResult:
     seconds: float
     device: str
     # Each training image's margin (its label's logit minus the largest other logit) on its augmented copies,
-    # averaged over the epochs that saw it: Pleiss et al.'s area under the margin. Low or negative = the network
-    # kept fighting the label: a mislabelled image, or an atypical one. Rows follow dataset.train.
+    # averaged over the second half of training (area_under_margin): Pleiss et al.'s area under the margin. Low or
+    # negative = the network kept fighting the label: a mislabelled image, or an atypical one. Rows: dataset.train.
     mean_margins: np.ndarray | None = None
     epoch_margins: np.ndarray | None = None  # (finished epochs, images): each epoch's margin, for benchmarks
 
@@ -328,9 +328,16 @@ def train(
                        area_under_margin(by_epoch) if by_epoch is not None else None, by_epoch)
 
 
+AUM_FROM = 0.5  # the share of epochs left out at the start: every margin is near 0 while the network is untrained
+
+
 def area_under_margin(epoch_margins: np.ndarray) -> np.ndarray:
-    """Each training image's margin averaged over the epochs (Pleiss et al. 2020), as the app ranks suspects by."""
-    return np.asarray(epoch_margins, dtype=np.float64).mean(0).astype(np.float32)
+    """Each training image's margin averaged over the second half of training (Pleiss et al. 2020 average over all
+    epochs; leaving out the first half found more flipped labels in both measurements here: lenet, 5% of 45,000
+    labels flipped, top 10%: 84.3% and 85.0% against 83.3% and 83.5% over every epoch, flip seeds 0 and 1,
+    bench/bench_suspicious.py)."""
+    margins = np.asarray(epoch_margins, dtype=np.float64)
+    return margins[int(len(margins) * AUM_FROM):].mean(0).astype(np.float32)
 
 
 def evaluate_split(model: ZooModel, split, tta: str = "none", device="auto") -> dict:
