@@ -783,13 +783,15 @@ def cmd_embed(args) -> int:
                         on_progress=lambda fraction: bar.update(round(100 * fraction) - bar.n))
     accuracy = knn_accuracy(emb.coords, emb.labels, k=args.k)
     if out is not None:
+        from cifarviz.analysis.export import rows_to_csv
         from cifarviz.core.utils import atomic_write
 
-        with atomic_write(out, "w") as fh:
-            fh.write("index,x,y,label,predicted\n")
-            for row, (i, (x, y)) in enumerate(zip(emb.indices, emb.coords)):
-                predicted = "" if emb.predicted is None else dataset.classes[emb.predicted[row]]
-                fh.write(f"{i},{x:.5g},{y:.5g},{dataset.classes[emb.labels[row]]},{predicted}\n")
+        rows = [{"index": int(i), "x": float(f"{x:.5g}"), "y": float(f"{y:.5g}"),
+                 "label": dataset.classes[emb.labels[row]],
+                 "predicted": "" if emb.predicted is None else dataset.classes[emb.predicted[row]]}
+                for row, (i, (x, y)) in enumerate(zip(emb.indices, emb.coords))]
+        with atomic_write(out, "w") as fh:  # one CSV writer for every export: quoted, formulas neutralised
+            fh.write(rows_to_csv(rows, columns=["index", "x", "y", "label", "predicted"]))
     summary = {**emb.info, "cached": cached, "knn_k": args.k, "knn_accuracy": accuracy,
                "out": str(out) if out else None}
     if args.json:

@@ -470,3 +470,21 @@ def test_the_figure_on_the_influence_page_belongs_to_the_method_that_answered(ci
     assert "the most similar training images explain its decision better than any influence estimate" in page
     run_until(at, lambda at: any("-helpful-train-" in (b.key or "") and (b.key or "").startswith("best-head-")
                                  for b in at.button), "the head's lists beside")
+
+
+def test_a_link_full_of_nonsense_opens_the_default_view(cifar):
+    """Every link parameter is read by one strict rule (ASCII digits): "²", "٣", "1e3", " 7", "-1" and a 5,000-digit
+    number are refused, so the page opens its default view instead of a traceback (str.isdigit() took "²")."""
+    from cifarviz.ui.links import parse_count, parse_image, parse_index
+
+    for bad in ("²", "٣", "1e3", " 7", "-1", "7 ", "", "9" * 5000, "１２"):
+        assert parse_count(bad) is None and parse_image(f"test-{bad}") is None and parse_index(10)(bad) is None
+    assert parse_image("test-42").index == 42 and parse_index(10)("9") == 9 and parse_index(10)("10") is None
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = str(cifar.root)
+    at.query_params["image"] = "test-²"
+    at.query_params["test"] = "٣"
+    at.query_params["checkpoint"] = "fastnet"
+    at.run()
+    at.switch_page("pages/influence.py").run()
+    assert not at.exception, [e.value for e in at.exception]

@@ -103,3 +103,19 @@ def test_bad_selections_say_what_is_wrong(cifar, lenet_probs):
         selection_rows(cifar, "val", [0], probs)  # the test split's probabilities for the val split
     with pytest.raises(ValueError, match="one per index"):
         selection_rows(cifar, "test", [0, 1], probs, score=[1.0])
+
+
+@pytest.mark.parametrize("hostile", ['=HYPERLINK("http://x","y")', "=cmd|' /C calc'!A0", "+SUM(1+1)", "-2+3",
+                                     "@SUM(A1)", "\tTAB", "\rCR", "\uff1dFULLWIDTH()"])
+def test_csv_never_hands_a_spreadsheet_a_formula_and_json_stays_exact(hostile):
+    """A class folder or checkpoint name that a spreadsheet would run (OWASP's CSV injection) is written as text
+    with a leading apostrophe, in every cell and the header; numbers (negative ones too) stay numbers; JSON keeps
+    the name exactly."""
+    rows = [{"index": 3, "label": hostile, "score": -0.25, "effect": "helpful"}, {"index": -1, "label": "cat"}]
+    text = rows_to_csv(rows, columns=["index", "label", "score", "effect", hostile])
+    back = list(csv.reader(io.StringIO(text, newline="")))
+    written = "'" + hostile.replace("\r", "\n")  # a carriage return is written as a line break, quoted
+    assert back[0][-1] == written  # a column name read from a file
+    assert back[1] == ["3", written, "-0.25", "helpful", ""] and back[2][:2] == ["-1", "cat"]
+    assert all(not cell.startswith(("=", "+", "@", "\t", "\r")) for line in back for cell in line)
+    assert json.loads(rows_to_json(rows, {"checkpoint": hostile}))["images"][0]["label"] == hostile

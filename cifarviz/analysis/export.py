@@ -65,9 +65,23 @@ def selection_rows(dataset, split: str, indices, probs, *, score=None, score_nam
     return rows
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+
+
 def _cell(value) -> str:
-    # repr is the shortest text that reads back as the same float; csv's str() of a numpy float may not be
-    return repr(float(value)) if isinstance(value, (float, np.floating)) else value
+    """A CSV cell. repr is the shortest text that reads back as the same float (csv's str() of a numpy float may
+    not be). Text that a spreadsheet would run as a formula (a class folder or checkpoint named "=HYPERLINK(...)",
+    "+1", "-2+3", "@SUM", a leading tab or line break, or their full-width forms) gets a leading apostrophe, as
+    OWASP's CSV-injection guidance says: shown as text, never evaluated. Numbers stay numbers; JSON stays exact."""
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    if isinstance(value, str):
+        # a carriage return is a line break in a cell: written as one, so the csv module quotes the cell (it quotes
+        # only the characters of its own line ending, "\n"); a bare "\r" would end the row in some readers
+        value = value.replace("\r\n", "\n").replace("\r", "\n")
+        if value.startswith(FORMULA_START):
+            return "'" + value
+    return value
 
 
 def rows_to_csv(rows: list[dict], *, columns: Sequence[str] | None = None) -> str:
@@ -76,7 +90,7 @@ def rows_to_csv(rows: list[dict], *, columns: Sequence[str] | None = None) -> st
     header = list(columns) if columns is not None else list(dict.fromkeys(k for row in rows for k in row))
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=header or list(COLUMNS), lineterminator="\n")
-    writer.writeheader()
+    writer.writerow({name: _cell(name) for name in writer.fieldnames})  # the header too: column names are text
     for row in rows:
         writer.writerow({k: _cell(v) for k, v in row.items()})
     return out.getvalue()

@@ -10,6 +10,8 @@ page offers (classes, splits, checkpoints, ranges); anything else is ignored.
 
 from __future__ import annotations
 
+import re
+
 from typing import Callable
 from urllib.parse import urlencode
 
@@ -76,16 +78,30 @@ def linked_tab(key: str, labels: list[str]) -> list[str]:
     return labels
 
 
+_WHOLE = re.compile(r"[0-9]{1,7}")  # ASCII digits only: str.isdigit() also takes "²" and "٣", which int() refuses
+
+
+def parse_count(text: str) -> int | None:
+    """A link's whole number (ASCII digits, at most 7), or None: one strict rule for every parameter, so a link
+    full of nonsense opens the default view instead of an error."""
+    return int(text) if isinstance(text, str) and _WHOLE.fullmatch(text) else None
+
+
 def parse_image(text: str) -> ImageRef | None:
     """`test-123` -> ImageRef("test", 123); the inspector itself checks the index against the split's size."""
     split, _, index = text.partition("-")
-    if split in ("train", "val", "test") and index.isdigit() and len(index) < 7:
-        return ImageRef(split, int(index))
+    number = parse_count(index)
+    if split in ("train", "val", "test") and number is not None:
+        return ImageRef(split, number)
     return None
 
 
 def parse_index(limit: int) -> Callable[[str], int | None]:
-    return lambda text: int(text) if text.isdigit() and int(text) < limit else None
+    def parse(text: str) -> int | None:
+        number = parse_count(text)
+        return number if number is not None and number < limit else None
+
+    return parse
 
 
 def view_params(extra: dict | None = None) -> dict[str, str]:
