@@ -123,24 +123,27 @@ def measure(model, dataset, test_index: int) -> dict:
             "true_probability": float(probs[label])}
 
 
-def seed_models(checkpoint) -> list[tuple[str, object]]:
-    """The checkpoint and the other runs of its recipe with other seeds that it ships with (its card's replicas):
-    what a new seed alone does to a test image's loss. A run or an upload has only itself (its per-epoch
+def seed_files(checkpoint) -> list[Path]:
+    """The other runs of the checkpoint's recipe with other seeds that it ships with (its card's replicas): with
+    the checkpoint, what a new seed alone does to a test image's loss. A run or an upload has none (its per-epoch
     snapshots are one training, not other seeds)."""
-    from cifarviz.core.checkpoint import SHIPPED_DIR, ensemble_member_files, load_checkpoint
+    from cifarviz.core.checkpoint import SHIPPED_DIR, ensemble_member_files
     from cifarviz.core.errors import ModelError
     from cifarviz.core.models import model_card
 
-    models = [(checkpoint.name, checkpoint.model)]
     try:
         card = model_card(checkpoint.model.arch_name)
     except ModelError:
-        return models
+        return []
     shipped = {(SHIPPED_DIR / name).resolve() for name in card.replicas}
-    for path in ensemble_member_files(checkpoint):
-        if Path(path).resolve() in shipped:
-            models.append((Path(path).stem, load_checkpoint(path).model))
-    return models
+    return [Path(p) for p in ensemble_member_files(checkpoint) if Path(p).resolve() in shipped]
+
+
+def seed_models(checkpoint) -> list[tuple[str, object]]:
+    """(name, model) of the checkpoint and its seed_files, loaded."""
+    from cifarviz.core.checkpoint import load_checkpoint
+
+    return [(checkpoint.name, checkpoint.model), *((p.stem, load_checkpoint(p).model) for p in seed_files(checkpoint))]
 
 
 def seed_band(checkpoint, dataset, test_index: int) -> tuple[list[dict], dict]:

@@ -55,7 +55,7 @@ def retrain_section(index, checkpoint, dataset, test_index: int, influence_of, p
     mine = [r for r in runs.list_runs() if r.state in runs.ACTIVE and r.config.get("owner") == session_owner()]
     full = len(mine) >= runs.max_per_session()
     seconds, source = retrain.estimate_seconds(checkpoint, index.n_train - k)
-    band = len(retrain.seed_models(checkpoint))
+    band = 1 + len(retrain.seed_files(checkpoint))  # file names only: nothing loaded on a rerun
     st.caption(f"One training of {md(checkpoint.name)}'s recipe and seed on the {index.n_train - k:,} other images it "
                "was trained on (never a subset), in the background with the server's other runs"
                + (f": {about(seconds)} here ({source})." if seconds is not None else ".")
