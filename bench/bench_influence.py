@@ -8,7 +8,7 @@ LDS as TRAK defines it: retrain the model on many random 50% subsets S_j of the 
 test image, the Spearman correlation over j between the method's prediction (the sum of its scores over S_j)
 and the retrained model's actual output (the margin: correct logit minus logsumexp of the others), averaged
 over test images. One model per subset here (TRAK averages several), so the numbers are a lower estimate.
-Results are printed and written to bench/results/influence.json.
+Results are printed and written to bench/results/influence-{speed,lds}-DATE-COMMIT.json.
 """
 
 from __future__ import annotations
@@ -149,8 +149,9 @@ def main() -> None:
     out["command"] = " ".join(["python", "bench/bench_influence.py", *sys.argv[1:]])
     print(json.dumps(out, indent=2))
     RESULTS.mkdir(exist_ok=True)
-    name = "influence-lds.json" if args.lds else "influence-speed.json"
-    (RESULTS / name).write_text(json.dumps(out, indent=2))
+    out["load_average_at_end"] = os.getloadavg()[0]
+    name = f"influence-{'lds' if args.lds else 'speed'}-{time.strftime('%Y%m%d')}-{commit or 'nocommit'}.json"
+    (RESULTS / name).write_text(json.dumps(out, indent=2))  # one file per date and commit: none overwritten
 
 
 if __name__ == "__main__":
