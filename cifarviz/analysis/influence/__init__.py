@@ -464,8 +464,10 @@ def _both(report: Progress | None, bar) -> Progress | None:
         return report
 
     def both(fraction: float) -> None:
-        bar.n = round(100 * fraction)
-        bar.refresh()
+        percent = round(100 * fraction)
+        if percent != bar.n:  # drawn once per percent, not once per batch (a log file filled with redraws)
+            bar.n = percent
+            bar.refresh()
         if report is not None:
             report(fraction)
 
