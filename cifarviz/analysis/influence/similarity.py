@@ -8,6 +8,7 @@ gradients, no Hessian: the page shows it beside the real influence methods so a 
 
 from __future__ import annotations
 
+import threading
 from typing import ClassVar
 
 import numpy as np
@@ -27,8 +28,10 @@ class FeatureSimilarity(InfluenceIndex):
     arrays: ClassVar[dict] = {"unit_features": Array("f", ("n", None)), "labels": Array("i", ("n",), low=0)}
 
     def __init__(self, unit_features: np.ndarray, labels: np.ndarray):
-        self.unit_features = unit_features  # (n, D) float32, rows of length 1
+        self.unit_features = np.ascontiguousarray(unit_features, dtype=np.float32)  # (n, D), rows of length 1
         self.labels = labels
+        self._test = None  # (unit test features, test labels): read once at the first lookup, then kept
+        self._reading = threading.Lock()  # an index is shared by every viewer of the server
 
     @property
     def n_train(self) -> int:
@@ -49,10 +52,14 @@ class FeatureSimilarity(InfluenceIndex):
     def scores(self, checkpoint, dataset, test_indices) -> np.ndarray:
         from cifarviz.store.artifacts import split_artifacts
 
-        test = split_artifacts(checkpoint, dataset, "test")
+        with self._reading:  # the index answers only for the checkpoint and data it was built from (lookup checks)
+            if self._test is None:
+                test = split_artifacts(checkpoint, dataset, "test")
+                self._test = (self._unit(test.features), np.asarray(test.labels))
+        unit, labels = self._test
         idx = np.atleast_1d(np.asarray(test_indices))
-        similarity = self._unit(test.features[idx]) @ self.unit_features.T  # (T, n)
-        same_label = self.labels[None, :] == test.labels[idx][:, None]
+        similarity = unit[idx] @ self.unit_features.T  # (T, n)
+        same_label = self.labels[None, :] == labels[idx][:, None]
         return np.where(same_label, similarity, -similarity)
 
     def predicted_loss_change(self, score_sum: float, true_probability: float) -> float | None:
