@@ -267,9 +267,12 @@ def agreement_sentence(agreement: dict, k: int) -> str:
     models, top = agreement["models"], agreement["top"]
     helpful = round(agreement["helpful_share"] * k)
     harmful = round(agreement["harmful_share"] * k)
+    mean_helpful = float(np.mean(agreement["helpful"])) if agreement["helpful"] else 0.0
+    mean_harmful = float(np.mean(agreement["harmful"])) if agreement["harmful"] else 0.0
     return (f"**How sure is this answer?** {helpful} of the {k} most helpful images shown are in the own top {top} of "
-            f"at least half of the {models} models (each model alone, another seed), and {harmful} of the {k} most "
-            "harmful. Images few models agree on could change with another seed.")
+            f"at least half of the {models} models (each model alone, another seed; on average {mean_helpful:.1f} "
+            f"models each), and {harmful} of the {k} most harmful (on average {mean_harmful:.1f}). Images few models "
+            "agree on could change with another seed: the ensemble's average is surer than any one model.")
 
 
 def suspects_grid(dataset, checkpoint, ranking: tuple, train_predicted, key: str, name: str) -> None:
