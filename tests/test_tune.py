@@ -248,3 +248,20 @@ def test_a_finished_study_whose_process_is_still_exiting_is_not_called_starting(
             starting.kill()
     finally:
         child.kill()
+
+
+@pytest.mark.parametrize("password", ["s3cret", "p@ss:w/rd", "x" * 50])
+def test_a_storage_password_is_never_shown(password, capsys):
+    """A password in a --storage URL is left out of every message (a server that is not there, a malformed URL, a
+    driver that is missing), and a server that is simply down is not blamed on the driver."""
+    for url in (f"postgresql://teacher:{password}@127.0.0.1:1/optuna",  # nothing listens on port 1
+                f"mysql://teacher:{password}@127.0.0.1:1/optuna",  # no MySQL driver installed here
+                f"postgresql://teacher:{password}@:::bad/optuna"):
+        with pytest.raises(tune.TuningError) as caught:
+            tune.open_storage(url, wait_seconds=1)
+        message = str(caught.value)
+        assert password not in message and "teacher:***@" in message, message
+        if any(c in password for c in "@:/"):
+            assert "must be percent-encoded" in message
+        elif url.startswith("postgresql") and "bad" not in url:  # psycopg2 is installed: the server is down
+            assert "did not answer" in message and "driver" not in message

@@ -19,7 +19,6 @@ import inspect
 import json
 import math
 import os
-import re
 import threading
 import time
 import warnings
@@ -224,14 +223,21 @@ def open_storage(url: str, wait_seconds: float = WRITE_WAIT_SECONDS) -> optuna.s
     try:
         with warnings.catch_warnings(), database_errors(url):  # a locked or stopped database: said as such
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: "experimental"
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
+            storage = optuna.storages.RDBStorage(engine_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=60,
                                                  grace_period=180)
     except TuningError:
         raise
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy's URL, driver and connection errors have no common base
-        raise TuningError(f"Storage {url!r} (--storage) could not be opened: {_reason(exc)}. Give a database URL "
-                          "such as sqlite:///runs/optuna.db, or postgresql://user:password@host/database (its "
-                          "driver, psycopg2, comes with requirements.txt).") from None
+        missing_driver = isinstance(exc, (ImportError, sqlalchemy.exc.NoSuchModuleError))
+        password = _password(url) or ""
+        if any(c in password for c in "@:/?#"):  # the URL reader splits there: its error would quote a piece of it
+            raise TuningError(f"Storage {shown_storage(url)} (--storage) could not be read: characters such as @ : / "
+                              "? # in its password must be percent-encoded (%40 %3A %2F %3F %23).") from None
+        hint = ("No driver for that kind of database is installed (PostgreSQL's, psycopg2, comes with "
+                "requirements.txt); or give a URL such as sqlite:///runs/optuna.db." if missing_driver else
+                "Give a database URL such as sqlite:///runs/optuna.db, or postgresql://user:password@host/database.")
+        raise TuningError(f"Storage {shown_storage(url)} (--storage) could not be opened: "
+                          f"{_reason(exc, url)}. {hint}") from None
     with _STORAGES_LOCK:
         _STORAGES[key] = storage
         while len(_STORAGES) > MAX_STORAGES:
@@ -241,9 +247,45 @@ def open_storage(url: str, wait_seconds: float = WRITE_WAIT_SECONDS) -> optuna.s
     return storage
 
 
-def _reason(exc: BaseException) -> str:
+def engine_url(url: str) -> str:
+    """The URL SQLAlchemy is given: a plain postgresql:// (or postgres://) names the driver requirements.txt installs,
+    psycopg2. SQLAlchemy 2.1 takes a plain one to mean psycopg 3, and without it said "Failed to import DB access
+    module" about a server whose driver was there all along."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return f"postgresql+psycopg2://{rest}"
+    return url
+
+
+def _reason(exc: BaseException, url: str | None = None) -> str:
+    """The first line of what the database said (bounded), with the URL's password taken out (drivers echo it)."""
     text = str(getattr(exc, "orig", None) or exc)
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+    text = (text.splitlines()[0] if text else type(exc).__name__)[:300]
+    password = _password(url) if url else None
+    return text.replace(password, "***") if password else text
+
+
+def _password(url: str) -> str | None:
+    """The password in a URL's user part (scheme://user:password@host/...), or None."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return None
+    userinfo = rest.rsplit("@", 1)[0]  # the last "@" ends the user part: a password may hold "@", ":" or "/"
+    user, colon, password = userinfo.partition(":")
+    return password or None
+
+
+def shown_storage(url: str) -> str:
+    """A storage URL as every message shows it: without its password, quoted, inert and bounded."""
+    password = _password(url)
+    if password:
+        scheme, _, rest = url.partition("://")
+        userinfo, host = rest.rsplit("@", 1)
+        url = f"{scheme}://{userinfo.partition(':')[0]}:***@{host}"
+    return repr(url if len(url) <= 200 else url[:200] + "...")
 
 
 @contextlib.contextmanager
@@ -255,14 +297,14 @@ def database_errors(url: str):
     except TuningError:
         raise
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError, optuna.exceptions.StorageInternalError) as exc:
-        raise TuningError(f"The study database {_redacted(url)} did not answer: {_reason(exc)}. Another process may "
+        raise TuningError(f"The study database {_redacted(url)} did not answer: {_reason(exc, url)}. Another process may "
                           "hold it (a study that is writing), or its server is down; the page tries again on its "
                           "next refresh.") from None
 
 
 def _redacted(url: str) -> str:
-    """The URL without its password."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """The URL without its password (shown_storage)."""
+    return shown_storage(url)
 
 
 def _check_name(study_name: str) -> None:
