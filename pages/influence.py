@@ -7,6 +7,7 @@ from cifarviz.analysis.influence import (
     available_methods,
     best_ranking,
     default_method,
+    index_ready,
     method_choice,
     ranking_meaning,
     suspicious_rankings,
@@ -119,7 +120,10 @@ def a_whole_class() -> None:
 
 
 def suspicious_training_images() -> None:
-    rankings = suspicious_rankings(index, checkpoint, dataset, top=k)  # "Images per list" above
+    # similarity ranks nothing by itself: the head's self-influence stands beside it once the head's index exists
+    ranked_by = index if index.has_self_influence or not index_ready("head", checkpoint, dataset) else \
+        app.get_influence_index("head", checkpoint, dataset)
+    rankings = suspicious_rankings(ranked_by, checkpoint, dataset, top=k)  # "Images per list" above
     best, recall = best_ranking(checkpoint, rankings)
     st.markdown("Training images most likely to be **mislabelled** (or atypical) first. On the left the ranking "
                 f"that found flipped labels best when measured: **{best}**"
@@ -137,7 +141,8 @@ def suspicious_training_images() -> None:
         app.suspects_grid(dataset, checkpoint, rankings[best], train_predicted, "best", best)
     with right:
         if not others:
-            st.info(f"The {METHODS[method].title} method has no self-influence: pick another method above.")
+            st.info(f"The {METHODS[method].title} method has no self-influence: pick Head influence above (its "
+                    "self-influence found flipped labels best of those measured).")
             return
         other = st.segmented_control("Or by", others, default=others[0], required=True, key="suspect_other",
                                      label_visibility="collapsed") if len(others) > 1 else others[0]

@@ -470,6 +470,11 @@ def test_the_figure_on_the_influence_page_belongs_to_the_method_that_answered(ci
     assert "the most similar training images explain its decision better than any influence estimate" in page
     run_until(at, lambda at: any("-helpful-train-" in (b.key or "") and (b.key or "").startswith("best-head-")
                                  for b in at.button), "the head's lists beside")
+    # similarity ranks no suspects by itself: with the head's index at hand, its self-influence stands beside
+    open_tab(at, "influence_tab", "Suspicious training images")
+    keys = [b.key or "" for b in at.button]
+    assert sum(k.startswith("suspect-best-") for k in keys) == 8 and sum(k.startswith("suspect-other-") for k in keys) == 8
+    assert "no self-influence" not in "\n".join(visible(i.value) for i in at.info)
 
 
 def test_a_link_full_of_nonsense_opens_the_default_view(cifar):
