@@ -297,14 +297,9 @@ def database_errors(url: str):
     except TuningError:
         raise
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError, optuna.exceptions.StorageInternalError) as exc:
-        raise TuningError(f"The study database {_redacted(url)} did not answer: {_reason(exc, url)}. Another process may "
+        raise TuningError(f"The study database {shown_storage(url)} did not answer: {_reason(exc, url)}. Another process may "
                           "hold it (a study that is writing), or its server is down; the page tries again on its "
                           "next refresh.") from None
-
-
-def _redacted(url: str) -> str:
-    """The URL without its password (shown_storage)."""
-    return shown_storage(url)
 
 
 def _check_name(study_name: str) -> None:
@@ -324,7 +319,7 @@ def load_study(storage_url: str, study_name: str, wait_seconds: float = READ_WAI
     _check_name(study_name)
     names = study_names(storage_url, wait_seconds)
     if study_name not in names:
-        raise NoStudyError(f"No study named {study_name!r} in {_redacted(storage_url)}. "
+        raise NoStudyError(f"No study named {study_name!r} in {shown_storage(storage_url)}. "
                           f"Studies there: {', '.join(names) or 'none yet'}.")
     with database_errors(storage_url):
         return optuna.load_study(study_name=study_name, storage=open_storage(storage_url, wait_seconds))
@@ -431,7 +426,7 @@ def run_study(
             study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
             settings = _settle(study, settings)
     except ValueError as exc:  # e.g. an existing study that maximises
-        raise TuningError(f"Study {study_name!r} in {_redacted(storage_url)} cannot be used: {exc}") from None
+        raise TuningError(f"Study {study_name!r} in {shown_storage(storage_url)} cannot be used: {exc}") from None
     settings.config({"lr": settings.space.lr[0]}, settings.epochs_per_trial)  # a bad base fails now, not per trial
     data = training_subset(dataset, settings.subset)
 

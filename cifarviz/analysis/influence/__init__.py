@@ -138,9 +138,7 @@ def trained_positions(checkpoint, dataset) -> tuple[np.ndarray, str | None]:
     listed = images.get("indices")
     if isinstance(listed, list) and listed and all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
         wanted = np.unique(np.asarray(listed, dtype=np.int64))
-        source = dataset.train.source_index
-        at = np.clip(np.searchsorted(source, wanted), 0, len(source) - 1)
-        found = source[at] == wanted
+        at, found = positions_of_sources(dataset, wanted)
         positions = np.unique(at[found])
         if not found.all():
             missing = int((~found).sum())
@@ -153,6 +151,16 @@ def trained_positions(checkpoint, dataset) -> tuple[np.ndarray, str | None]:
         return everything, None
     return everything, (f"{checkpoint.name} was trained on other images than this training split (another split "
                         f"seed or validation size): influence is over all {len(everything):,} training images.")
+
+
+def positions_of_sources(dataset, sources) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in dataset.train, found): where each of `sources` (indices in the dataset's own training order,
+    e.g. a checkpoint's record) stands in this training split, in their order; `found` False where it does not."""
+    source = dataset.train.source_index
+    order = np.argsort(source, kind="stable")
+    wanted = np.asarray(sources, dtype=np.int64)
+    at = np.clip(np.searchsorted(source[order], wanted), 0, max(len(source) - 1, 0))
+    return order[at], source[order][at] == wanted
 
 
 def _training_subset(dataset, positions: np.ndarray):
@@ -400,7 +408,7 @@ MARGIN_RANKING = "area under the margin"
 RANKING_MEANINGS = {  # what each suspicious ranking measures, in a sentence for the page (by the name's first part)
     "training loss": "how wrong the final model is about the image's given label (its plain cross-entropy)",
     MARGIN_RANKING: ("how far below the other classes the model kept the given label while it trained, averaged over "
-                     "the epochs (recorded by the training run itself: runs trained with this version)"),
+                     "the second half of training (recorded by the run itself: runs trained with this version)"),
     "mean training loss": "the training loss averaged over the ensemble's models (other seeds of the recipe)",
     "self-influence": "how much the image's own loss depends on it being in the training set",
 }
@@ -421,13 +429,9 @@ def margin_ranking(checkpoint, dataset, top: int | None = None) -> tuple[np.ndar
     stats = getattr(checkpoint, "statistics", None) or {}
     if "mean_margin" not in stats or "source_index" not in stats:
         return None
-    source = dataset.train.source_index
-    order = np.argsort(source, kind="stable")
-    at = np.clip(np.searchsorted(source[order], stats["source_index"]), 0, len(source) - 1)
-    found = source[order][at] == stats["source_index"]
+    positions, found = positions_of_sources(dataset, stats["source_index"])
     if not found.all():
         return None  # another split or data: the record is not of these images
-    positions = order[at]
     suspicion = -np.asarray(stats["mean_margin"], dtype=np.float64)
     ranked = np.argsort(-suspicion, kind="stable")
     ranked = ranked if top is None else ranked[:top]
