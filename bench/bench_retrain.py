@@ -19,6 +19,7 @@ Prints a table and writes bench/results/retrain-MODEL-SUBSET-kK-DATE-COMMIT.json
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -32,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cifarviz.analysis.influence import ensemble_members, ensemble_scores, load_or_fit, lookup  # noqa: E402
-from cifarviz.core.checkpoint import Checkpoint, load_checkpoint, shipped_file  # noqa: E402
+from cifarviz.core.checkpoint import Checkpoint, load_checkpoint, shipped_file, snapshot_picks  # noqa: E402
 from cifarviz.core.data import Split  # noqa: E402
 from cifarviz.core.inference import predict  # noqa: E402
 from cifarviz.core.recipes import RECIPES  # noqa: E402
@@ -158,7 +159,9 @@ def main() -> int:
     everything = load_cifar10(args.data, download=False, progress=False)
     data = everything if args.shipped else subset(everything, args.subset, args.seed)
     started = time.perf_counter()
-    base = train(config, data).model  # with --shipped: the "before" model, the recipe retrained on this machine
+    epochs = []  # every epoch's weights, as a student's run saves them ("trak-snapshots")
+    # with --shipped: the "before" model, the recipe retrained on this machine
+    base = train(config, data, on_epoch=lambda model, history: epochs.append(copy.deepcopy(model).cpu())).model
     retrain_seconds = time.perf_counter() - started
     if args.shipped:  # the scores the app shows: the shipped checkpoint and its shipped replicas
         checkpoint = load_checkpoint(shipped_file(args.model))
@@ -182,18 +185,22 @@ def main() -> int:
         # measured here, not a method of the app.
         # "trak-ensemble": the app's method (ensemble.py) over the checkpoint and --models - 1 more runs of its
         # recipe (seeds 1, 2, ...), as the app's lenet ships replicas.
-        index = None if method in ("random", "trak-ensemble", "ekfac") else load_or_fit(
+        # "trak-snapshots": the app's method over the base run and the per-epoch snapshots a student's run would
+        # average (checkpoint.snapshot_picks): what the page's figure for a run rests on.
+        index = None if method in ("random", "trak-ensemble", "trak-snapshots", "ekfac") else load_or_fit(
             method.replace("-relative", ""), checkpoint, data)
         ensemble = ekfac_scores(checkpoint.model, config, data, test_idx) if method == "ekfac" else None
         if method == "trak-ensemble":
             models = members or [base] + [train(dataclasses.replace(config, seed=args.seed + s), data).model
                                           for s in range(1, args.models)]
             ensemble = ensemble_scores(models, data, test_idx)[0]
+        if method == "trak-snapshots":  # the app's ensemble of a run: its weights and the snapshots it picks
+            ensemble = ensemble_scores([base, *(epochs[i] for i in snapshot_picks(len(epochs)))], data, test_idx)[0]
         changes = []
         for j, t in enumerate(test_idx):
             if method == "random":
                 rows = np.random.default_rng(1000 + j).choice(len(data.train), args.k, replace=False)
-            elif method in ("trak-ensemble", "ekfac"):
+            elif method in ("trak-ensemble", "trak-snapshots", "ekfac"):
                 rows = np.argsort(-ensemble[j], kind="stable")[: args.k]
             elif method == "head-relative":
                 norms = np.sqrt(np.maximum(index.self_influence(), 1e-12))

@@ -102,8 +102,15 @@ def ensemble_member_files(checkpoint: Checkpoint) -> list[Path]:
     for card in model_cards():
         if card.weights and card.replicas and (SHIPPED_DIR / card.weights).resolve() == path:
             return [SHIPPED_DIR / name for name in card.replicas if (SHIPPED_DIR / name).is_file()]
-    snapshots = sorted((path.parent / "epochs").glob("epoch-[0-9][0-9][0-9].safetensors"))[:-1]
-    later = snapshots[len(snapshots) // 2:]
+    snapshots = sorted((path.parent / "epochs").glob("epoch-[0-9][0-9][0-9].safetensors"))
+    return [snapshots[i] for i in snapshot_picks(len(snapshots))]
+
+
+def snapshot_picks(epochs: int) -> list[int]:
+    """Which of a run's `epochs` per-epoch snapshots (0-based, the last being the run's own weights) join its
+    ensemble: up to ENSEMBLE_SNAPSHOTS spread over the second half, the last left out. The benchmark that measures
+    snapshot ensembles (bench/bench_retrain.py) picks with this too."""
+    later = list(range(epochs - 1))[(epochs - 1) // 2:]
     if len(later) <= ENSEMBLE_SNAPSHOTS:
         return later
     picks = np.linspace(0, len(later) - 1, ENSEMBLE_SNAPSHOTS).round().astype(int)
