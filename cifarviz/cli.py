@@ -328,7 +328,7 @@ def cmd_precompute(args) -> int:
     for name in names:
         checkpoint = load_named_checkpoint(name, args.arch)
         check_fits_data(checkpoint, dataset)
-        for split in ("test", "val", "train"):
+        for split in ("test", "val", "train") if not args.ship else ():  # --ship: only the influence indexes
             cached = artifacts_cached(checkpoint, dataset, split)
             start = time.perf_counter()
             split_artifacts(checkpoint, dataset, split, progress=not cached)
@@ -344,7 +344,14 @@ def cmd_precompute(args) -> int:
             announced_index(method, checkpoint, dataset, progress=not cached)
             state = "already cached" if cached else f"built in {time.perf_counter() - start:.1f} s"
             print(f"{checkpoint.name:20} {method} influence index {state}")
-        precompute_maps(checkpoint, dataset)
+            if args.ship:
+                from cifarviz.analysis.influence import ship_index
+
+                shipped = ship_index(method, checkpoint, dataset)
+                print(f"{checkpoint.name:20} {method} influence index shipped as {shipped} "
+                      f"({shipped.stat().st_size / 2**20:.1f} MB): commit it")
+        if not args.ship:
+            precompute_maps(checkpoint, dataset)
     return 0
 
 
@@ -938,6 +945,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", "-c", action="append", help="checkpoint file or shipped name; repeatable (default: all shipped)")
     p.add_argument("--influence", action="append", choices=[*METHODS, "none"],
                    help="influence indexes to build; repeatable (default: the checkpoint's default method; none to skip)")
+    p.add_argument("--ship", action="store_true",
+                   help="for maintainers: build only the influence indexes and copy each into checkpoints/store/, so that "
+                        "a fresh clone on the same data reads it instead of building it (commit the file)")
     p.set_defaults(func=cmd_precompute)
     p = sub.add_parser("runs", help="training runs started on the Train page: list them, stop or cancel one")
     p.add_argument("action", nargs="?", choices=["list", "stop", "cancel"], default="list",

@@ -103,6 +103,31 @@ def test_a_file_that_fails_its_schema_is_rebuilt_and_the_reason_logged(tmp_path,
     assert len(calls) == 7
 
 
+def test_a_shipped_result_is_read_when_its_key_matches_and_never_removed(tmp_path, caplog):
+    """checkpoints/store/: what a maintainer shipped (Store.ship) is read on a fresh cache with the same key, a
+    damaged one is passed over (computed into the cache instead) and left in place, and nothing is written there."""
+    maker = Store(tmp_path / "maker", max_bytes=2**30, shipped=tmp_path / "shipped")
+    key = CacheKey("things", 1, {"x": 3})
+    made = maker.cached(key, lambda: arrays(n=50), SCHEMA, dims={"classes": 3})
+    shipped = maker.ship(key, SCHEMA, dims={"classes": 3})
+    assert shipped.parent.parent == tmp_path / "shipped" and shipped.name == key.filename
+
+    fresh = Store(tmp_path / "fresh", max_bytes=2**30, shipped=tmp_path / "shipped")
+    assert fresh.has(key) and not fresh.has(CacheKey("things", 1, {"x": 4}))  # another key is not "at hand"
+    calls = []
+    got = fresh.cached(key, lambda: calls.append(1) or arrays(n=50, seed=1), SCHEMA, dims={"classes": 3})
+    assert not calls and not fresh.path(key).exists()  # read, not computed, and nothing copied into the cache
+    np.testing.assert_array_equal(got["values"], made["values"])
+
+    shipped.write_bytes(shipped.read_bytes()[:200])  # damaged
+    fresh.forget()
+    with caplog.at_level(logging.WARNING, logger="cifarviz.store"):
+        again = fresh.cached(key, lambda: calls.append(1) or arrays(n=50, seed=1), SCHEMA, dims={"classes": 3})
+    assert calls == [1] and shipped.exists() and "shipped" in caplog.text  # computed; the shipped file stays
+    np.testing.assert_array_equal(again["values"], arrays(n=50, seed=1)["values"])
+    assert fresh.path(key).exists()
+
+
 def test_the_expected_row_count_is_checked(tmp_path):
     store = Store(tmp_path, max_bytes=2**30)
     key = CacheKey("things", 1, {"x": 2})

@@ -14,6 +14,8 @@
   reading a file marks it used, and after each write the least recently used files go until it fits.
 * A full, read-only or missing disk (or `CIFARVIZ_CACHE` naming a file) is not an error: the result is kept in
   memory for this process, and one warning says why and how to fix it (`Store.warnings`, shown by the app).
+* Results too slow to compute on a fresh clone come with the project (checkpoints/store/KIND/FILE, written by
+  `python -m cifarviz ship-index`): read only when their key matches, checked the same way, never written.
 """
 
 from __future__ import annotations
@@ -180,8 +182,13 @@ def _bound(bound, sizes):
 class Store:
     """The cache folder: `cached()` for every computed file, a size cap, and a memory fallback."""
 
-    def __init__(self, root: str | os.PathLike, max_bytes: int, memo_entries: int = 24, memo_bytes: int = 2**30):
+    def __init__(self, root: str | os.PathLike, max_bytes: int, memo_entries: int = 24, memo_bytes: int = 2**30,
+                 shipped: str | os.PathLike | None = None):
         self.root = Path(root)
+        # Read-only results that come with the project (checkpoints/store/: the default checkpoint's influence
+        # index, minutes to build), found by the same file name: used only where their key matches exactly, checked
+        # like any other file, never written, evicted or removed.
+        self.shipped = Path(shipped) if shipped is not None else None
         self.max_bytes = int(max_bytes)
         self.warnings: list[str] = []
         self._memo: OrderedDict[tuple, dict] = OrderedDict()  # recent reads and in-memory results, by key
@@ -204,18 +211,22 @@ class Store:
                 self._memo.move_to_end(memo_key)
                 return self._memo[memo_key]
         path = self.path(key)
-        if not path.is_file():
-            return None
+        shipped = not path.is_file()
+        if shipped:
+            path = self.shipped_path(key)
+            if path is None or not path.is_file():
+                return None
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
             schema.validate(arrays, dims)
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, SchemaError) as exc:
-            self._reject(path, exc)
+            self._reject(path, exc, remove=not shipped)
             return None
-        with contextlib.suppress(OSError):  # "last used", for eviction; a read-only disk keeps the old time
-            now = time.time_ns()
-            os.utime(path, ns=(now, now))
+        if not shipped:
+            with contextlib.suppress(OSError):  # "last used", for eviction; a read-only disk keeps the old time
+                now = time.time_ns()
+                os.utime(path, ns=(now, now))
         if memo:
             self._remember(memo_key, arrays)
         return arrays
@@ -226,10 +237,33 @@ class Store:
         with self._lock:
             if any(k[:2] == (key.kind, key.digest) for k in self._memo):
                 return True
-        return self.path(key).is_file()
+        shipped = self.shipped_path(key)
+        return self.path(key).is_file() or (shipped is not None and shipped.is_file())
 
-    def _reject(self, path: Path, exc: BaseException) -> None:
+    def shipped_path(self, key: CacheKey) -> Path | None:
+        """Where a result that comes with the project would lie (None without a shipped folder)."""
+        return self.shipped / key.kind / key.filename if self.shipped is not None else None
+
+    def ship(self, key: CacheKey, schema: Schema, dims: Mapping[str, int] | None = None) -> Path:
+        """Copy the key's cached file, checked, into the shipped folder (compressed, atomically): for maintainers,
+        so that a fresh clone finds a result that takes minutes to compute. The result must be cached."""
+        if self.shipped is None:
+            raise SchemaError("This store has no shipped folder to copy results into.")
+        arrays = self.read(key, schema, dims, memo=False)  # checked; the cache's copy, else the shipped one
+        if arrays is None:
+            raise SchemaError(f"Nothing valid is cached for {key.filename}: compute it first.")
+        target = self.shipped_path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(target) as fh:
+            np.savez_compressed(fh, **arrays)
+        return target
+
+    def _reject(self, path: Path, exc: BaseException, *, remove: bool = True) -> None:
         reason = str(exc) or type(exc).__name__
+        if not remove:  # a shipped file is never deleted: it is passed over, and the result computed into the cache
+            log.warning("cifarviz: the shipped %s failed its check (%s); it is computed again instead.", path,
+                        reason)
+            return
         log.warning("cifarviz cache: %s failed its check (%s); it is removed and computed again.", path, reason)
         with contextlib.suppress(OSError):
             path.unlink()
@@ -372,5 +406,7 @@ def default_store() -> Store:
     with _stores_lock:
         store = _stores.get(ident)
         if store is None:
-            store = _stores[ident] = Store(config.cache_dir, config.cache_max_bytes)
+            from cifarviz.core.checkpoint import SHIPPED_DIR
+
+            store = _stores[ident] = Store(config.cache_dir, config.cache_max_bytes, shipped=SHIPPED_DIR / "store")
         return store

@@ -267,6 +267,17 @@ def load_or_fit(method: str, checkpoint, dataset, *, on_progress: Progress | Non
     return index
 
 
+def ship_index(method: str, checkpoint, dataset) -> Path:
+    """Build (or read) the method's index and copy it into the shipped folder (checkpoints/store/): for the
+    maintainers of a shipped checkpoint whose default index takes minutes (lenet's ensemble). A fresh clone on the
+    same data then reads it at once; any other data, weights or settings miss its key and build their own."""
+    cls = method_class(method)
+    positions, _ = trained_positions(checkpoint, dataset)
+    load_or_fit(method, checkpoint, dataset, progress=True)
+    return default_store().ship(index_key(method, checkpoint, dataset), Schema(cls.arrays),
+                                dims={"n": len(positions), "t": len(dataset.test), "c": len(dataset.classes)})
+
+
 def _check_origin(index: InfluenceIndex, checkpoint, dataset) -> None:
     """An index answers only for the checkpoint and training images it was built from."""
     if index.origin is not None and index.origin != _origin(checkpoint, dataset):
