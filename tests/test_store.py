@@ -107,13 +107,15 @@ def test_a_shipped_result_is_read_when_its_key_matches_and_never_removed(tmp_pat
     """checkpoints/store/: what a maintainer shipped (Store.ship) is read on a fresh cache with the same key, a
     damaged one is passed over (computed into the cache instead) and left in place, and nothing is written there."""
     maker = Store(tmp_path / "maker", max_bytes=2**30, shipped=tmp_path / "shipped")
-    key = CacheKey("things", 1, {"x": 3})
+    # the maker's data files have other modification times than a fresh clone's copy: only the portable parts agree
+    key = CacheKey("things", 1, {"x": 3, "data": "names-sizes-times-A"}, portable={"x": 3, "data": "names-sizes"})
     made = maker.cached(key, lambda: arrays(n=50), SCHEMA, dims={"classes": 3})
     shipped = maker.ship(key, SCHEMA, dims={"classes": 3})
-    assert shipped.parent.parent == tmp_path / "shipped" and shipped.name == key.filename
+    assert shipped.parent.parent == tmp_path / "shipped" and shipped.name == key.shipped_filename != key.filename
 
     fresh = Store(tmp_path / "fresh", max_bytes=2**30, shipped=tmp_path / "shipped")
-    assert fresh.has(key) and not fresh.has(CacheKey("things", 1, {"x": 4}))  # another key is not "at hand"
+    key = CacheKey("things", 1, {"x": 3, "data": "names-sizes-times-B"}, portable={"x": 3, "data": "names-sizes"})
+    assert fresh.has(key) and not fresh.has(CacheKey("things", 1, {"x": 4}, portable={"x": 4}))  # another content
     calls = []
     got = fresh.cached(key, lambda: calls.append(1) or arrays(n=50, seed=1), SCHEMA, dims={"classes": 3})
     assert not calls and not fresh.path(key).exists()  # read, not computed, and nothing copied into the cache

@@ -86,10 +86,16 @@ def checkpoint_digest(checkpoint: Checkpoint) -> str:
 _SPLIT_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Split -> (data content, digest)
 
 
-def split_digest(dataset, split: str) -> str:
+def split_digest(dataset, split: str, *, portable: bool = False) -> str:
     """Which images a split holds: the data's content and the images' indices in the source, so val size, split
-    seed, subsets and a replaced image all count. Remembered per split object (pages ask several times a rerun)."""
+    seed, subsets and a replaced image all count. Remembered per split object (pages ask several times a rerun).
+    portable: the data by its fingerprint alone (files' names and sizes, not their times): the same on every copy
+    of the same data (CacheKey.portable)."""
     data = dataset.split(split)
+    if portable:
+        digest = hashlib.sha256(f"{dataset.fingerprint}-{split}-{len(data)}".encode())
+        digest.update(np.ascontiguousarray(data.source_index, dtype=np.int64).tobytes())
+        return digest.hexdigest()[:16]
     content = getattr(dataset, "content_key", "") or dataset.fingerprint
     known = _SPLIT_DIGESTS.get(data)
     if known is not None and known[0] == content:
@@ -100,12 +106,12 @@ def split_digest(dataset, split: str) -> str:
     return _SPLIT_DIGESTS[data][1]
 
 
-def subset_digest(dataset, split: str, positions: np.ndarray) -> str:
+def subset_digest(dataset, split: str, positions: np.ndarray, *, portable: bool = False) -> str:
     """split_digest of the split cut to `positions`, without building that split (equal to it when it is built)."""
     data = dataset.split(split)
     if len(positions) == len(data):
-        return split_digest(dataset, split)
-    content = getattr(dataset, "content_key", "") or dataset.fingerprint
+        return split_digest(dataset, split, portable=portable)
+    content = dataset.fingerprint if portable else getattr(dataset, "content_key", "") or dataset.fingerprint
     digest = hashlib.sha256(f"{content}-{split}-{len(positions)}".encode())
     digest.update(np.ascontiguousarray(data.source_index[positions], dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]

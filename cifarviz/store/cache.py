@@ -79,11 +79,24 @@ class CacheKey:
     version: int
     parts: Mapping = field(default_factory=dict)
     label: str = ""  # a readable prefix of the file name (e.g. the method); not part of the identity
+    # The same content named so that another machine computes the same name (the data by its files' names and
+    # sizes, not their modification times, which a copy changes): what a shipped copy is filed under. Not part of
+    # the identity; None: the parts themselves.
+    portable: Mapping | None = None
 
     def __post_init__(self):
         if not self.kind.isidentifier():
             raise ValueError(f"cache kind {self.kind!r} must be a plain name")
         object.__setattr__(self, "parts", canonical(self.parts))
+        if self.portable is not None:
+            object.__setattr__(self, "portable", canonical(self.portable))
+
+    @property
+    def shipped_filename(self) -> str:
+        """The file name of a shipped copy (from the portable parts)."""
+        if self.portable is None:
+            return self.filename
+        return CacheKey(self.kind, self.version, self.portable, label=self.label).filename
 
     @property
     def digest(self) -> str:
@@ -242,7 +255,7 @@ class Store:
 
     def shipped_path(self, key: CacheKey) -> Path | None:
         """Where a result that comes with the project would lie (None without a shipped folder)."""
-        return self.shipped / key.kind / key.filename if self.shipped is not None else None
+        return self.shipped / key.kind / key.shipped_filename if self.shipped is not None else None
 
     def ship(self, key: CacheKey, schema: Schema, dims: Mapping[str, int] | None = None) -> Path:
         """Copy the key's cached file, checked, into the shipped folder (compressed, atomically): for maintainers,

@@ -19,7 +19,7 @@ from cifarviz.ui.inspector import influence_grid
 from cifarviz.analysis.influence import METHODS, index_ready, method_choice
 from cifarviz.analysis.influence import build_estimate as influence_build_estimate
 from cifarviz.analysis.influence import how_sure as plain_how_sure
-from cifarviz.analysis.influence.choice import where_measured
+from cifarviz.analysis.influence.choice import MEASURED_TITLES, where_measured
 from cifarviz.ui.loaders import (
     about,
     ask_first,
@@ -234,7 +234,7 @@ def measured_table(checkpoint, titles: dict) -> None:
         return
     where = "" if choice.applies == "recipe" else f" (measured on {choice.measured_on})"
     with st.expander(f"Each method checked by retraining{where}"):
-        rows = [{"method": titles.get(m, m), "mean change of the test loss": v,
+        rows = [{"method": titles.get(m) or MEASURED_TITLES.get(m, m), "mean change of the test loss": v,
                  "rose for": f"{figures.rose[m]} of {figures.tests}"}
                 for m, v in sorted(figures.mean_change.items(), key=lambda item: -item[1])]
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={

@@ -183,7 +183,10 @@ def index_key(method: str, checkpoint, dataset) -> CacheKey:
     if cls.needs_members:  # the ensemble's other models, and the test images its lists are computed for
         parts["members"] = [checkpoint_digest(m) for m in ensemble_members(checkpoint)]
         parts["test_images"] = split_digest(dataset, "test")
-    return CacheKey("influence", INDEX_VERSION, parts, label=method)
+    portable = {**parts, "images": subset_digest(dataset, "train", positions, portable=True)}  # a shipped copy's
+    if cls.needs_members:
+        portable["test_images"] = split_digest(dataset, "test", portable=True)
+    return CacheKey("influence", INDEX_VERSION, parts, label=method, portable=portable)
 
 
 def index_path(method: str, checkpoint, dataset) -> Path:

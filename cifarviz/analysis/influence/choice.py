@@ -10,9 +10,11 @@ and shows the best attribution method's lists beside it. A method is the default
 * the card has figures, but the run's recipe differs: the same figures, said as such (which settings differ);
 * the architecture was never measured: the reference measurement (REFERENCE_MODEL's card), said as such.
 
-An ensemble's figure applies only to the models it was measured with (the card's shipped replicas): a run's
-snapshot ensemble, never measured, is offered but never chosen. While the default's index builds (minutes), the
-answer comes from `quick`, the best measured method whose index takes seconds, and its own figure is quoted.
+An ensemble's figure applies only to the kind of models it was measured with: "trak-ensemble" is the card's shipped
+replicas (other seeds of the recipe), "trak-snapshots" a run's own per-epoch snapshots (the ensemble a student's run
+gets, bench_retrain.py's trak-snapshots). Both answer as the method "trak-ensemble"; which figure is its figure
+depends on its members. While the default's index builds (minutes), the answer comes from `quick`, the best
+measured method whose index takes seconds, and its own figure is quoted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from dataclasses import dataclass
 BASELINE = "similarity"  # shown beside the attribution methods; the default only where none of them reaches it
 RANDOM = "random"  # a measured scale, never a method that answers
 REFERENCE_MODEL = "lenet"  # whose figures stand in for an architecture never measured
+ENSEMBLE, SNAPSHOTS = "trak-ensemble", "trak-snapshots"  # the method, and the figure of a run's snapshot ensemble
+# figures measured under a name that is not a method of the app
+MEASURED_TITLES = {SNAPSHOTS: "TRAK over a run's own per-epoch snapshots (its weights and up to 4 snapshots)"}
 # TrainConfig fields that do not change what a recipe learns (where it ran, which seed)
 RECIPE_IRRELEVANT = ("seed", "device", "model")
 
@@ -39,10 +44,12 @@ class MethodChoice:
     applies: str  # "recipe": this model's recipe; "other recipe": the card's, the run's differs; "other model"
     differs: tuple[str, ...] = ()  # with "other recipe": the settings that differ
     applicable: tuple[tuple[str, float], ...] = ()  # (method, measured mean change) where it applies to this one
+    rose: tuple[tuple[str, int], ...] = ()  # (method, for how many test images the loss rose), the same figures
+    ensemble_of: str = ""  # the ensemble's members: "replicas", "snapshots", or "" (none)
 
     def figure(self, method: str) -> float | None:
         """The measured mean change of the test loss for `method`, where that figure applies to this checkpoint
-        (an ensemble's figure is of the models it was measured with, never of a run's snapshots)."""
+        (an ensemble's figure is of the kind of members it was measured with: replicas or a run's snapshots)."""
         return dict(self.applicable).get(method)
 
 
@@ -72,21 +79,25 @@ def recipe_differences(checkpoint, card) -> tuple[str, ...] | None:
     return tuple(sorted(k for k in ours if k not in RECIPE_IRRELEVANT and ours[k] != theirs.get(k)))
 
 
-def _ensemble_measured(checkpoint, card) -> bool:
-    """The ensemble figure is of the card's shipped replicas: it applies when those are the checkpoint's members."""
+def _ensemble_kind(checkpoint, card) -> str:
+    """What the checkpoint's ensemble averages over: "replicas" (all the card's shipped replicas: what the
+    trak-ensemble figure was measured with), "snapshots" (a run's per-epoch snapshots: the trak-snapshots figure),
+    or "" (no ensemble, or some other set of models: never measured)."""
     from pathlib import Path
 
     from cifarviz.core.checkpoint import SHIPPED_DIR, ensemble_member_files
 
-    if card is None or not card.replicas or checkpoint.path is None:
-        return False
-    shipped = {(SHIPPED_DIR / name).resolve() for name in card.replicas}
-    members = {Path(p).resolve() for p in ensemble_member_files(checkpoint)}
-    return bool(members) and members <= shipped and len(members) + 1 >= _ensemble_size(card)
-
-
-def _ensemble_size(card) -> int:
-    return 1 + len(card.replicas)
+    files = ensemble_member_files(checkpoint)
+    if not files:
+        return ""
+    members = {Path(p).resolve() for p in files}
+    if card is not None and card.replicas:
+        shipped = {(SHIPPED_DIR / name).resolve() for name in card.replicas}
+        if members <= shipped and len(members) == len(card.replicas):
+            return "replicas"
+    if all(Path(p).parent.name == "epochs" for p in files):
+        return "snapshots"
+    return ""
 
 
 def method_choice(checkpoint) -> MethodChoice:
@@ -111,8 +122,14 @@ def method_choice(checkpoint) -> MethodChoice:
         figures = reference.influence if reference is not None else None
         measured_on, applies, differs = REFERENCE_MODEL, "other model", ()
     measured = dict(figures.mean_change) if figures is not None else {}
-    if "trak-ensemble" in measured and not (applies != "other model" and _ensemble_measured(checkpoint, card)):
-        measured.pop("trak-ensemble")  # a snapshot ensemble, or other replicas: never measured
+    rose = dict(figures.rose) if figures is not None else {}
+    ensemble_of = _ensemble_kind(checkpoint, card)
+    replicas_figure, snapshots_figure = measured.pop(ENSEMBLE, None), measured.pop(SNAPSHOTS, None)
+    replicas_rose, snapshots_rose = rose.pop(ENSEMBLE, None), rose.pop(SNAPSHOTS, None)
+    if ensemble_of == "replicas" and applies != "other model" and replicas_figure is not None:
+        measured[ENSEMBLE], rose[ENSEMBLE] = replicas_figure, replicas_rose
+    elif ensemble_of == "snapshots" and snapshots_figure is not None:  # a run's snapshots, as measured on a run
+        measured[ENSEMBLE], rose[ENSEMBLE] = snapshots_figure, snapshots_rose
     usable = {m: v for m, v in measured.items() if m in available and m != RANDOM}
     attribution = {m: v for m, v in usable.items() if m != BASELINE}
     best = max(attribution, key=attribution.get) if attribution else None
@@ -128,7 +145,7 @@ def method_choice(checkpoint) -> MethodChoice:
     if quick not in available:
         quick = BASELINE
     return MethodChoice(method, quick, best, similarity_wins, figures, measured_on, applies, differs,
-                        tuple(measured.items()))
+                        tuple(measured.items()), tuple(rose.items()), ensemble_of)
 
 
 def default_method(checkpoint) -> str:
@@ -160,9 +177,12 @@ def how_sure(checkpoint, method: str, titles: dict | None = None) -> str:
         return (f"How sure? The {titles.get(method, method)} method has not been checked by retraining "
                 f"on {arch}{' or ' + choice.measured_on if choice.measured_on != arch else ''}, so nobody "
                 "knows how faithful this answer is.")
-    change, rose = dict(choice.applicable), choice.figures.rose
+    change, rose = dict(choice.applicable), dict(choice.rose)
     others = ", ".join(f"{titles.get(m, m).split(' (')[0].lower()} {change[m]:+.2f}" for m in (BASELINE, RANDOM)
                        if m in change and m != method)
+    if method == ENSEMBLE and choice.ensemble_of == "snapshots":
+        others += ("; this is the figure of an ensemble of a run's own per-epoch snapshots, the ensemble this run "
+                   "has")
     return (f"How sure? Retrained without this method's top helpful images, the test image's loss rose by "
             f"{figure:+.2f} on average (for {rose.get(method, '?')} of {choice.figures.tests} test images); "
             f"{others} ({where_measured(choice, arch)}).")
