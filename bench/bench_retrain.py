@@ -213,6 +213,8 @@ def main() -> int:
             changes.append(float(test_losses(model, data, np.array([t]))[0] - before[j]))
             print(f"  {method:10} test #{t}: loss {before[j]:.3f} -> {before[j] + changes[-1]:.3f}", flush=True)
         changes = np.array(changes)
+        if method == "trak-ensemble" and len(models) != 20:  # a smaller ensemble is its own row
+            method = f"trak-ensemble-{len(models)}"
         results[method] = {"mean_change": float(changes.mean()), "rose": int((changes > 0).sum()),
                            "changes": changes.tolist(), "commit": commit}
         print(f"{method:10} mean change of the plain test loss {changes.mean():+.3f}, rose for {(changes > 0).sum()} "

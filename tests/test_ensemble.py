@@ -89,8 +89,8 @@ def test_ensemble_index_is_its_computation_and_knows_its_members(cifar_small, sn
 def test_every_checkpoints_default_is_measured_at_least_as_good_as_similarity(snapshot_run):
     """The rule, on every shipped checkpoint, a run and an upload: the default is an attribution method whose
     applicable figure is at least similarity's, or similarity itself where no attribution method reached it (and
-    then the page's "similarity explains it better" path is on). A snapshot ensemble, never measured, is offered
-    but never the default; a run of another recipe is told that its figure is the card's recipe's."""
+    then the page's "similarity explains it better" path is on). A run's snapshot ensemble carries its own measured
+    figure (below similarity's); a run of another recipe is told that its figure is the card's recipe's."""
     for path in shipped_files():
         checkpoint = load_checkpoint(path)
         choice = method_choice(checkpoint)
@@ -118,7 +118,14 @@ def test_every_checkpoints_default_is_measured_at_least_as_good_as_similarity(sn
     assert choice.applies == "other recipe" and "epochs" in choice.differs
     sentence = how_sure(run, choice.method)
     assert "this run's recipe differs" in sentence and "epochs" in sentence
-    assert "has not been checked by retraining" in how_sure(run, "trak-ensemble")  # no figure quoted for it
+    # its ensemble is of its own snapshots: the figure measured for exactly that (bench_retrain's trak-snapshots),
+    # never the 20 replicas' figure, and said as such
+    assert choice.ensemble_of == "snapshots"
+    snapshots_figure = card.influence.mean_change["trak-snapshots"]
+    assert choice.figure("trak-ensemble") == snapshots_figure != card.influence.mean_change["trak-ensemble"]
+    ensemble_sentence = how_sure(run, "trak-ensemble")
+    assert f"{snapshots_figure:+.2f}" in ensemble_sentence and "per-epoch snapshots" in ensemble_sentence
+    assert snapshots_figure < choice.figure("similarity") and choice.method == "similarity"  # measured below it
 
 
 def _plain_losses(model, dataset, idx):

@@ -89,7 +89,7 @@ def test_a_file_that_fails_its_schema_is_rebuilt_and_the_reason_logged(tmp_path,
                    {**good, "labels": good["labels"][:5]},  # rows that disagree
                    {"values": good["values"]},  # a missing array
                    {**good, "values": good["values"].astype(np.int64)}):  # another dtype
-        np.savez(store.path(key), **broken)
+        np.savez(store.path(key), **broken, __key__=np.array(key.digest))  # its own key: the schema must catch it
         store.forget()
         with caplog.at_level(logging.WARNING, logger="cifarviz.store"):
             again = store.cached(key, compute, SCHEMA, dims={"classes": 3})
@@ -128,6 +128,32 @@ def test_a_shipped_result_is_read_when_its_key_matches_and_never_removed(tmp_pat
     assert calls == [1] and shipped.exists() and "shipped" in caplog.text  # computed; the shipped file stays
     np.testing.assert_array_equal(again["values"], arrays(n=50, seed=1)["values"])
     assert fresh.path(key).exists()
+
+
+def test_another_keys_file_copied_or_linked_into_place_is_refused(tmp_path, caplog):
+    """A valid-looking file under a key's name is not enough: it must carry that key. Another result copied over
+    it, a link to one, and a file from before keys were recorded are each refused, said why, and computed again."""
+    store = Store(tmp_path / "cache", max_bytes=2**30)
+    mine, theirs = CacheKey("things", 1, {"model": "mine"}), CacheKey("things", 1, {"model": "theirs"})
+    store.cached(theirs, lambda: arrays(n=10, seed=7), SCHEMA)
+    honest = arrays(n=10, seed=1)
+    for forge, reason in ((lambda: store.path(mine).write_bytes(store.path(theirs).read_bytes()), "another key"),
+                          (lambda: store.path(mine).symlink_to(store.path(theirs)), "symbolic link"),
+                          (lambda: np.savez(store.path(mine), **arrays(n=10, seed=7)), "records no key"),
+                          (lambda: np.savez(store.path(mine), **arrays(n=10, seed=7), __key__=np.array([b"x"])),
+                           "records no key")):
+        store.path(mine).parent.mkdir(parents=True, exist_ok=True)
+        store.path(mine).unlink(missing_ok=True)
+        forge()
+        store.forget()
+        with caplog.at_level(logging.WARNING, logger="cifarviz.store"):
+            got = store.cached(mine, lambda: honest, SCHEMA)
+        assert reason in caplog.text, reason
+        caplog.clear()
+        np.testing.assert_array_equal(got["values"], honest["values"])  # computed, never the other file's
+        assert not store.path(mine).is_symlink() and store.path(theirs).is_file()  # the link went, not its target
+    store.forget()
+    np.testing.assert_array_equal(store.read(mine, SCHEMA)["values"], honest["values"])  # what it wrote, read back
 
 
 def test_the_expected_row_count_is_checked(tmp_path):
@@ -178,7 +204,7 @@ def test_a_truncated_influence_index_is_rebuilt_and_an_index_answers_only_for_it
     index = load_or_fit("similarity", lenet, tiny)
     path = index_path("similarity", lenet, tiny)
     with np.load(path) as z:
-        np.savez(path, **{name: z[name][:10] for name in z.files})  # parseable, but 10 rows for 81 images
+        np.savez(path, **{name: z[name][:10] if z[name].ndim else z[name] for name in z.files})  # 10 rows for 81
     again = load_or_fit("similarity", lenet, tiny)
     assert again.n_train == len(tiny.train) == index.n_train
     other = load_checkpoint(SHIPPED_DIR / "s8net-bn.safetensors")

@@ -42,6 +42,7 @@ from cifarviz.core.utils import atomic_write, file_lock
 
 log = logging.getLogger("cifarviz.store")
 SUFFIX = ".npz"
+KEY_ARRAY = "__key__"  # in every file: the digest of the key it was computed for, checked on read
 # Errors that mean "the disk cannot keep this file", as opposed to a bug: the store then works from memory.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
                 errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG}
@@ -94,9 +95,14 @@ class CacheKey:
     @property
     def shipped_filename(self) -> str:
         """The file name of a shipped copy (from the portable parts)."""
-        if self.portable is None:
-            return self.filename
-        return CacheKey(self.kind, self.version, self.portable, label=self.label).filename
+        return self._shipped().filename
+
+    @property
+    def shipped_digest(self) -> str:
+        return self._shipped().digest
+
+    def _shipped(self) -> CacheKey:
+        return self if self.portable is None else CacheKey(self.kind, self.version, self.portable, label=self.label)
 
     @property
     def digest(self) -> str:
@@ -183,6 +189,21 @@ class Schema:
             raise SchemaError(problem)
 
 
+def _load_checked(path: Path, digest: str) -> dict:
+    """A cached file's arrays, trusted only if it is a plain file (not a link to another result) and carries the
+    key it was computed for: another checkpoint's file copied into this key's place is refused, not served."""
+    if path.is_symlink():
+        raise SchemaError("it is a symbolic link; the cache keeps only files it wrote itself")
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    recorded = arrays.pop(KEY_ARRAY, None)
+    if recorded is None or recorded.shape != () or recorded.dtype.kind != "U":
+        raise SchemaError("it records no key (written by another version, or not by the cache)")
+    if str(recorded) != digest:
+        raise SchemaError("it was computed for another key (copied or moved from another result)")
+    return arrays
+
+
 def _bound(bound, sizes):
     if isinstance(bound, str):
         return sizes.get(bound)
@@ -224,14 +245,13 @@ class Store:
                 self._memo.move_to_end(memo_key)
                 return self._memo[memo_key]
         path = self.path(key)
-        shipped = not path.is_file()
+        shipped = not (path.is_file() or path.is_symlink())
         if shipped:
             path = self.shipped_path(key)
-            if path is None or not path.is_file():
+            if path is None or not (path.is_file() or path.is_symlink()):
                 return None
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
+            arrays = _load_checked(path, key.shipped_digest if shipped else key.digest)
             schema.validate(arrays, dims)
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, SchemaError) as exc:
             self._reject(path, exc, remove=not shipped)
@@ -268,7 +288,7 @@ class Store:
         target = self.shipped_path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(target) as fh:
-            np.savez_compressed(fh, **arrays)
+            np.savez_compressed(fh, **arrays, **{KEY_ARRAY: np.array(key.shipped_digest)})
         return target
 
     def _reject(self, path: Path, exc: BaseException, *, remove: bool = True) -> None:
@@ -297,7 +317,7 @@ class Store:
                     arrays = self.read(key, schema, dims, memo=memo)  # another process may have written it meanwhile
                     if arrays is None:
                         arrays = self._compute(compute, schema, dims)
-                        self._write(path, arrays)
+                        self._write(path, arrays, key)
                         if memo or not self._disk_ok:  # a write the disk refused: keep the finished result
                             self._remember((key.kind, key.digest, _dims_key(dims)), arrays)
                     return arrays
@@ -315,10 +335,10 @@ class Store:
         schema.validate(arrays, dims)  # a result that breaks its own schema is a bug: raise, never save it
         return arrays
 
-    def _write(self, path: Path, arrays: dict) -> None:
+    def _write(self, path: Path, arrays: dict, key: CacheKey) -> None:
         try:
             with atomic_write(path) as fh:
-                np.savez(fh, **arrays)
+                np.savez(fh, **arrays, **{KEY_ARRAY: np.array(key.digest)})
         except OSError as exc:
             if not _disk_trouble(exc):
                 raise
