@@ -5,7 +5,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import os
 import re
 import sys
 import tempfile
@@ -115,6 +118,33 @@ def announced_index(method: str, checkpoint, dataset, *, progress: bool = True):
                 print(f"For an answer now: --method {quick} (seconds). {how_sure(checkpoint, quick)}",
                       file=sys.stderr)
     return load_or_fit(method, checkpoint, dataset, progress=progress)
+
+
+# Terminal control: C0 controls but newline, carriage return and tab; DEL; C1 controls; the bidirectional
+# overrides that reorder what a line seems to say. Written as escapes, never sent to the terminal.
+_CONTROL = [c for c in range(32) if chr(c) not in "\n\r\t"] + [127, *range(128, 160), *range(0x202A, 0x202F),
+                                                           *range(0x2066, 0x206A)]
+_INERT_TABLE = {c: chr(c).encode("unicode_escape").decode("ascii") for c in _CONTROL}
+MESSAGE_LIMIT = 2000  # characters of an error message (a list of 10,000 class names is cut, and says so)
+
+
+class InertStream:
+    """stdout and stderr as the CLI writes them (main wraps both): every name read from a file (checkpoint names,
+    class folders, run ids) passes through here, so an escape sequence in one is shown, never obeyed."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(text.translate(_INERT_TABLE))
+
+    def __getattr__(self, name):  # flush, fileno, isatty, encoding, buffer: the real stream's
+        return getattr(self._stream, name)
+
+
+def bounded(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """A message cut to `limit` characters, saying how long it was."""
+    return message if len(message) <= limit else f"{message[:limit]}... (cut: {len(message):,} characters)"
 
 
 def inert(name) -> str:
@@ -982,6 +1012,17 @@ def describe(sub) -> str:
 
 
 def main(argv=None) -> int:
+    if not isinstance(sys.stdout, InertStream):
+        sys.stdout, sys.stderr = InertStream(sys.stdout), InertStream(sys.stderr)
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `... | head` closed the pipe: stop quietly, as other command-line tools do
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse printed its one-line usage error (status 2) or the help (0)
@@ -989,8 +1030,18 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except CifarvizError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {bounded(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG):
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: could not write{where}: {exc.strerror or exc}. Nothing half-written was left there; free "
+              "space or choose another place (--out, CIFARVIZ_CACHE, CIFARVIZ_RUNS) and run it again.",
+              file=sys.stderr)
+        return 2

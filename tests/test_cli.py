@@ -352,3 +352,62 @@ def test_export_the_influence_of_training_images_on_a_test_image(cifar, capsys):
     assert main(["export", "-c", "lenet", "--what", "influence", "--test-index", "7", "--method", "head", "--top", "4",
                  *data]) == 0
     assert [r["effect"] for r in read_csv(capsys.readouterr().out)] == ["helpful"] * 4 + ["harmful"] * 4
+
+
+HOSTILE_NAMES = ["\x1b]0;pwned\x07\x1b[2Jcleared", "\x9b31mred", "abc\u202edcba", "bell\x07\x08back", "nul\x00x"]
+
+
+def test_names_from_files_never_reach_the_terminal_as_control_characters(tmp_path):
+    """The rule (cli.InertStream, written once): whatever the CLI writes, control characters, C1 escapes and
+    bidirectional overrides from names read from files come out as visible escapes, never obeyed. Every hostile
+    name at once, in one folder name (a file name cannot hold NUL; the checkpoint's recorded name does)."""
+    name = "|".join(HOSTILE_NAMES)
+    folder = tmp_path / name.replace("\x00", "")
+    folder.mkdir()
+    path = save_checkpoint(folder / "model.safetensors", create_model("lenet"), {"name": name})
+    done = run("models", "summary", "-c", str(path))
+    assert done.returncode == 0, done.stderr
+    missing = run("evaluate", "-c", str(folder / "absent.safetensors"))
+    assert missing.returncode == 2 and "error:" in missing.stderr
+    for text in (done.stdout, done.stderr, missing.stdout, missing.stderr):
+        assert not any(c in text for c in "\x1b\x9b\x07\x08\x00\u202e"), repr(text[:300])
+    shown = folder.name.translate(__import__("cifarviz.cli", fromlist=["_INERT_TABLE"])._INERT_TABLE)
+    assert shown in done.stdout and shown in missing.stderr  # the name is there, as visible escapes
+
+
+def test_a_huge_message_is_cut_and_says_how_long_it_was(tmp_path):
+    done = run("evaluate", "-c", "x" * 200 + "/" + "y" * 30_000)
+    assert done.returncode == 2
+    assert len(done.stderr) < 2_300 and "characters)" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`python -m cifarviz ... | head -1` stops without a traceback (the rest of the output has no reader)."""
+    reader = subprocess.Popen([sys.executable, "-m", "cifarviz", "models"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, cwd=REPO)
+    reader.stdout.readline()
+    reader.stdout.close()  # as head does after its line
+    _, err = reader.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err
+
+
+def test_a_finished_training_whose_save_fails_keeps_its_weights_and_says_where(cifar_small, tmp_path, monkeypatch):
+    from cifarviz.core import recipes
+    from cifarviz.core.train import TrainConfig
+
+    real_save = recipes.save_checkpoint
+
+    def full_disk(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "out")):
+            raise OSError(28, "No space left on device", str(path))
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(recipes, "save_checkpoint", full_disk)
+    monkeypatch.setattr(recipes.tempfile, "gettempdir", lambda: str(tmp_path / "kept"))
+    (tmp_path / "kept").mkdir()
+    config = TrainConfig(model="lenet", epochs=1, batch_size=64, seed=0)
+    with pytest.raises(CheckpointError, match="No space left on device") as error:
+        recipes.train_and_save(config, cifar_small, tmp_path / "out" / "m.safetensors")
+    kept = list((tmp_path / "kept").glob("*.safetensors"))
+    assert len(kept) == 1 and str(kept[0]) in str(error.value)
+    assert load_checkpoint(kept[0]).model is not None  # the trained weights, loadable

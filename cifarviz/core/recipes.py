@@ -9,12 +9,14 @@ tests/test_shipped_checkpoints.py.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import save_checkpoint
-from .errors import ModelError
+from .errors import CheckpointError, ModelError
 from .models import model_card, model_cards
 from .train import TrainConfig, TrainResult, evaluate_split, train
 
@@ -51,7 +53,20 @@ def train_and_save(
     result = train(config, dataset, callback=callback, cancel=cancel, on_epoch=on_epoch)
     meta = checkpoint_meta(config, dataset, result.model, result.history, result.status, result.seconds,
                            measure_test=True, notes=notes)
-    path = save_checkpoint(out, result.model, meta, statistics=result.statistics(dataset))
+    statistics = result.statistics(dataset)
+    try:
+        path = save_checkpoint(out, result.model, meta, statistics=statistics)
+    except OSError as exc:  # a full or read-only disk: minutes of training are not thrown away
+        kept = Path(tempfile.gettempdir()) / f"cifarviz-unsaved-{Path(out).stem}-{os.getpid()}.safetensors"
+        try:
+            save_checkpoint(kept, result.model, meta, statistics=statistics)
+        except OSError:
+            raise CheckpointError(f"The training finished, but its checkpoint could not be written to {out} "
+                                  f"({exc.strerror or exc}) nor to {kept.parent}: free disk space and train "
+                                  "again.") from exc
+        raise CheckpointError(f"The training finished, but its checkpoint could not be written to {out} "
+                              f"({exc.strerror or exc}). The trained weights are kept in {kept}: move them where "
+                              "you want them once there is space.") from exc
     return path, result
 
 
