@@ -106,6 +106,12 @@ class Case:
 
 
 CASES = [
+    # metadata nested or sized to break a recursive reader: refused with what was wrong, never RecursionError
+    Case("nested-100000", safetensors_file(meta='{"name": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+         ("nested deeper than", "not valid JSON metadata")),
+    Case("nested-in-history", safetensors_file(meta='{"name": "x", "history": ' + "[" * 40 + "]" * 40 + "}"),
+         ("nested deeper than",)),
+    Case("metadata-17MB", safetensors_file(meta=json.dumps({"name": "x" * (17 * 2**20)})), ("bytes of JSON",)),
     # metadata asks for a model far bigger than the file (the 4.4 MB file that allocated 2.1 GB), or slow to build
     Case("widths-3000", safetensors_file("fastnet", meta={"arch_args": {"widths": [3000, 3000, 3000]}}),
          ("widths", "out of range", "[1, 1024]")),

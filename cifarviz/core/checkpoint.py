@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import AmbiguousArchitectureError, CheckpointError, ModelError
 from .inference import TTA_MODES
 from .models import ZooModel, count_parameters, create_model, list_models, model_card, model_cards, validate_arch_args
-from .utils import atomic_write
+from .utils import atomic_write, bounded_json
 
 # pretrained weights: an installed wheel carries them as the data package cifarviz/_shipped (looked for first, as
 # site-packages/checkpoints could be anyone's); a source checkout or editable install uses the repo's checkpoints/
@@ -184,7 +184,7 @@ def _heal_sidecar(path: Path, meta: dict) -> None:
     if not save_id:
         return
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        if json.loads(path.with_suffix(".json").read_text()).get("save_id") == save_id:
+        if bounded_json(path.with_suffix(".json").read_text()).get("save_id") == save_id:
             return
     with contextlib.suppress(OSError):
         _write_sidecar(path, meta)
@@ -235,8 +235,8 @@ def _check_meta(path: Path, meta) -> dict:
 def _header_meta(path: Path, header: bytes) -> dict:
     """The checked metadata in a safetensors header (the JSON after its 8-byte length)."""
     try:
-        text = (json.loads(header).get("__metadata__") or {}).get(METADATA_KEY, "{}")
-        meta = json.loads(text)
+        text = (bounded_json(header, max_bytes=100_000_000).get("__metadata__") or {}).get(METADATA_KEY, "{}")
+        meta = bounded_json(text)
     except (ValueError, AttributeError, TypeError) as exc:
         raise CheckpointError(f"{path.name}: its safetensors header is not valid JSON metadata ({exc}). "
                               "Re-download or re-train it.") from None
@@ -261,7 +261,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
         try:
-            return _check_meta(path, json.loads(sidecar.read_text()))
+            return _check_meta(path, bounded_json(sidecar.read_text()))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{sidecar}: not readable JSON metadata ({exc}).") from None
     return {}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
+import re
 import socket
 import tempfile
 from pathlib import Path
@@ -12,6 +14,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from filelock import FileLock
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+"', re.DOTALL)  # a JSON string, escapes included
+JSON_MAX_DEPTH = 32  # the deepest nesting any file cifarviz reads needs is 4; 100,000 brackets are an attack
+
+
+def bounded_json(text: str | bytes, max_bytes: int = 16 * 2**20, max_depth: int = JSON_MAX_DEPTH):
+    """json.loads for text read from a file (checkpoint metadata, run records): refused with ValueError, saying
+    why, when it is larger than `max_bytes` or nests deeper than `max_depth` (the parser and every recursive
+    reader after it would otherwise raise RecursionError)."""
+    if len(text) > max_bytes:
+        raise ValueError(f"{len(text):,} bytes of JSON, more than the {max_bytes:,} allowed")
+    raw = text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text)
+    structure = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)  # brackets outside strings
+    opens = (structure == ord("[")) | (structure == ord("{"))
+    closes = (structure == ord("]")) | (structure == ord("}"))
+    if structure.size and int(np.cumsum(opens.astype(np.int64) - closes).max(initial=0)) > max_depth:
+        raise ValueError(f"JSON nested deeper than {max_depth} levels")
+    return json.loads(text)
 
 
 def pick_device(preference: str = "auto") -> torch.device:

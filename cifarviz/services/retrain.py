@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarviz.core.errors import CifarvizError
-from cifarviz.core.utils import atomic_write
+from cifarviz.core.utils import atomic_write, bounded_json
 
 from . import runs
 
@@ -87,7 +87,7 @@ def retrain_result(run: runs.Run) -> dict | None:
     if run.state != runs.COMPLETED or not path.is_file():
         return None
     try:
-        result = json.loads(path.read_text())
+        result = bounded_json(path.read_text())
     except (OSError, ValueError):
         return None
     return result if valid_result(result) else None

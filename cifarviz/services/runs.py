@@ -53,7 +53,7 @@ from pathlib import Path
 
 from cifarviz.core.errors import CifarvizError
 from cifarviz.core.settings import settings
-from cifarviz.core.utils import atomic_write
+from cifarviz.core.utils import atomic_write, bounded_json
 
 from .jobs import file_lock
 
@@ -146,7 +146,7 @@ class Run:
 
 def _read_json(path: Path) -> dict:
     with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
-        value = json.loads(path.read_text())
+        value = bounded_json(path.read_text())
         if isinstance(value, dict):
             return value
     return {}
@@ -301,7 +301,7 @@ def _parse_lines(data: bytes) -> tuple[list[dict], int]:
     rows, bad = [], 0
     for line in data.splitlines():
         try:
-            row = json.loads(line)
+            row = bounded_json(line, max_bytes=65536)
         except (ValueError, UnicodeDecodeError):
             row = None
         if valid_event(row):
