@@ -84,7 +84,7 @@ def test_a_map_is_computed_once_then_read_from_disk(cifar, lenet, monkeypatch):
     assert np.array_equal(embedding(lenet, cifar, "test", "pca", {}, subset).coords, first.coords) and calls == [1]
     assert not list(path.parent.glob(".*.tmp"))
     with np.load(path, allow_pickle=False) as z:  # plain arrays, readable without pickle
-        assert set(z.files) == {"coords", "indices", "labels", "predicted", "info"}
+        assert set(z.files) == {"coords", "indices", "labels", "predicted", "info", "__key__"}  # and its key
     # everything that changes the content changes the file
     others = {embedding_path(lenet, cifar, "test", "pca", {}, subset_indices(10_000, 700, seed=6)),
               embedding_path(lenet, cifar, "test", "tsne", {}, subset),

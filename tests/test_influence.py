@@ -391,6 +391,39 @@ def test_a_run_on_a_subset_gets_influence_over_the_images_it_saw(cifar, cifar_sm
     assert len(everything) == len(cifar.train) and "records no list" in note
 
 
+@pytest.mark.parametrize("listed, words", [
+    ([2**64] * 200, "outside"),  # above 2^63: numpy would raise OverflowError
+    ([5], "fewer than"),  # one image: its lists would name it as most helpful and most harmful
+    (list(range(49_990, 50_190)), "outside 0-49,999"),  # beyond the data: never blamed on --val-size
+    ([3] * 300, "twice"),
+    (list(range(150)) + ["7"], "not whole numbers"),
+    ({"0": 1}, "not a list"),
+])
+def test_a_forged_record_of_training_images_is_named_and_ignored(cifar, listed, words):
+    """provenance.train_images.indices, checked field by field: what is wrong is said, and influence is over every
+    training image instead (never a crash, never a one-image index)."""
+    import dataclasses
+
+    from cifarviz.analysis.influence import trained_positions
+
+    lenet = load_checkpoint(SHIPPED / "lenet.safetensors")
+    meta = {**lenet.meta, "provenance": {"data_fingerprint": cifar.fingerprint,
+                                         "train_images": {"indices": listed}}}
+    positions, note = trained_positions(dataclasses.replace(lenet, meta=meta), cifar)
+    assert len(positions) == len(cifar.train)
+    assert "provenance.train_images.indices" in note and words in note and "val-size" not in note
+
+
+def test_helpful_and_harmful_never_share_an_image_when_few_images_are_ranked():
+    from types import SimpleNamespace
+
+    from cifarviz.analysis.influence.base import InfluenceIndex
+
+    five = SimpleNamespace(scores=lambda checkpoint, dataset, tests: np.array([[0.5, -0.1, 0.2, 0.0, -0.3]]))
+    helpful, _, harmful, _ = InfluenceIndex.ranked(five, None, None, 0, k=10)  # five images ranked, 10 asked for
+    assert len(helpful) == len(harmful) == 2 and not set(helpful) & set(harmful)
+
+
 def test_an_index_replaced_on_disk_is_read_again_not_served_from_memory(cifar_small, tmp_path, monkeypatch):
     """The app keeps indexes in memory keyed by which file holds them: a plain read (which touches the file's time
     for the store's LRU) keeps the key; a rebuilt file (written by rename: a new inode) changes it."""

@@ -136,7 +136,12 @@ def trained_positions(checkpoint, dataset) -> tuple[np.ndarray, str | None]:
                             f"{len(everything):,} training images here.")
     images = record.get("train_images") if isinstance(record.get("train_images"), dict) else {}
     listed = images.get("indices")
-    if isinstance(listed, list) and listed and all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
+    if listed is not None:
+        problem = _recorded_indices_problem(listed, len(dataset.train) + len(dataset.val))
+        if problem:
+            return everything, (f"{checkpoint.name}'s record of its training images (provenance.train_images."
+                                f"indices) {problem}: the record is damaged or was edited, so influence is over all "
+                                f"{len(everything):,} training images.")
         wanted = np.unique(np.asarray(listed, dtype=np.int64))
         at, found = positions_of_sources(dataset, wanted)
         positions = np.unique(at[found])
@@ -151,6 +156,26 @@ def trained_positions(checkpoint, dataset) -> tuple[np.ndarray, str | None]:
         return everything, None
     return everything, (f"{checkpoint.name} was trained on other images than this training split (another split "
                         f"seed or validation size): influence is over all {len(everything):,} training images.")
+
+
+MIN_RECORDED_IMAGES = 100  # the smallest training set cifarviz records (the Train page's is 1,000)
+
+
+def _recorded_indices_problem(listed, n_source: int) -> str | None:
+    """What is wrong with a checkpoint's list of training images (indices into the data's own training order),
+    or None. Checked in plain Python before numpy sees it: an index above 2^63 must be a message, not an error."""
+    if not isinstance(listed, list):
+        return f"is a {type(listed).__name__}, not a list"
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
+        return "holds entries that are not whole numbers"
+    if len(listed) < MIN_RECORDED_IMAGES:
+        return f"lists {len(listed):,} image(s), fewer than the {MIN_RECORDED_IMAGES} any training records"
+    outside = sum(1 for i in listed if not 0 <= i < n_source)
+    if outside:
+        return f"holds {outside:,} index(es) outside 0-{n_source - 1:,}, the training images this data has"
+    if len(set(listed)) != len(listed):
+        return f"lists {len(listed) - len(set(listed)):,} image(s) twice"
+    return None
 
 
 def positions_of_sources(dataset, sources) -> tuple[np.ndarray, np.ndarray]:
@@ -346,7 +371,7 @@ def _result(index, checkpoint, dataset, query: dict, ranked) -> InfluenceResult:
 
 def _ranked(scores: np.ndarray, k: int):
     order = np.argsort(-scores, kind="stable")
-    k = max(0, min(int(k), len(scores)))
+    k = max(0, min(int(k), len(scores) // 2))  # the two lists never share an image
     return order[:k], scores[order[:k]], order[::-1][:k], scores[order[::-1][:k]]
 
 
