@@ -150,6 +150,16 @@ def test_settings_are_read_in_one_place_and_a_bad_value_names_its_variable(monke
     monkeypatch.setenv("CIFARVIZ_CLASSROOM", "maybe")
     with pytest.raises(SettingsError, match="CIFARVIZ_CLASSROOM"):
         settings()
+    monkeypatch.delenv("CIFARVIZ_CLASSROOM")
+    # every number is bounded above too: refused with its range, never overflowed (1e308 GB) or obeyed
+    for name, value in (("CACHE_MAX_GB", "1e308"), ("CACHE_MAX_GB", "nan"), ("CACHE_MAX_GB", "inf"),
+                        ("TRAIN_THREADS", "100000"), ("JOB_WORKERS", "5000"), ("MAX_RUNS", "9" * 400),
+                        ("HOVER_THUMBNAILS", "10000000"), ("MAX_QUEUED", "-1")):
+        monkeypatch.setenv(f"CIFARVIZ_{name}", value)
+        with pytest.raises(SettingsError, match=f"CIFARVIZ_{name}=.*from .* to "):
+            settings()
+        monkeypatch.delenv(f"CIFARVIZ_{name}")
+    assert settings().max_runs == 1  # each refused value gone: the defaults parse again
 
 
 def test_a_parameter_count_is_never_built_from_unchecked_arguments():

@@ -65,19 +65,19 @@ class Settings:
         return cls(
             data=Path(env.get(PREFIX + "DATA") or "data"),
             cache_dir=Path(env.get(PREFIX + "CACHE") or home_cache),
-            cache_max_bytes=int(_number(env, "CACHE_MAX_GB", 10.0, least=0.01) * 2**30),
+            cache_max_bytes=int(_number(env, "CACHE_MAX_GB", 10.0, least=0.01, most=1_000_000) * 2**30),
             runs_dir=Path(env.get(PREFIX + "RUNS") or "runs"),
             offline=_flag(env, "OFFLINE"),
             classroom=_flag(env, "CLASSROOM"),
             lock_data=_flag(env, "LOCK_DATA", default=True),
             no_uploads=_flag(env, "NO_UPLOADS"),
-            max_runs=_count(env, "MAX_RUNS", 1, 1),
-            max_queued=_count(env, "MAX_QUEUED", 8, 1),
-            session_runs=_count(env, "SESSION_RUNS", 3, 1),
-            train_threads=_count(env, "TRAIN_THREADS", max(1, cores - 1), 1),
-            hover_thumbnails=_count(env, "HOVER_THUMBNAILS", 10_000, 0),
+            max_runs=_count(env, "MAX_RUNS", 1, 1, most=256),
+            max_queued=_count(env, "MAX_QUEUED", 8, 1, most=10_000),
+            session_runs=_count(env, "SESSION_RUNS", 3, 1, most=1_000),
+            train_threads=_count(env, "TRAIN_THREADS", max(1, cores - 1), 1, most=max(1, cores)),
+            hover_thumbnails=_count(env, "HOVER_THUMBNAILS", 10_000, 0, most=60_000),
             teacher_key=_teacher_key(env),
-            job_workers=_count(env, "JOB_WORKERS", 2, 1),
+            job_workers=_count(env, "JOB_WORKERS", 2, 1, most=64),
         )
 
 
@@ -107,26 +107,31 @@ def _flag(env, name: str, default: bool = False) -> bool:
     raise SettingsError(f"{PREFIX}{name}={text!r}: use 1 (on) or 0 (off).")
 
 
-def _count(env, name: str, default: int, least: int) -> int:
+# Every number has an upper bound too (the rule for settings): a value no server could use (1e308 GB of cache,
+# 100,000 training threads) is refused with its range, never overflowed or obeyed.
+
+
+def _count(env, name: str, default: int, least: int, most: int) -> int:
     text = env.get(PREFIX + name, "").strip()
     try:
-        value = int(text) if text else default
+        value = int(text) if text and len(text) <= 20 else (default if not text else None)
     except ValueError:
         value = None
-    if value is None or value < least:
-        raise SettingsError(f"{PREFIX}{name}={text!r}: it must be a whole number of at least {least} "
+    if value is None or not least <= value <= most:
+        raise SettingsError(f"{PREFIX}{name}={text[:40]!r}: it must be a whole number from {least} to {most:,} "
                             f"(default {default}).")
     return value
 
 
-def _number(env, name: str, default: float, least: float) -> float:
+def _number(env, name: str, default: float, least: float, most: float) -> float:
     text = env.get(PREFIX + name, "").strip()
     try:
-        value = float(text) if text else default
+        value = float(text) if text and len(text) <= 40 else (default if not text else None)
     except ValueError:
         value = None
-    if value is None or not value >= least or value == float("inf"):
-        raise SettingsError(f"{PREFIX}{name}={text!r}: it must be a number of at least {least} (default {default}).")
+    if value is None or not least <= value <= most:
+        raise SettingsError(f"{PREFIX}{name}={text[:40]!r}: it must be a number from {least} to {most:,} "
+                            f"(default {default}).")
     return value
 
 
