@@ -231,6 +231,20 @@ def test_the_least_recently_used_files_go_first(tmp_path):
     assert store.size() <= store.max_bytes
 
 
+def test_a_cap_smaller_than_one_commands_files_is_said_once_with_the_fix(tmp_path, caplog):
+    big = np.zeros((20_000, 2))
+    store = Store(tmp_path / "cache", max_bytes=300_000)  # one such file is about 480 KB
+    with caplog.at_level(logging.WARNING, logger="cifarviz.store"):
+        for i in range(2):
+            store.cached(CacheKey("things", 1, {"i": i}), lambda: {"values": big, "labels": np.zeros(20_000, int)},
+                         SCHEMA, memo=False)
+    assert len(store.warnings) == 1 and "CIFARVIZ_CACHE_MAX_GB" in store.warnings[0]
+    assert "computes it again" in caplog.text
+    roomy = Store(tmp_path / "roomy", max_bytes=2**30)
+    roomy.cached(CacheKey("things", 1, {"i": 0}), lambda: {"values": big, "labels": np.zeros(20_000, int)}, SCHEMA)
+    assert roomy.warnings == []
+
+
 def _saved(path: Path, data: dict) -> bytes:
     np.savez(path, **data)
     return path.read_bytes()

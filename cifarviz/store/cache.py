@@ -410,7 +410,21 @@ class Store:
         if removed:
             log.info("cifarviz cache: removed %d least recently used file(s) to stay under %.1f GB", len(removed),
                      self.max_bytes / 2**30)
+        kept = next((size for _, size, path in entries if path == keep), 0)
+        if keep is not None and kept * 2 > self.max_bytes:  # the cap cannot hold what one command needs
+            self._too_small(kept)
         return removed
+
+    def _too_small(self, size: int) -> None:
+        with self._lock:
+            if any(w.startswith("The cache's cap") for w in self.warnings):
+                return
+            message = (f"The cache's cap (CIFARVIZ_CACHE_MAX_GB, {self.max_bytes / 2**30:.2g} GB) is too small for "
+                       f"what one command needs: a single file is {size / 2**20:,.0f} MB, so the next one removes it "
+                       "and every command computes it again (the decoded data alone is about 200 MB). Fix: set "
+                       f"CIFARVIZ_CACHE_MAX_GB to at least {max(1.0, 4 * size / 2**30):.0f} and restart.")
+            self.warnings.append(message)
+        log.warning("cifarviz cache: %s", message)
 
 
 def _stat_size(entry: os.DirEntry) -> int:
