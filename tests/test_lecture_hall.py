@@ -227,6 +227,39 @@ def test_metrics_are_read_incrementally_and_stay_bounded(runs_root):
     assert runs.progress(run).last["step"] == 3
 
 
+def test_a_huge_log_is_read_a_bounded_amount_per_refresh(runs_root, monkeypatch):
+    """A 1 GB metrics.jsonl took 37 s and 2.8 GB in one read: each refresh now reads READ_PER_TICK bytes at most,
+    says how much is left, and a line longer than that (no newline at all) is skipped, not re-read forever."""
+    monkeypatch.setattr(runs, "READ_PER_TICK", 64 * 1024)  # the same rule, at a test's size
+    folder = hand_made_run(runs_root, "huge", status={"state": "running", "pid": 1, "queued_at": 1.0})
+    step = {"event": "step", "total_steps": 10**6, "steps_per_epoch": 1000, "epoch": 1, "elapsed": 1.0,
+            "images_per_s": 100.0, "lr": 0.1, "train_loss": 2.0, "train_acc": 0.1}
+    with open(folder / "metrics.jsonl", "w") as handle:
+        handle.write("x" * (200 * 1024) + "\n")  # one 200 KB line: three ticks' worth, not a log line
+        handle.writelines(json.dumps({**step, "step": i}) + "\n" for i in range(1, 5_001))
+    size = (folder / "metrics.jsonl").stat().st_size
+    run = runs.load_run("huge")
+    seen, ticks = [], 0
+    while True:
+        ticks += 1
+        progress = runs.progress(run)
+        seen.append(progress.unread_bytes)
+        if not progress.unread_bytes or ticks > 100:
+            break
+    assert ticks == pytest.approx(size / runs.READ_PER_TICK, abs=2)  # bounded per tick, and always moving
+    assert seen == sorted(seen, reverse=True) and seen[0] > 0
+    assert progress.last["step"] == 5_000 and progress.damaged_lines >= 1
+
+
+def test_a_run_folder_that_is_a_link_elsewhere_is_not_a_run(runs_root, tmp_path):
+    elsewhere = hand_made_run(tmp_path / "other-place", "away", status={"state": "queued", "queued_at": 1.0})
+    runs_root.mkdir(parents=True, exist_ok=True)
+    (runs_root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    assert "linked" not in {r.id for r in runs.list_runs()}
+    with pytest.raises(runs.RunError, match="No run 'linked'"):
+        runs.load_run("linked")
+
+
 def test_concurrent_schedules_share_the_child_table_safely(runs_root):
     """Every viewer's page calls schedule(); two at once popped the same finished child (KeyError) before."""
 

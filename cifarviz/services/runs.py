@@ -219,7 +219,8 @@ def _write_json(path: Path, value: dict) -> None:
 
 def load_run(run_id: str, root=None) -> Run:
     folder = runs_dir(root) / run_id
-    config = _read_json(folder / "config.json") if "/" not in run_id and run_id not in ("", ".", "..") else {}
+    plain = "/" not in run_id and run_id not in ("", ".", "..") and not folder.is_symlink()
+    config = _read_json(folder / "config.json") if plain else {}
     if not config:
         known = ", ".join(r.id for r in list_runs(root)[-5:]) or "none yet"
         raise RunError(f"No run {run_id!r} in {runs_dir(root)} (latest: {known}). `python -m cifarviz runs` lists them.")
@@ -260,7 +261,9 @@ def list_runs(root=None) -> list[Run]:
     runs = []
     with contextlib.suppress(OSError):
         for folder in runs_dir(root).iterdir():
-            config = _config_of(folder) if folder.is_dir() else {}
+            # a run is a real folder inside the runs folder: a link to another place would put its status, lock
+            # and slot somewhere the queue does not look (the same rule for load_run)
+            config = _config_of(folder) if folder.is_dir() and not folder.is_symlink() else {}
             if config:
                 runs.append(_make_run(folder, config))
     return sorted(runs, key=lambda r: (r.status.get("queued_at", 0), r.id))
@@ -333,9 +336,12 @@ class Progress:
     finishing: bool
     saved: dict
     damaged_lines: int
+    unread_bytes: int = 0  # of the log, still to read: a huge log is read READ_PER_TICK at a time
 
 
 MAX_CURVE_STEPS = 400
+READ_PER_TICK = 16 * 2**20  # bytes of a log one refresh reads at most: a 1 GB log costs a few seconds per refresh,
+# never 37 s and 2.8 GB at once; the page says how much is left
 _PROGRESS: dict[str, dict] = {}  # metrics.jsonl by path: how far it was read, and the summary so far
 _PROGRESS_LOCK = threading.Lock()
 
@@ -362,15 +368,20 @@ def progress(run: Run) -> Progress:
         if info.st_size > state["offset"] or state["summary"] is None:
             with contextlib.suppress(OSError), open(path, "rb") as handle:
                 handle.seek(state["offset"])
-                data = handle.read(info.st_size - state["offset"])
-                data = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next read
-                state["offset"] += len(data)
-                rows, bad = _parse_lines(data)
+                data = handle.read(min(info.st_size - state["offset"], READ_PER_TICK))
+                whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next read
+                if not whole and len(data) == READ_PER_TICK:  # one line longer than a tick's read: not a log line
+                    whole, state["bad"] = data, state["bad"] + 1
+                    rows, bad = [], 0
+                else:
+                    rows, bad = _parse_lines(whole)
+                state["offset"] += len(whole)
                 state["bad"] += bad
                 for row in rows:
                     _absorb(state, row)
             state["summary"] = Progress(state["start"], tuple(state["steps"]), tuple(state["epochs"]), state["last"],
-                                        state["finishing"], state["saved"], state["bad"])
+                                        state["finishing"], state["saved"], state["bad"],
+                                        max(0, info.st_size - state["offset"]))
         return state["summary"]
 
 

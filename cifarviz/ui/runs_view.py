@@ -52,6 +52,9 @@ def draw_running(run: runs.Run) -> None:
     st.markdown(title)
     if p.damaged_lines:
         st.caption(f"{p.damaged_lines} damaged line(s) of its metrics.jsonl were skipped.")
+    if p.unread_bytes:
+        st.caption(f"Reading its metrics log: {p.unread_bytes / 2**20:,.0f} MB still to read (a little more with "
+                   "every refresh, so the page stays quick).")
     stopping = (run.dir / "stop").exists()
     if last is None:
         st.progress(0.0, text="Starting the training process (loading torch and the data)...")
