@@ -13,6 +13,7 @@ import re
 import shutil
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from browser import assert_healthy, free_port, wait_idle
@@ -90,5 +91,47 @@ def test_bad_settings_are_refused_before_anything_starts(tmp_path):
     with pytest.raises(serve.ServeError, match="--port must be"):
         serve.start(2, port=70000, run_dir=tmp_path)
     with pytest.raises(serve.ServeError, match="nginx is not installed"):
-        serve.start(2, nginx=str(tmp_path / "nginx"), run_dir=tmp_path)
+        serve.start(2, port=free_port(), nginx=str(tmp_path / "nginx"), run_dir=tmp_path)
+    for address in ("a b", "127.0.0.1; include /etc/passwd", "x:y:z", "/tmp", "", "host name", "-lead.example"):
+        with pytest.raises(serve.ServeError, match="not an IP address or host name"):
+            serve.start(1, port=free_port(), address=address, run_dir=tmp_path)
+    import socket
+
+    with socket.socket() as taken:  # a port something listens on: refused, never "serving" through the other one
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(serve.ServeError, match="is taken"):
+            serve.start(1, port=taken.getsockname()[1], run_dir=tmp_path)
     assert not list(tmp_path.glob("streamlit-*.log"))  # nothing was started
+    assert serve.listen_address("::1") == "[::1]" and serve.listen_address("my-host.example.org")
+
+
+def test_a_killed_serve_leaves_nothing_answering(cifar, tmp_path):
+    """SIGKILL gives `serve` no chance to stop its children: they end by themselves (the parent-death signal)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    if not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")):
+        pytest.skip("lecture-hall test: Debian's nginx is not installed (apt-get install nginx-light)")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "cifarviz", "serve", "--processes", "1", "--port", str(port)],
+                               cwd=serve.REPO, env={**os.environ, "CIFARVIZ_DATA": str(cifar.root)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = process.stdout.readline()  # printed once everything answers
+    match = re.search(r"logs in (\S+)\)", line)
+    assert match, line
+    backends = [int(p) for p in re.findall(r"server 127\.0\.0\.1:(\d+)", (Path(match[1]) / "nginx.conf").read_text())]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    def answering(p):
+        with socket.socket() as probe:
+            probe.settimeout(1)
+            return probe.connect_ex(("127.0.0.1", p)) == 0
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(answering(p) for p in [port, *backends]):
+        time.sleep(0.5)
+    assert not any(answering(p) for p in [port, *backends]), "an orphan still answers"

@@ -20,7 +20,9 @@ for a permanent install (see the README).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -36,12 +38,52 @@ from pathlib import Path
 from cifarviz.core.errors import CifarvizError
 
 REPO = Path(__file__).resolve().parents[2]
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 ROUTE_COOKIE = "cifarviz_route"
 MAX_PROCESSES = 64
 
 
 class ServeError(CifarvizError):
     """The lecture-hall set-up cannot start as asked (no nginx, a bad port, a process that did not come up)."""
+
+
+def listen_address(address: str) -> str:
+    """`address` as nginx's `listen` and a URL take it: an IP address (IPv6 in brackets) or a host name. Anything
+    else (a space, a semicolon, a path) is refused here, before it reaches nginx.conf."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(address) or len(address) > 253:
+            raise ServeError(f"--address {address[:80]!r} is not an IP address or host name: use, for example, "
+                             "127.0.0.1 (this machine only) or 0.0.0.0 (every network).") from None
+        return address
+    return f"[{ip}]" if ip.version == 6 else str(ip)
+
+
+def check_port_free(address: str, port: int) -> None:
+    """Refuse a port something already listens on: nginx would fail, and the health check would reach the other
+    server and say this one is up."""
+    host = address.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed socket's TIME_WAIT is not "taken"
+        try:
+            probe.bind((host, port))
+        except socket.gaierror as exc:
+            raise ServeError(f"--address {address[:80]!r} cannot be resolved ({exc.strerror or exc}): use an IP "
+                             "address, or a name this machine knows.") from None
+        except OSError as exc:
+            raise ServeError(f"Port {port} on {address} is taken ({exc.strerror or exc}): another `cifarviz serve` "
+                             "or app is there. Stop it, or choose another --port.") from None
+
+
+def _die_with_parent() -> None:
+    """In each child, before it runs: a SIGTERM when `serve` itself dies, even by SIGKILL (Linux's parent-death
+    signal), so no Streamlit or nginx is left answering on its own."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -135,6 +177,8 @@ def start(processes: int = 2, *, port: int = 8501, address: str = "127.0.0.1", o
         raise ServeError(f"--processes must be 1 to {MAX_PROCESSES}, not {processes!r}.")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ServeError(f"--port must be 1 to 65535, not {port!r}.")
+    address = listen_address(address)
+    check_port_free(address, port)
     nginx = nginx or shutil.which("nginx") or "/usr/sbin/nginx"  # Debian's, not on a user's PATH
     if not os.access(nginx, os.X_OK):
         raise ServeError(f"nginx is not installed (no {nginx}): `sudo apt-get install nginx-light` (Debian), or "
@@ -144,7 +188,8 @@ def start(processes: int = 2, *, port: int = 8501, address: str = "127.0.0.1", o
     env = {**(os.environ if env is None else env)}
     # One secret for every process: a session's cookies (XSRF) mean the same to whichever process reads them.
     env.setdefault("STREAMLIT_SERVER_COOKIE_SECRET", secrets.token_hex(32))
-    hall = LectureHall(url=f"http://{'127.0.0.1' if address in ('0.0.0.0', '') else address}:{port}", backends=[],
+    shown = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(address, address)
+    hall = LectureHall(url=f"http://{shown}:{port}", backends=[],
                        run_dir=run_dir)
     try:
         ports = []
@@ -155,7 +200,8 @@ def start(processes: int = 2, *, port: int = 8501, address: str = "127.0.0.1", o
                 [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(backend),
                  "--server.address", "127.0.0.1", "--server.headless", "true",
                  "--browser.gatherUsageStats", "false", *options],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent))  # fmt: skip
             ports.append(backend)
             hall.backends.append(f"http://127.0.0.1:{backend}")
         for i, (url, process) in enumerate(zip(hall.backends, hall.processes)):
@@ -165,7 +211,7 @@ def start(processes: int = 2, *, port: int = 8501, address: str = "127.0.0.1", o
         with open(run_dir / "nginx.log", "wb") as log:
             hall.processes.append(subprocess.Popen([nginx, "-p", str(run_dir), "-e", str(run_dir / "nginx-error.log"),
                                                     "-c", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                                   start_new_session=True))
+                                                   start_new_session=True, preexec_fn=_die_with_parent))
         _wait_healthy(hall.url, hall.processes[-1], run_dir / "nginx-error.log", 30)
     except BaseException:
         hall.stop()
