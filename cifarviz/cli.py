@@ -746,6 +746,11 @@ def cmd_tune(args) -> int:
         def on_epoch(number, event):
             bar.set_postfix(trial=number, epoch=event["epoch"], val_loss=f"{event['val_loss']:.3f}")
 
+        def on_step(number, event):  # a long epoch (resnet18 on a CPU) still shows it is moving
+            bar.set_postfix(trial=number, epoch=event["epoch"], step=f"{event['step']}/{event['total_steps']}",
+                            refresh=False)
+            bar.refresh()
+
         def on_trial(study, trial):
             bar.update(1)
             shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
@@ -754,7 +759,7 @@ def cmd_tune(args) -> int:
 
         stop_file = beside(lock, ".stop") if lock else None
         study = run_study(storage, args.study, dataset, settings, n_trials=args.trials, seed=args.seed,
-                          device=args.device, on_trial=on_trial, on_epoch=on_epoch,
+                          device=args.device, on_trial=on_trial, on_epoch=on_epoch, on_step=on_step,
                           should_stop=(lambda: stop_file.exists()) if stop_file else None)
         bar.close()
     best = best_trial(study)

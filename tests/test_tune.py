@@ -23,14 +23,17 @@ def two_trials(cifar_small, tmp_path_factory):
     """A 2-trial study of the source's default space, in a SQLite file."""
     url = f"sqlite:///{tmp_path_factory.mktemp('optuna') / 'optuna.db'}"
     settings = tune.StudySettings(**TINY)
-    seen = []
-    tune.run_study(url, "source-space", cifar_small, settings, n_trials=2, on_trial=lambda s, t: seen.append(t.number))
-    return url, settings, seen
+    seen, steps = [], []
+    tune.run_study(url, "source-space", cifar_small, settings, n_trials=2, on_trial=lambda s, t: seen.append(t.number),
+                   on_step=lambda number, event: steps.append((number, event["step"])))
+    return url, settings, seen, steps
 
 
 def test_two_trial_study_completes_and_is_in_the_storage(two_trials):
-    url, settings, seen = two_trials
+    url, settings, seen, steps = two_trials
     assert seen == [0, 1]
+    # word from inside each trial, before its first epoch ends (a resnet18 epoch on a CPU takes minutes)
+    assert {number for number, _ in steps} == {0, 1} and min(step for _, step in steps) < 20
     study = optuna.load_study(study_name="source-space", storage=url)  # a fresh connection to the file
     trials = study.get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
@@ -57,7 +60,7 @@ def test_two_trial_study_completes_and_is_in_the_storage(two_trials):
 
 
 def test_joining_uses_the_stored_settings_and_refuses_others(two_trials, cifar_small):
-    url, settings, _ = two_trials
+    url, settings, _, _ = two_trials
     other = tune.StudySettings(epochs_per_trial=2, subset=400)
     with pytest.raises(tune.TuningError, match="epochs_per_trial: study 1, asked 2"):
         tune.run_study(url, "source-space", cifar_small, other, n_trials=1)
@@ -172,7 +175,7 @@ def tab_script(dataset):
 
 def test_tuning_tab_shows_a_study_and_hands_its_best_config_to_training(two_trials, cifar_small, tmp_path,
                                                                          monkeypatch):
-    url, _, _ = two_trials
+    url, _, _, _ = two_trials
     monkeypatch.setenv("CIFARVIZ_RUNS", str(tmp_path))
     at = AppTest.from_function(tab_script, args=(cifar_small,), default_timeout=60)
     at.run()

@@ -403,6 +403,7 @@ def run_study(
     on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
 ) -> optuna.Study:
     """Run `n_trials` more trials of the study (created when new, else joined with its stored settings).
 
@@ -410,7 +411,8 @@ def run_study(
     their own `seed`), a median pruner stops trials that trail the others at the same epoch, and a
     non-finite loss prunes its trial. `should_stop` is asked between batches; when it returns True
     the trial under way is marked failed and the study stops.
-    `device` (this machine's, not the study's) overrides the base recipe's."""
+    `device` (this machine's, not the study's) overrides the base recipe's. `on_step(trial number, step event)`
+    hears every logged training step, for progress within a trial."""
     check_trials(n_trials)
     check_dataset(dataset)
     _check_name(study_name)
@@ -437,6 +439,8 @@ def run_study(
             config = dataclasses.replace(config, device=device)
 
         def report(event: dict) -> None:
+            if event["event"] == "step" and on_step is not None:  # word within an epoch (resnet18: minutes each)
+                on_step(trial.number, event)
             if event["event"] != "epoch" or event["partial"]:
                 return
             loss, epoch = event["val_loss"], event["epoch"]
