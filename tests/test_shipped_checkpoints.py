@@ -62,6 +62,9 @@ def test_the_default_checkpoints_faithful_index_ships_and_a_fresh_clone_answers_
     from cifarviz.core.checkpoint import shipped_files
     from cifarviz.store.cache import default_store
 
+    import os
+
+    session_cache = os.environ.get("CIFARVIZ_CACHE")  # decoded data already there: the CLI below reuses it
     monkeypatch.setenv("CIFARVIZ_CACHE", str(tmp_path / "fresh-cache"))
     expected = set()
     for path in shipped_files():
@@ -82,10 +85,12 @@ def test_the_default_checkpoints_faithful_index_ships_and_a_fresh_clone_answers_
     assert len(result.helpful) == 8 and result.agreement["models"] == 20
     assert not default_store().path(index_key("trak-ensemble", lenet, cifar)).exists()  # nothing copied
 
-    # the CLI, as a newcomer runs it: no "Building ..." announcement, the answer at once
-    env = {**__import__("os").environ, "CIFARVIZ_CACHE": str(tmp_path / "cli-cache")}
+    # the CLI, as a newcomer runs it: no "Building ..." announcement, the answer at once, nothing built
+    env = {**os.environ, "CIFARVIZ_CACHE": session_cache or str(tmp_path / "cli-cache")}
     done = subprocess.run([sys.executable, "-m", "cifarviz", "influence", "-c", "lenet", "--test-index", "343",
                            "--data", str(cifar.root), "--json"], capture_output=True, text=True, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stderr
     assert "Building" not in done.stderr and '"method": "trak-ensemble"' in done.stdout
+    monkeypatch.setenv("CIFARVIZ_CACHE", env["CIFARVIZ_CACHE"])
+    assert not default_store().path(index_key("trak-ensemble", lenet, cifar)).exists()
