@@ -215,13 +215,16 @@ def cmd_models(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'architecture':24} {'parameters':>12}  description (parameters at default arguments)")
+    # one width for the first column, from the longest entry it holds (a long checkpoint name shifted its row)
+    width = max([len("architecture")] + [len(r["name"]) for r in rows] +
+                [2 + len("shipped " + inert(c["name"])) for r in rows for c in r["checkpoints"]])
+    print(f"{'architecture':{width}} {'parameters':>12}  description (parameters at default arguments)")
     for row in rows:
-        print(f"{row['name']:24} {row['parameters']:>12,}  {row['description']}")
+        print(f"{row['name']:{width}} {row['parameters']:>12,}  {row['description']}")
         for c in row["checkpoints"]:
             args_text = ", ".join(f"{k}={json.dumps(v)}" for k, v in c["arch_args"].items()) or "default arguments"
             accuracy = f"; test accuracy {c['test_accuracy']:.4f}" if c["test_accuracy"] is not None else ""
-            print(f"  {'shipped ' + c['name']:22} {c['parameters']:>12,}  {args_text}{accuracy}")
+            print(f"  {'shipped ' + inert(c['name']):{width - 2}} {c['parameters']:>12,}  {args_text}{accuracy}")
     return 0
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,10 @@ def test_help_explains_every_command():
 def test_models_list_and_summary():
     listing = run("models").stdout
     assert "fastnet" in listing and "s8net-ln" in listing
+    # every row's parameter count ends in one column, the longest shipped name's row too (cifar10net-dropout)
+    ends = {line.index(number) + len(number) for line in listing.splitlines()[1:]
+            for number in re.findall(r" (\d{1,3}(?:,\d{3})+|\d+)  ", line)[:1]}
+    assert len(ends) == 1, listing
     summary = run("models", "summary", "s8net-bn")
     assert summary.returncode == 0 and "Total params: 37,664" in summary.stdout
 
