@@ -493,3 +493,30 @@ def test_a_link_full_of_nonsense_opens_the_default_view(cifar):
     at.run()
     at.switch_page("pages/influence.py").run()
     assert not at.exception, [e.value for e in at.exception]
+
+
+def test_the_lesson_says_no_confusion_it_has_not_computed(tmp_path, monkeypatch):
+    """Home's step 3 named "cat taken for dog" on a fresh server (a hard-coded guess); before the checkpoint's test
+    predictions exist it names no cell, and once they exist it names the real most confused cell."""
+    from conftest import write_image_folder
+
+    from cifarviz.core.checkpoint import SHIPPED_DIR, load_checkpoint
+    from cifarviz.store.artifacts import split_artifacts
+    from cifarviz.store.datasets import load_cifar10
+    from cifarviz.ui.lesson import lesson_steps
+
+    monkeypatch.setenv("CIFARVIZ_CACHE", str(tmp_path / "cache"))
+    classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    dataset = load_cifar10(write_image_folder(tmp_path / "data", classes=classes, per_class=(4, 6)),
+                           download=False, progress=False, val_size=5)
+    lenet = load_checkpoint(SHIPPED_DIR / "lenet.safetensors")
+    step = lesson_steps(lenet, dataset)[2]
+    assert "taken for" not in step["text"] and "cell" not in step["params"]
+    arts = split_artifacts(lenet, dataset, "test")
+    step = lesson_steps(lenet, dataset)[2]
+    confusion = np.zeros((10, 10), dtype=int)
+    np.add.at(confusion, (arts.labels, arts.predicted), 1)
+    np.fill_diagonal(confusion, 0)
+    t, p = np.unravel_index(confusion.argmax(), confusion.shape)
+    assert f"{classes[t]} taken for {classes[p]}" in step["text"]
+    assert step["params"]["cell"] == f"{classes[t]},{classes[p]}"

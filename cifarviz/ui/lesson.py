@@ -13,7 +13,7 @@ from cifarviz.ui.text import md
 def lesson_steps(checkpoint, dataset) -> list[dict]:
     """(title, page, what to look at, query parameters) per step. Selections come from the checkpoint's test
     predictions when they are already computed (Home never starts that work); otherwise plain defaults."""
-    cell, mistake = ("cat", "dog"), None
+    cell, mistake = None, None  # a fact is said only once it is computed: never a guessed "cat taken for dog"
     if checkpoint is not None and dataset is not None and artifacts_ready(checkpoint, dataset, "test"):
         arts = get_artifacts(checkpoint, dataset, "test")
         classes = list(dataset.classes)
@@ -25,8 +25,6 @@ def lesson_steps(checkpoint, dataset) -> list[dict]:
         wrong = np.flatnonzero(arts.predicted != arts.labels)
         if len(wrong):
             mistake = int(wrong[np.argmax(arts.probs[wrong].max(1))])  # its most confident mistake
-    elif dataset is not None and not {"cat", "dog"} <= set(dataset.classes):
-        cell = (dataset.classes[0], dataset.classes[-1])
     name = st.session_state.get("_checkpoint_link")
     keep = {"checkpoint": name} if name else {}
     return [
@@ -35,8 +33,10 @@ def lesson_steps(checkpoint, dataset) -> list[dict]:
         {"title": "2. Train", "page": "pages/train.py", "params": {"tab": "train"},
          "text": "Pick the LeNet recipe and press Start: loss and accuracy curves, live (about a minute)."},
         {"title": "3. Where it is wrong", "page": "pages/evaluate.py",
-         "params": {**keep, "split": "test", "cell": f"{cell[0]},{cell[1]}"},
-         "text": f"The confusion matrix, open on its most confused cell: {md(cell[0])} taken for {md(cell[1])}."},
+         "params": {**keep, "split": "test", **({"cell": f"{cell[0]},{cell[1]}"} if cell else {})},
+         "text": f"The confusion matrix, open on its most confused cell: {md(cell[0])} taken for {md(cell[1])}."
+                 if cell else "The confusion matrix: which classes it takes for which (its predictions are "
+                              "computed when the page opens)."},
         {"title": "4. What it learned", "page": "pages/embeddings.py",
          "params": {**keep, "split": "test", "method": "tsne"},
          "text": "Its feature space as a map: images it finds alike land together."},
