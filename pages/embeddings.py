@@ -102,8 +102,9 @@ if chosen_split == split and chosen:
     if len(chosen) > 60:
         st.caption("Showing the first 60; drag a smaller box to see the rest.")
     app.image_grid(data.images[shown], [ImageRef(split, int(i)) for i in shown],
-                   [f"#{i} {md(classes[arts.predicted[i]])}" + ("" if arts.predicted[i] == data.labels[i] else " ✗")
-                    for i in shown], key="emb-selection", tile_width=96)
+                   [f"#{i} ✓ {md(classes[data.labels[i]])}" if arts.predicted[i] == data.labels[i] else  # true first
+                    f"#{i} ✗ {md(classes[data.labels[i]])} → {md(classes[arts.predicted[i]])}" for i in shown],
+                   key="emb-selection", tile_width=96)
     app.export_buttons(lambda: selection_rows(dataset, split, chosen, arts.probs), key="box",
                        name=f"{checkpoint.name}-{split}-{method}-box",
                        about={"view": "box on the map", "checkpoint": checkpoint.name, "split": split,

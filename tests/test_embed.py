@@ -203,6 +203,11 @@ def test_embeddings_page_map_comparison_selection_and_inspector(cifar, fastnet):
     assert f"{cifar.classes[top]} {mix[top]}" in "\n".join(m.value for m in at.markdown)
     tiles = [b for b in at.button if b.key and b.key.startswith("emb-selection-test-")]
     assert [int(b.key.rsplit("-", 1)[1]) for b in tiles] == inside[:60].tolist()
+    predicted = split_artifacts(load_checkpoint(SHIPPED / "fastnet.safetensors"), cifar, "test").predicted
+    for b in tiles[:20]:  # each tile names the true label first, as the export and the Influence page do
+        i = int(b.key.rsplit("-", 1)[1])
+        true, guess = cifar.classes[cifar.test.labels[i]], cifar.classes[predicted[i]]
+        assert b.label.endswith(f"✓ {true}" if true == guess else f"✗ {true} → {guess}"), b.label
     tiles[0].click().run()
     assert f"Test image #{inside[0]}" in "\n".join(m.value for m in at.markdown)
 
