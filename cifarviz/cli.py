@@ -781,8 +781,8 @@ def add_tune_parser(sub, data_args) -> None:
     p = sub.add_parser("tune", parents=[data_args], help="search hyperparameters with Optuna (shared study storage)")
     p.add_argument("--storage", help="Optuna database URL (default sqlite:///$CIFARVIZ_RUNS/optuna.db, runs/ by "
                    "default); give every machine the same URL, e.g. postgresql://user:password@host/db")
-    p.add_argument("--study", default="cifar10net", help="study name (default cifar10net); an existing study is "
-                   "joined with its own settings")
+    p.add_argument("--study", default="cifar10net-dropout", help="study name (default cifar10net-dropout, the "
+                   "default model's name); an existing study is joined with its own settings")
     p.add_argument("--trials", type=int, default=30, help="trials this process runs (default 30, as the source)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default 5, as the source)")
     p.add_argument("--subset", type=int, help="training images per trial, a fixed random subset (default: all)")

@@ -333,7 +333,8 @@ def test_the_tune_tab_says_a_study_has_damaged_settings(cifar_small, tmp_path, m
     from test_tune import tab_script
 
     monkeypatch.setenv("CIFARVIZ_RUNS", str(tmp_path))
-    optuna.create_study(storage=tune.default_storage_url(), study_name="cifar10net").set_user_attr("settings", [1, 2])
+    optuna.create_study(storage=tune.default_storage_url(), study_name=tune.DEFAULT_MODEL).set_user_attr(
+        "settings", [1, 2])  # the tab's default study name
     at = AppTest.from_function(tab_script, args=(cifar_small,), default_timeout=60)
     at.run()
     assert not at.exception, [e.value for e in at.exception]

@@ -181,7 +181,7 @@ def test_tuning_tab_shows_a_study_and_hands_its_best_config_to_training(two_tria
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.text_input(key="tune_storage").value == f"sqlite:///{(tmp_path / 'optuna.db').as_posix()}"
-    assert any("No study named cifar10net yet" in visible(c.value) for c in at.caption)
+    assert any(f"No study named {tune.DEFAULT_MODEL} yet" in visible(c.value) for c in at.caption)
     assert not (tmp_path / "optuna.db").exists()  # looking creates no database
     at.text_input(key="tune_storage").set_value(url).run()
     at.text_input(key="tune_study").set_value("source-space").run()
@@ -206,7 +206,7 @@ def test_start_runs_a_study_in_the_background(cifar_small, tmp_path, monkeypatch
     at.run()
     at.text_input(key="tune_study").set_value("background").run()
     inputs = {n.label: n for n in at.number_input}
-    inputs["Trials"].set_value(1)
+    inputs["Trials to run now"].set_value(1)
     inputs["Epochs per trial"].set_value(1)
     inputs["Training images per trial (0: all)"].set_value(300)
     at.button[0].click().run()  # the form's submit button

@@ -72,6 +72,12 @@ class RetrainingFigures:
     mean_change: Mapping[str, float]
     rose: Mapping[str, int]
     tests: int
+    # methods measured on more test images than `tests` (a second run with other seeds, pooled): method -> count
+    counted: Mapping[str, int] = field(default_factory=dict)
+
+    def count(self, method: str) -> int:
+        """On how many test images `method`'s figure was measured."""
+        return self.counted.get(method, self.tests)
 
 
 @dataclass(frozen=True)

@@ -235,7 +235,7 @@ def measured_table(checkpoint, titles: dict) -> None:
     where = "" if choice.applies == "recipe" else f" (measured on {choice.measured_on})"
     with st.expander(f"Each method checked by retraining{where}"):
         rows = [{"method": titles.get(m) or MEASURED_TITLES.get(m, m), "mean change of the test loss": v,
-                 "rose for": f"{figures.rose[m]} of {figures.tests}"}
+                 "rose for": f"{figures.rose[m]} of {figures.count(m)}"}
                 for m, v in sorted(figures.mean_change.items(), key=lambda item: -item[1])]
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
             "mean change of the test loss": st.column_config.NumberColumn(format="%+.3f")})

@@ -103,7 +103,7 @@ def tuning_tab(dataset, train_page: str | None = "pages/train.py") -> None:
         help="Set by the server for this class." if locked else
         "sqlite:///path/optuna.db, or a shared database such as postgresql://user:password@host/db")
     storage = tune.default_storage_url() if locked else storage.strip()
-    study_name = right.text_input("Study name", value="cifar10net", key="tune_study").strip()
+    study_name = right.text_input("Study name", value=tune.DEFAULT_MODEL, key="tune_study").strip()  # the model's
     try:
         stored = tune.stored_settings(storage, study_name)
         elsewhere = stored is not None and tune.has_running_trials(storage, study_name)  # e.g. other machines
@@ -145,7 +145,7 @@ def settings_form(dataset, storage: str, study_name: str, stored: tune.StudySett
     space, base = start.space, start.base_config
     if stored is not None:
         st.caption(f"Study **{md(study_name)}** exists: the form holds its settings (new trials must use the same).")
-    with st.form(f"tune_form_{study_name}", border=True):
+    with st.form(f"tune_form_{study_name}", border=True, enter_to_submit=False):  # Enter in a box starts nothing
         models = list_models()
         model = st.selectbox("Model (its shipped recipe is the base)", models, index=models.index(base["model"]),
                              help="dropout, fc1 and fc2 are searched for models that take them (the cifar10net family)")
@@ -161,7 +161,8 @@ def settings_form(dataset, storage: str, study_name: str, stored: tune.StudySett
                                   default=list(getattr(space, name)))  # one row each: every option readable
                    for name in tune.SearchSpace.CHOICES}
         c = st.columns(3)
-        n_trials = c[0].number_input("Trials", min_value=1, max_value=500, value=20, step=1)
+        n_trials = c[0].number_input("Trials to run now", min_value=1, max_value=500, value=20, step=1,
+                                     help="How many trials this start adds (not a setting the study keeps).")
         epochs = c[1].number_input("Epochs per trial", min_value=1, max_value=50, value=start.epochs_per_trial, step=1)
         subset = c[2].number_input("Training images per trial (0: all)", min_value=0, max_value=len(dataset.train),
                                    value=min(start.subset or 0, len(dataset.train)), step=1000)

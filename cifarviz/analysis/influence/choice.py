@@ -148,6 +148,11 @@ def method_choice(checkpoint) -> MethodChoice:
                         tuple(measured.items()), tuple(rose.items()), ensemble_of)
 
 
+def _measured_name(choice: MethodChoice, method: str) -> str:
+    """The name `method`'s figure was measured under (a run's snapshot ensemble: trak-snapshots)."""
+    return SNAPSHOTS if method == ENSEMBLE and choice.ensemble_of == "snapshots" else method
+
+
 def default_method(checkpoint) -> str:
     """The page's, inspector's and CLI's default method for `checkpoint` (method_choice)."""
     return method_choice(checkpoint).method
@@ -184,5 +189,6 @@ def how_sure(checkpoint, method: str, titles: dict | None = None) -> str:
         others += ("; this is the figure of an ensemble of a run's own per-epoch snapshots, the ensemble this run "
                    "has")
     return (f"How sure? Retrained without this method's top helpful images, the test image's loss rose by "
-            f"{figure:+.2f} on average (for {rose.get(method, '?')} of {choice.figures.tests} test images); "
+            f"{figure:+.2f} on average (for {rose.get(method, '?')} of {choice.figures.count(_measured_name(choice, method))} "
+            "test images); "
             f"{others} ({where_measured(choice, arch)}).")
