@@ -9,9 +9,15 @@ plain feature similarity, the baseline every method must at least match.
     python bench/bench_retrain.py --shipped --k 100 --methods trak-ensemble similarity random   # the app's own
         # lenet and its replicas on all 45,000 images: each retraining takes minutes on 2 CPU cores
 
-    python bench/bench_retrain.py --model fastnet --tests 8 --methods similarity head trak random   # fastnet's
-        # protocol: its recipe on the same 5,000-image subset; about 5 minutes a training on 2 CPU cores (a GPU:
-        # seconds), so hours for every method here
+    python bench/bench_retrain.py --seed 1 --tests 16 --methods similarity trak-ensemble   # more test images,
+        # another subset and other replicas: pooled with seed 0's on the card (the two are close; 8 images do not
+        # tell them apart)
+    python bench/bench_retrain.py --methods trak-snapshots   # a student's run: the ensemble of its own per-epoch
+        # snapshots (what the app averages for a run saved with snapshots)
+
+    python bench/bench_retrain.py --model fastnet --subset 5000 --tests 8 --k 250 --methods similarity head trak random
+        # fastnet's protocol: its recipe on a 5,000-image subset; 842 s a training on one core of a busy 2-core
+        # machine (a GPU: seconds), so hours for every method on a CPU
 
 Prints a table and writes bench/results/retrain-MODEL-SUBSET-kK-DATE-COMMIT.json after every method.
 """

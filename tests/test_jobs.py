@@ -20,15 +20,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_concurrent_requests_for_one_key_run_it_once():
-    jobs, calls, release = JobRegistry(), [], threading.Event()
+    jobs, calls, release, reported = JobRegistry(), [], threading.Event(), threading.Event()
 
     def work(report):
         calls.append(1)
         report(0.5)
+        reported.set()
         release.wait(10)
 
     first = [jobs.start("k", work) for _ in range(5)]
-    time.sleep(0.2)
+    assert reported.wait(5)  # the event itself, not a guess at how long a thread takes to start
     assert len({id(j) for j in first}) == 1 and first[0].progress == 0.5
     other = jobs.start("other", lambda report: calls.append(2))  # another key is not queued behind "k"
     assert other.wait(5) and not first[0].done
@@ -43,8 +44,11 @@ def test_the_pool_is_bounded_and_serves_waiting_people_before_prefetching():
     jobs, release, order, running, most = JobRegistry(workers=1), threading.Event(), [], [0], [0]
     lock = threading.Lock()
 
+    began = threading.Event()
+
     def work(name, wait=None):
         def fn(report):
+            began.set()
             with lock:
                 running[0] += 1
                 most[0] = max(most[0], running[0])
@@ -56,7 +60,7 @@ def test_the_pool_is_bounded_and_serves_waiting_people_before_prefetching():
         return fn
 
     blocker = jobs.start("blocker", work("blocker", release))
-    time.sleep(0.1)
+    assert began.wait(5) and blocker.started  # the one worker is busy now
     a = jobs.start("a", work("a"), background=True)
     c = jobs.start("c", work("c"), background=True)
     b = jobs.start("b", work("b"))
@@ -168,15 +172,18 @@ def test_prefetching_never_takes_the_last_worker_from_someone_waiting():
     (a map's first view) starts at once instead of queuing behind them."""
     jobs, release, started = JobRegistry(workers=2), threading.Event(), []
 
+    first_started = threading.Event()
+
     def slow(name):
         def fn(report):
             started.append(name)
+            first_started.set()
             release.wait(20)
         return fn
 
     prefetches = [jobs.start(f"prefetch-{i}", slow(f"prefetch-{i}"), background=True) for i in range(3)]
-    time.sleep(0.5)
-    assert sum(j.started for j in prefetches) == 1
+    assert first_started.wait(5)
+    assert sum(j.started for j in prefetches) == 1 and len(started) == 1
     asked = jobs.start("asked", lambda report: started.append("asked"))
     assert asked.wait(5), "the job someone waits for queued behind prefetching"
     release.set()
