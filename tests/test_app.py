@@ -15,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from cifarviz.analysis.explore import ImageRef, confusion_cell_indices
 from cifarviz.core.checkpoint import load_checkpoint
+from cifarviz.core.models import model_card
 from cifarviz.store import default_store
 from cifarviz.store.artifacts import split_artifacts
 
@@ -427,7 +428,8 @@ def test_influence_asks_before_minutes_of_work_and_says_how_long(cifar):
     assert any(b.key == "build-trak-yes" for b in at.button)
     assert any(b.key and b.key.startswith("test-") and "-helpful-train-" in b.key for b in at.button)  # answered
     caption = next(c.value for c in at.caption if "How sure?" in c.value)
-    assert "+2.70" in caption and "measured on lenet, not on fastnet" in caption  # similarity's figure, said whose
+    similarity = model_card("lenet").influence.mean_change["similarity"]
+    assert f"{similarity:+.2f}" in caption and "measured on lenet, not on fastnet" in caption  # similarity's, said whose
 
     at.segmented_control(key="influence_method").set_value("head").run()
     assert "about 8 minutes (as long as it took on this server last time)" in texts(at)
@@ -443,13 +445,21 @@ def test_influence_asks_before_minutes_of_work_and_says_how_long(cifar):
     assert not at.exception, [e.value for e in at.exception]
 
 
-def test_the_figure_on_the_influence_page_belongs_to_the_method_that_answered(cifar):
-    """lenet's default is the 20-model ensemble (+3.50 when retrained); until it is built, nothing is built without a
-    yes and the answer is similarity's (+2.70): the caption quotes +2.70, never the ensemble's +3.50. fastnet, where
-    no influence estimate reached similarity, answers with similarity and says so in words, the head's lists beside."""
+def test_the_figure_on_the_influence_page_belongs_to_the_method_that_answered(cifar, monkeypatch):
+    """lenet's default is the 20-model ensemble; where its index is not at hand (the shipped copy left out here:
+    other data, or other weights), nothing is built without a yes and the answer is similarity's: the caption quotes
+    similarity's figure, never the ensemble's. With the shipped index (a fresh clone) the ensemble answers at once,
+    with its own figure. fastnet, where no influence estimate reached similarity, answers with similarity and says
+    so in words, the head's lists beside."""
     from cifarviz.analysis.influence import index_path, index_ready
+    from cifarviz.store.cache import default_store
 
+    figures = model_card("lenet").influence.mean_change
+    ensemble, similarity = f"{figures['trak-ensemble']:+.2f}", f"{figures['similarity']:+.2f}"
     lenet = load_checkpoint(SHIPPED / "lenet.safetensors")
+    assert index_ready("trak-ensemble", lenet, cifar)  # shipped with the project
+    shipped = default_store().shipped
+    monkeypatch.setattr(default_store(), "shipped", None)
     assert not index_ready("trak-ensemble", lenet, cifar)
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
     at.session_state["_data_root"] = str(cifar.root)
@@ -460,8 +470,15 @@ def test_the_figure_on_the_influence_page_belongs_to_the_method_that_answered(ci
     assert at.segmented_control(key="influence_method").value == "trak-ensemble"  # the default, asked for first
     assert any(b.key == "build-trak-ensemble-yes" for b in at.button)
     caption = next(c.value for c in at.caption if "How sure?" in c.value)
-    assert "+2.70" in caption and "+3.50" not in caption, caption
+    assert similarity in caption and ensemble not in caption, caption
     assert not index_ready("trak-ensemble", lenet, cifar) and not index_path("trak-ensemble", lenet, cifar).exists()
+
+    monkeypatch.setattr(default_store(), "shipped", shipped)  # a fresh clone: the shipped index answers at once
+    at.run()
+    run_until(at, lambda at: not at.progress, "the ensemble's answer")
+    assert not any(b.key == "build-trak-ensemble-yes" for b in at.button)
+    caption = next(c.value for c in at.caption if "How sure?" in c.value)
+    assert ensemble in caption and similarity in caption, caption  # its own figure, similarity's beside it
 
     at.sidebar.selectbox(key="checkpoint_label").set_value("fastnet (shipped)").run()
     run_until(at, lambda at: not at.progress, "fastnet's answer")

@@ -315,12 +315,18 @@ class LeNet(ZooModel):
                 # `python -m cifarviz train --recipe lenet --seed S --out checkpoints/replicas/lenet-seedS.safetensors`
                 replicas=tuple(f"replicas/lenet-seed{seed}.safetensors" for seed in range(1, 20)),
                 influence=RetrainingFigures(
-                    protocol="the lenet recipe on a 5,000-image subset of cifar10-jpeg (seed 0), 8 correctly "
-                             "classified test images, their top 250 (5%) removed",
-                    command="OMP_NUM_THREADS=1 python bench/bench_retrain.py", commit="a8d5588", tests=8,
-                    mean_change={"trak-ensemble": 3.495, "similarity": 2.698, "head": 1.001, "trak": 0.436,
-                                 "random": 0.207},
-                    rose={"trak-ensemble": 8, "similarity": 8, "head": 7, "trak": 5, "random": 6}),
+                    protocol="the lenet recipe on a 5,000-image subset of cifar10-jpeg, correctly classified test "
+                             "images, each one's top 250 (5%) removed: subset seed 0 with 8 test images for every "
+                             "method, and subset seed 1 with 16 more for the ensemble and similarity (pooled: 24)",
+                    command="OMP_NUM_THREADS=1 python bench/bench_retrain.py --methods trak-snapshots similarity "
+                            "head trak random trak-ensemble; then --seed 1 --tests 16 --methods similarity "
+                            "trak-ensemble",
+                    commit="3720713 (seed 0), e383007 (seed 1)", tests=8,
+                    counted={"trak-ensemble": 24, "similarity": 24},
+                    mean_change={"trak-ensemble": 3.415, "similarity": 2.393, "head": 1.314, "trak-snapshots": 1.289,
+                                 "trak": 0.538, "random": 0.011},
+                    rose={"trak-ensemble": 23, "similarity": 23, "head": 8, "trak-snapshots": 7, "trak": 4,
+                          "random": 4}),
                 mislabels=MislabelFigures(
                     protocol="5% of the labels of the 45,000 training images of cifar10-jpeg flipped (seed 0), the "
                              "lenet recipe trained on them with seeds 0-4 (the mean training loss over the 5; the "
