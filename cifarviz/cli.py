@@ -1046,10 +1046,15 @@ def _main(argv) -> int:
     except BrokenPipeError:
         raise
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG):
+            where = f" ({bounded(str(exc.filename), 300)})" if exc.filename else ""
+            print(f"error: could not write{where}: {exc.strerror or exc}. Nothing half-written was left there; free "
+                  "space or choose another place (--out, CIFARVIZ_CACHE, CIFARVIZ_RUNS) and run it again.",
+                  file=sys.stderr)
+            return 2
+        if exc.filename is None:
             raise
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: could not write{where}: {exc.strerror or exc}. Nothing half-written was left there; free "
-              "space or choose another place (--out, CIFARVIZ_CACHE, CIFARVIZ_RUNS) and run it again.",
+        # a path the system refuses (too long, a file where a folder should be, ...): the path and the reason
+        print(f"error: {exc.strerror or exc}: {bounded(str(exc.filename), 300)}. Check the path and run it again.",
               file=sys.stderr)
         return 2

@@ -414,16 +414,6 @@ def test_a_forged_record_of_training_images_is_named_and_ignored(cifar, listed, 
     assert "provenance.train_images.indices" in note and words in note and "val-size" not in note
 
 
-def test_helpful_and_harmful_never_share_an_image_when_few_images_are_ranked():
-    from types import SimpleNamespace
-
-    from cifarviz.analysis.influence.base import InfluenceIndex
-
-    five = SimpleNamespace(scores=lambda checkpoint, dataset, tests: np.array([[0.5, -0.1, 0.2, 0.0, -0.3]]))
-    helpful, _, harmful, _ = InfluenceIndex.ranked(five, None, None, 0, k=10)  # five images ranked, 10 asked for
-    assert len(helpful) == len(harmful) == 2 and not set(helpful) & set(harmful)
-
-
 def test_an_index_replaced_on_disk_is_read_again_not_served_from_memory(cifar_small, tmp_path, monkeypatch):
     """The app keeps indexes in memory keyed by which file holds them: a plain read (which touches the file's time
     for the store's LRU) keeps the key; a rebuilt file (written by rename: a new inode) changes it."""

@@ -371,7 +371,7 @@ def _result(index, checkpoint, dataset, query: dict, ranked) -> InfluenceResult:
 
 def _ranked(scores: np.ndarray, k: int):
     order = np.argsort(-scores, kind="stable")
-    k = max(0, min(int(k), len(scores) // 2))  # the two lists never share an image
+    k = max(0, min(int(k), len(scores)))
     return order[:k], scores[order[:k]], order[::-1][:k], scores[order[::-1][:k]]
 
 

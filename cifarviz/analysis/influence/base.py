@@ -67,7 +67,7 @@ class InfluenceIndex(ABC):
         """(helpful rows, their scores, harmful rows, their scores): the k highest and k lowest scores of one test
         image, in order. Methods that keep precomputed lists override it with a read."""
         scores = self.scores(checkpoint, dataset, [int(test_index)])[0]
-        k = max(0, min(int(k), len(scores) // 2))  # the two lists never share an image
+        k = max(0, min(int(k), len(scores)))
         helpful, harmful = top_k(scores, k), top_k(-scores, k)
         return helpful, scores[helpful], harmful, scores[harmful]
 
