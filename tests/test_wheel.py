@@ -109,9 +109,10 @@ def test_wheel_holds_every_module_the_weights_and_the_dependencies(built):
     assert not modules - names, f"modules missing from the wheel: {sorted(modules - names)}"
     # every shipped checkpoint with its metadata, as the data package cifarviz._shipped
     shipped = {f"cifarviz/_shipped/{p.relative_to(src / 'checkpoints').as_posix()}"
-               for p in (src / "checkpoints").rglob("*") if p.suffix in (".safetensors", ".json")}  # fmt: skip
+               for p in (src / "checkpoints").rglob("*") if p.suffix in (".safetensors", ".json", ".npz")}  # fmt: skip
     assert {"cifarviz/_shipped/fastnet.safetensors", "cifarviz/_shipped/fastnet.json",
             "cifarviz/_shipped/replicas/lenet-seed19.safetensors"} <= shipped  # lenet's ensemble too
+    assert any(n.startswith("cifarviz/_shipped/store/influence/") for n in shipped)  # and its shipped index
     assert not shipped - names, f"checkpoints missing from the wheel: {sorted(shipped - names)}"
     # nothing else: no tests, benchmarks, caches or byte code
     stray = {n for n in names if not n.startswith(("cifarviz/", f"{dist_info}/")) or "__pycache__" in n}
