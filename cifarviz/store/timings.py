@@ -12,7 +12,7 @@ import math
 import threading
 
 from cifarviz.core.errors import CifarvizError
-from cifarviz.core.utils import atomic_write, cache_dir
+from cifarviz.core.utils import atomic_write, bounded_json, cache_dir
 
 MAX_KEYS = 256
 _LOCK = threading.Lock()
@@ -24,7 +24,7 @@ def _path():
 
 def _read() -> dict[str, float]:
     try:
-        data = json.loads(_path().read_text())
+        data = bounded_json(_path().read_text())
     except (OSError, ValueError, CifarvizError):
         return {}
     if not isinstance(data, dict):
