@@ -315,9 +315,9 @@ class LeNet(ZooModel):
                 # `python -m cifarviz train --recipe lenet --seed S --out checkpoints/replicas/lenet-seedS.safetensors`
                 replicas=tuple(f"replicas/lenet-seed{seed}.safetensors" for seed in range(1, 20)),
                 influence=RetrainingFigures(
-                    protocol="the lenet recipe on a 5,000-image subset of cifar10-jpeg, correctly classified test "
-                             "images, each one's top 250 (5%) removed: subset seed 0 with 8 test images for every "
-                             "method, and subset seed 1 with 16 more for the ensemble and similarity (pooled: 24)",
+                    protocol="the lenet recipe on 5,000-image subsets of cifar10-jpeg, correctly classified test "
+                             "images, each one's top 250 (5%) removed; 24 test images in two subsets for the "
+                             "ensemble and similarity, 8 for the others",
                     command="OMP_NUM_THREADS=1 python bench/bench_retrain.py --methods trak-snapshots similarity "
                             "head trak random trak-ensemble; then --seed 1 --tests 16 --methods similarity "
                             "trak-ensemble",
