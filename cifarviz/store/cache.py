@@ -15,7 +15,8 @@
 * A full, read-only or missing disk (or `CIFARVIZ_CACHE` naming a file) is not an error: the result is kept in
   memory for this process, and one warning says why and how to fix it (`Store.warnings`, shown by the app).
 * Results too slow to compute on a fresh clone come with the project (checkpoints/store/KIND/FILE, written by
-  `python -m cifarviz ship-index`): read only when their key matches, checked the same way, never written.
+  `python -m cifarviz precompute --ship`), filed under the key's portable name (CacheKey.portable): read only when
+  it matches, checked the same way, never written.
 """
 
 from __future__ import annotations
@@ -220,8 +221,8 @@ class Store:
                  shipped: str | os.PathLike | None = None):
         self.root = Path(root)
         # Read-only results that come with the project (checkpoints/store/: the default checkpoint's influence
-        # index, minutes to build), found by the same file name: used only where their key matches exactly, checked
-        # like any other file, never written, evicted or removed.
+        # index, minutes to build), found by the key's portable file name: used only where it matches exactly,
+        # checked like any other file, never written, evicted or removed.
         self.shipped = Path(shipped) if shipped is not None else None
         self.max_bytes = int(max_bytes)
         self.warnings: list[str] = []

@@ -188,7 +188,7 @@ def how_sure(checkpoint, method: str, titles: dict | None = None) -> str:
     if method == ENSEMBLE and choice.ensemble_of == "snapshots":
         others += ("; this is the figure of an ensemble of a run's own per-epoch snapshots, the ensemble this run "
                    "has")
+    tests = choice.figures.count(_measured_name(choice, method))
     return (f"How sure? Retrained without this method's top helpful images, the test image's loss rose by "
-            f"{figure:+.2f} on average (for {rose.get(method, '?')} of {choice.figures.count(_measured_name(choice, method))} "
-            "test images); "
+            f"{figure:+.2f} on average (for {rose.get(method, '?')} of {tests} test images); "
             f"{others} ({where_measured(choice, arch)}).")
