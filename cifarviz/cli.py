@@ -1020,14 +1020,17 @@ def describe(sub) -> str:
 
 
 def main(argv=None) -> int:
+    streams = sys.stdout, sys.stderr
     if not isinstance(sys.stdout, InertStream):
         sys.stdout, sys.stderr = InertStream(sys.stdout), InertStream(sys.stderr)
     try:
         return _main(argv)
     except BrokenPipeError:  # `... | head` closed the pipe: stop quietly, as other command-line tools do
         with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            os.dup2(os.open(os.devnull, os.O_WRONLY), streams[0].fileno())
         return 141
+    finally:
+        sys.stdout, sys.stderr = streams  # a caller in the same process (a test, a script) gets its own back
 
 
 def _main(argv) -> int:
@@ -1046,7 +1049,7 @@ def _main(argv) -> int:
     except BrokenPipeError:
         raise
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):  # the disk refused a write
             where = f" ({bounded(str(exc.filename), 300)})" if exc.filename else ""
             print(f"error: could not write{where}: {exc.strerror or exc}. Nothing half-written was left there; free "
                   "space or choose another place (--out, CIFARVIZ_CACHE, CIFARVIZ_RUNS) and run it again.",
@@ -1054,7 +1057,7 @@ def _main(argv) -> int:
             return 2
         if exc.filename is None:
             raise
-        # a path the system refuses (too long, a file where a folder should be, ...): the path and the reason
-        print(f"error: {exc.strerror or exc}: {bounded(str(exc.filename), 300)}. Check the path and run it again.",
-              file=sys.stderr)
+        # a path the system refuses (too long, no permission, a file where a folder should be): path and reason
+        print(f"error: {exc.strerror or exc}: {bounded(str(exc.filename), 300)}. Check the path and its "
+              "permissions and run it again.", file=sys.stderr)
         return 2
