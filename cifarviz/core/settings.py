@@ -113,8 +113,8 @@ def _flag(env, name: str, default: bool = False) -> bool:
 
 def _count(env, name: str, default: int, least: int, most: int) -> int:
     text = env.get(PREFIX + name, "").strip()
-    try:
-        value = int(text) if text and len(text) <= 20 else (default if not text else None)
+    try:  # a 400-digit number is refused before int() spends time on it
+        value = default if not text else int(text) if len(text) <= 20 else None
     except ValueError:
         value = None
     if value is None or not least <= value <= most:
@@ -126,7 +126,7 @@ def _count(env, name: str, default: int, least: int, most: int) -> int:
 def _number(env, name: str, default: float, least: float, most: float) -> float:
     text = env.get(PREFIX + name, "").strip()
     try:
-        value = float(text) if text and len(text) <= 40 else (default if not text else None)
+        value = default if not text else float(text) if len(text) <= 40 else None
     except ValueError:
         value = None
     if value is None or not least <= value <= most:

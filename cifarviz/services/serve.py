@@ -38,7 +38,8 @@ from pathlib import Path
 from cifarviz.core.errors import CifarvizError
 
 REPO = Path(__file__).resolve().parents[2]
-_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one part of a host name (RFC 1123)
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 ROUTE_COOKIE = "cifarviz_route"
 MAX_PROCESSES = 64
 

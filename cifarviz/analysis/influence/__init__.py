@@ -287,7 +287,7 @@ def load_or_fit(method: str, checkpoint, dataset, *, on_progress: Progress | Non
         return index.state()
 
     state = default_store().cached(index_key(method, checkpoint, dataset), fit, Schema(cls.arrays),
-                                   dims={"n": len(positions), "t": len(dataset.test), "c": len(dataset.classes)},
+                                   dims=_index_dims(positions, dataset),
                                    memo=False)  # the app keeps indexes itself
     index = fitted[0] if fitted else cls.from_state(state)
     index.origin = _origin(checkpoint, dataset)
@@ -299,11 +299,14 @@ def ship_index(method: str, checkpoint, dataset) -> Path:
     """Build (or read) the method's index and copy it into the shipped folder (checkpoints/store/): for the
     maintainers of a shipped checkpoint whose default index takes minutes (lenet's ensemble). A fresh clone on the
     same data then reads it at once; any other data, weights or settings miss its key and build their own."""
-    cls = method_class(method)
-    positions, _ = trained_positions(checkpoint, dataset)
-    load_or_fit(method, checkpoint, dataset, progress=True)
-    return default_store().ship(index_key(method, checkpoint, dataset), Schema(cls.arrays),
-                                dims={"n": len(positions), "t": len(dataset.test), "c": len(dataset.classes)})
+    index = load_or_fit(method, checkpoint, dataset, progress=True)
+    return default_store().ship(index_key(method, checkpoint, dataset), Schema(method_class(method).arrays),
+                                dims=_index_dims(index.positions, dataset))
+
+
+def _index_dims(positions, dataset) -> dict:
+    """The sizes an index's schema checks: its training images, the test split, the classes."""
+    return {"n": len(positions), "t": len(dataset.test), "c": len(dataset.classes)}
 
 
 def _check_origin(index: InfluenceIndex, checkpoint, dataset) -> None:
