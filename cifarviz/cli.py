@@ -777,6 +777,15 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_replicas(args) -> int:
+    from cifarviz.core.settings import settings
+    from cifarviz.services.work.replicas import submit_replicas
+
+    for run_id in submit_replicas(args.recipe, args.seeds, args.data or settings().data):
+        print(f"{run_id}: queued (`python -m cifarviz runs` follows it)")
+    return 0
+
+
 def add_tune_parser(sub, data_args) -> None:
     p = sub.add_parser("tune", parents=[data_args], help="search hyperparameters with Optuna (shared study storage)")
     p.add_argument("--storage", help="Optuna database URL (default sqlite:///$CIFARVIZ_RUNS/optuna.db, runs/ by "
@@ -993,6 +1002,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", nargs="?", help="a run's id, as `runs` lists it")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=lambda args: __import__("cifarviz.services.runs", fromlist=["cli"]).cli(args))
+    p = sub.add_parser("worker", help="take long work (training, proofs, studies, replicas) from the queue: "
+                                      "another machine joins a lecture hall's queue with --broker")
+    p.add_argument("--broker", help="the queue's Redis URL, e.g. redis://server:6379/0 (default: CIFARVIZ_BROKER, "
+                                    "else the SQLite file beside the runs: this machine only)")
+    gpu = p.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", dest="gpu", action="store_true", default=None,
+                     help="take the jobs that want a GPU first (default: when CUDA is available)")
+    gpu.add_argument("--cpu", dest="gpu", action="store_false", help="never take the GPU queue first")
+    p.add_argument("--work", help="this worker's working folder (default: RUNS/.work/NAME)")
+    p.add_argument("--name", help="how pages name this worker (default: HOST-PID)")
+    p.add_argument("--gpu-grace", type=float, default=60.0, metavar="SECONDS",
+                   help="a CPU worker takes the GPU queue's jobs once no GPU worker has been seen for this long "
+                        "(default 60)")
+    p.add_argument("--idle-exit", type=float, default=None, help=argparse.SUPPRESS)  # the app's own workers
+    p.add_argument("--nice", type=int, default=0, help="lower this worker's CPU priority by N (0-19)")
+    p.set_defaults(func=lambda args: __import__("cifarviz.services.work.worker", fromlist=["main"]).main(args))
+    p = sub.add_parser("replicas", parents=[data_args], help="queue replicas of a recipe (other seeds) for ensembles")
+    p.add_argument("--recipe", required=True, help="a recipe name, as `models` lists them")
+    p.add_argument("--seeds", type=int, nargs="+", required=True, help="one seed per replica, e.g. 1 2 3 4")
+    p.set_defaults(func=cmd_replicas)
     p = sub.add_parser("serve", help="a lecture hall: several Streamlit processes behind one nginx address, sticky "
                                      "by cookie (needs Debian's nginx)")
     p.add_argument("--processes", type=int, default=2, help="Streamlit server processes (default 2; about one per "

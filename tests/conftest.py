@@ -94,12 +94,10 @@ def runs_root(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFARVIZ_RUNS", str(root))
     monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "1")
     yield root
-    from cifarviz.services import runs
+    from cifarviz.services.work import worker
 
-    for run in runs.list_runs(root):  # never leave a worker behind
-        pid = run.status.get("pid")
-        if run.state == runs.RUNNING and runs._alive(pid, run.dir):
-            os.kill(pid, signal.SIGKILL)
+    if root.is_dir():  # never leave a worker behind
+        worker.stop_local_workers(root, signal.SIGKILL)
 
 
 # The fast lane: `python -m pytest -m "not slow"` leaves out what takes minutes (real browsers, the lecture hall's

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -42,7 +40,7 @@ def hand_made_run(root: Path, name: str, config: dict | None = None, status: dic
     folder.mkdir(parents=True)
     status = {"state": "completed", "queued_at": time.time(), "ended_at": time.time()} if status is None else status
     (folder / "status.json").write_text(status if isinstance(status, str) else json.dumps(status))
-    config = {"kind": "train", "target": runs.KINDS["train"], "spec": {"train_config": lenet().to_dict()},
+    config = {"kind": "train", "spec": {"train_config": lenet().to_dict()},
               "owner": "someone"} if config is None else config
     (folder / "config.json").write_text(json.dumps(config))
     if metrics is not None:
@@ -57,11 +55,12 @@ def test_every_limit_is_checked_where_a_run_is_submitted(cifar, runs_root, monke
     """Eight submits at once by one person with a limit of 3: exactly 3 are queued (the check is under the queue
     lock, not on the page); another person still can; nobody stops or cancels someone else's run."""
     monkeypatch.setenv("CIFARVIZ_SESSION_RUNS", "3")
+    monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "0")  # no worker here: every run waits
     accepted, refused = [], []
 
     def submit():
         try:
-            accepted.append(runs.submit_training(lenet(), cifar.root, owner="alice", start=False))
+            accepted.append(runs.submit_training(lenet(), cifar.root, owner="alice"))
         except runs.RunError as exc:
             refused.append(str(exc))
 
@@ -69,7 +68,7 @@ def test_every_limit_is_checked_where_a_run_is_submitted(cifar, runs_root, monke
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert len(accepted) == 3 and len(refused) == 5 and all("at most 3 per person" in m for m in refused)
-    bobs = runs.submit_training(lenet(), cifar.root, owner="bob", start=False)
+    bobs = runs.submit_training(lenet(), cifar.root, owner="bob")
 
     with pytest.raises(runs.RunError, match="belongs to someone else"):
         runs.cancel(accepted[0], by="bob")
@@ -78,24 +77,23 @@ def test_every_limit_is_checked_where_a_run_is_submitted(cifar, runs_root, monke
     assert runs.load_run(accepted[0]).state == runs.QUEUED
     assert runs.cancel(bobs, by="bob") == runs.CANCELLED  # one's own
     assert runs.cancel(accepted[0]) == runs.CANCELLED  # the operator (command line) or the teacher: any run
-    assert runs.submit_training(lenet(), cifar.root, owner="alice", start=False)  # room again
+    assert runs.submit_training(lenet(), cifar.root, owner="alice")  # room again
 
 
 @pytest.fixture
-def busy_slot(runs_root):
-    """The one training slot taken by a live process that looks like a worker (so queued runs stay queued)."""
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "slot-holder"])
-    hand_made_run(runs_root, "slot-holder", status={"state": "running", "pid": sleeper.pid, "queued_at": 0.0},
-                  config={"kind": "train", "target": runs.KINDS["train"], "owner": "the-teacher's-browser",
+def busy_slot(runs_root, monkeypatch):
+    """No worker on this machine (queued runs stay queued), and a run shown as running on another machine."""
+    monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "0")
+    hand_made_run(runs_root, "slot-holder", status={"state": "running", "pid": 1, "queued_at": 0.0,
+                                                    "worker": "gpu-box-1", "host": "gpu-box"},
+                  config={"kind": "train", "owner": "the-teacher's-browser",
                           "spec": {"train_config": lenet().to_dict()}})
     yield "slot-holder"
-    sleeper.kill()
-    sleeper.wait()
 
 
 def test_the_train_page_lets_only_the_owner_and_the_teacher_cancel(cifar, runs_root, busy_slot, monkeypatch):
     monkeypatch.setenv("CIFARVIZ_TEACHER_KEY", "correct horse battery")
-    teacher_run = runs.submit_training(lenet(), cifar.root, owner="the-teacher's-browser", start=False)
+    teacher_run = runs.submit_training(lenet(), cifar.root, owner="the-teacher's-browser")
 
     def train_page() -> AppTest:
         at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=300)
@@ -129,34 +127,26 @@ def test_a_viewer_id_is_a_hash_of_the_browsers_token():
 # --------------------------------------------------------------------------- only the project's own workers
 
 
-def test_a_worker_calls_only_the_project_targets(cifar, runs_root):
-    with pytest.raises(runs.RunError, match="Unknown kind of run"):
-        runs.submit("train", {}, name="x", target="builtins:print")
+def test_a_queued_run_of_an_unknown_kind_is_flagged_and_never_run(cifar, runs_root):
     with pytest.raises(runs.RunError, match="Unknown kind of run"):
         runs.submit("this", {}, name="x")
-    # A queued run whose file names another target: refused by the scheduler, never launched.
-    queued = hand_made_run(runs_root, "evil-queued", config={"kind": "train", "target": "this:nothing", "spec": {}},
+    with pytest.raises(TypeError):
+        runs.submit("train", {}, name="x", target="builtins:print")  # there is no target to name any more
+    queued = hand_made_run(runs_root, "evil-queued", config={"kind": "builtins:print", "spec": {}},
                            status={"state": "queued", "queued_at": time.time()})
-    runs.schedule()
     run = runs.load_run("evil-queued")
-    assert run.state == runs.FAILED and "Never started" in run.error and "pid" not in run.status
+    assert run.state == runs.FAILED and any("unknown kind" in p for p in run.problems)
     assert not (queued / "worker.log").exists()
-    # A worker started on such a folder by hand refuses too, before importing anything.
-    for target in ("this:nothing", "builtins:print"):
-        folder = hand_made_run(runs_root, f"evil-{target.split(':')[0]}",
-                               config={"kind": "train", "target": target, "spec": {}},
-                               status={"state": "running", "queued_at": time.time()})
-        done = subprocess.run([sys.executable, "-m", "cifarviz.services.runs", "worker", str(folder)], cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0 and "The Zen of Python" not in done.stdout + done.stderr
-        run = runs.load_run(folder.name)
-        assert run.state == runs.FAILED and "Refused to run" in run.error and target.split(":")[0] in run.error
 
 
 def test_every_kind_the_app_queues_has_its_worker():
     from cifarviz.services import retrain
+    from cifarviz.services.work import replicas, study, train
 
-    assert runs.KINDS[retrain.KIND] == retrain.TARGET and runs.KINDS["train"].endswith(":train_worker")
+    assert set(runs.KINDS) == {"train", "retrain-without", "tune", "replica"}
+    assert runs.KINDS[retrain.KIND].function is retrain.retrain_worker and runs.KINDS["train"].function is \
+        train.train_worker and runs.KINDS[study.KIND].function is study.study_worker and \
+        runs.KINDS[replicas.KIND].function is replicas.replica_worker
 
 
 # --------------------------------------------------------------------------- damaged run files
@@ -175,7 +165,7 @@ DAMAGED = {
 def test_damaged_run_files_are_flagged_and_the_others_served(cifar, runs_root, busy_slot, capsys):
     from cifarviz.cli import main
 
-    good = runs.submit_training(lenet(), cifar.root, owner="x", start=False)
+    good = runs.submit_training(lenet(), cifar.root, owner="x")
     for name, status in DAMAGED.items():
         text = status if isinstance(status, str) else json.dumps(status)  # json.dumps writes Infinity, as a bug would
         hand_made_run(runs_root, name, status=text)
@@ -193,7 +183,7 @@ def test_damaged_run_files_are_flagged_and_the_others_served(cifar, runs_root, b
     assert progress.damaged_lines == 5 and progress.last["step"] == 1 and len(progress.steps) == 1
     assert len(runs.read_metrics(listed["bad-metrics"])) == 1
 
-    runs.schedule(start=False)  # the queue goes on: the dead "running" run is failed, nothing raises
+    runs.start()  # the queue goes on: nothing raises
     assert main(["runs", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
     assert {r["id"] for r in rows} == set(listed) and next(r for r in rows if r["id"] == "infinite")["problems"]
@@ -258,35 +248,6 @@ def test_a_run_folder_that_is_a_link_elsewhere_is_not_a_run(runs_root, tmp_path)
     assert "linked" not in {r.id for r in runs.list_runs()}
     with pytest.raises(runs.RunError, match="No run 'linked'"):
         runs.load_run("linked")
-
-
-def test_concurrent_schedules_share_the_child_table_safely(runs_root):
-    """Every viewer's page calls schedule(); two at once popped the same finished child (KeyError) before."""
-
-    class Finished:
-        returncode = 0
-
-        def poll(self):
-            time.sleep(0.0005)  # widens the window between seeing a child and taking it
-            return 0
-
-    errors = []
-
-    def hammer():
-        try:
-            for _ in range(200):
-                runs.schedule(runs_root)
-        except Exception as exc:  # noqa: BLE001 - the failure being tested
-            errors.append(exc)
-
-    runs_root.mkdir(parents=True, exist_ok=True)
-    for round_ in range(5):
-        with runs._CHILDREN_LOCK:
-            runs._CHILDREN.update({f"fake-{round_}-{i}": Finished() for i in range(20)})
-        threads = [threading.Thread(target=hammer) for _ in range(3)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-    assert errors == [] and not any(k.startswith("fake-") for k in runs._CHILDREN)
 
 
 # --------------------------------------------------------------------------- the study database

@@ -21,7 +21,7 @@ from cifarviz.services import retrain, runs
 def wait_done(run_id, root, timeout=420):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs.schedule(root)
+        runs.start(root)
         run = runs.load_run(run_id, root)
         if run.state not in runs.ACTIVE:
             return run
@@ -116,9 +116,10 @@ def test_the_verdict_says_where_the_loss_lands_against_the_seeds():
     assert "0.00041" in words and "0.000:" not in words  # a confident image's small losses stay readable
 
 
-def test_a_damaged_or_older_result_is_not_shown_as_a_measurement(cifar, small_checkpoint, tmp_path):
+def test_a_damaged_or_older_result_is_not_shown_as_a_measurement(cifar, small_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "0")  # nothing trains it: only its files are tested
     run_id = retrain.submit_retrain(small_checkpoint, cifar, test_index=0, choice="random", removed=[1],
-                                    method="head", predicted_change=None, root=tmp_path, start=False)
+                                    method="head", predicted_change=None, root=tmp_path)
     run = runs.load_run(run_id, tmp_path)
     good = {"version": retrain.RESULT_VERSION, "retrained": {"loss": 0.5, "predicted": 3}, "seeds": [
         {"name": "x", "loss": 0.4, "predicted": 3}], "band": {"mean": 0.4, "sd": 0.0, "low": 0.4, "high": 0.4, "n": 1},

@@ -377,7 +377,7 @@ def test_a_runs_folder_that_is_a_file_gets_a_message(tmp_path, monkeypatch):
     blocker.write_text("in the way")
     monkeypatch.setenv("CIFARVIZ_RUNS", str(blocker))
     with pytest.raises(runs.RunError, match="CIFARVIZ_RUNS"):
-        runs.submit_training(TrainConfig(model="lenet", epochs=1), tmp_path, start=False)
+        runs.submit_training(TrainConfig(model="lenet", epochs=1), tmp_path)
     assert runs.list_runs() == []
 
 

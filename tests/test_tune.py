@@ -200,7 +200,11 @@ def test_tuning_tab_shows_a_study_and_hands_its_best_config_to_training(two_tria
 
 
 def test_start_runs_a_study_in_the_background(cifar_small, tmp_path, monkeypatch):
-    """Start launches `python -m cifarviz tune` as its own process; the tab follows it until its trial is stored."""
+    """Start queues the study for a worker (the "tune" kind: no process of the tab's own); the tab follows it until
+    its trial is stored, and a second study cannot start while it runs."""
+    from cifarviz.services import runs
+    from cifarviz.services.work import worker
+
     monkeypatch.setenv("CIFARVIZ_RUNS", str(tmp_path))
     at = AppTest.from_function(tab_script, args=(cifar_small,), default_timeout=60)
     at.run()
@@ -209,48 +213,29 @@ def test_start_runs_a_study_in_the_background(cifar_small, tmp_path, monkeypatch
     inputs["Trials to run now"].set_value(1)
     inputs["Epochs per trial"].set_value(1)
     inputs["Training images per trial (0: all)"].set_value(300)
-    at.button[0].click().run()  # the form's submit button
-    assert not at.exception, [e.value for e in at.exception]
-    assert any("running" in i.value or "starting" in i.value for i in at.info)
-    deadline = time.monotonic() + 120
-    while tune.running_study(tune.lock_target()) is not None or not at.get("vega_lite_chart"):
-        assert time.monotonic() < deadline, (tmp_path / "tuning.log").read_text()
-        time.sleep(1)
-        at.run()
-    study = optuna.load_study(study_name="background", storage=tune.default_storage_url())
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE], (tmp_path / "tuning.log").read_text()
-    assert study.user_attrs["settings"]["subset"] == 300
-
-
-def test_a_finished_study_whose_process_is_still_exiting_is_not_called_starting(cifar_small, tmp_path, monkeypatch):
-    """The study released its lock (all trials done) but its process takes a while to exit: the tab says nothing
-    runs and Start is enabled, not "A study is starting..." with Start disabled."""
-    import subprocess
-    import sys
-
-    from cifarviz.ui import tuning
-
-    monkeypatch.setenv("CIFARVIZ_RUNS", str(tmp_path))
-    script = ("import sys, time; from pathlib import Path; from cifarviz.services import tune\n"
-              "with tune.exclusive(Path(sys.argv[1]), {'study': 'quick', 'trials': 3}): pass\n"
-              "print('released', flush=True); time.sleep(60)")
-    child = subprocess.Popen([sys.executable, "-c", script, str(tune.lock_target())], stdout=subprocess.PIPE, text=True)
     try:
-        assert child.stdout.readline().strip() == "released"
-        monkeypatch.setattr(tuning, "_LAUNCHED", [child])
-        at = AppTest.from_function(tab_script, args=(cifar_small,), default_timeout=60)
-        at.run()
+        at.button[0].click().run()  # the form's submit button
         assert not at.exception, [e.value for e in at.exception]
-        assert not any("starting" in i.value or "is running" in i.value for i in at.info), [i.value for i in at.info]
-        assert tuning.study_running() is None
-        starting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # not holding it yet
-        try:
-            tuning._LAUNCHED.append(starting)
-            assert tuning.study_running() == {}  # that one is still starting
-        finally:
-            starting.kill()
+        [run] = runs.list_runs(tmp_path)
+        assert run.kind == "tune" and any("Study **background**" in i.value for i in at.info)
+        with pytest.raises(runs.RunError, match="one runs at a time"):
+            from cifarviz.services.work import study as study_kind
+
+            study_kind.submit_study(tune.default_storage_url(), "other", tune.StudySettings(), n_trials=1,
+                                    dataset=cifar_small)
+        deadline = time.monotonic() + 120
+        while runs.load_run(run.id, tmp_path).state in runs.ACTIVE or not at.get("vega_lite_chart"):
+            assert time.monotonic() < deadline, runs.log_tail(runs.load_run(run.id, tmp_path))
+            time.sleep(1)
+            at.run()
     finally:
-        child.kill()
+        worker.stop_local_workers(tmp_path)
+    run = runs.load_run(run.id, tmp_path)
+    assert run.state == runs.COMPLETED and "1 trials in background" in run.status["note"], run.error
+    study = optuna.load_study(study_name="background", storage=tune.default_storage_url())
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+    assert study.user_attrs["settings"]["subset"] == 300
+    assert [r["event"] for r in runs.read_metrics(run)].count("trial") == 1
 
 
 @pytest.mark.parametrize("password", ["s3cret", "p@ss:w/rd", "x" * 50])

@@ -39,7 +39,9 @@ class Settings:
     # boxes for anyone (default on, a shared server's safe choice; 0 on your own machine; always on in classroom mode)
     lock_data: bool
     no_uploads: bool  # CIFARVIZ_NO_UPLOADS: no checkpoint or image uploads (also on in classroom mode)
-    max_runs: int  # CIFARVIZ_MAX_RUNS: runs training at once on a server (1)
+    # CIFARVIZ_MAX_RUNS: workers this server starts for long work, each running one job at a time (1; 0: none, every
+    # job waits for a worker on another machine)
+    max_runs: int
     max_queued: int  # CIFARVIZ_MAX_QUEUED: runs waiting at most (8)
     session_runs: int  # CIFARVIZ_SESSION_RUNS: runs one browser session may have waiting or training (3)
     train_threads: int  # CIFARVIZ_TRAIN_THREADS: CPU threads of a training run (all cores but one)
@@ -48,6 +50,9 @@ class Settings:
     teacher_key: str = field(default="", repr=False)
     # CIFARVIZ_JOB_WORKERS: threads that compute what viewers asked for (features, maps, indexes) (2)
     job_workers: int = 2
+    # CIFARVIZ_BROKER: where the queue of long work lives: unset, a SQLite file in the runs folder (one machine);
+    # redis://HOST:PORT/DB, a Redis server that workers on other machines reach too
+    broker: str = ""
 
     @property
     def data_locked(self) -> bool:
@@ -71,13 +76,14 @@ class Settings:
             classroom=_flag(env, "CLASSROOM"),
             lock_data=_flag(env, "LOCK_DATA", default=True),
             no_uploads=_flag(env, "NO_UPLOADS"),
-            max_runs=_count(env, "MAX_RUNS", 1, 1, most=256),
+            max_runs=_count(env, "MAX_RUNS", 1, 0, most=256),
             max_queued=_count(env, "MAX_QUEUED", 8, 1, most=10_000),
             session_runs=_count(env, "SESSION_RUNS", 3, 1, most=1_000),
             train_threads=_count(env, "TRAIN_THREADS", max(1, cores - 1), 1, most=max(1, cores)),
             hover_thumbnails=_count(env, "HOVER_THUMBNAILS", 10_000, 0, most=60_000),
             teacher_key=_teacher_key(env),
             job_workers=_count(env, "JOB_WORKERS", 2, 1, most=64),
+            broker=_broker(env),
         )
 
 
@@ -85,7 +91,15 @@ def variables() -> list[str]:
     """The variables Settings reads, for the README and error messages."""
     return [PREFIX + name for name in ("DATA", "CACHE", "CACHE_MAX_GB", "RUNS", "OFFLINE", "CLASSROOM", "LOCK_DATA",
                                        "NO_UPLOADS", "MAX_RUNS", "MAX_QUEUED", "SESSION_RUNS", "TRAIN_THREADS",
-                                       "HOVER_THUMBNAILS", "TEACHER_KEY", "JOB_WORKERS")]
+                                       "HOVER_THUMBNAILS", "TEACHER_KEY", "JOB_WORKERS", "BROKER")]
+
+
+def _broker(env) -> str:
+    url = env.get(PREFIX + "BROKER", "").strip()
+    if url and (not url.startswith(("redis://", "rediss://", "unix://")) or len(url) > 1000 or not url.isprintable()):
+        raise SettingsError(f"{PREFIX}BROKER={url[:80]!r}: use a Redis URL such as redis://gpu-box:6379/0, or leave it "
+                            "unset for the queue in a file beside the runs (one machine).")
+    return url
 
 
 def _teacher_key(env) -> str:

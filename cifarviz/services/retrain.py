@@ -28,10 +28,13 @@ import numpy as np
 from cifarviz.core.errors import CifarvizError
 from cifarviz.core.utils import atomic_write, bounded_json
 
-from . import runs
+from .work import engine, records as runs
+from .work.inputs import checkpoint_file, data_spec, load_data
+from .work.kind import register
+from .work.train import train_threads
+from .work.worker import RunContext
 
 KIND = "retrain-without"
-TARGET = "cifarviz.services.retrain:retrain_worker"
 CHOICES = ("helpful", "harmful", "random")
 CLASS_MINUTES = 10.0  # longer than this on this machine, the page says so and offers the proof on a faster recipe
 RESULT = "result.json"
@@ -39,7 +42,7 @@ RESULT_VERSION = 2  # 2: one training against the seed band (1 trained twice, so
 
 
 def submit_retrain(checkpoint, dataset, *, test_index: int, choice: str, removed, method: str,
-                   predicted_change: float | None, owner: str = "", root=None, start: bool = True) -> str:
+                   predicted_change: float | None, owner: str = "", root=None) -> str:
     """Queue the retraining of `checkpoint`'s recipe without the training images at `removed` (positions in
     dataset.train, e.g. an influence result's train_index values). Everything is checked now, not in the worker."""
     from cifarviz.core.train import TrainConfig
@@ -63,13 +66,18 @@ def submit_retrain(checkpoint, dataset, *, test_index: int, choice: str, removed
         raise runs.RunError("Give the training images to remove as positions in the training split (at least one).")
     config = dataclasses.replace(config, device="auto")
     spec = {"train_config": config.to_dict(), "checkpoint": str(Path(checkpoint.path).resolve()),
-            "data": {"root": str(Path(dataset.root).resolve()), "val_size": len(dataset.val),
-                     "split_seed": dataset.split_seed},
+            "checkpoint_name": checkpoint.name,
+            "data": data_spec(dataset.root, val_size=len(dataset.val), split_seed=dataset.split_seed,
+                              fingerprint=dataset.fingerprint),
             "test_index": int(test_index), "choice": choice, "method": method,
             "removed_sources": dataset.train.source_index[removed].astype(int).tolist(),
             "predicted_change": None if predicted_change is None else float(predicted_change)}
-    return runs.submit(KIND, spec, name=f"without-{len(removed)}-{choice}", target=TARGET, root=root, owner=owner,
-                       start=start)
+    # a shipped checkpoint is on every worker's machine; a run's or an upload's only on this one
+    from cifarviz.core.checkpoint import SHIPPED_DIR
+
+    shipped = Path(checkpoint.path).resolve().parent == SHIPPED_DIR.resolve()
+    return engine.submit(KIND, spec, name=f"without-{len(removed)}-{choice}", root=root, owner=owner,
+                         here=not shipped)
 
 
 def retrain_runs(checkpoint_path, test_index: int | None = None, root=None) -> list[runs.Run]:
@@ -256,21 +264,19 @@ def retrain_without(checkpoint, dataset, *, test_index: int, removed_sources, ch
             "measurement": "plain cross-entropy of the test image's true label, -log p(y|x), no test-time augmentation"}
 
 
-def retrain_worker(ctx: runs.RunContext) -> tuple[str, str | None]:
+@register(KIND, priority=8, wants_gpu=True, what="retraining proof")
+def retrain_worker(ctx: RunContext) -> tuple[str, str | None]:
     import torch
 
     from cifarviz.core.checkpoint import load_checkpoint
     from cifarviz.core.train import TrainConfig, resolve_device
-    from cifarviz.store.datasets import load_cifar10
 
     spec = ctx.spec
     config = TrainConfig(**spec["train_config"])
     if resolve_device(config.device).type == "cpu":
-        torch.set_num_threads(runs.train_threads())
-    data = spec["data"]
-    dataset = load_cifar10(data["root"], download=False, progress=False, val_size=data["val_size"],
-                           split_seed=data["split_seed"])
-    checkpoint = load_checkpoint(spec["checkpoint"])
+        torch.set_num_threads(train_threads())
+    dataset = load_data(spec["data"])
+    checkpoint = load_checkpoint(checkpoint_file(spec["checkpoint"], spec.get("checkpoint_name", "")))
     test_index = int(spec["test_index"])
     from cifarviz.analysis.influence import trained_positions
 

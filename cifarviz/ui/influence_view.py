@@ -101,7 +101,7 @@ def retrain_results(checkpoint_path: str, test_index: int, classes) -> None:
 
 @st.fragment(run_every=3)
 def live_retrain_results(checkpoint_path: str, test_index: int, classes) -> None:
-    runs.schedule()
+    runs.start()
     found = retrain.retrain_runs(checkpoint_path, test_index)[:6]
     if not any(r.state in runs.ACTIVE for r in found):
         st.rerun()  # all finished: the whole page, drawn once, stops polling

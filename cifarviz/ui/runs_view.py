@@ -49,6 +49,8 @@ def draw_running(run: runs.Run) -> None:
     title = f"**{md(run.id)}**: {md(config.get('model'))}, {epochs} epochs"
     if start:
         title += f", {start['train_images']:,} training images on {md(start['device'].upper())}"
+    if run.where:
+        title += f" · worker {md(run.where)}"
     st.markdown(title)
     if p.damaged_lines:
         st.caption(f"{p.damaged_lines} damaged line(s) of its metrics.jsonl were skipped.")
@@ -134,7 +136,9 @@ MAX_RECENT = 5
 def live_view(owner: str) -> None:
     """Every run on the server, redrawn every 2 s: the running ones live, the queue, the recent ones. The runs
     folder is listed once per tick (configs parsed once, metrics read incrementally)."""
-    runs.schedule()  # starts a queued run when a slot is free; reports workers that died
+    runs.start()  # this process hears what workers hand back (a background thread; it starts nothing per render)
+    if problem := runs.problem():
+        st.warning(md_message(problem), icon=":material/cloud_off:")
     every = runs.list_runs()
     active = [r for r in every if r.state in runs.ACTIVE]
     ids = {r.id for r in active}
@@ -146,8 +150,8 @@ def live_view(owner: str) -> None:
     running = [r for r in active if r.state == runs.RUNNING]
     if not running:
         most = runs.max_running()
-        st.caption(f"Nothing is training. {f'At most {most} runs train' if most != 1 else 'One run trains'} at once "
-                   "on this server; others wait in the queue.")
+        st.caption(f"Nothing is training. This server's {most} worker{'s' * (most != 1)} each train one run at a "
+                   "time (workers on other machines add more); others wait in the queue.")
     for run in running:
         with st.container(border=True, key=f"live-{run.id}"):
             draw_running(run)
@@ -163,7 +167,8 @@ def live_view(owner: str) -> None:
         left, right = st.columns([4, 1])
         yours = " (yours)" if run.owner == owner else ""
         left.info(f"**#{waiting.index(run.id) + 1} in the queue**: {md(run.id)}{yours}, "
-                  f"{md(run.train_config.get('epochs', '?'))} epochs. It starts when a running one ends.",
+                  f"{md(run.train_config.get('epochs', '?'))} epochs, {md(runs.where(run))}. It starts when a worker "
+                  "is free.",
                   icon=":material/hourglass_top:")
         allowed = identity.may_control(run.owner)
         if right.button("Cancel", key=f"cancel-{run.id}", disabled=not allowed,

@@ -1,8 +1,7 @@
 """The Tuning tab of the Train page: an Optuna study of the cs231n-style source's search, run in the background.
 
-`tuning_tab(dataset)` draws the editable search space and budget, starts the study as a detached,
-low-priority `python -m cifarviz tune` process (the script thread never waits on training; one study
-runs at a time per server, held by a file lock), and shows the study's trials, best parameters,
+`tuning_tab(dataset)` draws the editable search space and budget, queues the study for a worker (the "tune"
+kind of cifarviz.services.work: one study runs at a time per server, like every other long work), and shows the study's trials, best parameters,
 optimisation history, learning curves and parameter importances, read from Optuna's storage and
 refreshed every two seconds while a study runs. "Train with the best parameters" puts the best
 TrainConfig dict in `st.session_state["train_config_request"]` for the Train form.
@@ -10,20 +9,14 @@ TrainConfig dict in `st.session_state["train_config_request"]` for the Train for
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import threading
-from pathlib import Path
-
 import altair as alt
 import pandas as pd
 import streamlit as st
 
 from cifarviz.core.errors import CifarvizError
 from cifarviz.core.models import list_models
-from cifarviz.services import tune
+from cifarviz.services import runs, tune
+from cifarviz.services.work import study as study_kind
 from cifarviz.ui import app, identity
 from cifarviz.ui.text import md, md_message
 
@@ -31,61 +24,20 @@ TRAIN_REQUEST_KEY = "train_config_request"
 SIZE_OPTIONS = (8, 16, 32, 64, 128, 256, 512, 1024)
 LABELS = {"lr": "lr", "weight_decay": "weight decay", "dropout": "dropout", "batch_size": "batch size",
           "fc1": "fc1 width", "fc2": "fc2 width"}
-_LAUNCHED: list[subprocess.Popen] = []  # studies this server started (a child not yet holding the lock counts)
-_LAUNCH_LOCK = threading.Lock()
 
 
-def log_path() -> Path:
-    return tune.runs_dir() / "tuning.log"
-
-
-def study_running() -> dict | None:
-    """The running study's status (from its lock), or {} for one this server just started; None when idle."""
-    status = tune.running_study()
-    if status is not None:
-        return status
-    # A child this server launched that has not taken the lock yet is starting; one that has released it is done,
-    # however long it takes to exit ("A study is starting..." stayed up for that while).
-    done = tune.finished_pids()
-    return {} if any(process.poll() is None and process.pid not in done for process in _LAUNCHED) else None
+def study_running():
+    """The study run that waits or runs on this server (a run of the "tune" kind), or None."""
+    return next((r for r in runs.list_runs() if r.kind == study_kind.KIND and r.state in runs.ACTIVE), None)
 
 
 def launch(storage: str, study_name: str, settings: tune.StudySettings, n_trials: int, dataset) -> None:
-    """Start `python -m cifarviz tune` detached and niced; its output goes to runs/tuning.log."""
-    tune.check_dataset(dataset)
-    space = settings.space
-    command = [
-        sys.executable, "-m", "cifarviz", "tune", "--storage", storage, "--study", study_name,
-        "--trials", str(n_trials), "--epochs", str(settings.epochs_per_trial),
-        "--model", settings.base_config["model"], "--lock", str(tune.lock_target().resolve()),
-        "--data", str(Path(dataset.root).resolve()), "--val-size", str(len(dataset.val)),
-        "--split-seed", str(dataset.split_seed), "--owner", identity.viewer(),
-        "--lr", *map(repr, space.lr), "--weight-decay", *map(repr, space.weight_decay),
-        "--dropout", *map(repr, space.dropout), "--batch-size", *map(str, space.batch_size),
-        "--fc1", *map(str, space.fc1), "--fc2", *map(str, space.fc2),
-        *(["--subset", str(settings.subset)] if settings.subset else []),
-    ]  # fmt: skip
-    package_parent = str(Path(tune.__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])),
-           "TQDM_MININTERVAL": "5"}  # a log file, not a terminal: fewer progress lines
-    if os.name == "posix":  # `nice`, not preexec_fn (unsafe in a threaded server)
-        command = (["nice", "-n", "10"] if shutil.which("nice") else []) + command
-        detach = {"start_new_session": True}
-    else:
-        detach = {"creationflags": subprocess.BELOW_NORMAL_PRIORITY_CLASS | subprocess.CREATE_NEW_PROCESS_GROUP}
-    log = log_path()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with _LAUNCH_LOCK:
-        if study_running() is not None:
-            raise tune.TuningError("A study is already running on this server; one runs at a time.")
-        with open(log, "wb") as out:
-            _LAUNCHED[:] = [p for p in _LAUNCHED if p.poll() is None]
-            _LAUNCHED.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                              env=env, close_fds=True, **detach))
-
-
-def request_stop() -> None:
-    tune.beside(tune.lock_target(), ".stop").touch()
+    """Queue the study for a worker (one runs at a time per server; the queue says so)."""
+    try:
+        study_kind.submit_study(storage, study_name, settings, n_trials=n_trials, dataset=dataset,
+                           owner=identity.viewer())
+    except runs.RunError as exc:
+        raise tune.TuningError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- the tab
@@ -119,23 +71,25 @@ def tuning_tab(dataset, train_page: str | None = "pages/train.py") -> None:
 
 def status_line(was_busy: bool) -> None:
     """Which study runs, with a Stop button; when the one that ran has ended, the whole tab is drawn again."""
-    running = study_running()
-    if running is None:
+    runs.start()
+    run = study_running()
+    if run is None:
         if was_busy:
             st.rerun()  # Start is enabled again, and the results stop refreshing
         return
-    name = running.get("study")
-    stopping = tune.beside(tune.lock_target(), ".stop").exists()
-    text = (f"Study **{md(name)}** is running (process {running.get('pid')}, {running.get('trials')} trials); "
-            "one study runs at a time on this server." if name else "A study is starting...")
+    name, trials = run.spec.get("study"), run.spec.get("trials")
+    stopping = (run.dir / "stop").exists()
+    done = [r for r in runs.read_metrics(run) if r["event"] == "trial"] if run.state == runs.RUNNING else []
+    text = (f"Study **{md(name)}** is running on worker {md(run.where or '?')}: {len(done)} of {md(trials)} trials "
+            "done; one study runs at a time on this server." if run.state == runs.RUNNING else
+            f"Study **{md(name)}** waits for a worker ({md(runs.where(run))}).")
     columns = st.columns([4, 1])
     columns[0].info(text + (" Stopping after the current batch..." if stopping else ""), icon=":material/tune:")
-    owner = running.get("owner") if isinstance(running.get("owner"), str) else ""
-    allowed = identity.may_control(owner)
-    if name and columns[1].button("Stop the study", key="tune_stop", disabled=stopping or not allowed,
-                                  help="The trial under way is recorded as failed; finished trials stay." if allowed
-                                  else "Someone else's study: only they, or the teacher, can stop it."):
-        request_stop()
+    allowed = identity.may_control(run.owner)
+    if columns[1].button("Stop the study", key="tune_stop", disabled=stopping or not allowed,
+                         help="The trial under way is recorded as failed; finished trials stay." if allowed
+                         else "Someone else's study: only they, or the teacher, can stop it."):
+        runs.request_stop(run.id, by=identity.acting_as())
         st.rerun()
 
 
@@ -184,10 +138,9 @@ def settings_form(dataset, storage: str, study_name: str, stored: tune.StudySett
 
 def results(storage: str, study_name: str, train_page: str | None) -> None:
     """The study's trials, best parameters and charts."""
-    failed_launch = [p for p in _LAUNCHED if p.poll() not in (None, 0)]
-    if failed_launch and log_path().is_file():
-        with st.expander("The last study stopped with an error", expanded=True):
-            st.code(log_path().read_text(errors="replace")[-3000:] or "(no output)")
+    last = next((r for r in reversed(runs.list_runs()) if r.kind == study_kind.KIND), None)
+    if last is not None and last.state == runs.FAILED:
+        st.error(f"The last study ({md(last.id)}) ended with an error: {md_message(last.error or '')}")
     try:
         study = tune.load_study(storage, study_name)
         with tune.database_errors(storage):  # every read below: a busy database is said in seconds
