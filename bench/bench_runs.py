@@ -39,7 +39,7 @@ def make_runs(root: Path, count: int) -> None:
         (folder / "status.json").write_text(json.dumps({"state": "completed", "queued_at": float(i),
                                                         "ended_at": i + 1.0, "note": "3 epochs, test accuracy 61%"}))
         (folder / "config.json").write_text(json.dumps({
-            "kind": "train", "target": runs.KINDS["train"], "owner": f"viewer-{i % 40}", "submitted_at": float(i),
+            "kind": "train", "owner": f"viewer-{i % 40}", "submitted_at": float(i),
             "spec": {"train_config": {"model": "lenet", "epochs": 3, "lr": 0.05, "augment": {"flip": True}},
                      "subset": 10000, "data": {"root": "/data", "val_size": 5000, "split_seed": 0}}}))
 

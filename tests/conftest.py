@@ -105,7 +105,7 @@ def runs_root(tmp_path, monkeypatch):
 # test in one of them is slow by default; a test elsewhere that retrains a recipe marks itself.
 SLOW_MODULES = {"test_browser", "test_browser_names", "test_browser_train", "test_browser_views", "test_serve",
                 "test_lecture_hall", "test_retrain", "test_ensemble", "test_tune_postgres", "test_wheel",
-                "test_shipped_checkpoints"}
+                "test_shipped_checkpoints", "test_work_queue"}
 
 
 def pytest_configure(config):

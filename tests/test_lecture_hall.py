@@ -220,7 +220,9 @@ def test_metrics_are_read_incrementally_and_stay_bounded(runs_root):
 def test_a_huge_log_is_read_a_bounded_amount_per_refresh(runs_root, monkeypatch):
     """A 1 GB metrics.jsonl took 37 s and 2.8 GB in one read: each refresh now reads READ_PER_TICK bytes at most,
     says how much is left, and a line longer than that (no newline at all) is skipped, not re-read forever."""
-    monkeypatch.setattr(runs, "READ_PER_TICK", 64 * 1024)  # the same rule, at a test's size
+    from cifarviz.services.work import records
+
+    monkeypatch.setattr(records, "READ_PER_TICK", 64 * 1024)  # the same rule, at a test's size
     folder = hand_made_run(runs_root, "huge", status={"state": "running", "pid": 1, "queued_at": 1.0})
     step = {"event": "step", "total_steps": 10**6, "steps_per_epoch": 1000, "epoch": 1, "elapsed": 1.0,
             "images_per_s": 100.0, "lr": 0.1, "train_loss": 2.0, "train_acc": 0.1}
@@ -236,7 +238,7 @@ def test_a_huge_log_is_read_a_bounded_amount_per_refresh(runs_root, monkeypatch)
         seen.append(progress.unread_bytes)
         if not progress.unread_bytes or ticks > 100:
             break
-    assert ticks == pytest.approx(size / runs.READ_PER_TICK, abs=2)  # bounded per tick, and always moving
+    assert ticks == pytest.approx(size / records.READ_PER_TICK, abs=2)  # bounded per tick, and always moving
     assert seen == sorted(seen, reverse=True) and seen[0] > 0
     assert progress.last["step"] == 5_000 and progress.damaged_lines >= 1
 
@@ -305,21 +307,26 @@ def test_the_tune_tab_says_a_study_has_damaged_settings(cifar_small, tmp_path, m
 def test_only_its_owner_and_the_teacher_stop_a_study(cifar_small, tmp_path, monkeypatch):
     from test_tune import tab_script
 
+    from cifarviz.services.work import study
+
     monkeypatch.setenv("CIFARVIZ_RUNS", str(tmp_path))
+    monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "0")  # it waits for a worker: the tab shows it all the same
     monkeypatch.setenv("CIFARVIZ_TEACHER_KEY", "correct horse battery")
-    status = {"study": "theirs", "storage": "sqlite://", "trials": 3, "owner": "another-browser"}
-    with tune.exclusive(tune.lock_target(), status):  # a study someone else started from the app
-        at = AppTest.from_function(tab_script, args=(cifar_small,), default_timeout=60)
-        at.run()
-        assert not at.exception, [e.value for e in at.exception]
-        stop = at.button(key="tune_stop")
-        assert stop.disabled and "Someone else's study" in stop.help
-        at.session_state["_teacher_key_ok"] = "correct horse battery"  # what typing the key in the sidebar sets
-        at.run()
-        assert not at.button(key="tune_stop").disabled
-        tune.beside(tune.lock_target(), ".json").write_text("[1, 2]")  # a damaged status file: the tab still draws
-        at.run()
-        assert not at.exception, [e.value for e in at.exception]
+    theirs = study.submit_study(tune.default_storage_url(), "theirs", tune.StudySettings(subset=300), n_trials=3,
+                                dataset=cifar_small, owner="another-browser")  # someone else's, from the app
+    at = AppTest.from_function(tab_script, args=(cifar_small,), default_timeout=60)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    stop = at.button(key="tune_stop")
+    assert stop.disabled and "Someone else's study" in stop.help
+    at.session_state["_teacher_key_ok"] = "correct horse battery"  # what typing the key in the sidebar sets
+    at.run()
+    assert not at.button(key="tune_stop").disabled
+    at.button(key="tune_stop").click().run()
+    assert runs.load_run(theirs).state == runs.CANCELLED  # a study still waiting: cancelled
+    (tmp_path / theirs / "status.json").write_text("[1, 2]")  # a damaged status file: the tab still draws
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
 
 
 def test_typed_storage_urls_never_pile_up_database_engines(tmp_path):

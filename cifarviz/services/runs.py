@@ -16,14 +16,16 @@ import json
 from .work import collector, engine, worker
 from .work.engine import cancel, problem, request_stop, submit
 from .work.kind import KINDS
-from .work.records import (ACTIVE, CANCELLED, CHECKPOINT, COMPLETED, FAILED, FINAL, QUEUED, RUNNING, STATES,
-                           STOPPED, WITH_MODEL, Progress, Run, RunError, _is_count, _is_number, clean_status,
+from .work.records import (_PROGRESS, ACTIVE, CANCELLED, CHECKPOINT, COMPLETED, FAILED, FINAL, MAX_CURVE_STEPS,
+                           QUEUED, READ_PER_TICK, RUNNING, STATES, STOPPED, WITH_MODEL, Progress, Run, RunError, _is_count, _is_number, clean_status,
                            config_problems, list_runs, load_run, log_tail, progress, queue_position, read_metrics,
                            runs_dir, usable_runs_dir, valid_event)
 from .work.train import submit_training, train_threads, training_subset
 from .work.worker import WORKER_NICE, RunContext
 
-__all__ = ["ACTIVE", "CANCELLED", "CHECKPOINT", "COMPLETED", "FAILED", "FINAL", "QUEUED", "RUNNING", "STATES",
+DEFAULT_RUNS_DIR = "runs"  # relative to the server's working folder, when CIFARVIZ_RUNS is unset
+
+__all__ = ["_PROGRESS", "MAX_CURVE_STEPS", "READ_PER_TICK", "DEFAULT_RUNS_DIR", "ACTIVE", "CANCELLED", "CHECKPOINT", "COMPLETED", "FAILED", "FINAL", "QUEUED", "RUNNING", "STATES",
            "STOPPED", "WITH_MODEL", "KINDS", "Progress", "Run", "RunContext", "RunError", "WORKER_NICE", "cancel",
            "clean_status", "config_problems", "list_runs", "load_run", "log_tail", "max_per_session",
            "max_queued", "max_running", "problem", "progress", "queue_position", "read_metrics", "request_stop", "runs_dir",

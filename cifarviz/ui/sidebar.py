@@ -12,7 +12,7 @@ import streamlit as st
 from cifarviz.core.checkpoint import Checkpoint, check_fits_data, read_metadata, shipped_files
 from cifarviz.core.data import default_data_root, detect_layout
 from cifarviz.core.errors import CheckpointError, CifarvizError
-from cifarviz.services.runs import list_runs, runs_dir
+from cifarviz.services.runs import list_runs, runs_dir, start as hear_from_the_queue
 from cifarviz.store import default_store
 from cifarviz.ui import identity, links
 from cifarviz.ui.layout import page_style
@@ -96,6 +96,7 @@ def sidebar() -> None:
     session state (the usual multipage pattern), so a choice holds across pages."""
     freeze_imported_modules()
     page_style()
+    hear_from_the_queue()  # this process's collector writes what workers hand back (started once, a thread)
     locked = data_locked()
     st.session_state["data_root"] = (str(default_data_root()) if locked
                                      else st.session_state.get("_data_root") or str(default_data_root()))

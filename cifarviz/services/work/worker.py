@@ -231,7 +231,7 @@ def serve(url: str, *, name: str, work: Path, gpu: bool, idle_exit: float | None
     queue (a GPU worker; a CPU worker too once no GPU worker has been seen for a while), then any worker's."""
     _WORKER.update(name=name, work=str(work), gpu=gpu, url=url, run=None)
     work.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _terminated)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     print(f"cifarviz worker {name} on {engine.HOST}: taking jobs from {engine.shown_broker(url)}"
           f"{' (GPU)' if gpu else ''}; working folder {work}", flush=True)
     idle_since, announced, away = time.monotonic(), 0.0, False
@@ -244,10 +244,10 @@ def serve(url: str, *, name: str, work: Path, gpu: bool, idle_exit: float | None
                 names = [engine.host_queue()] + (["gpu"] if gpu else []) + ["any"]
                 if not gpu and not engine.gpu_worker_seen_within(url, gpu_grace):
                     names.append("gpu")  # no GPU worker around: its jobs run on the CPU rather than wait
-                task = huey = None
+                task = huey = data = None
                 for queue_name in names:
                     huey = engine.queue(queue_name, url)
-                    if (task := huey.dequeue()) is not None:
+                    if (data := huey.storage.dequeue()) is not None:
                         break
                 if away:
                     print("the work queue answers again", flush=True)
@@ -260,15 +260,23 @@ def serve(url: str, *, name: str, work: Path, gpu: bool, idle_exit: float | None
                 away = True
                 time.sleep(1.0)
                 continue
-            if task is None:
+            if data is None:
                 if idle_exit is not None and time.monotonic() - idle_since > idle_exit:
                     return 0
                 time.sleep(0.25)
+                continue
+            try:  # JSON naming the one registered task, or nothing runs: never unpickled, never imported
+                task = huey.deserialize_task(data)
+            except Exception as exc:  # noqa: BLE001
+                print(f"refused a message that is not a cifarviz job ({type(exc).__name__}: {str(exc)[:200]})",
+                      flush=True)
                 continue
             huey.execute(task)
             idle_since = time.monotonic()
     except _Terminated:
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- the app's own workers
