@@ -87,6 +87,18 @@ def image_folder(tmp_path):
     return write_image_folder(tmp_path / "tiny")
 
 
+@pytest.fixture(autouse=True)
+def no_work_left_behind():
+    """After each test: this process's collectors stop, and the workers they started for its runs folders end (a
+    collector would otherwise start a worker for a test's leftover queued runs once the test's settings are gone)."""
+    yield
+    from cifarviz.services.work import collector, worker
+
+    for root in collector.stop_all():
+        if root.is_dir():
+            worker.stop_local_workers(root, signal.SIGKILL)
+
+
 @pytest.fixture
 def runs_root(tmp_path, monkeypatch):
     """A private runs folder for the library, the workers it starts (they inherit the environment) and the app."""
@@ -94,10 +106,6 @@ def runs_root(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFARVIZ_RUNS", str(root))
     monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "1")
     yield root
-    from cifarviz.services.work import worker
-
-    if root.is_dir():  # never leave a worker behind
-        worker.stop_local_workers(root, signal.SIGKILL)
 
 
 # The fast lane: `python -m pytest -m "not slow"` leaves out what takes minutes (real browsers, the lecture hall's

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from .work import collector, engine, worker
+from .work import collector, engine
 from .work.engine import cancel, problem, request_stop, submit
 from .work.kind import KINDS
 from .work.records import (_PROGRESS, ACTIVE, CANCELLED, CHECKPOINT, COMPLETED, FAILED, FINAL, MAX_CURVE_STEPS,
@@ -50,11 +50,10 @@ def max_per_session() -> int:
 
 
 def start(root=None) -> None:
-    """Make sure this process hears back from the queue (its collector thread) and that this server's own workers
-    live while runs wait. Cheap and idempotent: the app calls it once per page, the CLI before it lists."""
+    """Make sure this process hears back from the queue: its collector thread, which also keeps this server's own
+    workers alive while runs wait. Cheap and idempotent (a thread's liveness): pages call it on every render, which
+    starts or advances nothing else."""
     collector.ensure_running(root)
-    if any(r.state == QUEUED for r in list_runs(root)):
-        worker.ensure_workers(root)
 
 
 def where(run: Run) -> str:

@@ -175,8 +175,8 @@ def draw_progress(run: runs.Run, what: str) -> None:
     last, start = p.last, p.start
     if run.state == runs.QUEUED:
         ahead = runs.queue_position(run) or 1
-        st.progress(0.0, text=f"{what}: waiting for a free training slot ({ahead} in the queue): it trains on the "
-                    "whole training split when its turn comes, never on fewer images")
+        st.progress(0.0, text=f"{what}: {md(runs.where(run))} (#{ahead} in the queue): it trains on the whole "
+                    "training split when its turn comes, never on fewer images")
         return
     if last is None:
         estimate = (start or {}).get("estimate_seconds")
@@ -185,7 +185,8 @@ def draw_progress(run: runs.Run, what: str) -> None:
         return
     fraction = last["step"] / max(last["total_steps"], 1)
     eta = last["elapsed"] / max(last["step"], 1) * (last["total_steps"] - last["step"])
-    st.progress(min(fraction, 1.0), text=f"{what}: {md(last.get('phase', 'training'))}, {about(eta)} left")
+    where = f" on {md(run.where)}" if run.where else ""
+    st.progress(min(fraction, 1.0), text=f"{what}: {md(last.get('phase', 'training'))}{where}, {about(eta)} left")
 
 
 def how_sure(checkpoint, method: str, titles: dict) -> str:

@@ -14,7 +14,6 @@ The same thread keeps this server's own workers alive while runs wait (`worker.e
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import threading
 import time
@@ -25,14 +24,14 @@ from filelock import FileLock, Timeout
 from cifarviz.core.utils import atomic_write
 
 from . import engine, worker
-from .records import (ACTIVE, FAILED, FINAL, QUEUED, RUNNING, Run, clean_status, list_runs, runs_dir,
+from .records import (ACTIVE, FAILED, FINAL, QUEUED, RUNNING, Run, clean_status, list_runs, read_json, runs_dir,
                       write_json)
 
 STALE_SECONDS = 30.0
 IDLE_STOP_SECONDS = 120.0  # the thread ends after this long with nothing to collect; submit starts it again
 SAFE_FILE = re.compile(r"^(?:[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}/)?[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$")
 _SEEN: dict[str, tuple[int, float]] = {}  # run id -> (last heartbeat count, when it changed, this clock)
-_THREADS: dict[str, threading.Thread] = {}
+_THREADS: dict[str, tuple[threading.Thread, threading.Event]] = {}
 _THREADS_LOCK = threading.Lock()
 
 
@@ -40,21 +39,33 @@ def ensure_running(root=None) -> None:
     """Start this process's collector for the runs folder, unless it runs (cheap: pages may call it every time)."""
     key = str(runs_dir(root).resolve())
     with _THREADS_LOCK:
-        thread = _THREADS.get(key)
-        if thread is not None and thread.is_alive():
+        known = _THREADS.get(key)
+        if known is not None and known[0].is_alive():
             return
-        thread = threading.Thread(target=_loop, args=(Path(key),), daemon=True, name="cifarviz-collector")
-        _THREADS[key] = thread
+        stop = threading.Event()
+        thread = threading.Thread(target=_loop, args=(Path(key), stop), daemon=True, name="cifarviz-collector")
+        _THREADS[key] = (thread, stop)
         thread.start()
 
 
-def _loop(root: Path) -> None:
+def stop_all() -> list[Path]:
+    """End this process's collectors (tests, between runs folders); returns the folders they served."""
+    with _THREADS_LOCK:
+        known = dict(_THREADS)
+        _THREADS.clear()
+    for thread, stop in known.values():
+        stop.set()
+        thread.join(timeout=30)
+    return [Path(key) for key in known]
+
+
+def _loop(root: Path, stop: threading.Event) -> None:
     idle_since = time.monotonic()
-    while time.monotonic() - idle_since < IDLE_STOP_SECONDS:
+    while time.monotonic() - idle_since < IDLE_STOP_SECONDS and not stop.is_set():
         with contextlib.suppress(Exception):  # a broker away, a damaged run: the next round tries again
             if collect(root):
                 idle_since = time.monotonic()
-        time.sleep(1.0)
+        stop.wait(1.0)
 
 
 def collect(root=None) -> int:
@@ -80,9 +91,8 @@ def _collect_one(run: Run, url: str) -> None:
         return  # no worker has taken it yet
     status, _ = clean_status(remote)
     done_path = run.dir / ".collected.json"
-    try:
-        done = json.loads(done_path.read_text())
-    except (OSError, ValueError):
+    done = read_json(done_path)  # how far this folder is: checked, as every file read back
+    if not (isinstance(done.get("chunks"), int) and done["chunks"] >= 0 and isinstance(done.get("files"), dict)):
         done = {"chunks": 0, "files": {}}
     store = engine.store(url)
     chunks = remote.get("chunks") if isinstance(remote.get("chunks"), int) else 0
@@ -113,7 +123,7 @@ def _collect_one(run: Run, url: str) -> None:
         state = FAILED
     if state == QUEUED:
         return
-    local = clean_status(json.loads((run.dir / "status.json").read_text()))[0]
+    local = clean_status(read_json(run.dir / "status.json"))[0]
     write_json(run.dir / "status.json", {**local, **status})
     if state in FINAL and done["chunks"] >= chunks:
         _forget(url, run.id, chunks, versions)

@@ -38,7 +38,7 @@ from cifarviz.core.utils import bounded_json, file_lock
 
 from .kind import KINDS
 from .records import (ACTIVE, CANCELLED, QUEUED, RUNNING, RunError, clean_status, list_runs, load_run,
-                      usable_runs_dir, write_json)
+                      read_json, usable_runs_dir, write_json)
 
 GPU_GRACE_SECONDS = 60.0  # no GPU worker seen for this long: CPU workers take the GPU queue's jobs too
 WORKER_SEEN_SECONDS = 20.0  # a worker that has not said it lives for this long is gone
@@ -277,7 +277,7 @@ def cancel(run_id: str, root=None, *, by: str | None = None) -> str:
             with _broker_errors(url):
                 queue(run.status.get("queue") or "any", url).revoke_by_id(run_id)
                 put_json(url, f"cv:status:{run_id}", {"state": CANCELLED})  # a worker that already took it skips it
-            status = {**clean_status(json.loads((run.dir / "status.json").read_text()))[0], "state": CANCELLED,
+            status = {**clean_status(read_json(run.dir / "status.json"))[0], "state": CANCELLED,
                       "ended_at": time.time()}
             write_json(run.dir / "status.json", status)
             return CANCELLED

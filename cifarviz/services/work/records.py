@@ -120,7 +120,8 @@ class Run:
         return self.state in WITH_MODEL and self.checkpoint.is_file()
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or {} when it is missing, unreadable, too large or not an object."""
     with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
         value = bounded_json(path.read_text())
         if isinstance(value, dict):
@@ -189,7 +190,7 @@ def _make_run(folder: Path, config: dict) -> Run:
 def load_run(run_id: str, root=None) -> Run:
     folder = runs_dir(root) / run_id
     plain = "/" not in run_id and run_id not in ("", ".", "..") and not folder.is_symlink()
-    config = _read_json(folder / "config.json") if plain else {}
+    config = read_json(folder / "config.json") if plain else {}
     if not config:
         known = ", ".join(r.id for r in list_runs(root)[-5:]) or "none yet"
         raise RunError(f"No run {run_id!r} in {runs_dir(root)} (latest: {known}). `python -m cifarviz runs` lists them.")
@@ -212,7 +213,7 @@ def _cached_json(path: Path) -> dict:
         known = _PARSED.get(str(path))
     if known and known[0] == stamp:
         return known[1]
-    value = _read_json(path)
+    value = read_json(path)
     with _PARSED_LOCK:
         if len(_PARSED) > 8192:
             _PARSED.clear()
