@@ -67,8 +67,10 @@ def retrain_section(index, checkpoint, dataset, test_index: int, influence_of, p
         st.warning(f"That is longer than a class discussion on this machine ({about(seconds)}). On a GPU it takes "
                    "seconds to minutes; here, the same proof on lenet (19 seeds shipped) takes about two minutes: "
                    "[open lenet's Influence page](/influence?checkpoint=lenet).", icon=":material/schedule:")
+    if problem := runs.problem():  # the queue's broker is away: said before anyone clicks
+        st.warning(md_message(problem), icon=":material/cloud_off:")
     if st.button("Retrain without them", key=f"retrain-{test_index}", icon=":material/model_training:",
-                 disabled=full,
+                 disabled=full or bool(problem),
                  help=(f"At most {runs.max_per_session()} of your runs may wait or train at once." if full else
                        "Trains the checkpoint's recipe once in the background without these images, and measures "
                        "this test image's loss against the seeds' spread.")):

@@ -150,8 +150,10 @@ def live_view(owner: str) -> None:
     running = [r for r in active if r.state == runs.RUNNING]
     if not running:
         most = runs.max_running()
-        st.caption(f"Nothing is training. This server's {most} worker{'s' * (most != 1)} each train one run at a "
-                   "time (workers on other machines add more); others wait in the queue.")
+        st.caption("Nothing is training. " + (
+            "This server trains nothing itself: runs wait for a worker on another machine." if most == 0 else
+            f"{'One run trains' if most == 1 else f'At most {most} runs train'} at once on this server (workers on "
+            "other machines add more); others wait in the queue."))
     for run in running:
         with st.container(border=True, key=f"live-{run.id}"):
             draw_running(run)

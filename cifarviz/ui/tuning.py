@@ -62,6 +62,8 @@ def tuning_tab(dataset, train_page: str | None = "pages/train.py") -> None:
     except CifarvizError as exc:
         st.error(md_message(exc))
         return
+    if problem := runs.problem():
+        st.warning(md_message(problem), icon=":material/cloud_off:")
     busy = study_running() is not None
     every = 2 if busy or elsewhere else None  # fragments that follow a running study; the form stays put
     st.fragment(run_every=every)(status_line)(busy)
