@@ -46,8 +46,9 @@ LOG_KEEP_BYTES = 64 * 1024
 class RunContext:
     """What a kind's function gets: its working folder and settings, a metrics log, and the stop request."""
 
-    def __init__(self, run_id: str, folder: Path, spec: dict, url: str):
+    def __init__(self, run_id: str, folder: Path, spec: dict, url: str, status: dict | None = None):
         self.run_id, self.dir, self.spec, self._url = run_id, folder, spec, url
+        self._status = status if status is not None else {}  # what the pusher sends: the device, once known
         self._metrics = open(folder / "metrics.jsonl", "a", encoding="utf-8")
         self._checked, self._stop = 0.0, False
         self.device = ""
@@ -55,7 +56,7 @@ class RunContext:
     def log(self, event: dict) -> None:
         """Append one line to metrics.jsonl; the pusher sends it on within half a second."""
         if event.get("event") == "start" and isinstance(event.get("device"), str):
-            self.device = event["device"]
+            self.device = self._status["device"] = event["device"][:40]
         self._metrics.write(json.dumps({**event, "time": time.time()}) + "\n")
         self._metrics.flush()
 
@@ -149,7 +150,7 @@ def run_job(huey, run_id: str, kind: str, spec: dict, owner: str, queue_name: st
     pusher.thread.start()
     _set_current(url, run_id)
     log = io.StringIO()
-    ctx = RunContext(run_id, folder, spec, url)
+    ctx = RunContext(run_id, folder, spec, url, pusher.status)
     state, note, error = FAILED, None, None
     try:
         if kind not in KINDS:  # only registered functions ever run
@@ -194,6 +195,11 @@ def _tee(log: io.StringIO):
             self.stream = stream
 
         def write(self, text):
+            if log.tell() > 4 * LOG_KEEP_BYTES:  # a chatty job: keep the end, bounded
+                kept = log.getvalue()[-LOG_KEEP_BYTES:]
+                log.seek(0)
+                log.truncate()
+                log.write(kept)
             log.write(text)
             return self.stream.write(text)
 
@@ -362,6 +368,11 @@ def stop_local_workers(root=None, sig: int = signal.SIGTERM) -> None:
             pid = json.loads(record.read_text()).get("pid")
             if alive(pid):
                 os.kill(pid, sig)
+            with _CHILDREN_LOCK:
+                child = _CHILDREN.pop(pid, None)
+            if child is not None:  # ours: collected, never left a zombie
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=10)
 
 
 def main(args) -> int:
