@@ -255,6 +255,17 @@ def cmd_train(args) -> int:
             augment[key] = getattr(args, key)
     overrides["augment"] = augment
     config = TrainConfig(**{**config.to_dict(), **overrides})  # checks every value
+    if args.queue:  # a worker trains it (this machine's, or one that joined the queue): `runs` follows it
+        from cifarviz.core.settings import settings
+        from cifarviz.services.runs import submit_training
+
+        if args.out:
+            raise CifarvizError("--queue keeps the checkpoint in the run's folder (`python -m cifarviz runs` lists "
+                                "it): leave out --out, or train here without --queue.")
+        run_id = submit_training(config, args.data or settings().data, split_seed=args.split_seed,
+                                 val_size=5000 if args.val_size is None else args.val_size)
+        print(f"{run_id}: queued (`python -m cifarviz runs` follows it; `runs stop {run_id}` stops it)")
+        return 0
     resolve_device(config.device)  # is that device here?
     out = Path(args.out or f"runs/{config.model}-{time.strftime('%Y%m%d-%H%M%S')}.safetensors")
     ensure_writable(out.with_suffix(".safetensors"), "--out")  # now, not after the whole training
@@ -947,6 +958,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="auto (default: CUDA if present), cpu, cuda, cuda:N or mps")
     p.add_argument("--out", help="checkpoint path (default runs/MODEL-TIME.safetensors)")
+    p.add_argument("--queue", action="store_true", help="submit it to the queue of long work (a worker trains it, "
+                                                        "here or on a machine that joined the queue) and return")
     p.set_defaults(func=cmd_train)
 
     for name, func, helptext in (("evaluate", cmd_evaluate, "accuracy, per-class precision/recall/F1, confusion matrix"),

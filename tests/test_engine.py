@@ -46,3 +46,15 @@ def test_jobs_leave_the_queue_by_their_kinds_priority_then_in_order(tmp_path, mo
     assert [task.id for task in engine.queue("any", engine.broker_url()).pending()] == [first, second, replica]
     assert runs.where(runs.load_run(first)) == "waiting for any worker"
     assert [r.state for r in runs.list_runs()] == [runs.QUEUED] * 3
+
+
+def test_the_command_line_submits_a_training_to_the_queue(tmp_path, monkeypatch, capsys):
+    from cifarviz.cli import main
+
+    monkeypatch.setenv("CIFARVIZ_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("CIFARVIZ_MAX_RUNS", "0")
+    assert main(["train", "--recipe", "lenet", "--epochs", "2", "--queue", "--data", str(tmp_path)]) == 0
+    [run] = runs.list_runs()
+    assert run.kind == "train" and run.train_config["epochs"] == 2 and run.id in capsys.readouterr().out
+    assert main(["train", "--recipe", "lenet", "--queue", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "--queue keeps the checkpoint" in capsys.readouterr().err
