@@ -275,6 +275,11 @@ def cancel(run_id: str, root=None, *, by: str | None = None) -> str:
         _check_owner(run, by)
         if run.state == QUEUED:
             with _broker_errors(url):
+                taken = get_json(url, f"cv:status:{run_id}")
+                if isinstance(taken, dict) and taken.get("state") == RUNNING:  # a worker took it a moment ago
+                    store(url).put_data(f"cv:stop:{run_id}", b"1")
+                    (run.dir / "stop").touch()
+                    return RUNNING
                 queue(run.status.get("queue") or "any", url).revoke_by_id(run_id)
                 put_json(url, f"cv:status:{run_id}", {"state": CANCELLED})  # a worker that already took it skips it
             status = {**clean_status(read_json(run.dir / "status.json"))[0], "state": CANCELLED,

@@ -9,6 +9,8 @@ RUNS/<run id>/ (RUNS: $CIFARVIZ_RUNS, else ./runs):
     worker.log       what the worker printed about this run
     model.safetensors (+ .json)  the last finished epoch; epochs/epoch-NNN.safetensors per-epoch snapshots
     result.json      a kind's answer (the retraining proof's)
+    stop             present once someone asked it to stop (pages say "stopping..."; the request itself goes
+                     to the worker through the broker)
 
 The worker that runs a job writes into its own working folder, on whatever machine it is; everything it writes
 reaches this folder through the broker (`collector.py`). Pages and the command line only read here.
