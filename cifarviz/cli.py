@@ -1030,7 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 60)")
     p.add_argument("--idle-exit", type=float, default=None, help=argparse.SUPPRESS)  # the app's own workers
     p.add_argument("--nice", type=int, default=0, help="lower this worker's CPU priority by N (0-19)")
-    p.set_defaults(func=lambda args: __import__("cifarviz.services.work.worker", fromlist=["main"]).main(args))
+    p.set_defaults(func=lambda args: __import__("cifarviz.services.work.command", fromlist=["main"]).main(args))
     p = sub.add_parser("replicas", parents=[data_args], help="queue replicas of a recipe (other seeds) for ensembles")
     p.add_argument("--recipe", required=True, help="a recipe name, as `models` lists them")
     p.add_argument("--seeds", type=int, nargs="+", required=True, help="one seed per replica, e.g. 1 2 3 4")

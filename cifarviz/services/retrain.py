@@ -28,7 +28,7 @@ import numpy as np
 from cifarviz.core.errors import CifarvizError
 from cifarviz.core.utils import atomic_write, bounded_json
 
-from .work import engine, records as runs
+from .work import collector, records as runs
 from .work.inputs import checkpoint_file, data_spec, load_data
 from .work.kind import register
 from .work.train import train_threads
@@ -76,8 +76,8 @@ def submit_retrain(checkpoint, dataset, *, test_index: int, choice: str, removed
     from cifarviz.core.checkpoint import SHIPPED_DIR
 
     shipped = Path(checkpoint.path).resolve().parent == SHIPPED_DIR.resolve()
-    return engine.submit(KIND, spec, name=f"without-{len(removed)}-{choice}", root=root, owner=owner,
-                         here=not shipped)
+    return collector.submit(KIND, spec, name=f"without-{len(removed)}-{choice}", root=root, owner=owner,
+                            here=not shipped)
 
 
 def retrain_runs(checkpoint_path, test_index: int | None = None, root=None) -> list[runs.Run]:

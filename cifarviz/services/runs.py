@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 
 from .work import collector, engine
-from .work.engine import cancel, problem, request_stop, submit
+from .work.collector import submit
+from .work.engine import cancel, problem, request_stop
 from .work.kind import KINDS
 from .work.records import (_PROGRESS, ACTIVE, CANCELLED, CHECKPOINT, COMPLETED, FAILED, FINAL, MAX_CURVE_STEPS,
                            QUEUED, READ_PER_TICK, RUNNING, STATES, STOPPED, WITH_MODEL, Progress, Run, RunError, _is_count, _is_number, clean_status,

@@ -32,6 +32,7 @@ import pandas as pd
 import sqlalchemy.exc
 
 from cifarviz.core.data import Split
+from cifarviz.core.settings import settings
 from cifarviz.core.errors import CifarvizError, TrainingError
 from cifarviz.core.models import model_entry
 from cifarviz.core.recipes import RECIPES
@@ -54,9 +55,7 @@ class NoStudyError(TuningError):
 
 def runs_dir() -> Path:
     """Where runs, the default study database and the app's tuning lock live: $CIFARVIZ_RUNS, else ./runs."""
-    from .runs import runs_dir as runs_root
-
-    return runs_root()
+    return settings().runs_dir
 
 
 def default_storage_url() -> str:

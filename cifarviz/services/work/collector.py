@@ -35,6 +35,14 @@ _THREADS: dict[str, tuple[threading.Thread, threading.Event]] = {}
 _THREADS_LOCK = threading.Lock()
 
 
+def submit(kind: str, spec: dict, **options) -> str:
+    """`engine.submit`, then this machine's side of it: its own workers, and this process's collector."""
+    run_id = engine.submit(kind, spec, **options)
+    worker.ensure_workers(options.get("root"))
+    ensure_running(options.get("root"))
+    return run_id
+
+
 def ensure_running(root=None) -> None:
     """Start this process's collector for the runs folder, unless it runs (cheap: pages may call it every time)."""
     key = str(runs_dir(root).resolve())

@@ -79,6 +79,14 @@ def shown_broker(url: str) -> str:
     return url
 
 
+_RUNNER = None  # what executes a job: set by a worker process (`worker.serve`), nowhere else
+
+
+def set_runner(runner) -> None:
+    global _RUNNER
+    _RUNNER = runner
+
+
 @functools.lru_cache(maxsize=64)
 def queue(name: str, url: str):
     """The Huey instance of one queue at `url`, with the one job task registered (cached per process)."""
@@ -93,9 +101,9 @@ def queue(name: str, url: str):
 
     @huey.task(name=JOB_TASK)
     def job(run_id: str, kind: str, spec: dict, owner: str, queue_name: str):
-        from .worker import run_job  # runs only in a worker process
-
-        run_job(huey, run_id, kind, spec, owner, queue_name)
+        if _RUNNER is None:
+            raise RuntimeError("cifarviz jobs run only in a worker (`python -m cifarviz worker`)")
+        _RUNNER(huey, run_id, kind, spec, owner, queue_name)
 
     huey.job = job  # the task every message names
     return huey
@@ -206,7 +214,8 @@ def route(kind: str, spec: dict, url: str, here: bool | None = None) -> str:
 
 def submit(kind: str, spec: dict, *, name: str, root=None, owner: str = "", here: bool | None = None,
            one_at_a_time: bool = False) -> str:
-    """Queue a job of a registered `kind`; a worker takes it. Every limit is checked here, under the runs folder's
+    """Queue a job of a registered `kind` (kinds submit through `collector.submit`, which also makes sure this machine
+    hears back and has its workers). Every limit is checked here, under the runs folder's
     lock: the queue's length, for an `owner` (a viewer; "" is the operator) how many of theirs wait or run, and
     with `one_at_a_time` whether one of this kind already waits or runs (a study). `here`: on this machine's
     workers only (default: the kind's)."""
@@ -239,10 +248,6 @@ def submit(kind: str, spec: dict, *, name: str, root=None, owner: str = "", here
         write_json(folder / "config.json", {"kind": kind, "spec": spec, "owner": owner, "submitted_at": time.time()})
         huey = queue(queue_name, url)
         huey.enqueue(huey.job.s(run_id, kind, spec, owner, queue_name, id=run_id, priority=KINDS[kind].priority))
-    from . import collector, worker  # the app's side: workers on this machine, and what they hand back
-
-    worker.ensure_workers(root)
-    collector.ensure_running(root)
     return run_id
 
 

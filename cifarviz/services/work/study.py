@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from cifarviz.services import tune
 
-from .engine import submit
+from .collector import submit
 from .inputs import data_spec, load_data
 from .kind import register
 from .records import COMPLETED, STOPPED

@@ -12,7 +12,8 @@ import time
 
 from cifarviz.core.settings import settings
 
-from .engine import broker_url, submit, workers
+from .collector import submit
+from .engine import broker_url, workers
 from .inputs import data_spec, load_data
 from .kind import register
 from .records import CHECKPOINT, COMPLETED, RUNNING, STOPPED, RunError

@@ -236,6 +236,7 @@ def serve(url: str, *, name: str, work: Path, gpu: bool, idle_exit: float | None
     """Take jobs until SIGTERM (or `idle_exit` seconds with nothing to do): this machine's queue first, then the GPU
     queue (a GPU worker; a CPU worker too once no GPU worker has been seen for a while), then any worker's."""
     _WORKER.update(name=name, work=str(work), gpu=gpu, url=url, run=None)
+    engine.set_runner(run_job)
     work.mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGTERM, _terminated)
     print(f"cifarviz worker {name} on {engine.HOST}: taking jobs from {engine.shown_broker(url)}"
@@ -373,25 +374,3 @@ def stop_local_workers(root=None, sig: int = signal.SIGTERM) -> None:
             if child is not None:  # ours: collected, never left a zombie
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.wait(timeout=10)
-
-
-def main(args) -> int:
-    """`python -m cifarviz worker`."""
-    if args.broker:
-        os.environ["CIFARVIZ_BROKER"] = args.broker
-        settings()  # a malformed URL is said now, as a setting
-    if args.nice:
-        with contextlib.suppress(OSError, AttributeError):
-            os.nice(args.nice)
-    gpu = args.gpu
-    if gpu is None:
-        import torch
-
-        gpu = torch.cuda.is_available()
-    url = args.broker or engine.broker_url()
-    work = Path(args.work) if args.work else usable_runs_dir() / ".work" / (args.name or engine.HOST)
-    from . import kinds  # noqa: F401 - every kind's function registered
-
-    return serve(url, name=args.name or f"{engine.HOST}-{os.getpid()}", work=work, gpu=gpu,
-                 idle_exit=args.idle_exit, gpu_grace=args.gpu_grace)
-
