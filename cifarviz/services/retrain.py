@@ -28,7 +28,8 @@ import numpy as np
 from cifarviz.core.errors import CifarvizError
 from cifarviz.core.utils import atomic_write, bounded_json
 
-from .work import collector, records as runs
+from .work import collector
+from .work import records as runs
 from .work.inputs import checkpoint_file, data_spec, load_data
 from .work.kind import register
 from .work.train import train_threads

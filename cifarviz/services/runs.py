@@ -17,10 +17,38 @@ from .work import collector, engine
 from .work.collector import submit
 from .work.engine import cancel, problem, request_stop
 from .work.kind import KINDS
-from .work.records import (_PROGRESS, ACTIVE, CANCELLED, CHECKPOINT, COMPLETED, FAILED, FINAL, MAX_CURVE_STEPS,
-                           QUEUED, READ_PER_TICK, RUNNING, STATES, STOPPED, WITH_MODEL, Progress, Run, RunError, _is_count, _is_number, clean_status,
-                           config_problems, list_runs, load_run, log_tail, progress, queue_position, read_metrics,
-                           runs_dir, usable_runs_dir, valid_event)
+from .work.records import (
+    _PROGRESS,
+    ACTIVE,
+    CANCELLED,
+    CHECKPOINT,
+    COMPLETED,
+    FAILED,
+    FINAL,
+    MAX_CURVE_STEPS,
+    QUEUED,
+    READ_PER_TICK,
+    RUNNING,
+    STATES,
+    STOPPED,
+    WITH_MODEL,
+    Progress,
+    Run,
+    RunError,
+    _is_count,
+    _is_number,
+    clean_status,
+    config_problems,
+    list_runs,
+    load_run,
+    log_tail,
+    progress,
+    queue_position,
+    read_metrics,
+    runs_dir,
+    usable_runs_dir,
+    valid_event,
+)
 from .work.train import submit_training, train_threads, training_subset
 from .work.worker import WORKER_NICE, RunContext
 

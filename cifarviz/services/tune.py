@@ -32,10 +32,10 @@ import pandas as pd
 import sqlalchemy.exc
 
 from cifarviz.core.data import Split
-from cifarviz.core.settings import settings
 from cifarviz.core.errors import CifarvizError, TrainingError
 from cifarviz.core.models import model_entry
 from cifarviz.core.recipes import RECIPES
+from cifarviz.core.settings import settings
 from cifarviz.core.train import TrainConfig, resolve_device, train
 from cifarviz.core.utils import atomic_write
 

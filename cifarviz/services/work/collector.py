@@ -24,8 +24,19 @@ from filelock import FileLock, Timeout
 from cifarviz.core.utils import atomic_write
 
 from . import engine, worker
-from .records import (ACTIVE, FAILED, FINAL, QUEUED, RUNNING, Run, clean_status, list_runs, read_json, runs_dir,
-                      write_json)
+from .records import (
+    ACTIVE,
+    FAILED,
+    FINAL,
+    QUEUED,
+    RUNNING,
+    Run,
+    clean_status,
+    list_runs,
+    read_json,
+    runs_dir,
+    write_json,
+)
 
 STALE_SECONDS = 30.0
 IDLE_STOP_SECONDS = 120.0  # the thread ends after this long with nothing to collect; submit starts it again

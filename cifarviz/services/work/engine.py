@@ -37,8 +37,19 @@ from cifarviz.core.settings import settings
 from cifarviz.core.utils import bounded_json, file_lock
 
 from .kind import KINDS
-from .records import (ACTIVE, CANCELLED, QUEUED, RUNNING, RunError, clean_status, list_runs, load_run,
-                      read_json, usable_runs_dir, write_json)
+from .records import (
+    ACTIVE,
+    CANCELLED,
+    QUEUED,
+    RUNNING,
+    RunError,
+    clean_status,
+    list_runs,
+    load_run,
+    read_json,
+    usable_runs_dir,
+    write_json,
+)
 
 GPU_GRACE_SECONDS = 60.0  # no GPU worker seen for this long: CPU workers take the GPU queue's jobs too
 WORKER_SEEN_SECONDS = 20.0  # a worker that has not said it lives for this long is gone
