@@ -107,7 +107,8 @@ def test_stop_mid_epoch_keeps_the_last_finished_epoch(cifar, runs_root):
     epochs = [r["epoch"] for r in rows if r["event"] == "epoch"]
     last_step = max(r["step"] for r in rows if r["event"] == "step")
     assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) < 30
-    assert len(epochs) * 250 < last_step < (len(epochs) + 1) * 250  # stopped inside the next epoch
+    # stopped inside the epoch after the last finished one (or just as that one ended: the request can land there)
+    assert len(epochs) * 250 <= last_step < (len(epochs) + 1) * 250
 
     kept = load_checkpoint(run.checkpoint)
     snapshot = load_checkpoint(run.dir / "epochs" / f"epoch-{len(epochs):03d}.safetensors")

@@ -33,7 +33,7 @@ from cifarviz.core.utils import file_lock
 
 from . import engine
 from .kind import KINDS
-from .records import CANCELLED, FAILED, RUNNING, RunError, usable_runs_dir
+from .records import CANCELLED, FAILED, RUNNING, RunError, usable_runs_dir, write_json
 
 PUSH_SECONDS = 0.5
 HEARTBEAT_SECONDS = 2.0
@@ -358,7 +358,7 @@ def _spawn(root: Path, slot: int, record: Path) -> int:
                                  start_new_session=True, close_fds=True)
     with _CHILDREN_LOCK:
         _CHILDREN[child.pid] = child
-    record.write_text(json.dumps({"pid": child.pid, "name": name, "started_at": time.time()}))
+    write_json(record, {"pid": child.pid, "name": name, "started_at": time.time()})  # atomic: read by others
     return child.pid
 
 
