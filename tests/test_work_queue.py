@@ -131,10 +131,12 @@ def finished(run_id: str):
 
 
 def test_two_runs_train_at_once_on_two_workers_and_everything_reaches_the_app(cifar, workers):
-    first = runs.submit_training(lenet(epochs=3), cifar.root, subset=2000, owner="alice")
-    second = runs.submit_training(lenet(epochs=3), cifar.root, subset=2000, owner="bob")
     workers.start("w1", "--cpu")
     workers.start("w2", "--cpu")
+    # both waiting before anything is queued: otherwise the first to start could take both runs, one after the other
+    wait_until(lambda: len(engine.workers(workers.url)) == 2, "both workers' announcements")
+    first = runs.submit_training(lenet(epochs=5), cifar.root, subset=2000, owner="alice")
+    second = runs.submit_training(lenet(epochs=5), cifar.root, subset=2000, owner="bob")
     wait_until(lambda: state_of(first) == state_of(second) == runs.RUNNING, "both runs training at once")
     where = {runs.load_run(first).status["worker"], runs.load_run(second).status["worker"]}
     assert where == {"w1", "w2"}
@@ -144,7 +146,7 @@ def test_two_runs_train_at_once_on_two_workers_and_everything_reaches_the_app(ci
         assert run.state == runs.COMPLETED, (run.error, workers.output("w1"), workers.output("w2"))
         assert run.where.startswith(("w1 on", "w2 on")) and "(cpu)" in run.where
         epochs = [r["epoch"] for r in runs.read_metrics(run) if r["event"] == "epoch"]
-        assert epochs == [1, 2, 3]  # the metrics streamed over the broker, in order, none twice
+        assert epochs == [1, 2, 3, 4, 5]  # the metrics streamed over the broker, in order, none twice
         checkpoint = load_checkpoint(run.checkpoint)  # the weights came back through the broker, checked on load
         assert checkpoint.meta["status"] == "completed" and 0 < checkpoint.test_accuracy < 1
         assert "test accuracy" in run.status["note"]
