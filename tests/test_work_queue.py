@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from test_runs import wait_until
 
 from cifarviz.core.checkpoint import load_checkpoint
 from cifarviz.core.train import TrainConfig
@@ -110,14 +111,6 @@ def workers(tmp_path, broker):
 
 def lenet(epochs: int = 1) -> TrainConfig:
     return TrainConfig(model="lenet", epochs=epochs, batch_size=64)
-
-
-def wait_until(check, what: str, timeout: float = 180):
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what} never happened"
-        time.sleep(0.2)
-    return value
 
 
 def state_of(run_id: str) -> str:
