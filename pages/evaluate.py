@@ -75,9 +75,14 @@ clicked = ((st.session_state.get(chart_key) or {}).get("selection") or {}).get("
 if clicked[0] and clicked[0].get("true") in classes and clicked[0].get("predicted") in classes:
     st.session_state["cm_true"], st.session_state["cm_pred"] = clicked[0]["true"], clicked[0]["predicted"]
 with matrix:
-    st.caption("Rows: true class, columns: predicted class. Click a cell to see its images on the right.")
+    app.linked("norm", "cm_by_row", parse=lambda text: {"row": True, "count": False}.get(text), default=False,
+               format=lambda on: "row" if on else "count")
+    by_row = st.toggle("Share of each true class", key="cm_by_row",
+                       help="Each row sums to 100%: the diagonal is each class's recall. Off: image counts.")
+    st.caption("Rows: true class, columns: predicted class" + (" (percent of the row)" if by_row else "")
+               + ". Click a cell to see its images on the right.")
     st.vega_lite_chart(spec=confusion_spec(confusion, tuple(classes), (st.session_state["cm_true"],
-                                                                       st.session_state["cm_pred"])),
+                                                                       st.session_state["cm_pred"]), by_row=by_row),
                        on_select="rerun", width="stretch", key=chart_key)
 with images:
     a, b = st.columns(2)

@@ -125,6 +125,31 @@ def test_evaluate_confusion_cell_and_inspector(cifar, fastnet_test):
     assert "Test image #" not in texts(at) and "inspect" not in at.session_state
 
 
+def confusion_cells(at) -> tuple[dict, dict]:
+    """The confusion chart's cells as the browser receives them (Streamlit sends the data as Arrow tables)."""
+    from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
+
+    chart = at.get("vega_lite_chart")[0].proto
+    frame = convert_arrow_bytes_to_pandas_df(chart.datasets[0].data.data)
+    return {(c["true"], c["predicted"]): c for c in frame.to_dict("records")}, json.loads(chart.spec)
+
+
+def test_confusion_matrix_normalised_by_row(cifar, fastnet_test):
+    """The toggle shows each cell as its share of the true class: the diagonal is each class's recall."""
+    at = app_at("pages/evaluate.py", cifar)
+    cells, spec = confusion_cells(at)
+    assert cells[("cat", "dog")]["count"] == len(confusion_cell_indices(fastnet_test.labels, fastnet_test.predicted, 3, 5))
+    assert "row" not in json.dumps(spec["layer"][1]["encoding"]["text"])  # counts drawn while off
+    at.toggle(key="cm_by_row").set_value(True).run()
+    cells, spec = confusion_cells(at)
+    cats = fastnet_test.labels == 3
+    recall = 100 * (fastnet_test.predicted[cats] == 3).mean()
+    assert cells[("cat", "cat")]["share"] == pytest.approx(recall, abs=0.05)
+    assert sum(cells[("cat", p)]["share"] for p in cifar.classes) == pytest.approx(100, abs=0.5)
+    assert spec["layer"][1]["encoding"]["text"]["field"] == "label"  # "73.1%" drawn in each cell
+    assert "percent of the row" in texts(at)
+
+
 def test_calibration_is_fitted_on_val_measured_on_test_and_shown_in_the_inspector(cifar, fastnet_test):
     """fastnet was trained with label smoothing 0.2: underconfident. The temperature that minimises the plain NLL
     on the validation split (fitted here independently, with torch's LBFGS on log T) sharpens it, and on the
@@ -254,13 +279,27 @@ def test_inspector_explains_the_class_it_calls_predicted(cifar, fastnet_test):
     assert f"**Predicted:** {predicted}" in texts(at)
     explained = at.selectbox(key=f"cam-test-{differs}")
     assert explained.value == predicted
-    captions = [c for image in at.image for c in image.captions]
-    assert f"Where the model found evidence for '{predicted}' (the predicted class)" in captions
+    def caption() -> str:
+        return next(c for image in at.image for c in image.captions if c.startswith("Where the model"))
+
+    assert caption() == (f"Where the model found evidence for '{predicted}' (the predicted class), "
+                         "by Grad-CAM at features.4.conv1")  # the last convolution whose map is at least 4x4
     other = next(c for c in cifar.classes if c != predicted)
     explained.set_value(other).run()
     assert not at.exception and at.selectbox(key=f"cam-test-{differs}").value == other
-    assert f"Where the model found evidence for '{other}' (not the predicted class)" in [
-        c for image in at.image for c in image.captions]
+    assert caption().startswith(f"Where the model found evidence for '{other}' (not the predicted class)")
+
+    # the layer is the reader's choice, among the network's convolutions, each with its map's size
+    layer = at.selectbox(key="cam_layer")
+    assert "features.0 (31x31)" in layer.options and "features.4.conv2 (3x3)" in layer.options
+    layer.set_value("features.2.conv1").run()
+    assert not at.exception and caption().endswith("by Grad-CAM at features.2.conv1")
+    # and a pixel attribution computed by Captum, kept while other images are opened
+    at.selectbox(key="attribution_method").set_value("occlusion").run()
+    assert not at.exception and caption().endswith("by Occlusion (Captum)") and not at.selectbox(key="cam_layer")
+    at.session_state["inspect"] = ImageRef("test", 0)
+    at.run()
+    assert caption().endswith("by Occlusion (Captum)")
 
 
 def test_classroom_mode_locks_the_data_folder_and_uploads(cifar, monkeypatch):
@@ -537,3 +576,31 @@ def test_the_lesson_says_no_confusion_it_has_not_computed(tmp_path, monkeypatch)
     t, p = np.unravel_index(confusion.argmax(), confusion.shape)
     assert f"{classes[t]} taken for {classes[p]}" in step["text"]
     assert step["params"]["cell"] == f"{classes[t]},{classes[p]}"
+
+
+def test_the_link_to_the_view_stays_in_the_sidebar_while_a_page_computes(cifar, tmp_path):
+    """Pages stop their run while they wait for a computation; the link is drawn before that, not at the end. And
+    the link shows commas as commas ("cell=cat,dog"), as a teacher copies it onto the board."""
+    import threading
+
+    from conftest import write_image_folder
+
+    from cifarviz.core.data import CIFAR10_CLASSES
+    from cifarviz.services.jobs import JOBS
+    from cifarviz.ui.links import query_string
+
+    assert query_string({"cell": "cat,dog", "q": "a&b"}) == "cell=cat,dog&q=a%26b"
+    root = write_image_folder(tmp_path / "data", classes=CIFAR10_CLASSES, per_class=(2, 1))
+    release = threading.Event()
+    blockers = [JOBS.start(f"test-blocker-{i}", lambda report: release.wait(120)) for i in range(JOBS.workers)]
+    try:
+        at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+        at.session_state["_data_root"] = str(root)
+        at.run()
+        at.switch_page("pages/evaluate.py").run()
+        assert any("queued" in p.proto.text for p in at.get("progress"))  # waiting behind the blockers
+        assert "Link to this view" in [p.proto.popover.label for p in at.sidebar.get("popover")]
+    finally:
+        release.set()
+        for job in blockers:
+            job.wait(30)

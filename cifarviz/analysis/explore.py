@@ -6,17 +6,12 @@ same picture in every view and in the image inspector.
 
 from __future__ import annotations
 
-import copy
 import io
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
-
-from cifarviz.core.augment import to_float
 
 
 @dataclass(frozen=True)
@@ -108,48 +103,7 @@ def _png(pixels: bytes, shape: tuple, scale: int) -> bytes:
 # --------------------------------------------------------------------------- saliency
 
 
-def _last_spatial_conv(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
-    """The last Conv2d whose output is still a map (at least 4x4): where Grad-CAM looks."""
-    found: list[tuple[torch.nn.Module, tuple]] = []
-    hooks = [m.register_forward_hook(lambda mod, _i, out: found.append((mod, tuple(out.shape))))
-             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]  # fmt: skip
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    spatial = [m for m, shape in found if shape[-1] >= 4]
-    return (spatial or [m for m, _ in found])[-1]
-
-
-def grad_cam(model: torch.nn.Module, image: np.ndarray, target_class: int | None = None) -> tuple[np.ndarray, int]:
-    """Grad-CAM heat map (32, 32) in [0, 1] for one uint8 image, and the class it explains.
-
-    Pass the class the page calls predicted (with test-time augmentation the plain argmax can differ).
-    Hooks and gradients go on a private copy: the model is shared by every user of the server."""
-    model = copy.deepcopy(model).eval()
-    x = to_float(torch.from_numpy(image[None]).to(next(model.parameters()).device))
-    layer = _last_spatial_conv(model, x)
-    store = {}
-    forward = layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("act", out))
-    backward = layer.register_full_backward_hook(lambda _m, _gi, go: store.__setitem__("grad", go[0]))
-    try:
-        with torch.enable_grad():
-            x.requires_grad_(True)  # makes frozen backbones (transfer) still produce gradients
-            logits = model(x)
-            target = int(logits.argmax(1)) if target_class is None else int(target_class)
-            model.zero_grad(set_to_none=True)
-            logits[0, target].backward()
-    finally:
-        forward.remove()
-        backward.remove()
-    weights = store["grad"].mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * store["act"]).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-    cam = cam - cam.min()
-    cam = cam / cam.max() if cam.max() > 0 else cam
-    return cam.detach().cpu().numpy(), target
+from cifarviz.analysis.saliency import grad_cam  # noqa: E402,F401 - its old home; pages import it from here
 
 
 def overlay_heatmap(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -33,24 +33,35 @@ def calibrated_switch(where: str, label: str) -> bool:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def confusion_spec(confusion: np.ndarray, classes: tuple, shown: tuple, height: int = 420) -> dict:
-    """The heat map's Vega-Lite spec, built once per (matrix, outlined cell): Altair's build and schema
-    check cost ~20 ms, on every rerun of every viewer otherwise."""
+def confusion_spec(confusion: np.ndarray, classes: tuple, shown: tuple, height: int = 420,
+                   by_row: bool = False) -> dict:
+    """The heat map's Vega-Lite spec, built once per (matrix, outlined cell, normalisation): Altair's build and
+    schema check cost ~20 ms, on every rerun of every viewer otherwise.
+
+    by_row: each cell is its share of the true class (row sums are 100%; the diagonal is each class's recall), so a
+    class with few images is read on the same scale as a large one. Counts stay in the tooltip."""
     classes = list(classes)
-    cells = pd.DataFrame([{"true": classes[i], "predicted": classes[j], "count": int(confusion[i, j])}
+    rows = np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    share = 100.0 * confusion / rows
+    cells = pd.DataFrame([{"true": classes[i], "predicted": classes[j], "count": int(confusion[i, j]),
+                           "share": round(float(share[i, j]), 1)}
                           for i in range(len(classes)) for j in range(len(classes))])  # fmt: skip
     pick = alt.selection_point(name="cell", fields=["true", "predicted"], on="click", clear=False)
     axis = {"labelFontSize": 13, "titleFontSize": 15, "labelOverlap": False, "labelLimit": 120}
     base = alt.Chart(cells).encode(x=alt.X("predicted:N", sort=classes, axis=alt.Axis(labelAngle=-45, **axis)),
                                    y=alt.Y("true:N", sort=classes, axis=alt.Axis(**axis)))
     outlined = (alt.datum.true == shown[0]) & (alt.datum.predicted == shown[1])
+    value, top = ("share", float(share.max())) if by_row else ("count", float(confusion.max()))
     heat = base.mark_rect().encode(
-        color=alt.Color("count:Q", scale=alt.Scale(type="symlog", scheme="blues"), legend=None),
+        color=alt.Color(f"{value}:Q", scale=alt.Scale(type="symlog", scheme="blues"), legend=None),
         stroke=alt.condition(outlined, alt.value("#d62728"), alt.value(None)), strokeWidth=alt.value(4),
-        tooltip=["true", "predicted", "count"]).add_params(pick)
-    text = base.mark_text(fontSize=13).encode(
-        text="count:Q",
-        color=alt.condition(alt.datum.count > confusion.max() / 3, alt.value("white"), alt.value("black")))
+        tooltip=["true", "predicted", "count", alt.Tooltip("share:Q", title="% of the true class")]).add_params(pick)
+    if by_row:
+        text = base.transform_calculate(label="format(datum.share, '.1f') + '%'").mark_text(fontSize=11).encode(
+            text="label:N", color=alt.condition(alt.datum.share > top / 3, alt.value("white"), alt.value("black")))
+    else:
+        text = base.mark_text(fontSize=13).encode(
+            text="count:Q", color=alt.condition(alt.datum.count > top / 3, alt.value("white"), alt.value("black")))
     return (heat + text).properties(height=height).to_dict()
 
 

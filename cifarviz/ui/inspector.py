@@ -8,30 +8,32 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cifarviz.analysis.explore import ImageRef, grad_cam, nearest_neighbours, overlay_heatmap, to_png
+from cifarviz.analysis.calibration import scaled_probabilities
+from cifarviz.analysis.explore import ImageRef, nearest_neighbours, overlay_heatmap, to_png
 from cifarviz.analysis.influence import METHODS, default_method, method_choice
+from cifarviz.analysis.saliency import METHODS as ATTRIBUTIONS
+from cifarviz.analysis.saliency import attribution, conv_layers, default_cam_layer
 from cifarviz.core.checkpoint import Checkpoint
 from cifarviz.core.inference import predict
 from cifarviz.store.artifacts import split_tta
+from cifarviz.ui import links
+from cifarviz.ui.evaluate_view import CALIBRATED_KEY, calibrated_switch
 from cifarviz.ui.loaders import (
-    calibration_now,
-    needs_asking,
     artifacts_job,
     artifacts_ready,
+    calibration_now,
     file_stamp,
     get_artifacts,
     influence_index_now,
     influence_job,
     influence_of,
+    needs_asking,
     prefetch,
     progress_bar,
     time_left,
 )
-from cifarviz.analysis.calibration import scaled_probabilities
-from cifarviz.ui.evaluate_view import CALIBRATED_KEY, calibrated_switch
-from cifarviz.ui import links
-from cifarviz.ui.widgets import INSPECT_KEY, close_inspector, image_grid
 from cifarviz.ui.text import md, shown
+from cifarviz.ui.widgets import INSPECT_KEY, close_inspector, image_grid
 
 
 def inspector(dataset, checkpoint: Checkpoint | None) -> None:
@@ -91,14 +93,17 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
             chart = probability_chart(probs, classes, predicted, checkpoint.name)
             st.altair_chart(chart, width="stretch", height=PROBABILITY_CHART_HEIGHT)
         with right:
-            explained = st.selectbox("Grad-CAM explains", classes, index=predicted, key=f"cam-{ref.split}-{ref.index}",
+            explained = st.selectbox("Evidence for", classes, index=predicted, key=f"cam-{ref.split}-{ref.index}",
                                      format_func=shown,
                                      help="Defaults to the predicted class; pick another to see its evidence.")
             target = classes.index(explained)
+            method, layer = attribution_choice(checkpoint, image)
             note = "the predicted class" if target == predicted else "not the predicted class"
-            st.image(saliency_png(checkpoint, str(checkpoint.path), file_stamp(checkpoint.path), image, target),
+            st.image(saliency_png(checkpoint, str(checkpoint.path), file_stamp(checkpoint.path), image, target,
+                                  method, layer),
                      width="stretch", output_format="PNG",
-                     caption=f"Where the model found evidence for '{md(classes[target])}' ({note})")
+                     caption=f"Where the model found evidence for '{md(classes[target])}' ({note}), by "
+                             f"{ATTRIBUTIONS[method]}" + (f" at {layer}" if layer else ""))
         if ref.split != "upload":
             st.markdown("**Nearest training images in the model's feature space** (cosine similarity)")
             neighbours_section(checkpoint, dataset, ref, image)
@@ -111,11 +116,41 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
             st.rerun()
 
 
+ATTRIBUTION_KEY, CAM_LAYER_KEY = "attribution_method", "cam_layer"  # one choice for every image of the session
+
+
+def attribution_choice(checkpoint: Checkpoint, image: np.ndarray) -> tuple[str, str | None]:
+    """The map's method (Grad-CAM, or Captum's Integrated Gradients or occlusion) and, for Grad-CAM, the layer:
+    the checkpoint's convolutions, deepest map of at least 4x4 first offered."""
+    method = st.selectbox("Explained by", list(ATTRIBUTIONS), format_func=lambda m: ATTRIBUTIONS[m], key=ATTRIBUTION_KEY,
+                          help="Grad-CAM: a layer's activations weighted by the class's gradient (coarse, one "
+                               "backward pass). Integrated Gradients and occlusion (computed by Captum): per "
+                               "pixel, how much it adds to the class's score; painting over the pixels they rank "
+                               "highest costs the model far more confidence than the lowest (tests/test_saliency.py).")
+    if method != "grad-cam":
+        return method, None
+    layers = cam_layers(checkpoint, str(checkpoint.path), file_stamp(checkpoint.path), image.shape)
+    names = [name for name, _ in layers]
+    if st.session_state.get(CAM_LAYER_KEY) not in names:  # a new checkpoint: its own default layer
+        st.session_state[CAM_LAYER_KEY] = default_cam_layer(layers)
+    sizes = dict(layers)
+    layer = st.selectbox("Layer", names, key=CAM_LAYER_KEY, format_func=lambda n: f"{n} ({sizes[n][1]}x{sizes[n][2]})",
+                         help="Earlier layers see edges and textures at fine resolution; later ones see parts of "
+                              "objects on a coarse grid.")
+    return method, layer
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cam_layers(_checkpoint: Checkpoint, path: str, stamp: float, shape: tuple) -> list[tuple[str, tuple]]:
+    return conv_layers(_checkpoint.model, np.zeros(shape, dtype=np.uint8))
+
+
 @st.cache_data(show_spinner=False, max_entries=1024)  # ~20 KB each; a class opens the same images again and again
-def saliency_png(_checkpoint: Checkpoint, path: str, stamp: float, image: np.ndarray, target: int) -> bytes:
-    """The Grad-CAM overlay of `image` for class `target`, enlarged, as PNG (keyed by the checkpoint file, not the
-    model object)."""
-    heat, _ = grad_cam(_checkpoint.model, image, target_class=target)
+def saliency_png(_checkpoint: Checkpoint, path: str, stamp: float, image: np.ndarray, target: int,
+                 method: str = "grad-cam", layer: str | None = None) -> bytes:
+    """The attribution overlay of `image` for class `target`, enlarged, as PNG (keyed by the checkpoint file, not
+    the model object)."""
+    heat = attribution(method, _checkpoint.model, image, target, layer=layer)
     return to_png(overlay_heatmap(image, heat), scale=8)
 
 

@@ -11,7 +11,6 @@ page offers (classes, splits, checkpoints, ranges); anything else is ignored.
 from __future__ import annotations
 
 import re
-
 from typing import Callable
 from urllib.parse import urlencode
 
@@ -126,8 +125,19 @@ _SLOT = "_link_slot"
 
 
 def share_slot() -> None:
-    """A place in the sidebar for the link, drawn now and filled by `publish()` (this run only)."""
-    st.session_state[_SLOT] = st.empty()
+    """A place in the sidebar for the link, drawn now with the view as it stands (so it stays in the sidebar while
+    the page computes) and refreshed by `publish()` at the end of the run."""
+    slot = st.empty()
+    _draw_link(slot)
+    st.session_state[_SLOT] = slot
+
+
+def _draw_link(slot) -> None:
+    with slot.container():
+        with st.popover("Link to this view", icon=":material/link:", width="stretch"):
+            st.caption("Open it in any browser to see this page with the same choices (checkpoint, split, "
+                       "selected image or cell): put it on the board for the class.")
+            st.code(link_to_view(), language=None, wrap_lines=True)
 
 
 def publish() -> None:
@@ -138,15 +148,16 @@ def publish() -> None:
     st.session_state[_WRITTEN] = params
     slot = st.session_state.pop(_SLOT, None)
     if slot is not None:
-        with slot.container():
-            with st.popover("Link to this view", icon=":material/link:", width="stretch"):
-                st.caption("Open it in any browser to see this page with the same choices (checkpoint, split, "
-                           "selected image or cell): put it on the board for the class.")
-                st.code(link_to_view(), language=None, wrap_lines=True)
+        _draw_link(slot)
 
 
 def link_to_view() -> str:
     """The whole address of this view, for the board."""
     base = (getattr(st.context, "url", None) or "").split("?")[0]
-    query = urlencode(view_params())
+    query = query_string(view_params())
     return base + ("?" + query if query else "")
+
+
+def query_string(params: dict[str, str]) -> str:
+    """The address's query, readable on a board: commas stay commas ("cell=cat,dog", not "cell=cat%2Cdog")."""
+    return urlencode(params, safe=",")
