@@ -16,7 +16,8 @@ from cifarviz.core.checkpoint import load_checkpoint
 from cifarviz.store.artifacts import split_artifacts
 
 PAGES = (("home", "", "cifarviz"), ("dataset", "dataset", "Dataset"), ("train", "train", "Train"),
-         ("evaluate", "evaluate", "Evaluate"), ("embeddings", "embeddings", "Embeddings"),
+         ("evaluate", "evaluate", "Evaluate"), ("predictions", "predictions", "Predictions"),
+         ("embeddings", "embeddings", "Embeddings"),
          ("influence", "influence", "Influence"), ("models", "models", "Models"))
 VIEWPORTS = ((1024, 768), (1400, 900))
 TRUNCATION_CHECKED = {name for name, _, _ in PAGES}

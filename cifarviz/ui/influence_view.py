@@ -34,6 +34,7 @@ from cifarviz.ui.loaders import (
     takes_long,
 )
 from cifarviz.ui.widgets import image_grid
+from cifarviz.ui.tagging import tag_many
 from cifarviz.ui.text import md, md_message, shown
 
 REMOVED = 100  # the lists an ensemble index keeps, and the measured table's k on the full split
@@ -290,6 +291,7 @@ def suspects_grid(dataset, checkpoint, ranking: tuple, train_predicted, key: str
                    key=f"suspect-{key}", name=f"suspicious-{checkpoint.name}-{name}",
                    about={"view": "suspicious training images", "ranking": name, "checkpoint": checkpoint.name,
                           "order": "most suspicious first"})
+    tag_many(dataset, [ImageRef("train", int(i)) for i in idx], key=f"suspect-{key}", what="these")
 
 
 def ask_before_building(method: str, checkpoint, dataset, fallback: str | None = None) -> None:

@@ -12,6 +12,7 @@ from cifarviz.analysis.calibration import scaled_probabilities
 from cifarviz.analysis.explore import ImageRef, nearest_neighbours, overlay_heatmap, to_png
 from cifarviz.analysis.influence import METHODS, default_method, method_choice
 from cifarviz.analysis.saliency import METHODS as ATTRIBUTIONS
+from cifarviz.ui.tagging import tag_box
 from cifarviz.analysis.saliency import attribution, conv_layers, default_cam_layer
 from cifarviz.core.checkpoint import Checkpoint
 from cifarviz.core.inference import predict
@@ -70,6 +71,7 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
             st.image(to_png(image, scale=8), width="stretch", output_format="PNG")
             if label is not None:
                 st.markdown(f"**True label:** {md(classes[label])}")
+            tag_box(dataset, ref)
         if checkpoint is None:
             st.info("Pick a checkpoint in the sidebar to see the model's prediction.")
             return

@@ -16,6 +16,7 @@ from cifarviz.services.runs import list_runs, runs_dir, start as hear_from_the_q
 from cifarviz.store import default_store
 from cifarviz.ui import identity, links
 from cifarviz.ui.layout import page_style
+from cifarviz.ui.tagging import remember_dataset
 from cifarviz.ui.loaders import canonical_root, file_stamp, freeze_imported_modules, get_checkpoint, get_dataset
 from cifarviz.ui.uploads import data_locked
 from cifarviz.ui.text import md, md_message, shown
@@ -25,6 +26,7 @@ PAGES = (  # (file, title, icon): the explorer's pages, in menu order
     ("pages/dataset.py", "Dataset", ":material/photo_library:"),
     ("pages/train.py", "Train", ":material/model_training:"),
     ("pages/evaluate.py", "Evaluate", ":material/fact_check:"),
+    ("pages/predictions.py", "Predictions", ":material/table_rows:"),
     ("pages/embeddings.py", "Embeddings", ":material/scatter_plot:"),
     ("pages/influence.py", "Influence", ":material/hub:"),
     ("pages/models.py", "Models", ":material/account_tree:"),
@@ -165,6 +167,7 @@ def current_dataset(required: bool = True, training_images: bool = True):
     root = canonical_root(st.session_state.get("data_root", ""))
     try:
         dataset = get_dataset(root)
+        remember_dataset(dataset)  # tags are kept per dataset
         if training_images and not dataset.train.decoded:
             with st.spinner(f"Decoding the {len(dataset.train) + len(dataset.val):,} training images "
                             "(once, then cached on disk)..."):

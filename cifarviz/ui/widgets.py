@@ -6,6 +6,7 @@ import numpy as np
 import streamlit as st
 
 from cifarviz.analysis.explore import ImageRef, to_png
+from cifarviz.ui.tagging import badge, visible_tags
 
 INSPECT_KEY = "inspect"
 
@@ -26,9 +27,10 @@ def image_grid(images: np.ndarray, refs: list[ImageRef], captions: list[str], ke
     if len(refs) == 0:
         st.caption("No images.")
         return
+    tags = visible_tags()  # a badge on every tagged tile, wherever it appears
     with st.container(horizontal=True, wrap=True, gap="small"):
         for i, ref in enumerate(refs):
             with st.container(width=tile_width):
                 st.image(to_png(images[i], scale=3), width="stretch", output_format="PNG")
-                st.button(captions[i], key=f"{key}-{ref.split}-{ref.index}", on_click=on_click or open_inspector,
+                st.button(captions[i] + badge(tags.get(ref)), key=f"{key}-{ref.split}-{ref.index}", on_click=on_click or open_inspector,
                           args=(ref.split, ref.index), help=help, width="stretch", wrap=True)
