@@ -39,8 +39,12 @@ elif method == "umap":
                                      help="Larger: more global structure (UMAP).")
     params["min_dist"] = c.slider("min_dist", 0.0, 0.99, 0.1, step=0.05, key="emb_min_dist",
                                   help="How tightly points may pack (UMAP).")
-a, b = st.columns([1.3, 1])
+a, f, b = st.columns([1.3, 0.9, 1])
 colour_by = a.segmented_control("Colour by", list(ui.COLOUR_BY), key="emb_colour", required=True)
+app.linked("find", "emb_find", parse=lambda text: text[:200])
+search = f.text_input("Find images", key="emb_find", max_chars=200, placeholder="12, 3071 or cat",
+                      help="Image numbers or class names: ringed in black on every map, listed below.")
+found = ui.find(search, classes, dataset.split(split).labels)
 others = {label: path for label, path in app.checkpoint_choices().items() if path != str(checkpoint.path)}
 compare = b.selectbox("Side by side with", ["nothing", "raw pixels (PCA to 50 dimensions first)", *others],
                        key="emb_compare", help="The same map of another checkpoint, or of the raw pixels: what the "
@@ -69,7 +73,7 @@ for column, (name, source), emb in zip(columns, sources, maps):
             predicted = (arts.predicted if source is checkpoint else other_predicted)[emb.indices]
         key = f"emb-map-{name}-{st.session_state.get('emb_round', 0)}"
         events.append(ui.show_map(emb, predicted, classes, colour_by, key=key, height=560 if len(maps) == 1 else 460,
-                                  urls=urls, legend_below=len(maps) > 1))
+                                  urls=urls, legend_below=len(maps) > 1, found=found[np.isin(found, emb.indices)]))
         st.caption(f"{len(emb):,} {split} images; outlined: misclassified by "
                    f"{md(name if source is not None else checkpoint.name)}; computed in {emb.info['seconds']:.1f} s.")
 st.caption("10-NN accuracy: how often a point's 10 nearest points on the map share its true class (leave-one-out); "
@@ -85,12 +89,17 @@ for emb, event in zip(maps, events):
     box = selection.get("box")
     if box and "x" in box and "y" in box:
         st.session_state["emb_selected"] = (split, selected_indices(emb, box=box).tolist())
+        st.session_state["_emb_selected_by"] = "in the box"
 
+if search.strip() and st.session_state.get("_emb_found_for") != (split, search):  # a new search: its images below
+    st.session_state["_emb_found_for"] = (split, search)
+    st.session_state["emb_selected"] = (split, found.tolist())
+    st.session_state["_emb_selected_by"] = "found"
 chosen_split, chosen = st.session_state.get("emb_selected", (split, []))
 if chosen_split == split and chosen:
     chosen = np.asarray(chosen)
     data = dataset.split(split)
-    st.container(key="emb-box").subheader(f"{len(chosen):,} images in the box")
+    st.container(key="emb-box").subheader(f"{len(chosen):,} images {st.session_state.get('_emb_selected_by', 'in the box')}")
     app.scroll_into_view("emb-box", (split, len(chosen), int(chosen[0])))  # the answer to a drag, below the map
     mix = class_mix(data.labels[chosen], len(classes))
     wrong = int((arts.predicted[chosen] != data.labels[chosen]).sum())

@@ -3,6 +3,7 @@ data and the shipped checkpoints. Maps are of a fixed 2,000-image test subset (a
 needs more."""
 
 import csv
+import json
 import time
 from pathlib import Path
 
@@ -211,6 +212,18 @@ def test_embeddings_page_map_comparison_selection_and_inspector(cifar, fastnet):
     tiles[0].click().run()
     assert f"Test image #{inside[0]}" in "\n".join(m.value for m in at.markdown)
 
+    # the projector's search: image numbers and class names ring their points and list them below
+    at.session_state["inspect"] = None
+    at.selectbox(key="emb_compare").set_value("nothing").run()
+    at.text_input(key="emb_find").set_value(f"{inside[1]}, 9999999, nonsense {inside[2]}").run()
+    assert not at.exception and "2 images found" in [s.value for s in at.subheader]
+    spec = json.loads(at.get("vega_lite_chart")[0].proto.spec)
+    assert len(spec["layer"]) == 2  # the points, and the rings over the found ones
+    found = [int(b.key.rsplit("-", 1)[1]) for b in at.button if b.key and b.key.startswith("emb-selection-test-")]
+    assert found == sorted([int(inside[1]), int(inside[2])])
+    at.text_input(key="emb_find").set_value("FROG").run()
+    assert f"{(cifar.test.labels == 6).sum():,} images found" in [s.value for s in at.subheader]
+
 
 def test_a_tsne_shows_its_layouts_as_it_goes_and_ends_where_it_would_without(cifar, fastnet):
     """The first layout (t-SNE's PCA start) comes before the slow neighbour search, then one every 25
@@ -240,15 +253,23 @@ def test_the_embeddings_page_shows_the_layout_while_the_map_computes(cifar, fast
     split_artifacts(fastnet, cifar, "train")  # the features (computed in the background, in class)
     at.run()
     at.switch_page("pages/embeddings.py").run()
-    deadline, arranging = time.monotonic() + 600, False
+    deadline, preview, stages = time.monotonic() + 600, None, set()
     while not at.get("vega_lite_chart") or at.progress:
         assert not at.exception, [e.value for e in at.exception]
         assert time.monotonic() < deadline, "the map never arrived"
-        arranging |= any("Still arranging" in c.value for c in at.caption) and bool(at.get("vega_lite_chart"))
+        if any("Still arranging" in c.value for c in at.caption) and at.get("vega_lite_chart"):
+            preview = json.loads(at.get("vega_lite_chart")[0].proto.spec)
+        stages |= {p.proto.text.split(": ", 1)[1].split(",")[0] for p in at.get("progress") if ": " in p.proto.text}
         time.sleep(0.25)
         at.run()
-    assert arranging, "no layout was shown while the t-SNE ran"
+    assert preview is not None, "no layout was shown while the t-SNE ran"
     assert "10-NN accuracy in this map" in "\n".join(m.value for m in at.markdown)  # then the finished map
+    final = json.loads(at.get("vega_lite_chart")[0].proto.spec)
+    # the preview's colours and legend are the finished map's: a class keeps its colour when the map lands
+    for key in ("scale", "title"):
+        assert preview["encoding"]["color"][key] == final["encoding"]["color"][key], key
+    assert stages & {"finding each image's neighbours", "laying out: pulling neighbours together",
+                     "laying out: refining"}, stages  # the bar says what the work is doing, in words
 
 
 def test_a_map_of_minutes_is_asked_for_first(cifar, fastnet):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cifarviz.core.checkpoint import Checkpoint
 from cifarviz.core.models import create_model
@@ -188,3 +189,30 @@ def test_prefetching_never_takes_the_last_worker_from_someone_waiting():
     assert asked.wait(5), "the job someone waits for queued behind prefetching"
     release.set()
     assert all(j.wait(20) for j in prefetches) and len(started) == 4
+
+
+def test_the_time_left_never_climbs_while_progress_stands_still():
+    """UMAP sat at 5% for a minute while the page's estimate went 6 -> 22 minutes (the whole job's pace, with the
+    neighbour search in it). Now: no estimate inside a stage whose progress says nothing of time, the pace of a
+    linear stage (epochs) once it moves, a countdown while nothing changes, and this server's measured time first."""
+    from cifarviz.services.jobs import Job
+
+    job = Job("umap", lambda report: None)
+    job.started_at = 100.0
+    job.set_stage("finding each image's neighbours", now=100.0)
+    job._report(0.05)
+    assert [job.seconds_left(now=t) for t in (110.0, 130.0, 160.0)] == [None, None, None]
+    job.set_stage("laying out", linear=True, now=160.0)
+    job._report(0.40)  # 35% of the work in the first 10 s of the layout
+    first = job.seconds_left(now=170.0)
+    assert first == pytest.approx(10 / 0.35 * 0.60)
+    later = [job.seconds_left(now=t) for t in (172.0, 175.0, 180.0, 200.0, 260.0)]
+    assert later == sorted(later, reverse=True) and later[0] == pytest.approx(first - 2) and later[-1] == 0.0
+    job._report(0.70)  # progress moved: a fresh estimate from the stage's pace
+    assert job.seconds_left(now=265.0) == pytest.approx((265 - 160) / (0.70 - 0.05) * 0.30)
+
+    measured = Job("umap again", lambda report: None)
+    measured.expected, measured.started_at = 75.0, 0.0
+    measured.set_stage("finding each image's neighbours", now=0.0)
+    measured._report(0.05)
+    assert [measured.seconds_left(now=t) for t in (10.0, 20.0, 60.0)] == [65.0, 55.0, 15.0]

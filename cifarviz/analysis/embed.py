@@ -228,23 +228,27 @@ def compute_embedding(inputs: np.ndarray, method: str, params: dict | None = Non
     """(n, 2) float32 coordinates of `inputs` (n, d), uncached. Deterministic for a seed (`on_partial`, see
     `embedding`, only looks: the result is the same with it or without)."""
     report = on_progress or (lambda fraction: None)
+    stage = getattr(report, "stage", None) or (lambda text, linear=False: None)  # a job's reporter says stages
     params = check_params(method, params, len(inputs))
     x = np.ascontiguousarray(inputs, dtype=np.float32)
     report(0.01)
     if method == "pca" or x.shape[1] > PCA_DIMS:
+        stage("projecting with PCA" if method == "pca" else f"reducing to {PCA_DIMS} dimensions (PCA)")
         from sklearn.decomposition import PCA
 
         x = PCA(2 if method == "pca" else PCA_DIMS, random_state=seed).fit_transform(x).astype(np.float32)
     report(0.05)
+    if method == "umap" and on_partial is not None:
+        on_partial(np.ascontiguousarray(x[:, :2]))  # UMAP has no layout until it ends: show the PCA one meanwhile
     if method == "tsne":
-        x = _tsne(x, params["perplexity"], seed, report, on_partial)
+        x = _tsne(x, params["perplexity"], seed, report, on_partial, stage)
     elif method == "umap":
-        x = _umap(x, params["n_neighbors"], params["min_dist"], seed, report)
+        x = _umap(x, params["n_neighbors"], params["min_dist"], seed, report, stage)
     report(1.0)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _tsne(x: np.ndarray, perplexity: float, seed: int, report, on_partial=None) -> np.ndarray:
+def _tsne(x: np.ndarray, perplexity: float, seed: int, report, on_partial=None, stage=None) -> np.ndarray:
     """openTSNE in its two phases (early exaggeration, then the rest), so progress is reported per iteration.
 
     From 10,000 points the gradients are FFT-interpolated with ints_in_interval=2, half the grid resolution of
@@ -254,6 +258,8 @@ def _tsne(x: np.ndarray, perplexity: float, seed: int, report, on_partial=None) 
     start = initialization.pca(x, random_state=seed)
     show = on_partial or (lambda coords: None)
     show(np.array(start, dtype=np.float32))  # a first view in a second: the PCA layout t-SNE starts from
+    stage = stage or (lambda text, linear=False: None)
+    stage("finding each image's neighbours")
     affinities = affinity.PerplexityBasedNN(x, perplexity=perplexity, n_jobs=TSNE_JOBS, random_state=seed)
     report(0.15)
     total = TSNE_EXAGGERATION_ITERS + TSNE_ITERS
@@ -268,8 +274,10 @@ def _tsne(x: np.ndarray, perplexity: float, seed: int, report, on_partial=None) 
         "negative_gradient_method": "bh"}
     emb = TSNEEmbedding(start, affinities, n_jobs=TSNE_JOBS, random_state=seed,
                         callbacks=callback, callbacks_every_iters=25, **fft)
+    stage("laying out: pulling neighbours together", linear=True)
     emb = emb.optimize(TSNE_EXAGGERATION_ITERS, exaggeration=12, momentum=0.5)
     done[0] = TSNE_EXAGGERATION_ITERS
+    stage("laying out: refining", linear=True)
     emb = emb.optimize(TSNE_ITERS, momentum=0.8)
     return np.asarray(emb)
 
@@ -277,24 +285,30 @@ def _tsne(x: np.ndarray, perplexity: float, seed: int, report, on_partial=None) 
 class _EpochReader:
     """A file for umap-learn's tqdm bar (its documented `tqdm_kwds`): turns "n/total" writes into progress."""
 
-    def __init__(self, report, start: float):
-        self.report, self.start = report, start
+    def __init__(self, report, start: float, on_first=None):
+        self.report, self.start, self.on_first = report, start, on_first
 
     def write(self, text: str) -> None:
         done, _, total = text.strip().partition("/")
         if done.isdigit() and total.isdigit() and int(total):
+            if self.on_first is not None:  # the first epoch: the layout stage begins
+                self.on_first()
+                self.on_first = None
             self.report(self.start + (1 - self.start) * int(done) / int(total))
 
     def flush(self) -> None:
         pass
 
 
-def _umap(x: np.ndarray, n_neighbors: int, min_dist: float, seed: int, report) -> np.ndarray:
+def _umap(x: np.ndarray, n_neighbors: int, min_dist: float, seed: int, report, stage=None) -> np.ndarray:
     """umap-learn, seeded (which makes it single-threaded: reproducible maps matter more in a class).
     The first call in a process compiles umap's numba functions (see bench/bench_embed.py)."""
     import umap
 
-    reader = _EpochReader(report, 0.4)  # neighbours and the graph (and the first call's compilation) come first
+    stage = stage or (lambda text, linear=False: None)
+    stage("finding each image's neighbours and building the graph")
+    reader = _EpochReader(report, 0.4, lambda: stage("laying out", linear=True))  # neighbours and the graph
+    # (and the first call's compilation) come first; the layout's epochs then report through umap's bar
     model = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed, n_jobs=1,
                       tqdm_kwds={"disable": False, "file": reader, "bar_format": "{n}/{total}", "mininterval": 0.2})
     return model.fit_transform(x)

@@ -54,6 +54,11 @@ class Job:
         self.started_at: float | None = None
         self.ended_at: float | None = None
         self.refused = False  # never queued (ServerBusy): not kept in the registry
+        self.stage = ""  # what the work is doing now, in words ("finding neighbours"), when it says
+        self.expected: float | None = None  # seconds the same work took on this server last time, when measured
+        self._stage_linear = False  # progress within this stage is proportional to time (epochs, iterations)
+        self._stage_from: tuple[float, float] | None = None  # (time, progress) when the stage began
+        self._deadline: tuple[float, float] | None = None  # (when it should end, progress at that estimate)
         self._fn = fn
         self._claim = threading.Lock()
         self._finished = threading.Event()
@@ -77,10 +82,49 @@ class Job:
     def wait(self, timeout: float | None = None) -> bool:
         return self._finished.wait(timeout)
 
+    def progress_reporter(self):
+        """What the work is given: call it with a fraction; `.stage(text, linear)` says what it does now."""
+        def progress(fraction: float) -> None:
+            self._report(fraction)
+
+        progress.stage = self.set_stage
+        return progress
+
     def _report(self, fraction: float) -> None:
         if _STOPPING.is_set():
             raise JobCancelled
         self.progress = max(self.progress, min(1.0, float(fraction)))
+
+    def set_stage(self, text: str, linear: bool = False, now: float | None = None) -> None:
+        """The work says what it does now; `linear`: its progress from here grows in proportion to time (epochs,
+        iterations), so the pace of this stage predicts the rest."""
+        self.stage, self._stage_linear = str(text), bool(linear)
+        self._stage_from = (time.monotonic() if now is None else now, self.progress)
+
+    def seconds_left(self, now: float | None = None) -> float | None:
+        """An estimate of the seconds left, or None when there is nothing to go by yet.
+
+        From the same work's measured time on this server when there is one (and it is not exceeded), else from
+        the pace of a linear stage (time per unit of progress since the stage began), else from the whole job's
+        pace once past 2%. The estimate only moves when the progress does: while progress stands still it counts
+        down (and stays at 0, "almost done", rather than climbing)."""
+        if self.started_at is None or self.done:
+            return None
+        now = time.monotonic() if now is None else now
+        elapsed, p = now - self.started_at, self.progress
+        raw = None
+        if self.expected is not None and elapsed < self.expected:
+            raw = self.expected - elapsed
+        elif self._stage_from is not None and self._stage_linear and p - self._stage_from[1] >= 0.02:
+            since, at = self._stage_from
+            raw = (now - since) / (p - at) * (1 - p)
+        elif self._stage_from is None and p >= 0.02:
+            raw = elapsed * (1 - p) / p
+        if raw is None:
+            return None if self._deadline is None else max(self._deadline[0] - now, 0.0)
+        if self._deadline is None or p > self._deadline[1]:  # progress moved: a new estimate
+            self._deadline = (now + raw, p)
+        return max(self._deadline[0] - now, 0.0)
 
     def run(self) -> None:
         """Run the computation unless a worker already claimed it (an entry moved up the queue is there twice)."""
@@ -88,7 +132,7 @@ class Job:
             return
         self.started_at = time.monotonic()
         try:
-            self._fn(self._report)
+            self._fn(self.progress_reporter())
             self.progress = 1.0
         except BaseException as exc:  # noqa: BLE001 - kept for whoever waits on the job
             exc.__traceback__ = None  # the message is what pages show; the frames would pin arrays in memory

@@ -21,6 +21,7 @@ from cifarviz.core.settings import settings
 from cifarviz.services.jobs import JOBS, Job
 from cifarviz.store import timings
 from cifarviz.ui import app, identity
+from cifarviz.ui.loaders import doing, queued
 from cifarviz.ui.text import md, md_message
 
 # points per map whose tooltip shows the picture; a server can lower it (bench/bench_embed.py measures both)
@@ -54,7 +55,10 @@ def map_job(checkpoint, dataset, split: str, method: str, params: dict, subset) 
         timings.record(timing, time.monotonic() - started)  # what the next one of this size is expected to take
         return result
 
-    return JOBS.start(key, compute, owner=identity.viewer())
+    job = JOBS.start(key, compute, owner=identity.viewer())
+    if job.expected is None and not job.refused:
+        job.expected = timings.expected_seconds(timing)  # the same size of map, as measured on this server
+    return job
 
 
 LONG_MAP_POINTS = 20_000  # a t-SNE or UMAP of more points than this is minutes on a CPU (until measured here)
@@ -150,17 +154,19 @@ def refining(waiting: list[tuple], labels: np.ndarray, classes: list[str], label
         for column, (name, job) in zip(columns, waiting):
             with column:
                 if not job.started:
-                    st.progress(0.0, text=f"{label.format(md(name))}: queued ({JOBS.position(job) or 0} ahead)")
+                    st.progress(0.0, text=f"{label.format(md(name))}: {queued(job)}")
                     continue
-                st.progress(job.progress, text=f"{label.format(md(name))}: arranging the points, "
+                st.progress(job.progress, text=f"{label.format(md(name))}: {doing(job) or 'arranging the points, '}"
                                                f"{job.progress:.0%}{app.time_left(job)}")
                 coords = partial_layout(job)
                 if coords is not None and len(coords) == len(labels):
                     frame = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1],
-                                          "class": np.asarray(classes, dtype=object)[labels]})
-                    chart = alt.Chart(frame).mark_circle(size=12, opacity=0.7).encode(
+                                          "true": np.asarray(classes, dtype=object)[labels]})
+                    chart = alt.Chart(frame).mark_circle(size=12, opacity=0.7).encode(  # the finished map's colours
                         x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None),
-                        color=alt.Color("class:N", sort=classes, legend=alt.Legend(orient="right", labelFontSize=13)))
+                        color=alt.Color("true:N", scale=alt.Scale(domain=classes, scheme=TRUE_COLOURS),
+                                        title="true class",
+                                        legend=alt.Legend(orient="right", labelFontSize=14, titleFontSize=14)))
                     st.altair_chart(chart.properties(height=460), width="stretch")
                     st.caption("Still arranging: images the network finds alike are pulled together. Hover, click "
                                "and box selection come when the map is finished.")
@@ -200,8 +206,21 @@ def map_frame(emb: Embedding, predicted: np.ndarray, classes: list[str], urls: n
     return frame.sort_values("status", kind="stable")  # wrong points drawn last, on top
 
 
+def find(text: str, classes: list[str], labels: np.ndarray) -> np.ndarray:
+    """The images a search names (TensorBoard projector's search): image numbers ("12, 3071") and class names
+    ("cat"), separated by commas or spaces. Unknown words and numbers outside the split are ignored."""
+    found: set[int] = set()
+    for word in text.replace(",", " ").split():
+        if word.isascii() and word.isdigit() and len(word) <= 7 and int(word) < len(labels):
+            found.add(int(word))
+        elif word.lower() in [c.lower() for c in classes]:
+            index = [c.lower() for c in classes].index(word.lower())
+            found.update(np.flatnonzero(labels == index).tolist())
+    return np.array(sorted(found), dtype=np.int64)
+
+
 def map_chart(frame: pd.DataFrame, classes: list[str], colour_by: str, height: int,
-              legend_below: bool = False) -> alt.Chart:
+              legend_below: bool = False, found: np.ndarray | None = None) -> alt.Chart:
     """The scatter: coloured by the chosen field, misclassified points outlined in black, a legend that toggles its
     entries, a click selects one point ("pick"), a drag a box ("box")."""
     field = COLOUR_BY[colour_by]
@@ -216,7 +235,7 @@ def map_chart(frame: pd.DataFrame, classes: list[str], colour_by: str, height: i
         alt.Tooltip("index:Q", title="image #"), alt.Tooltip("true:N", title="true class"),
         alt.Tooltip("predicted:N", title="predicted")]
     bare = alt.Axis(labels=False, ticks=False, title=None, grid=False, domain=False)
-    return alt.Chart(frame).mark_point(filled=True, size=22).encode(
+    points = alt.Chart(frame).mark_point(filled=True, size=22).encode(
         x=alt.X("x:Q", axis=bare, scale=alt.Scale(zero=False, nice=False)),
         y=alt.Y("y:Q", axis=bare, scale=alt.Scale(zero=False, nice=False)),
         color=alt.Color(f"{field}:N", scale=scale, title=colour_by,
@@ -228,12 +247,18 @@ def map_chart(frame: pd.DataFrame, classes: list[str], colour_by: str, height: i
         opacity=alt.condition(legend, alt.value(0.85), alt.value(0.04)),
         tooltip=tooltip,
     ).add_params(legend, pick, box).properties(height=height)
+    if found is None or not len(found):
+        return points
+    rings = alt.Chart(frame[frame["index"].isin(found)]).mark_point(size=200, filled=False, color="black",
+                                                                    strokeWidth=2.5).encode(
+        x="x:Q", y="y:Q", tooltip=tooltip)  # found images ringed, over everything
+    return alt.layer(points, rings).properties(height=height)
 
 
 def show_map(emb: Embedding, predicted: np.ndarray, classes: list[str], colour_by: str, key: str, height: int,
-             urls: np.ndarray | None, legend_below: bool = False):
+             urls: np.ndarray | None, legend_below: bool = False, found: np.ndarray | None = None):
     """Draw a map and its class-separation score; return Streamlit's selection event."""
-    chart = map_chart(map_frame(emb, predicted, classes, urls), classes, colour_by, height, legend_below)
+    chart = map_chart(map_frame(emb, predicted, classes, urls), classes, colour_by, height, legend_below, found)
     event = st.altair_chart(chart, on_select="rerun", selection_mode=["pick", "box"], key=key, width="stretch")
     score = map_knn_accuracy(emb)
     st.markdown(f"**10-NN accuracy in this map: {score:.1%}** (chance {1 / len(classes):.0%})")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import atexit
 import gc
 import sys
-import time
 from pathlib import Path
 
 import streamlit as st
@@ -124,8 +123,11 @@ def influence_job(method: str, checkpoint: Checkpoint, dataset, *, background: b
     def fit(report):
         return load_or_fit(method, checkpoint, dataset, on_progress=report)  # records its time: the next estimate
 
-    return JOBS.start(str(index_path(method, checkpoint, dataset)), fit, background=background,
-                      owner=None if background else identity.viewer())
+    job = JOBS.start(str(index_path(method, checkpoint, dataset)), fit, background=background,
+                     owner=None if background else identity.viewer())
+    if job.expected is None and not job.refused:
+        job.expected = build_estimate(method, checkpoint, dataset)  # this server's last build of the same index
+    return job
 
 
 ASK_ABOVE_SECONDS = 60  # longer than this, a page asks before it starts the work
@@ -288,20 +290,36 @@ def progress_bar(job: Job, label: str, until=None, every: float = 0.5) -> None:
         if job.done or (until is not None and until()):
             st.rerun()  # the whole page, now with the result
         if not job.started:
-            ahead = JOBS.position(job)
-            st.progress(0.0, text=f"{label}: queued, {ahead or 0} computation(s) ahead of it (this server computes "
-                                  f"{JOBS.workers} at a time, what someone waits for first)")
+            st.progress(0.0, text=f"{label}: {queued(job)}")
             return
-        st.progress(job.progress, text=f"{label}: {job.progress:.0%}{time_left(job)}")
+        st.progress(job.progress, text=f"{label}: {doing(job)}{job.progress:.0%}{time_left(job)}")
 
     progress()
 
 
+def queued(job: Job) -> str:
+    """"starting" or "waiting for 2 other computations (this server computes 2 at a time...)"."""
+    ahead = JOBS.position(job) or 0
+    if ahead == 0:
+        return "starting"
+    return (f"waiting for {ahead} other computation{'s' if ahead != 1 else ''} (this server computes "
+            f"{JOBS.workers} at a time, what someone waits for first)")
+
+
+def doing(job: Job) -> str:
+    """The job's stage in words, "finding neighbours, ", when it says one."""
+    return f"{job.stage}, " if job.stage else ""
+
+
 def time_left(job: Job) -> str:
-    """", about 3 minutes left" from the job's pace so far (nothing until there is a pace to go by)."""
-    if job.started_at is None or job.progress < 0.02:
+    """", about 3 minutes left": from this server's measured time for the same work, else the pace of the work's
+    current stage; it counts down while progress stands still (Job.seconds_left), and says nothing without a
+    basis."""
+    seconds = job.seconds_left()
+    if seconds is None:
         return ""
-    seconds = (time.monotonic() - job.started_at) * (1 - job.progress) / job.progress
+    if seconds < 1:
+        return ", almost done"
     return f", {about(seconds)} left"
 
 
