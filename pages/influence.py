@@ -103,7 +103,9 @@ def one_test_image() -> None:
     with answer:
         if method == "similarity":  # where no influence estimate reached it: said, the best estimate's lists below
             app.similarity_explains_better(checkpoint, titles)
-        app.show_result(dataset, checkpoint, app.influence_of(method, checkpoint, dataset, test_index=chosen, k=k), key=f"test-{chosen}")
+        if not app.side_by_side(dataset, checkpoint, method, chosen, k):
+            app.show_result(dataset, checkpoint, app.influence_of(method, checkpoint, dataset, test_index=chosen, k=k),
+                            key=f"test-{chosen}")
         if method == "similarity":
             app.best_estimate_beside(checkpoint, dataset, chosen, k, titles)
     app.scroll_into_view("influence-answer", chosen)  # a click on a tile: its answer, below the grid, into view

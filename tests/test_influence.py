@@ -272,6 +272,26 @@ def test_influence_page_click_a_test_image(cifar, lenet):
     figures = model_card("lenet").influence
     assert f"the test image's loss rose by **{figures.mean_change['head']:+.2f}**" in captions, captions
     assert any(b.key == f"retrain-{chosen}" for b in at.button)
+    # two methods side by side on the same test image (only built indexes are offered), with their overlap
+    load_or_fit("similarity", lenet, cifar)
+    at.run()
+    assert "similarity" in at.selectbox(key="influence_compare").options or \
+        "Feature similarity (baseline)" in at.selectbox(key="influence_compare").options
+    at.selectbox(key="influence_compare").set_value("similarity").run()
+    assert not at.exception, [e.value for e in at.exception]
+    other = lookup(load_or_fit("similarity", lenet, cifar), lenet, cifar, chosen, k=8)
+    for side in ("helpful", "harmful"):
+        mine = [e.train_index for e in getattr(expected, side)]
+        theirs = [e.train_index for e in getattr(other, side)]
+        assert [int(b.key.rsplit("-", 1)[1]) for b in at.button
+                if (b.key or "").startswith(f"compare-similarity-{chosen}-{side}-")] == theirs
+        assert [int(b.key.rsplit("-", 1)[1]) for b in at.button
+                if (b.key or "").startswith(f"compare-head-{chosen}-{side}-")] == mine
+        shared = len(set(mine) & set(theirs))
+        assert f"**Most {side}**" in "\n".join(m.value for m in at.markdown)
+        assert any(m.value.startswith(f"**Most {side}**") and f"**{shared}** of 8 images in both lists" in m.value
+                   for m in at.markdown)
+    at.selectbox(key="influence_compare").set_value("nothing").run()
     # each image opens the inspector, and a test image's inspector lists its influential training images
     next(b for b in at.button if b.key and b.key.startswith(f"test-{chosen}-helpful-")).click().run()
     assert f"Train image #{expected.helpful[0].train_index}" in "\n".join(m.value for m in at.markdown)

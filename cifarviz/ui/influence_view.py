@@ -16,7 +16,7 @@ from cifarviz.services import retrain, runs
 from cifarviz.ui import identity
 from cifarviz.ui.exports import export_buttons
 from cifarviz.ui.inspector import influence_grid
-from cifarviz.analysis.influence import METHODS, index_ready, method_choice
+from cifarviz.analysis.influence import METHODS, available_methods, index_ready, method_choice
 from cifarviz.analysis.influence import build_estimate as influence_build_estimate
 from cifarviz.analysis.influence import how_sure as plain_how_sure
 from cifarviz.analysis.influence.choice import MEASURED_TITLES, where_measured
@@ -315,3 +315,35 @@ def build_estimate_probed(method: str, path: str, stamp: float, root: str, measu
     """analysis.influence.build_estimate, its probe (about a second) run once per server and index, not on every
     rerun; `measured` (this server's last build) is in the key, so a build that finishes replaces the guess."""
     return influence_build_estimate(method, get_checkpoint(path, stamp), get_dataset(root))
+
+
+def side_by_side(dataset, checkpoint, method: str, test_index: int, k: int) -> bool:
+    """Two methods' answers for one test image, row by row (helpful, then harmful), with how many images both
+    lists share. Only methods whose index is built are offered: a comparison never starts minutes of work (the
+    Method picker above builds one). True when the comparison was drawn (instead of the single answer)."""
+    built = [m for m in available_methods(checkpoint) if m != method and index_ready(m, checkpoint, dataset)]
+    if not built:
+        return False
+    other = st.selectbox("Side by side with", ["nothing", *built], key="influence_compare",
+                         format_func=lambda m: "nothing" if m == "nothing" else METHODS[m].title,
+                         help="Another method whose index is built, on the same test image. Build another from "
+                              "the Method picker above.")
+    if other not in built:
+        return False
+    results = {m: influence_of(m, checkpoint, dataset, test_index=test_index, k=k) for m in (method, other)}
+    for side, sentence in (("helpful", "removing it would raise the loss"), ("harmful", "removing it would lower "
+                                                                                         "the loss")):
+        lists = {m: [e.train_index for e in getattr(r, side)] for m, r in results.items()}
+        shared = len(set(lists[method]) & set(lists[other]))
+        st.markdown(f"**Most {side}** ({sentence}): **{shared}** of {k} images in both lists")
+        for column, (m, result) in zip(st.columns(2, gap="medium"), results.items()):
+            with column:
+                st.caption(METHODS[m].title)
+                influence_grid(dataset, getattr(result, side), key=f"compare-{m}-{test_index}-{side}")
+    for m, result in results.items():
+        st.caption(f"Export {METHODS[m].title}:")
+        export_buttons(lambda result=result: influence_rows(result, dataset, get_artifacts(
+            checkpoint, dataset, "train").probs), key=f"compare-{m}-{test_index}",
+            name=f"influence-{checkpoint.name}-{m}-test-{test_index}",
+            about={"view": "influence", "method": m, "checkpoint": checkpoint.name, "query": result.query})
+    return True
