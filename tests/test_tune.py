@@ -190,10 +190,12 @@ def test_tuning_tab_shows_a_study_and_hands_its_best_config_to_training(two_tria
     study = optuna.load_study(study_name="source-space", storage=url)
     trials = at.dataframe[0].value
     assert list(trials["trial"]) == [t.number for t in study.trials] and len(trials) >= 2
-    assert set(trials["state"]) == {"complete"} and list(trials["val_loss"]) == [t.value for t in study.trials]
+    assert set(trials["state"]) == {"complete"}
+    assert [float(v) for v in trials["val_loss"]] == pytest.approx([t.value for t in study.trials], abs=5e-5)
     best = tune.best_trial(study)
     assert any(f"Best: trial {best.number}" in s.value for s in at.subheader)
     assert len(at.get("vega_lite_chart")) == 3  # history, per-epoch losses, importances
+    assert any(f"From only {len(study.trials)} finished trials" in c.value for c in at.caption)  # said: a hint
     assert at.number_input[-1].value == 400  # the form holds the study's own settings
     at.button(key="tune_train_best").click().run()
     assert at.session_state["train_config_request"] == tune.best_config(study)
@@ -253,3 +255,22 @@ def test_a_storage_password_is_never_shown(password, capsys):
             assert "must be percent-encoded" in message
         elif url.startswith("postgresql") and "bad" not in url:  # psycopg2 is installed: the server is down
             assert "did not answer" in message and "driver" not in message
+
+
+def test_a_running_trial_says_it_waits_for_its_first_epoch_not_none(cifar_small, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFARVIZ_RUNS", str(tmp_path))
+    url = f"sqlite:///{(tmp_path / 'optuna.db').as_posix()}"
+    study = optuna.create_study(study_name="one-running", storage=url, direction="minimize")
+    study.tell(study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)}), 0.9)
+    study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})  # started, no epoch yet
+    at = AppTest.from_function(tab_script, args=(cifar_small,), default_timeout=60)
+    at.run()
+    at.text_input(key="tune_storage").set_value(url).run()
+    at.text_input(key="tune_study").set_value("one-running").run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[0].value
+    running = table[table["state"] == "running"].iloc[0]
+    assert running["val_loss"] == "after epoch 1" and "None" not in table.astype(str).to_string()
+    # made by hand, not by cifarviz: shown, with no recipe to train from (it raised KeyError: 'settings')
+    assert any("not made by cifarviz" in c.value for c in at.caption)
+    assert not any(b.key == "tune_train_best" for b in at.button)

@@ -520,12 +520,16 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def best_config(study: optuna.Study) -> dict | None:
-    """The study's base recipe with the best trial's values, for its full number of epochs (a TrainConfig dict)."""
+    """The study's base recipe with the best trial's values, for its full number of epochs (a TrainConfig dict);
+    None without a finished trial, or for a study cifarviz did not make (no settings of ours: nothing to fill in)."""
     best = best_trial(study)
-    if best is None:
+    stored = study.user_attrs.get("settings")
+    if best is None or not isinstance(stored, dict):
         return None
-    settings = StudySettings.from_dict(study.user_attrs["settings"])
-    return settings.config(best.params).to_dict()
+    try:
+        return StudySettings.from_dict(stored).config(best.params).to_dict()
+    except (TuningError, TypeError, ValueError, KeyError):
+        return None
 
 
 def param_importances(study: optuna.Study) -> dict[str, float]:

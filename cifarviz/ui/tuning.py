@@ -161,9 +161,13 @@ def draw_results(study, study_name: str, train_page: str | None) -> None:
         return
     counts = table["state"].value_counts()
     st.caption(", ".join(f"{n} {state}" for state, n in counts.items()))
-    st.dataframe(table, hide_index=True, key="tune_trials", column_config={
-        "val_loss": st.column_config.NumberColumn("val loss", format="%.4f"),
-        "val_acc": st.column_config.NumberColumn("val acc", format="percent"),
+    shown_table = table.copy()  # a trial without a finished epoch says so, not "None"
+    shown_table["val_loss"] = [f"{v:.4f}" if pd.notna(v) else "after epoch 1" for v in table["val_loss"]]
+    shown_table["val_acc"] = [f"{100 * v:.1f}%" if pd.notna(v) else "" for v in table["val_acc"]]
+    shown_table["seconds"] = [f"{v:,.0f}" if pd.notna(v) else "" for v in table["seconds"]]
+    st.dataframe(shown_table, hide_index=True, key="tune_trials", column_config={
+        "val_loss": st.column_config.TextColumn("val loss"),
+        "val_acc": st.column_config.TextColumn("val acc"),
         "lr": st.column_config.NumberColumn(format="%.2e"),
         "weight_decay": st.column_config.NumberColumn("weight decay", format="%.2e"),
         "dropout": st.column_config.NumberColumn(format="%.2f"),
@@ -184,6 +188,10 @@ def best_section(study, best, train_page: str | None) -> None:
     params = pd.DataFrame({"parameter": [LABELS.get(k, k) for k in best.params], "value": shown})
     st.dataframe(params, hide_index=True, width="content")
     config = tune.best_config(study)
+    if config is None:
+        st.caption("This study was not made by cifarviz (it stores no recipe of ours), so there is no Train form to "
+                   "fill in from it.")
+        return
     if st.button("Train with the best parameters", key="tune_train_best", type="primary",
                  help=f"Fills the Train form: {config['model']}'s recipe with these values, {config['epochs']} epochs"):
         st.session_state[TRAIN_REQUEST_KEY] = config
@@ -192,6 +200,7 @@ def best_section(study, best, train_page: str | None) -> None:
         st.rerun(scope="app")
 
 
+RELIABLE_IMPORTANCES = 10  # fewer finished trials than this: the importances carry a caution
 LOSS_AXIS = alt.Axis(format=".4~g")  # "1.05", never "1.000000" when the trials' losses are close
 
 
@@ -223,5 +232,10 @@ def charts(study) -> None:
             y=alt.Y("parameter:N", sort="-x", title=None, axis=alt.Axis(labelOverlap=False)),
             tooltip=["parameter", alt.Tooltip("importance", format=".3f")])
         left.altair_chart(chart.properties(title="Parameter importances", height=alt.Step(32)), width="stretch")
+        finished = int((history["val_loss"].notna()).sum()) if not history.empty else 0
+        if finished < RELIABLE_IMPORTANCES:
+            left.caption(f"From only {finished} finished trial{'s' if finished != 1 else ''}: with fewer than "
+                         f"{RELIABLE_IMPORTANCES}, which parameter mattered is mostly chance (another few trials "
+                         "can reorder the bars). Read it as a hint, not a finding.")
     else:
         left.caption("Parameter importances appear after two finished trials.")
