@@ -1,5 +1,6 @@
 """Background training runs (cifarviz.services.runs) and the Train page, on real data: 1-epoch lenet runs on small subsets."""
 
+import json
 import os
 import signal
 import time
@@ -77,6 +78,9 @@ def test_a_run_started_on_the_page_trains_to_a_checkpoint_every_page_accepts(cif
     # the page shows it as finished; its button selects it in the sidebar, and Evaluate works on it
     at.run()
     assert any(run.id in visible(e.value) for e in at.success)
+    # and its curves stay on screen under it (they vanished when a run ended or was stopped)
+    titles = [json.loads(c.proto.spec).get("title") for c in at.get("vega_lite_chart")]
+    assert "Loss" in titles and "Accuracy" in titles, titles
     [b for b in at.button if b.key == f"use-{run.id}"][0].click().run()
     at.run()
     assert at.selectbox(key="checkpoint_label").value == f"{run.id} (your run)"
@@ -91,6 +95,9 @@ def test_a_run_started_on_the_page_trains_to_a_checkpoint_every_page_accepts(cif
     assert not at.exception, [e.value for e in at.exception]
     table = next(d.value for d in at.dataframe if run.id in d.value.columns)
     assert list(table.columns) == [run.id, "lenet (shipped)"] and table.loc["epochs", run.id] == "2"
+    # the splits differ by point shape too (a one-epoch run has points and no lines), and the caption says so
+    shapes = [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
+    assert any('"shape": {"field": "split"' in json.dumps(spec) for spec in shapes) and "diamonds" in texts(at)
 
 
 def test_stop_mid_epoch_keeps_the_last_finished_epoch(cifar, runs_root):

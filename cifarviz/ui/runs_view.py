@@ -105,7 +105,9 @@ def checkpoint_label(run: runs.Run) -> str | None:
     return next((label for label, path in app.checkpoint_choices().items() if path == target), None)
 
 
-def draw_finished(run: runs.Run) -> None:
+def draw_finished(run: runs.Run, curves: bool = False) -> None:
+    """A run that ended: its outcome, and (`curves`: the newest, just stopped or finished) the curves it drew
+    while it ran, so Stop does not wipe them from the screen."""
     note = run.status.get("note") or ""
     name = md(run.id)
     if run.problems:
@@ -127,6 +129,14 @@ def draw_finished(run: runs.Run) -> None:
                                   help="Selects this run's checkpoint in the sidebar"):
             st.session_state["checkpoint_label_request"] = label
             st.rerun()
+        p = runs.progress(run) if curves else None
+        if p is not None and p.steps:
+            config = run.train_config
+            epochs = config.get("epochs") if runs._is_count(config.get("epochs")) and config["epochs"] >= 1 else 1
+            frame = curve_frame(p.steps, p.epochs)
+            left, right = st.columns(2)
+            left.altair_chart(live_chart(frame, "loss", epochs), width="stretch")
+            right.altair_chart(live_chart(frame, "acc", epochs), width="stretch")
 
 
 MAX_RECENT = 5
@@ -184,5 +194,5 @@ def live_view(owner: str) -> None:
     done = sorted((r for r in every if r.state not in runs.ACTIVE), key=lambda r: r.status.get("ended_at", 0))
     if done:
         st.subheader("Recent runs")
-        for run in done[::-1][:MAX_RECENT]:
-            draw_finished(run)
+        for i, run in enumerate(done[::-1][:MAX_RECENT]):
+            draw_finished(run, curves=i == 0)
