@@ -12,7 +12,7 @@
 
     python bench/bench_embed.py [--data PATH] [--skip-sklearn] [--skip-browser]
 
-Prints a table and writes bench/results/embed.json.
+Prints a table and writes bench/results/embed-DATE-COMMIT.json.
 """
 
 import argparse
@@ -157,9 +157,13 @@ def main() -> None:
         report["browser"] = bench_browser(str(dataset.root))
     print(json.dumps(report, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with atomic_write(RESULTS / "embed.json", "w") as fh:
-        json.dump(report, fh, indent=2)
-    print(f"wrote {RESULTS / 'embed.json'}")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip() or "nocommit"
+    path = RESULTS / f"embed-{time.strftime('%Y%m%d')}-{commit}.json"
+    with atomic_write(path, "w") as fh:
+        json.dump({"command": "python bench/bench_embed.py " + " ".join(sys.argv[1:]), "commit": commit,
+                   **report}, fh, indent=2)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

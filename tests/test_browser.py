@@ -20,6 +20,8 @@ PAGES = (("home", "", "cifarviz"), ("dataset", "dataset", "Dataset"), ("train", 
          ("embeddings", "embeddings", "Embeddings"),
          ("influence", "influence", "Influence"), ("models", "models", "Models"))
 VIEWPORTS = ((1024, 768), (1400, 900))
+README_SIZE, README_SHOTS = "1400x900", {"evaluate", "predictions", "influence", "embeddings", "train"}
+DOCS_SHOTS = REPO / "docs" / "screenshots"
 TRUNCATION_CHECKED = {name for name, _, _ in PAGES}
 
 
@@ -123,6 +125,8 @@ def test_screenshots_every_page_tab_and_the_inspector(browser, server, width, he
             wait_idle(page)
             assert_healthy(page, name)
             screenshot(page, f"{name}-{size}")
+            if size == README_SIZE and name in README_SHOTS:  # the README's pictures, current with every run
+                page.screenshot(path=DOCS_SHOTS / f"{name}.jpg", type="jpeg", quality=70)
             tabs = page.locator("[data-testid='stMain'] [role=tab]")
             for i in range(tabs.count()):
                 label = tabs.nth(i).inner_text().strip()
@@ -141,6 +145,8 @@ def test_screenshots_every_page_tab_and_the_inspector(browser, server, width, he
         wait_idle(page)
         assert_healthy(page, "inspector")
         screenshot(page, f"inspector-{size}", scroller="[role=dialog]")
+        if size == README_SIZE:
+            page.screenshot(path=DOCS_SHOTS / "inspector.jpg", type="jpeg", quality=70)
         print(f"{size}: cut off in the inspector: {cut_off_texts(page, '[role=dialog]')}")
     finally:
         page.close()
