@@ -16,6 +16,8 @@ st.markdown(f"Each point is an image, placed by a 2-D map of **{md(checkpoint.na
             "it, drag a box to see the images inside; click a legend entry to show only that class.")
 
 a, b, c = st.columns([1, 1.5, 1.3])  # "t-SNE | UMAP | PCA" fits a 1024-pixel projector
+with c:
+    layer = ui.layer_choice(checkpoint)
 app.linked("split", "emb_split", choices=("test", "train"), default="test")
 app.linked("method", "emb_method", choices=tuple(METHODS), default="tsne")
 app.linked("colour", "emb_colour", choices=tuple(ui.COLOUR_BY), default="true class")
@@ -58,7 +60,7 @@ elif compare != "nothing":
     other = app.get_checkpoint(others[compare], app.file_stamp(others[compare]))
     other_predicted = app.get_artifacts(other, dataset, split).predicted
     sources.append((other.name, other))
-maps = ui.get_maps(sources, dataset, split, method, params, subset)
+maps = ui.get_maps(sources, dataset, split, method, params, subset, layer)
 
 st.html(ui.TOOLTIP_CSS)
 urls = ui.thumbnails(dataset.root.as_posix(), split)
@@ -77,7 +79,8 @@ for column, (name, source), emb in zip(columns, sources, maps):
         st.caption(f"{len(emb):,} {split} images; outlined: misclassified by "
                    f"{md(name if source is not None else checkpoint.name)}; computed in {emb.info['seconds']:.1f} s.")
 st.caption("10-NN accuracy: how often a point's 10 nearest points on the map share its true class (leave-one-out); "
-           f"higher means the classes are better separated. {METHODS[method]} of the penultimate features"
+           f"higher means the classes are better separated. {METHODS[method]} of "
+           + (f"layer {md(layer)}'s channels (averaged over positions)" if layer else "the penultimate features")
            + (", or of the raw pixels (reduced to 50 dimensions with PCA first)" if len(maps) > 1 else "") + ".")
 
 for emb, event in zip(maps, events):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import visible
 from streamlit.testing.v1 import AppTest
 
 from cifarviz.analysis import embed
@@ -224,6 +225,19 @@ def test_embeddings_page_map_comparison_selection_and_inspector(cifar, fastnet):
     at.text_input(key="emb_find").set_value("FROG").run()
     assert f"{(cifar.test.labels == 6).sum():,} images found" in [s.value for s in at.subheader]
 
+    # the layer to map, from the network's own convolutions
+    at.text_input(key="emb_find").set_value("").run()
+    at.selectbox(key="emb_layer").set_value("features.3.conv2").run()
+    while at.progress:
+        assert time.monotonic() < deadline + 300, "the layer's map never arrived"
+        time.sleep(1)
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    layer_map = embedding(fastnet, cifar, "test", "pca", {}, layer="features.3.conv2")
+    assert f"10-NN accuracy in this map: {knn_accuracy(layer_map.coords, layer_map.labels):.1%}" in \
+        "\n".join(m.value for m in at.markdown)
+    assert any("layer features.3.conv2's channels" in visible(c.value) for c in at.caption)
+
 
 def test_a_tsne_shows_its_layouts_as_it_goes_and_ends_where_it_would_without(cifar, fastnet):
     """The first layout (t-SNE's PCA start) comes before the slow neighbour search, then one every 25
@@ -294,3 +308,21 @@ def test_a_map_of_minutes_is_asked_for_first(cifar, fastnet):
     at.run()
     assert "about 5 minutes (as long as it took on this server last time)" in "\n".join(m.value for m in at.markdown)
     assert not at.progress and not [key for key in JOBS._jobs if "tsne" in key]
+
+
+def test_a_map_of_an_early_layer_separates_the_classes_less_than_the_penultimate_features(cifar, fastnet):
+    """The layer to embed is the reader's choice: on fastnet's test images, the first convolution's channels
+    (colours and edges) separate the classes far less on a PCA map than the penultimate features do; each map is
+    stored under its own key and says which layer it maps; a name that is not a convolution is refused."""
+    subset = np.arange(2000)
+    deep = embedding(fastnet, cifar, "test", "pca", {}, subset)
+    early = embedding(fastnet, cifar, "test", "pca", {}, subset, layer="features.0")
+    assert early.info["layer"] == "features.0" and deep.info["layer"] == "penultimate"
+    assert embed.embedding_path(fastnet, cifar, "test", "pca", {}, subset, layer="features.0") != \
+        embed.embedding_path(fastnet, cifar, "test", "pca", {}, subset)
+    early_acc, deep_acc = knn_accuracy(early.coords, early.labels), knn_accuracy(deep.coords, deep.labels)
+    assert early_acc + 0.15 < deep_acc, (early_acc, deep_acc)
+    with pytest.raises(embed.EmbeddingError, match="no convolution 'head'"):
+        embedding(fastnet, cifar, "test", "pca", {}, subset, layer="head")
+    with pytest.raises(embed.EmbeddingError, match="Raw pixels have no layers"):
+        embedding(None, cifar, "test", "pca", {}, subset, layer="features.0")

@@ -123,17 +123,54 @@ def _check_subset(subset, n_total: int, split: str) -> np.ndarray:
 # --------------------------------------------------------------------------- cache
 
 
+_LAYERS: dict[int, tuple] = {}  # id(model) -> (weak reference, its convolutions' names): asked on every rerun
+_LAYERS_LOCK = threading.Lock()
+
+
+def layer_names(model) -> list[str]:
+    """The model's convolutions that output a map, in forward order (saliency.conv_layers), once per model."""
+    import weakref
+
+    from cifarviz.analysis.saliency import conv_layers
+
+    with _LAYERS_LOCK:
+        known = _LAYERS.get(id(model))
+    if known is None or known[0]() is not model:
+        known = (weakref.ref(model), [n for n, _ in conv_layers(model, np.zeros((32, 32, 3), np.uint8))])
+        with _LAYERS_LOCK:
+            _LAYERS[id(model)] = known
+            while len(_LAYERS) > 64:
+                _LAYERS.pop(next(iter(_LAYERS)))
+    return list(known[1])
+
+
+def check_layer(checkpoint, layer: str | None) -> None:
+    """`layer`: None (the penultimate features, the head's input) or one of the checkpoint's convolutions."""
+    if layer is None:
+        return
+    if checkpoint is None:
+        raise EmbeddingError("Raw pixels have no layers: map a checkpoint's layer, or the pixels.")
+    names = layer_names(checkpoint.model)
+    if layer not in names:
+        raise EmbeddingError(f"{checkpoint.name} has no convolution {layer!r} to map; its convolutions: "
+                             f"{', '.join(names)}.")
+
+
 def embedding_key(checkpoint, dataset, split: str, method: str, params: dict | None = None, subset=None,
-                  seed: int = SEED) -> CacheKey:
-    """The store key of one map: the source (the model's identity and TTA, or the raw pixels), the split's exact
-    images, which of them, the method with all its parameters and fixed settings, and the seed."""
+                  seed: int = SEED, layer: str | None = None) -> CacheKey:
+    """The store key of one map: the source (the model's identity and TTA, or the raw pixels; the layer when not
+    the penultimate features), the split's exact images, which of them, the method with all its parameters and
+    fixed settings, and the seed."""
     check_seed(seed)
+    check_layer(checkpoint, layer)
     if split not in ("train", "val", "test"):
         raise EmbeddingError(f"Unknown split {split!r}: choose train, val or test.")
     n_total = len(dataset.split(split))
     idx = _check_subset(subset, n_total, split)
     full = check_params(method, params, len(idx))
     source = "pixels" if checkpoint is None else {**model_identity(checkpoint), "tta": split_tta(checkpoint, split)}
+    if layer is not None:  # a convolution's channels, averaged over positions, of the plain images
+        source = {**source, "tta": "none", "layer": layer}
     settings = {"pca_dims": PCA_DIMS, "tsne_iters": [TSNE_EXAGGERATION_ITERS, TSNE_ITERS], "fft_from": FFT_FROM}
     return CacheKey("embeddings", EMBED_VERSION, {
         "source": source, "images": split_digest(dataset, split), "split": split, "method": method, "params": full,
@@ -142,15 +179,15 @@ def embedding_key(checkpoint, dataset, split: str, method: str, params: dict | N
 
 
 def embedding_path(checkpoint, dataset, split: str, method: str, params: dict | None = None, subset=None,
-                   seed: int = SEED) -> Path:
+                   seed: int = SEED, layer: str | None = None) -> Path:
     """The cache file of one map (see embedding_key)."""
-    return default_store().path(embedding_key(checkpoint, dataset, split, method, params, subset, seed))
+    return default_store().path(embedding_key(checkpoint, dataset, split, method, params, subset, seed, layer))
 
 
 def embedding_ready(checkpoint, dataset, split: str, method: str, params: dict | None = None, subset=None,
-                    seed: int = SEED) -> bool:
+                    seed: int = SEED, layer: str | None = None) -> bool:
     """Whether the map is at hand (stored, or kept in memory without a disk) without computing it."""
-    return default_store().has(embedding_key(checkpoint, dataset, split, method, params, subset, seed))
+    return default_store().has(embedding_key(checkpoint, dataset, split, method, params, subset, seed, layer))
 
 
 def _schema(expected_indices: np.ndarray, expected_labels: np.ndarray, with_predictions: bool) -> Schema:
@@ -192,12 +229,13 @@ _MAPS_LOCK = threading.Lock()
 
 
 def embedding(checkpoint, dataset, split: str, method: str, params: dict | None = None, subset=None, *,
-              seed: int = SEED, on_progress=None, on_partial=None) -> Embedding:
+              seed: int = SEED, on_progress=None, on_partial=None, layer: str | None = None) -> Embedding:
     """The 2-D map of `split` (or of the images `subset` of it): from the store, or computed and stored now.
 
     `checkpoint=None` maps the raw pixels. `on_progress(fraction)` is called while it runs; `on_partial(coords)`
-    with each intermediate layout of a t-SNE (its starting PCA layout first), for a first view that refines."""
-    key = embedding_key(checkpoint, dataset, split, method, params, subset, seed)
+    with each intermediate layout of a t-SNE (its starting PCA layout first), for a first view that refines.
+    `layer`: map that convolution's channels (averaged over positions) instead of the penultimate features."""
+    key = embedding_key(checkpoint, dataset, split, method, params, subset, seed, layer)
     data = dataset.split(split)
     idx = _check_subset(subset, len(data), split)
     full = check_params(method, params, len(idx))
@@ -208,9 +246,17 @@ def embedding(checkpoint, dataset, split: str, method: str, params: dict | None 
         else:
             arts = split_artifacts(checkpoint, dataset, split)
             inputs, predicted = arts.features[idx], arts.predicted[idx]
+            if layer is not None:
+                from cifarviz.core.inference import layer_features
+
+                stage = getattr(on_progress, "stage", None)
+                if stage:
+                    stage(f"reading layer {layer} of the {len(idx):,} images")
+                inputs = layer_features(checkpoint.model, data.images[idx], layer)
         start = time.perf_counter()
         coords = compute_embedding(inputs, method, full, seed=seed, on_progress=on_progress, on_partial=on_partial)
-        info = {"source": "raw pixels" if checkpoint is None else checkpoint.name, "split": split, "method": method,
+        info = {"source": "raw pixels" if checkpoint is None else checkpoint.name, "layer": layer or "penultimate",
+                "split": split, "method": method,
                 "params": full, "seed": seed, "points": len(idx), "seconds": round(time.perf_counter() - start, 2)}
         return {"coords": coords, "indices": idx, "labels": data.labels[idx],
                 "predicted": np.zeros(0, np.int64) if predicted is None else predicted,

@@ -108,3 +108,34 @@ def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, fl
     t_logits, t_labels = torch.from_numpy(logits), torch.from_numpy(np.asarray(labels))
     loss = F.cross_entropy(t_logits, t_labels).item()
     return loss, float((t_logits.argmax(1) == t_labels).float().mean())
+
+
+def layer_features(model: torch.nn.Module, images: np.ndarray, layer: str, *, batch_size: int | None = None,
+                   device: str | torch.device = "auto", on_progress=None) -> np.ndarray:
+    """(N, C) float32: what module `layer` (one of the model's own module names) outputs for each uint8 image,
+    averaged over its spatial positions (a convolution's channels), without test-time augmentation. Hooked on a
+    private copy: the model is shared by every user of the server."""
+    import copy
+
+    if layer not in dict(model.named_modules()):
+        raise ValueError(f"The model has no layer {layer!r}.")
+    device = pick_device(device) if isinstance(device, str) else device
+    batch_size = batch_size or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
+    model = copy.deepcopy(model).eval().to(device)
+    outputs: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, out):
+        out = out.float()
+        outputs.append((out.mean((2, 3)) if out.dim() == 4 else out.flatten(1)).cpu())
+
+    hook = dict(model.named_modules())[layer].register_forward_hook(keep)
+    images = torch.as_tensor(images)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                model(to_float(images[start : start + batch_size].to(device)))
+                if on_progress is not None:
+                    on_progress(min(1.0, (start + batch_size) / len(images)))
+    finally:
+        hook.remove()
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)

@@ -15,7 +15,15 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from cifarviz.analysis.embed import METHODS, Embedding, embedding, embedding_path, embedding_ready, knn_accuracy
+from cifarviz.analysis.embed import (
+    METHODS,
+    Embedding,
+    embedding,
+    embedding_path,
+    embedding_ready,
+    knn_accuracy,
+    layer_names,
+)
 from cifarviz.core.errors import CifarvizError
 from cifarviz.core.settings import settings
 from cifarviz.services.jobs import JOBS, Job
@@ -33,13 +41,15 @@ COLOUR_BY = {"true class": "true", "prediction": "predicted", "right or wrong": 
 TOOLTIP_CSS = "<style>#vg-tooltip-element img{width:128px;height:128px;image-rendering:pixelated}</style>"
 
 
-def map_job(checkpoint, dataset, split: str, method: str, params: dict, subset) -> Job | None:
+def map_job(checkpoint, dataset, split: str, method: str, params: dict, subset, layer: str | None = None
+            ) -> Job | None:
     """The computation of a map, started (or joined) if it is not on disk yet; None if it is."""
-    if embedding_ready(checkpoint, dataset, split, method, params, subset):
+    layer = layer if checkpoint is not None else None  # the pixels have no layers
+    if embedding_ready(checkpoint, dataset, split, method, params, subset, layer=layer):
         return None
     if refused := app.classroom_refusal(f"this {METHODS[method].split(' (')[0]} map"):
         return refused
-    key = str(embedding_path(checkpoint, dataset, split, method, params, subset))
+    key = str(embedding_path(checkpoint, dataset, split, method, params, subset, layer=layer))
 
     def partial(coords: np.ndarray) -> None:  # the job's latest layout, for everyone waiting on it (replaced whole)
         with _PARTIAL_LOCK:
@@ -47,11 +57,12 @@ def map_job(checkpoint, dataset, split: str, method: str, params: dict, subset) 
             while len(_PARTIAL) > 8:
                 _PARTIAL.pop(next(iter(_PARTIAL)))
 
-    timing = map_timing_key(checkpoint, dataset, split, method, subset)
+    timing = map_timing_key(checkpoint, dataset, split, method, subset, layer)
 
     def compute(report):
         started = time.monotonic()
-        result = embedding(checkpoint, dataset, split, method, params, subset, on_progress=report, on_partial=partial)
+        result = embedding(checkpoint, dataset, split, method, params, subset, on_progress=report, on_partial=partial,
+                           layer=layer)
         timings.record(timing, time.monotonic() - started)  # what the next one of this size is expected to take
         return result
 
@@ -64,16 +75,18 @@ def map_job(checkpoint, dataset, split: str, method: str, params: dict, subset) 
 LONG_MAP_POINTS = 20_000  # a t-SNE or UMAP of more points than this is minutes on a CPU (until measured here)
 
 
-def map_timing_key(checkpoint, dataset, split: str, method: str, subset) -> str:
+def map_timing_key(checkpoint, dataset, split: str, method: str, subset, layer: str | None = None) -> str:
     points = len(dataset.split(split)) if subset is None else len(subset)
-    return f"map/{method}/{'pixels' if checkpoint is None else 'features'}/{points}"
+    inputs = "pixels" if checkpoint is None else "features" if layer is None else "layer"
+    return f"map/{method}/{inputs}/{points}"
 
 
 def _said_yes(split: str, method: str, subset) -> str:
     return f"_map_yes_{split}_{method}_{len(subset) if subset is not None else 'all'}"
 
 
-def map_needs_asking(requests: list[tuple], dataset, split: str, method: str, params: dict, subset):
+def map_needs_asking(requests: list[tuple], dataset, split: str, method: str, params: dict, subset,
+                     layer: str | None = None):
     """(ask first?, the longest measured time of the maps not on disk, or None when none was measured here). Ask when
     one was measured above a minute, or, never measured, is a t-SNE or UMAP of over LONG_MAP_POINTS images; never
     once this viewer said yes, nor for a map someone already started."""
@@ -82,10 +95,11 @@ def map_needs_asking(requests: list[tuple], dataset, split: str, method: str, pa
     points = len(dataset.split(split)) if subset is None else len(subset)
     ask, longest = False, None
     for _, source in requests:
-        if embedding_ready(source, dataset, split, method, params, subset) or JOBS.get(
-                str(embedding_path(source, dataset, split, method, params, subset))):
+        mine = layer if source is not None else None
+        if embedding_ready(source, dataset, split, method, params, subset, layer=mine) or JOBS.get(
+                str(embedding_path(source, dataset, split, method, params, subset, layer=mine))):
             continue
-        estimate = timings.expected_seconds(map_timing_key(source, dataset, split, method, subset))
+        estimate = timings.expected_seconds(map_timing_key(source, dataset, split, method, subset, mine))
         if estimate is not None:
             ask |= estimate > app.ASK_ABOVE_SECONDS
             longest = max(longest or 0.0, estimate)
@@ -114,15 +128,16 @@ def partial_layout(job: Job) -> np.ndarray | None:
     return None if found is None or job.done else found[0]
 
 
-def get_maps(requests: list[tuple], dataset, split: str, method: str, params: dict, subset) -> list[Embedding]:
+def get_maps(requests: list[tuple], dataset, split: str, method: str, params: dict, subset,
+             layer: str | None = None) -> list[Embedding]:
     """The maps of several sources (a checkpoint or None for pixels), each computed once for everyone. All missing
     ones start at once; while any runs, this run ends with progress bars that fill in by themselves."""
     try:  # settings that cannot map these points (a perplexity too large for a small split): said, not raised
-        ask, seconds = map_needs_asking(requests, dataset, split, method, params, subset)  # minutes: ask first
+        ask, seconds = map_needs_asking(requests, dataset, split, method, params, subset, layer)  # minutes: ask
         if ask:
             ask_before_mapping(seconds, split, method, subset, len(dataset.split(split)) if subset is None
                                else len(subset))
-        jobs = [(name, map_job(source, dataset, split, method, params, subset)) for name, source in requests]
+        jobs = [(name, map_job(source, dataset, split, method, params, subset, layer)) for name, source in requests]
     except CifarvizError as exc:
         st.error(md_message(exc), icon=":material/error:")
         st.stop()
@@ -139,7 +154,8 @@ def get_maps(requests: list[tuple], dataset, split: str, method: str, params: di
         labels = dataset.split(split).labels if subset is None else dataset.split(split).labels[subset]
         refining(waiting, labels, list(dataset.classes), f"{METHODS[method]} map of {{}}, {points:,} {split} images")
         st.stop()
-    return [embedding(source, dataset, split, method, params, subset) for _, source in requests]
+    return [embedding(source, dataset, split, method, params, subset, layer=layer if source is not None else None)
+            for _, source in requests]
 
 
 def refining(waiting: list[tuple], labels: np.ndarray, classes: list[str], label: str) -> None:
@@ -204,6 +220,24 @@ def map_frame(emb: Embedding, predicted: np.ndarray, classes: list[str], urls: n
         shown[np.random.default_rng(0).permutation(len(emb))[:HOVER_THUMBNAILS]] = True
         frame["image"] = np.where(shown, urls[emb.indices], None)
     return frame.sort_values("status", kind="stable")  # wrong points drawn last, on top
+
+
+PENULTIMATE = "penultimate"
+
+
+def layer_choice(checkpoint, key: str = "emb_layer") -> str | None:
+    """Which features to map: the penultimate ones (the head's input, the default) or a convolution's channels,
+    from the checkpoint's own layers (TensorBoard's projector maps any tensor)."""
+    names = layer_names(checkpoint.model)
+    options = [PENULTIMATE, *names]
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = PENULTIMATE
+    chosen = st.selectbox("Features from", options, key=key,
+                          format_func=lambda n: "the penultimate layer (the head's input)" if n == PENULTIMATE
+                          else f"{n} (channels averaged over positions)",
+                          help="Early layers see colours and edges; the deeper the layer, the more the classes "
+                               "separate (compare the maps' 10-NN accuracy).")
+    return None if chosen == PENULTIMATE else chosen
 
 
 def find(text: str, classes: list[str], labels: np.ndarray) -> np.ndarray:
