@@ -127,12 +127,12 @@ def suspicious_training_images() -> None:
         app.get_influence_index("head", checkpoint, dataset)
     rankings = suspicious_rankings(ranked_by, checkpoint, dataset, top=k)  # "Images per list" above
     best, recall = best_ranking(checkpoint, rankings)
+    others = [name for name in rankings if name != best]
     st.markdown("Training images most likely to be **mislabelled** (or atypical) first. On the left the ranking "
                 f"that found flipped labels best when measured: **{best}**"
                 + (f" ({recall:.0%} of 5% flipped labels in its top 10%)." if recall is not None else ".")
-                + " On the right another ranking to compare it with.")
+                + (" On the right another ranking to compare it with." if others else ""))
     train_predicted = app.get_artifacts(checkpoint, dataset, "train").predicted
-    others = [name for name in rankings if name != best]
     if st.session_state.get("suspect_other") not in others:  # another method: other rankings
         st.session_state.pop("suspect_other", None)
     left, right = st.columns(2)

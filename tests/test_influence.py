@@ -312,6 +312,9 @@ def test_influence_page_click_a_test_image(cifar, lenet):
     # the ranking measured best at finding flipped labels, and a plain one beside it (lenet's card: with the head,
     # the training loss; then self-influence on the right)
     assert sum(k.startswith("suspect-best-") for k in keys) == 8
+    # each column's sentence says whose loss it ranks by (lenet's card puts the ensemble's mean beside the
+    # checkpoint's own: both were "training loss" to a reader)
+    assert any(c.value.startswith("how wrong this one checkpoint is") for c in at.caption)
     assert sum(k.startswith("suspect-other-") for k in keys) == 8
     by_loss, _ = loss_ranking(lenet, cifar, top=8)
     assert [int(k.rsplit("-", 1)[1]) for k in keys if k.startswith("suspect-best-")] == list(by_loss)

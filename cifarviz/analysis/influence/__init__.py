@@ -448,10 +448,11 @@ def best_ranking(checkpoint, names) -> tuple[str, float | None]:
 
 MARGIN_RANKING = "area under the margin"
 RANKING_MEANINGS = {  # what each suspicious ranking measures, in a sentence for the page (by the name's first part)
-    "training loss": "how wrong the final model is about the image's given label (its plain cross-entropy)",
+    "training loss": "how wrong this one checkpoint is about the image's given label (its plain cross-entropy)",
     MARGIN_RANKING: ("how far below the other classes the model kept the given label while it trained, averaged over "
                      "the second half of training (recorded by the run itself: runs trained with this version)"),
-    "mean training loss": "the training loss averaged over the ensemble's models (other seeds of the recipe)",
+    "mean training loss": ("the plain cross-entropy of the image's given label averaged over the ensemble's models "
+                           "(this checkpoint and other seeds of its recipe), not one checkpoint's"),
     "self-influence": "how much the image's own loss depends on it being in the training set",
 }
 
