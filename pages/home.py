@@ -22,7 +22,11 @@ st.caption("Pick the checkpoint in the sidebar, then follow the steps; each open
            "Every page's *Link to this view* (sidebar) puts what you see on the board. Before class, warm every "
            "cache: `python -m cifarviz precompute --checkpoint fastnet`.")
 dataset = app.current_dataset(required=False, training_images=False)
-lesson_path(app.current_checkpoint(quiet=True, dataset=dataset) if dataset is not None else None, dataset)
+checkpoint = app.current_checkpoint(quiet=True, dataset=dataset) if dataset is not None else None
+lesson_path(checkpoint, dataset)
+# The lesson's next pages need the checkpoint's predictions: started now, in the background (at the lowest
+# priority), so Evaluate has them when the class gets there instead of computing on a busy machine then.
+app.prefetch(checkpoint, dataset)
 
 st.subheader("Data")
 st.markdown(app.data_status(st.session_state.get("data_root", "")))

@@ -604,3 +604,29 @@ def test_the_link_to_the_view_stays_in_the_sidebar_while_a_page_computes(cifar, 
         release.set()
         for job in blockers:
             job.wait(30)
+
+
+def test_home_starts_the_checkpoints_predictions_so_evaluate_has_them_when_the_class_gets_there(tmp_path,
+                                                                                                 monkeypatch):
+    """A cold Evaluate on a busy machine took 73 s: Home, the first page a class sees, now starts the selected
+    checkpoint's predictions in the background, and they are there before anyone opens Evaluate."""
+    from conftest import write_image_folder
+
+    from cifarviz.core.checkpoint import SHIPPED_DIR, load_checkpoint
+    from cifarviz.core.data import CIFAR10_CLASSES
+    from cifarviz.store.artifacts import artifacts_cached
+    from cifarviz.store.datasets import load_cifar10
+
+    monkeypatch.setenv("CIFARVIZ_CACHE", str(tmp_path / "cache"))
+    root = write_image_folder(tmp_path / "data", classes=CIFAR10_CLASSES, per_class=(3, 2))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = str(root)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    name = at.session_state["checkpoint_label"].split(" (")[0]
+    checkpoint = load_checkpoint(SHIPPED_DIR / f"{name}.safetensors")
+    dataset = load_cifar10(root, download=False, progress=False)
+    deadline = time.monotonic() + 120
+    while not artifacts_cached(checkpoint, dataset, "test"):  # Home only: no other page was opened
+        assert time.monotonic() < deadline, "Home started no predictions"
+        time.sleep(0.5)
