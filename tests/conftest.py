@@ -108,16 +108,18 @@ def runs_root(tmp_path, monkeypatch):
     yield root
 
 
-# The fast lane: `python -m pytest -m "not slow"` leaves out what takes minutes (real browsers, the lecture hall's
-# processes, trainings of the recipes, wheels, the PostgreSQL server). Marked here by module, in one place, so a new
-# test in one of them is slow by default; a test elsewhere that retrains a recipe marks itself.
+# The fast lane: `python -m pytest -m "not slow"` (about 2 minutes) leaves out what takes more than seconds: these
+# modules (real browsers, the lecture hall's processes, trainings of the recipes, wheels, PostgreSQL, the broker),
+# marked here in one place so a new test in one of them is slow by default, and single tests elsewhere that mark
+# themselves @pytest.mark.slow (the app's pages through AppTest, CLI subprocesses, retraining checks).
 SLOW_MODULES = {"test_browser", "test_browser_names", "test_browser_train", "test_browser_views", "test_serve",
                 "test_lecture_hall", "test_retrain", "test_ensemble", "test_tune_postgres", "test_wheel",
                 "test_shipped_checkpoints", "test_work_queue"}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes minutes (browsers, trainings, servers); -m 'not slow' skips it")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (browsers, trainings, servers, the app's pages); "
+                            "-m 'not slow' skips it")
 
 
 def pytest_collection_modifyitems(config, items):

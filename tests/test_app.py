@@ -65,6 +65,7 @@ def fastnet_test(cifar):
     return split_artifacts(checkpoint, cifar, "test")
 
 
+@pytest.mark.slow
 def test_home_lists_the_zoo_with_measured_accuracy(cifar):
     at = app_at("pages/home.py", cifar)
     table = at.dataframe[0].value
@@ -75,6 +76,7 @@ def test_home_lists_the_zoo_with_measured_accuracy(cifar):
     assert "image-folder tree" in texts(at)
 
 
+@pytest.mark.slow
 def test_dataset_page_grids_filters_and_inspector(cifar):
     at = app_at("pages/dataset.py", cifar)
     assert [t.label for t in at.tabs] == ["Class counts", "Samples", "Statistics", "Augmentation", "Browser"]
@@ -103,6 +105,7 @@ def test_dataset_page_grids_filters_and_inspector(cifar):
     assert "**True label:** frog" in texts(at)
 
 
+@pytest.mark.slow
 def test_evaluate_confusion_cell_and_inspector(cifar, fastnet_test):
     at = app_at("pages/evaluate.py", cifar)
     accuracy = (fastnet_test.predicted == fastnet_test.labels).mean()
@@ -134,6 +137,7 @@ def confusion_cells(at) -> tuple[dict, dict]:
     return {(c["true"], c["predicted"]): c for c in frame.to_dict("records")}, json.loads(chart.spec)
 
 
+@pytest.mark.slow
 def test_confusion_matrix_normalised_by_row(cifar, fastnet_test):
     """The toggle shows each cell as its share of the true class: the diagonal is each class's recall."""
     at = app_at("pages/evaluate.py", cifar)
@@ -150,6 +154,7 @@ def test_confusion_matrix_normalised_by_row(cifar, fastnet_test):
     assert "percent of the row" in texts(at)
 
 
+@pytest.mark.slow
 def test_calibration_is_fitted_on_val_measured_on_test_and_shown_in_the_inspector(cifar, fastnet_test):
     """fastnet was trained with label smoothing 0.2: underconfident. The temperature that minimises the plain NLL
     on the validation split (fitted here independently, with torch's LBFGS on log T) sharpens it, and on the
@@ -193,6 +198,7 @@ def test_calibration_is_fitted_on_val_measured_on_test_and_shown_in_the_inspecto
     assert at.toggle(key="calibrated-evaluate").value is True
 
 
+@pytest.mark.slow
 def test_switching_checkpoint_changes_the_numbers(cifar):
     at = app_at("pages/evaluate.py", cifar)
     fast = at.metric[0].value
@@ -210,6 +216,7 @@ def _png(width, height, colour=(20, 200, 30)) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow
 def test_uploads_own_image_and_bad_images(cifar):
     at = app_at("pages/evaluate.py", cifar)
     at.file_uploader(key="own_image").set_value(("photo.png", _png(200, 150), "image/png")).run()
@@ -221,6 +228,7 @@ def test_uploads_own_image_and_bad_images(cifar):
     assert any("10000x5000" in visible(e.value) for e in at.error) and not at.exception
 
 
+@pytest.mark.slow
 def test_models_page_summary_and_checkpoint_uploads(cifar, tmp_path):
     at = app_at("pages/models.py", cifar)
     assert "s8net-ln" in set(at.dataframe[0].value["model"])
@@ -246,6 +254,7 @@ def test_models_page_summary_and_checkpoint_uploads(cifar, tmp_path):
     assert at.sidebar.selectbox(key="checkpoint_label").value == "mine (uploaded)"
 
 
+@pytest.mark.slow
 def test_wrong_data_folder_explains_and_keeps_serving(cifar, tmp_path):
     (tmp_path / "photos").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "x.png")
@@ -265,6 +274,7 @@ def test_wrong_data_folder_explains_and_keeps_serving(cifar, tmp_path):
 # --------------------------------------------------------------------------- inspector and classroom settings
 
 
+@pytest.mark.slow
 def test_inspector_explains_the_class_it_calls_predicted(cifar, fastnet_test):
     """With flip TTA the page's prediction can differ from the plain argmax; Grad-CAM must follow the page."""
     from cifarviz.core.inference import predict
@@ -303,6 +313,7 @@ def test_inspector_explains_the_class_it_calls_predicted(cifar, fastnet_test):
     assert caption().endswith("by Occlusion (Captum)")
 
 
+@pytest.mark.slow
 def test_classroom_mode_locks_the_data_folder_and_uploads(cifar, monkeypatch):
     monkeypatch.setenv("CIFARVIZ_CLASSROOM", "1")
     monkeypatch.setenv("CIFARVIZ_DATA", str(cifar.root))
@@ -338,6 +349,7 @@ def test_one_dataset_cache_entry_per_folder(tmp_path):
     assert len({canonical_root(s) for s in spellings}) == 1
 
 
+@pytest.mark.slow
 def test_ambiguous_state_dict_upload_asks_which_architecture(cifar):
     from cifarviz.core.models import create_model
 
@@ -355,6 +367,7 @@ def test_ambiguous_state_dict_upload_asks_which_architecture(cifar):
     assert at.sidebar.selectbox(key="checkpoint_label").value == "mine (uploaded)"
 
 
+@pytest.mark.slow
 def test_hostile_uploads_get_clear_messages_and_the_server_keeps_serving(cifar, tmp_path):
     """Rows of the bad-input table (tests/test_bad_inputs.py) through the app's upload."""
     from test_bad_inputs import CASES
@@ -373,6 +386,7 @@ def test_hostile_uploads_get_clear_messages_and_the_server_keeps_serving(cifar, 
     assert not at.exception and at.metric
 
 
+@pytest.mark.slow
 def test_imported_modules_are_kept_out_of_the_collectors_reach(cifar):
     """Streamlit runs a full gc.collect() after every script run; the ~300,000 long-lived objects of torch,
     scikit-learn and Streamlit itself must not be walked each time (0.2-0.3 s a rerun on a 2-core CPU)."""
@@ -385,6 +399,7 @@ def test_imported_modules_are_kept_out_of_the_collectors_reach(cifar):
     assert not any(obj is init for obj in gc.get_objects(generation=2))
 
 
+@pytest.mark.slow
 def test_evaluate_shows_plain_predictions_until_the_augmented_ones_arrive(cifar):
     """A cold Evaluate is usable after one pass over the test images: fastnet's flip test-time augmentation needs a
     second, mirrored pass, and the page shows the plain pass's numbers (saying so) until it is done."""
@@ -412,6 +427,7 @@ def test_evaluate_shows_plain_predictions_until_the_augmented_ones_arrive(cifar)
     assert "with flip test-time augmentation" in at.markdown[0].value
 
 
+@pytest.mark.slow
 def test_image_tiles_are_sent_as_their_own_pngs(cifar):
     """Streamlit re-encodes an image whose bytes differ from the asked-for format on every rerun (PNG -> JPEG by
     default): 72 tiles on Evaluate were re-encoded each time. Tiles go out as the memoised PNGs they are."""
@@ -421,6 +437,7 @@ def test_image_tiles_are_sent_as_their_own_pngs(cifar):
     assert all(url.endswith(".png") for url in urls), urls[:5]
 
 
+@pytest.mark.slow
 def test_a_bad_training_image_is_named_where_it_is_needed(tmp_path):
     """The training images are decoded on first use (a first Evaluate waits for the test images only): a broken
     one is named by the inspector's neighbours and by the Dataset page, and Evaluate keeps working."""
@@ -446,6 +463,7 @@ def test_a_bad_training_image_is_named_where_it_is_needed(tmp_path):
     assert not at.exception and "0001.png" in "\n".join(c.value for c in at.code)
 
 
+@pytest.mark.slow
 def test_influence_asks_before_minutes_of_work_and_says_how_long(cifar):
     """TRAK on fastnet is minutes of work: choosing it starts nothing, says how long (per-example gradients timed on
     this machine), and answers meanwhile with the best measured method that takes seconds (similarity), whose own
@@ -485,6 +503,7 @@ def test_influence_asks_before_minutes_of_work_and_says_how_long(cifar):
     assert not at.exception, [e.value for e in at.exception]
 
 
+@pytest.mark.slow
 def test_the_figure_on_the_influence_page_belongs_to_the_method_that_answered(cifar, monkeypatch):
     """lenet's default is the 20-model ensemble; where its index is not at hand (the shipped copy left out here:
     other data, or other weights), nothing is built without a yes and the answer is similarity's: the caption quotes
@@ -534,6 +553,7 @@ def test_the_figure_on_the_influence_page_belongs_to_the_method_that_answered(ci
     assert "no self-influence" not in "\n".join(visible(i.value) for i in at.info)
 
 
+@pytest.mark.slow
 def test_a_link_full_of_nonsense_opens_the_default_view(cifar):
     """Every link parameter is read by one strict rule (ASCII digits): "²", "٣", "1e3", " 7", "-1" and a 5,000-digit
     number are refused, so the page opens its default view instead of a traceback (str.isdigit() took "²")."""
@@ -579,6 +599,7 @@ def test_the_lesson_says_no_confusion_it_has_not_computed(tmp_path, monkeypatch)
     assert step["params"]["cell"] == f"{classes[t]},{classes[p]}"
 
 
+@pytest.mark.slow
 def test_the_link_to_the_view_stays_in_the_sidebar_while_a_page_computes(cifar, tmp_path):
     """Pages stop their run while they wait for a computation; the link is drawn before that, not at the end. And
     the link shows commas as commas ("cell=cat,dog"), as a teacher copies it onto the board."""
@@ -607,6 +628,7 @@ def test_the_link_to_the_view_stays_in_the_sidebar_while_a_page_computes(cifar, 
             job.wait(30)
 
 
+@pytest.mark.slow
 def test_home_starts_the_checkpoints_predictions_so_evaluate_has_them_when_the_class_gets_there(tmp_path,
                                                                                                  monkeypatch):
     """A cold Evaluate on a busy machine took 73 s: Home, the first page a class sees, now starts the selected

@@ -219,6 +219,7 @@ def test_every_numeric_model_argument_is_bounded():
             assert all(v in card.bounds[key] for v in (default if isinstance(default, (tuple, list)) else [default]))
 
 
+@pytest.mark.slow
 def test_arguments_that_do_not_fit_the_file_allocate_nothing(tmp_path):
     """fastnet at widths 1024 has ~48 M parameters (190 MB): a 2 MB file claiming it is refused before allocation."""
     claim = safetensors_file("fastnet", meta={"arch_args": {"widths": [1024] * 3}})(tmp_path)

@@ -118,6 +118,7 @@ def test_a_checkpoint_trained_on_other_class_names_is_refused(tmp_path, monkeypa
                                                     {"classes": ["cat", "dog", "frog"]})), dataset)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_records_its_provenance_and_the_cli_finds_a_run_by_its_id(cifar_small, tmp_path, monkeypatch,
                                                                                capsys):
     runs = tmp_path / "runs"

@@ -164,6 +164,7 @@ def test_stale_sidecar_is_rewritten_from_the_header(tmp_path):
     assert shipped.with_suffix(".json").read_text() == "{}"
 
 
+@pytest.mark.slow
 def test_temporaries_of_killed_writers_are_removed_after_an_hour(tmp_path):
     target = tmp_path / "run.safetensors"
     writer = ("import sys, time\nfrom cifarviz.core.utils import atomic_write\nwith atomic_write(sys.argv[1]) as fh:\n"

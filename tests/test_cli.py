@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -16,6 +17,7 @@ def run(*args, env_extra=None, cwd=REPO):
                           env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_help_explains_every_command():
     out = run("--help").stdout
     for command in ("data", "models", "train", "evaluate", "export-features"):
@@ -24,6 +26,7 @@ def test_help_explains_every_command():
     assert "--lr" in train_help and "--recipe" in train_help and "--translate" in train_help
 
 
+@pytest.mark.slow
 def test_models_list_and_summary():
     listing = run("models").stdout
     assert "fastnet" in listing and "s8net-ln" in listing
@@ -35,6 +38,7 @@ def test_models_list_and_summary():
     assert summary.returncode == 0 and "Total params: 37,664" in summary.stdout
 
 
+@pytest.mark.slow
 def test_data_describes_the_real_copy(cifar):
     result = run("data", "--data", str(cifar.root), "--json")
     info = json.loads(result.stdout)
@@ -42,12 +46,14 @@ def test_data_describes_the_real_copy(cifar):
     assert info["per_class"]["test"]["cat"] == 1000
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_clear_line(tmp_path):
     result = run("data", "--data", str(tmp_path / "nothing"))
     assert result.returncode == 2
     assert "error:" in result.stderr and "Traceback" not in result.stderr and "CIFARVIZ_DATA" in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_and_export_features(cifar, tmp_path):
     result = run("evaluate", "--checkpoint", "lenet", "--data", str(cifar.root), "--json")
     assert result.returncode == 0, result.stderr
@@ -62,6 +68,7 @@ def test_evaluate_and_export_features(cifar, tmp_path):
         assert z["features"].shape == (5000, 84) and z["logits"].shape == (5000, 10) and len(z["labels"]) == 5000
 
 
+@pytest.mark.slow
 def test_train_writes_a_checkpoint(cifar, tmp_path):
     out = tmp_path / "tiny.safetensors"
     result = run("train", "--model", "cifar10net", "--epochs", "1", "--batch-size", "256", "--lr", "0.002",
@@ -72,6 +79,7 @@ def test_train_writes_a_checkpoint(cifar, tmp_path):
     assert meta["metrics"]["test_accuracy"] > 0.3
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_is_one_clear_line(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
@@ -79,6 +87,7 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path):
     assert result.returncode == 2 and "bad.safetensors" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_precompute_warms_the_app_caches(cifar):
     from cifarviz.core.checkpoint import load_checkpoint
     from cifarviz.store.artifacts import artifact_path
@@ -200,6 +209,7 @@ def test_export_features_default_path_stays_in_the_working_folder(cifar, tmp_pat
     assert not list((tmp_path / "a").glob("*.npz")) and not list(tmp_path.glob("*.npz"))
 
 
+@pytest.mark.slow
 def test_arch_picks_the_architecture_of_an_ambiguous_state_dict(cifar, tmp_path, capsys):
     # s8net-gn and s8net-ln have the same tensor names and shapes; only --arch can tell them apart.
     pt = tmp_path / "ln.pt"
@@ -216,6 +226,7 @@ def test_arch_picks_the_architecture_of_an_ambiguous_state_dict(cifar, tmp_path,
     assert "--arch" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_help_names_every_command_in_its_description():
     import argparse
 
@@ -226,6 +237,7 @@ def test_help_names_every_command_in_its_description():
     assert listed.split(", ") == list(commands)
 
 
+@pytest.mark.slow
 def test_evaluate_prints_the_confusion_matrix_with_class_headers(cifar, capsys):
     assert main(["evaluate", "-c", "lenet", "--data", str(cifar.root), "--json"]) == 0
     confusion = json.loads(capsys.readouterr().out)["confusion_matrix"]
@@ -242,6 +254,7 @@ def test_evaluate_prints_the_confusion_matrix_with_class_headers(cifar, capsys):
     assert max(map(len, [header, *rows])) <= 100
 
 
+@pytest.mark.slow
 def test_influence_shows_the_test_image_s_prediction(cifar, capsys):
     probs = split_artifacts(load_named_checkpoint("lenet"), cifar, "test").probs[7]
     predicted, confidence = cifar.classes[probs.argmax()], float(probs.max())
@@ -339,6 +352,7 @@ def test_export_suspicious_images_by_training_loss(cifar, capsys):
     assert "--split" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_the_influence_of_training_images_on_a_test_image(cifar, capsys):
     data = ["--data", str(cifar.root)]
     # head, the cheapest attribution index for lenet, as in test_precompute_warms_the_app_caches
@@ -362,6 +376,7 @@ def test_export_the_influence_of_training_images_on_a_test_image(cifar, capsys):
 HOSTILE_NAMES = ["\x1b]0;pwned\x07\x1b[2Jcleared", "\x9b31mred", "abc\u202edcba", "bell\x07\x08back", "nul\x00x"]
 
 
+@pytest.mark.slow
 def test_names_from_files_never_reach_the_terminal_as_control_characters(tmp_path):
     """The rule (cli.InertStream, written once): whatever the CLI writes, control characters, C1 escapes and
     bidirectional overrides from names read from files come out as visible escapes, never obeyed. Every hostile
@@ -380,12 +395,14 @@ def test_names_from_files_never_reach_the_terminal_as_control_characters(tmp_pat
     assert shown in done.stdout and shown in missing.stderr  # the name is there, as visible escapes
 
 
+@pytest.mark.slow
 def test_a_huge_message_is_cut_and_says_how_long_it_was(tmp_path):
     done = run("evaluate", "-c", "x" * 200 + "/" + "y" * 30_000)
     assert done.returncode == 2
     assert len(done.stderr) < 2_300 and "characters)" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_quietly(tmp_path):
     """`python -m cifarviz ... | head -1` stops without a traceback (the rest of the output has no reader)."""
     reader = subprocess.Popen([sys.executable, "-m", "cifarviz", "models"], stdout=subprocess.PIPE,

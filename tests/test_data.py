@@ -42,6 +42,7 @@ def test_real_data_statistics_match_the_data_readme(cifar):
     assert np.allclose(cifar.std, train_pixels.std(0), atol=0.003)
 
 
+@pytest.mark.slow
 def test_split_is_seeded_and_stable(cifar):
     again = load_cifar10(cifar.root, download=False, progress=False)
     assert np.array_equal(again.val.source_index, cifar.val.source_index)

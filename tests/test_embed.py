@@ -45,6 +45,7 @@ def lenet():
     return load_checkpoint(SHIPPED / "lenet.safetensors")
 
 
+@pytest.mark.slow
 def test_tsne_maps_of_real_features_separate_classes_by_how_good_the_network_is(cifar, fastnet, lenet):
     maps = {}
     for checkpoint in (fastnet, lenet, None):
@@ -60,6 +61,7 @@ def test_tsne_maps_of_real_features_separate_classes_by_how_good_the_network_is(
     assert maps["lenet"] >= maps["raw pixels"] + 0.2  # what the network learned that the pixels do not show
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,params", [("tsne", {"perplexity": 20}), ("umap", {"n_neighbors": 10}),
                                            ("pca", {})])
 def test_maps_are_deterministic_under_a_seed(cifar, fastnet, method, params):
@@ -167,6 +169,7 @@ def test_cli_embed_writes_the_map_and_reuses_the_cache(cifar, tmp_path, capsys):
 # --------------------------------------------------------------------------- the page (AppTest)
 
 
+@pytest.mark.slow
 def test_embeddings_page_map_comparison_selection_and_inspector(cifar, fastnet):
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
     at.session_state["_data_root"] = str(cifar.root)
@@ -239,6 +242,7 @@ def test_embeddings_page_map_comparison_selection_and_inspector(cifar, fastnet):
     assert any("layer features.3.conv2's channels" in visible(c.value) for c in at.caption)
 
 
+@pytest.mark.slow
 def test_a_tsne_shows_its_layouts_as_it_goes_and_ends_where_it_would_without(cifar, fastnet):
     """The first layout (t-SNE's PCA start) comes before the slow neighbour search, then one every 25
     iterations; watching changes nothing: the final map is the one computed without a watcher."""
@@ -259,6 +263,7 @@ def test_a_tsne_shows_its_layouts_as_it_goes_and_ends_where_it_would_without(cif
     assert np.allclose(seen[-1][1], plain, atol=1e-3 * np.abs(plain).max())  # the last layout is the map
 
 
+@pytest.mark.slow
 def test_the_embeddings_page_shows_the_layout_while_the_map_computes(cifar, fastnet):
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
     at.session_state["_data_root"] = str(cifar.root)
@@ -286,6 +291,7 @@ def test_the_embeddings_page_shows_the_layout_while_the_map_computes(cifar, fast
                      "laying out: refining"}, stages  # the bar says what the work is doing, in words
 
 
+@pytest.mark.slow
 def test_a_map_of_minutes_is_asked_for_first(cifar, fastnet):
     """All 45,000 training images on a t-SNE map are minutes of work: choosing them starts nothing until "Compute
     this map", and once measured here the page says how long it took."""
@@ -310,6 +316,7 @@ def test_a_map_of_minutes_is_asked_for_first(cifar, fastnet):
     assert not at.progress and not [key for key in JOBS._jobs if "tsne" in key]
 
 
+@pytest.mark.slow
 def test_a_map_of_an_early_layer_separates_the_classes_less_than_the_penultimate_features(cifar, fastnet):
     """The layer to embed is the reader's choice: on fastnet's test images, the first convolution's channels
     (colours and edges) separate the classes far less on a PCA map than the penultimate features do; each map is

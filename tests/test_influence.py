@@ -71,6 +71,7 @@ def _split(theta, head):
     return (theta, None) if head.bias is None else (theta[:, :-1], theta[:, -1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("smoothing", [None, 0.2], ids=["as-trained", "label-smoothing-0.2"])
 def test_head_influence_predicts_leave_one_out_retraining(cifar, smoothing):
     """Frozen features of a shipped checkpoint, 5,000 training images, the head retrained to convergence without
@@ -118,6 +119,7 @@ def test_head_influence_predicts_leave_one_out_retraining(cifar, smoothing):
 # --------------------------------------------------------------------------- proof 2: finding mislabelled images
 
 
+@pytest.mark.slow
 def test_self_influence_finds_flipped_labels(cifar, record_property):
     """Flip 5% of the labels of 5,000 training images, train lenet on them, and self-influence puts at least
     half of the flipped images in its top 10%. The plain training-loss ranking is reported beside it."""
@@ -194,6 +196,7 @@ def test_index_is_fitted_once_and_reused(cifar, lenet, monkeypatch):
     assert class_lookup(again, lenet, cifar, cifar.classes[0], k=3).query["test_images"] == 1000
 
 
+@pytest.mark.slow
 def test_every_method_ranks_same_label_images_as_helpful(cifar, lenet):
     """Sanity across methods: the most helpful images share the test image's label far more often than the
     most harmful ones (the one sign convention, seen from the outside). The ensemble, which takes minutes over the
@@ -222,6 +225,7 @@ def test_suspicious_and_training_loss_rankings(cifar, lenet):
 # --------------------------------------------------------------------------- CLI and page
 
 
+@pytest.mark.slow
 def test_cli_influence(cifar, capsys):
     # --method head: lenet's default, the ensemble of its 20 models, takes minutes to build (test_ensemble.py)
     assert main(["influence", "-c", "lenet", "--method", "head", "--data", str(cifar.root), "--test-index", "3",
@@ -241,6 +245,7 @@ def test_cli_influence(cifar, capsys):
     assert "out of range" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_influence_page_click_a_test_image(cifar, lenet):
     load_or_fit("head", lenet, cifar)  # the page reads the index the library built
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
@@ -348,6 +353,7 @@ def test_influence_scores_read_well_in_a_narrow_caption():
     assert "-" not in "".join(readable_score(x) for x in np.geomspace(1e-9, 10, 50) * np.resize([1, -1], 50))
 
 
+@pytest.mark.slow
 def test_helpful_images_for_confident_fastnet_predictions_share_their_class(cifar):
     """fastnet was trained with label smoothing 0.2. Scored with the plain test loss, the most helpful training images
     of a confident, correct prediction are mostly of its class and the most harmful mostly not; scored with the
@@ -386,6 +392,7 @@ def test_loss_settings_read_from_metadata_are_checked(config, message):
     assert task.l2 == pytest.approx(0.002) and task.measurement == "cross_entropy"
 
 
+@pytest.mark.slow
 def test_a_run_on_a_subset_gets_influence_over_the_images_it_saw(cifar, cifar_small, tmp_path):
     """The Train page's quick runs train on a subset: the 43,000 images such a run never saw (high loss, high
     self-influence) must not fill its lists."""
@@ -480,6 +487,7 @@ def test_the_cli_says_what_it_builds_and_how_long_before_minutes_of_work(tmp_pat
     assert "Building" not in capsys.readouterr().err  # built once: nothing to announce
 
 
+@pytest.mark.slow
 def test_a_training_run_records_each_images_margin_and_the_suspicious_list_uses_it(cifar, cifar_small, tmp_path):
     """train_and_save stores each training image's mean margin beside the weights; read back, the app's "area under
     the margin" ranking is that record, lowest margin first, over the images the run trained on. A file whose record

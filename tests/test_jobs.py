@@ -145,6 +145,7 @@ def test_artifact_key_covers_the_split_not_just_the_data(image_folder):
     assert artifact_path(_random_checkpoint("flip"), small, "test") != artifact_path(checkpoint, small, "test")
 
 
+@pytest.mark.slow
 def test_two_processes_asking_for_one_artifact_compute_it_once(cifar):
     """Two `precompute`s at once: the second waits for the first's file instead of doing all the work again."""
     script = f"""

@@ -45,6 +45,7 @@ def train_page(data_root: str):
     live_view("someone")
 
 
+@pytest.mark.slow
 def test_an_empty_queue_says_one_run_in_words(cifar, runs_root):
     at = AppTest.from_function(train_page, args=(str(cifar.root),), default_timeout=60)
     at.run()

@@ -35,6 +35,7 @@ def layers(spec: dict) -> list[dict]:
     return spec.get("layer", [spec])
 
 
+@pytest.mark.slow
 def test_models_page_shows_each_shipped_checkpoints_own_numbers(cifar):
     at = app_at("pages/models.py", cifar)
     zoo = at.dataframe[0].value.set_index("model")
@@ -71,6 +72,7 @@ def test_models_page_shows_each_shipped_checkpoints_own_numbers(cifar):
     assert json.dumps(widths) in summary  # the shipped arguments, not the zoo defaults
 
 
+@pytest.mark.slow
 def test_models_charts_label_points_and_fit_their_axes(cifar):
     at = app_at("pages/models.py", cifar)
     metas = shipped()
@@ -110,6 +112,7 @@ def test_models_charts_label_points_and_fit_their_axes(cifar):
     assert "BatchNorm vs GroupNorm vs LayerNorm" in titles and "plain vs residual vs skip" in titles
 
 
+@pytest.mark.slow
 def test_home_zoo_is_read_from_the_checkpoints(cifar):
     at = app_at("pages/home.py", cifar)
     table = at.dataframe[0].value.set_index("model")
@@ -127,6 +130,7 @@ def augmentation_images(at) -> list[str]:
     return [url for image in at.tabs[3].image for url in image.value]
 
 
+@pytest.mark.slow
 def test_augmentation_preview_rerolls_on_its_own(cifar):
     at = app_at("pages/dataset.py", cifar)
     open_tab(at, "dataset_tab", "Augmentation")
@@ -145,6 +149,7 @@ def test_augmentation_preview_rerolls_on_its_own(cifar):
     assert not at.exception
 
 
+@pytest.mark.slow
 def test_block_comparison_shows_the_seed_spread(cifar):
     """The plain / residual / skip ranking comes with the same recipes under other seeds: seed 0 is each shipped
     checkpoint's own accuracy, the others the seed study's, with their mean and spread."""
@@ -161,6 +166,7 @@ def test_block_comparison_shows_the_seed_spread(cifar):
     assert any("The source found residual > skip > plain" in m.value for m in at.markdown)
 
 
+@pytest.mark.slow
 def test_evaluate_per_class_table_has_one_number_format(cifar):
     """86.0% beside 88.3%, never 86% beside 88.3% (Streamlit's "percent" format drops trailing zeros)."""
     at = app_at("pages/evaluate.py", cifar)

@@ -73,6 +73,7 @@ def predictions_page(cifar, **params) -> AppTest:
     return at
 
 
+@pytest.mark.slow
 def test_the_page_opens_a_linked_filter_and_a_row_opens_the_inspector(cifar, fastnet_test):
     """A link with the filters (cat taken for dog, most confident first) opens that table; the first row is the
     cell's most confident image; choosing a row opens it in the inspector; the link keeps the filters."""
@@ -133,6 +134,7 @@ def test_a_damaged_tag_file_loses_its_bad_entries_not_the_server(tmp_path, cifar
     assert TagBook(tmp_path).of_viewer(cifar.fingerprint, ME) == {ImageRef("test", 4): ["kept"]}
 
 
+@pytest.mark.slow
 def test_a_tag_from_the_inspector_is_a_badge_on_every_grid_and_in_the_relabel_list(cifar, fastnet_test, runs_root,
                                                                                   monkeypatch):
     """A viewer tags a test image in the inspector; the tile shows the badge on the Evaluate page (another page),

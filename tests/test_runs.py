@@ -44,6 +44,7 @@ def train_page(cifar) -> AppTest:
     return at
 
 
+@pytest.mark.slow
 def test_a_run_started_on_the_page_trains_to_a_checkpoint_every_page_accepts(cifar, runs_root, monkeypatch):
     monkeypatch.setenv("CIFARVIZ_SESSION_RUNS", "1")
     at = train_page(cifar)
@@ -100,6 +101,7 @@ def test_a_run_started_on_the_page_trains_to_a_checkpoint_every_page_accepts(cif
     assert any('"shape": {"field": "split"' in json.dumps(spec) for spec in shapes) and "diamonds" in texts(at)
 
 
+@pytest.mark.slow
 def test_stop_mid_epoch_keeps_the_last_finished_epoch(cifar, runs_root):
     run_id = runs.submit_training(lenet(epochs=30, batch_size=32), cifar.root, subset=8000, snapshots=True)
     run = runs.load_run(run_id)
@@ -125,6 +127,7 @@ def test_stop_mid_epoch_keeps_the_last_finished_epoch(cifar, runs_root):
     assert f"epoch {len(epochs)} kept" in run.status["note"]
 
 
+@pytest.mark.slow
 def test_queue_cancel_killed_worker_and_a_diverging_run(cifar, runs_root):
     first = runs.submit_training(lenet(epochs=200), cifar.root, subset=1000)
     wait_until(lambda: runs.load_run(first).state == runs.RUNNING, "the first run's start")
@@ -178,6 +181,7 @@ def test_weight_decay_coupling_is_explicit():
         TrainConfig(weight_decay_mode="per_epoch")
 
 
+@pytest.mark.slow
 def test_a_configuration_sent_to_the_form_fills_it(cifar, runs_root):
     """The Tune tab (or anything else) hands the form a TrainConfig dict; nothing starts until Start."""
     from cifarviz.core.recipes import RECIPES

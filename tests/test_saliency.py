@@ -22,6 +22,7 @@ def confidence(model, image, target) -> float:
     return float(predict(model, image[None], tta="none", features=False).probs[0, target])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(saliency.METHODS))
 def test_painting_over_the_top_pixels_costs_more_than_the_bottom(cifar, fastnet, method):
     """Measured on 24 test images of ../shared/data/cifar10-jpeg with the shipped fastnet, 20% of the pixels:

@@ -299,6 +299,7 @@ print(len(store.warnings), store.warnings[0])
 """
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_finished_result_in_memory(tmp_path):
     proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path / "cache")], capture_output=True, text=True,
                           cwd=REPO, timeout=120, check=False)

@@ -62,6 +62,7 @@ def test_training_learns_and_reports(cifar_small):
     assert np.allclose(result.model.input_mean.flatten().numpy(), cifar_small.mean, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_training_is_reproducible(cifar_small):
     config = TrainConfig(model="s8net-bn", epochs=1, batch_size=128, augment=AugmentConfig(translate=2, flip=True))
     a = train(config, cifar_small).model.state_dict()

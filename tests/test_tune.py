@@ -173,6 +173,7 @@ def tab_script(dataset):
     tuning_tab(dataset, train_page=None)
 
 
+@pytest.mark.slow
 def test_tuning_tab_shows_a_study_and_hands_its_best_config_to_training(two_trials, cifar_small, tmp_path,
                                                                          monkeypatch):
     url, _, _, _ = two_trials
@@ -201,6 +202,7 @@ def test_tuning_tab_shows_a_study_and_hands_its_best_config_to_training(two_tria
     assert at.session_state["train_config_request"] == tune.best_config(study)
 
 
+@pytest.mark.slow
 def test_start_runs_a_study_in_the_background(cifar_small, tmp_path, monkeypatch):
     """Start queues the study for a worker (the "tune" kind: no process of the tab's own); the tab follows it until
     its trial is stored, and a second study cannot start while it runs."""
@@ -257,6 +259,7 @@ def test_a_storage_password_is_never_shown(password, capsys):
             assert "did not answer" in message and "driver" not in message
 
 
+@pytest.mark.slow
 def test_a_running_trial_says_it_waits_for_its_first_epoch_not_none(cifar_small, tmp_path, monkeypatch):
     monkeypatch.setenv("CIFARVIZ_RUNS", str(tmp_path))
     url = f"sqlite:///{(tmp_path / 'optuna.db').as_posix()}"
