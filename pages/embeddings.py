@@ -41,16 +41,16 @@ elif method == "umap":
                                      help="Larger: more global structure (UMAP).")
     params["min_dist"] = c.slider("min_dist", 0.0, 0.99, 0.1, step=0.05, key="emb_min_dist",
                                   help="How tightly points may pack (UMAP).")
-a, f, b = st.columns([1.3, 0.9, 1])
+a, b = st.columns([1.3, 1])  # "true class | prediction | right or wrong" whole on a 1024-pixel projector
 colour_by = a.segmented_control("Colour by", list(ui.COLOUR_BY), key="emb_colour", required=True)
-app.linked("find", "emb_find", parse=lambda text: text[:200])
-search = f.text_input("Find images", key="emb_find", max_chars=200, placeholder="12, 3071 or cat",
-                      help="Image numbers or class names: ringed in black on every map, listed below.")
-found = ui.find(search, classes, dataset.split(split).labels)
 others = {label: path for label, path in app.checkpoint_choices().items() if path != str(checkpoint.path)}
 compare = b.selectbox("Side by side with", ["nothing", "raw pixels (PCA to 50 dimensions first)", *others],
                        key="emb_compare", help="The same map of another checkpoint, or of the raw pixels: what the "
                        "network learned that the pixels alone do not show.")
+app.linked("find", "emb_find", parse=lambda text: text[:200])
+search = b.text_input("Find images", key="emb_find", max_chars=200, placeholder="12, 3071 or cat",
+                      help="Image numbers or class names: ringed in black on every map, listed below.")
+found = ui.find(search, classes, dataset.split(split).labels)
 
 arts = app.get_artifacts(checkpoint, dataset, split)
 sources = [(checkpoint.name, checkpoint)]

@@ -71,7 +71,6 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
             st.image(to_png(image, scale=8), width="stretch", output_format="PNG")
             if label is not None:
                 st.markdown(f"**True label:** {md(classes[label])}")
-            tag_box(dataset, ref)
         if checkpoint is None:
             st.info("Pick a checkpoint in the sidebar to see the model's prediction.")
             return
@@ -91,6 +90,7 @@ def _inspector_dialog(dataset, checkpoint: Checkpoint | None) -> None:
                 how.append(f"temperature-scaled, T = {calibration.temperature:.2f} fitted on the validation split"
                            if calibration is not None else "(calibration waits for the validation predictions)")
             st.caption(", ".join(how))
+            tag_box(dataset, ref)
         with middle:
             chart = probability_chart(probs, classes, predicted, checkpoint.name)
             st.altair_chart(chart, width="stretch", height=PROBABILITY_CHART_HEIGHT)

@@ -63,7 +63,7 @@ def tag_box(dataset, ref: ImageRef) -> None:
     st.session_state.setdefault(key, mine)
     options = sorted(set(SUGGESTED) | set(mine) | set(st.session_state[key]), key=lambda t: (t not in SUGGESTED, t))
     st.multiselect("Your tags", options, key=key, on_change=changed, accept_new_options=True, format_func=shown,
-                   placeholder="Tag this image (mislabelled?, ambiguous, or type your own)",
+                   placeholder="Add a tag",
                    help=f"Kept on this server for your browser; the teacher sees everyone's. At most "
                         f"{MAX_TAG_CHARS} characters. The Predictions page exports tagged images as a relabel list.")
     if st.session_state.get("_tag_error"):
