@@ -43,6 +43,9 @@ elif method == "umap":
                                   help="How tightly points may pack (UMAP).")
 a, b = st.columns([1.3, 1])  # "true class | prediction | right or wrong" whole on a 1024-pixel projector
 colour_by = a.segmented_control("Colour by", list(ui.COLOUR_BY), key="emb_colour", required=True)
+lasso = a.segmented_control("Select with", ["box", "lasso"], key="emb_select_with", default="box", required=True,
+                            help="Box: drag a rectangle (and click a point to inspect it). Lasso: draw around any "
+                                 "shape of points.") == "lasso"
 others = {label: path for label, path in app.checkpoint_choices().items() if path != str(checkpoint.path)}
 compare = b.selectbox("Side by side with", ["nothing", "raw pixels (PCA to 50 dimensions first)", *others],
                        key="emb_compare", help="The same map of another checkpoint, or of the raw pixels: what the "
@@ -73,9 +76,10 @@ for column, (name, source), emb in zip(columns, sources, maps):
             predicted = arts.predicted[emb.indices]
         else:
             predicted = (arts.predicted if source is checkpoint else other_predicted)[emb.indices]
-        key = f"emb-map-{name}-{st.session_state.get('emb_round', 0)}"
+        key = f"emb-map-{name}-{'lasso' if lasso else 'box'}-{st.session_state.get('emb_round', 0)}"
         events.append(ui.show_map(emb, predicted, classes, colour_by, key=key, height=560 if len(maps) == 1 else 460,
-                                  urls=urls, legend_below=len(maps) > 1, found=found[np.isin(found, emb.indices)]))
+                                  urls=urls, legend_below=len(maps) > 1, found=found[np.isin(found, emb.indices)],
+                                  lasso=lasso))
         st.caption(f"{len(emb):,} {split} images; outlined: misclassified by "
                    f"{md(name if source is not None else checkpoint.name)}; computed in {emb.info['seconds']:.1f} s.")
 st.caption("10-NN accuracy: how often a point's 10 nearest points on the map share its true class (leave-one-out); "
@@ -89,7 +93,11 @@ for emb, event in zip(maps, events):
     if picked:  # a click: inspect that image, and start the chart afresh so the same point can be clicked again
         app.open_inspector(split, int(picked[0]))
         st.session_state["emb_round"] = st.session_state.get("emb_round", 0) + 1
-    box = selection.get("box")
+    outline = ui.lasso_polygon(event) if lasso else None
+    if outline:
+        st.session_state["emb_selected"] = (split, selected_indices(emb, polygon=outline).tolist())
+        st.session_state["_emb_selected_by"] = "in the lasso"
+    box = selection.get("box") if not lasso else None
     if box and "x" in box and "y" in box:
         st.session_state["emb_selected"] = (split, selected_indices(emb, box=box).tolist())
         st.session_state["_emb_selected_by"] = "in the box"
@@ -126,6 +134,6 @@ if chosen_split == split and chosen:
         st.session_state["emb_round"] = st.session_state.get("emb_round", 0) + 1  # a fresh chart, without the box
         st.rerun()
 else:
-    st.caption("Drag a box on a map to see its images here.")
+    st.caption(f"{'Draw a lasso' if lasso else 'Drag a box'} on a map to see its images here.")
 
 app.inspector(dataset, checkpoint)

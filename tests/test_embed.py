@@ -333,3 +333,42 @@ def test_a_map_of_an_early_layer_separates_the_classes_less_than_the_penultimate
         embedding(fastnet, cifar, "test", "pca", {}, subset, layer="head")
     with pytest.raises(embed.EmbeddingError, match="Raw pixels have no layers"):
         embedding(None, cifar, "test", "pca", {}, subset, layer="features.0")
+
+
+def test_a_lasso_selects_the_points_inside_its_outline(cifar, fastnet):
+    """The lasso (drawn on the Plotly map) selects exactly the points inside its outline, any shape: checked against
+    matplotlib's point-in-polygon on the real test map, for a concave outline."""
+    from matplotlib.path import Path as Outline
+
+    from cifarviz.ui.embeddings import lasso_polygon
+
+    emb = embedding(fastnet, cifar, "test", "pca", {})
+    low, high = emb.coords.min(0), emb.coords.max(0)
+    (x0, y0), (x1, y1) = low + 0.013 * (high - low), high - 0.017 * (high - low)  # no point on an edge
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    outline = [(x0, y0), (x1, y0), (cx, cy), (x1, y1), (x0, y1)]  # an arrowhead: concave at the centre
+    event = {"selection": {"lasso": [{"x": [p[0] for p in outline], "y": [p[1] for p in outline]}], "points": []}}
+    assert lasso_polygon(event) == outline and lasso_polygon({"selection": {"lasso": []}}) is None
+    chosen = selected_indices(emb, polygon=lasso_polygon(event))
+    expected = emb.indices[Outline(np.array(outline)).contains_points(emb.coords)]
+    assert set(chosen.tolist()) == set(expected.tolist()) and 0 < len(chosen) < len(emb)
+    assert embed.inside_polygon(emb.coords, outline[:2]).sum() == 0  # two points are no outline
+
+
+@pytest.mark.slow
+def test_the_map_draws_with_a_lasso_when_asked(cifar, fastnet):
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = str(cifar.root)
+    at.session_state["emb_method"] = "pca"
+    at.run()
+    at.switch_page("pages/embeddings.py").run()
+    deadline = time.monotonic() + 300
+    while at.progress or not at.get("vega_lite_chart"):
+        assert time.monotonic() < deadline, "the map never arrived"
+        time.sleep(1)
+        at.run()
+    at.segmented_control(key="emb_select_with").set_value("lasso").run()
+    assert not at.exception, [e.value for e in at.exception]
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert figure["layout"]["dragmode"] == "lasso" and len(figure["data"]) == 10  # a trace per class
+    assert "Draw a lasso on a map" in "\n".join(c.value for c in at.caption)

@@ -383,14 +383,32 @@ def knn_accuracy(coords: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
     return float((winner == labels).mean())
 
 
-def selected_indices(emb: Embedding, box: dict | None = None, points=None) -> np.ndarray:
-    """Image indices (into the split) selected on a map: inside a box {"x": [lo, hi], "y": [lo, hi]} (either order)
-    and/or the points given as image indices. Indices that are not on the map are ignored."""
+def inside_polygon(coords: np.ndarray, polygon) -> np.ndarray:
+    """Which of the (n, 2) points lie inside the closed polygon [(x, y), ...] (even-odd rule, by ray casting)."""
+    poly = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    x, y = np.asarray(coords, dtype=np.float64).T
+    inside = np.zeros(len(x), dtype=bool)
+    if len(poly) < 3:
+        return inside
+    for (x0, y0), (x1, y1) in zip(poly, np.roll(poly, -1, axis=0)):
+        crosses = (y0 > y) != (y1 > y)  # the edge spans the point's height
+        with np.errstate(divide="ignore", invalid="ignore"):
+            at = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= crosses & (x < at)
+    return inside
+
+
+def selected_indices(emb: Embedding, box: dict | None = None, points=None, polygon=None) -> np.ndarray:
+    """Image indices (into the split) selected on a map: inside a box {"x": [lo, hi], "y": [lo, hi]} (either order),
+    inside a lasso `polygon` [(x, y), ...], and/or the points given as image indices. Indices that are not on the
+    map are ignored."""
     chosen = np.zeros(len(emb), dtype=bool)
     if box:
         (x0, x1), (y0, y1) = sorted(box["x"]), sorted(box["y"])
         x, y = emb.coords[:, 0], emb.coords[:, 1]
         chosen |= (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+    if polygon is not None:
+        chosen |= inside_polygon(emb.coords, polygon)
     if points is not None:
         chosen |= np.isin(emb.indices, np.asarray(list(points), dtype=np.int64))
     return emb.indices[chosen]

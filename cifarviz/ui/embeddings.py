@@ -289,11 +289,61 @@ def map_chart(frame: pd.DataFrame, classes: list[str], colour_by: str, height: i
     return alt.layer(points, rings).properties(height=height)
 
 
+# Vega's tableau10, the Altair map's class colours: a class has one colour in both drawings of the map
+TABLEAU10 = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d",
+             "#bab0ac"]
+
+
+def lasso_figure(frame: pd.DataFrame, classes: list[str], colour_by: str, height: int, found=None):
+    """The map drawn by Plotly, whose lasso Vega-Lite lacks: one trace per colour (the legend toggles it), the same
+    colours as the Altair map, misclassified points outlined, found images ringed."""
+    import plotly.graph_objects as go
+
+    field = COLOUR_BY[colour_by]
+    groups = list(STATUS_COLOURS) if field == "status" else classes
+    colours = STATUS_COLOURS if field == "status" else {c: TABLEAU10[i % 10] for i, c in enumerate(classes)}
+    figure = go.Figure()
+    for name in groups:
+        part = frame[frame[field] == name]
+        if part.empty:
+            continue
+        figure.add_trace(go.Scattergl(
+            x=part["x"], y=part["y"], mode="markers", name=str(name), customdata=part[["index"]].to_numpy(),
+            marker={"size": 6, "color": colours[name],
+                    "line": {"width": np.where(part["status"] == "wrong", 1.0, 0.0), "color": "black"}},
+            text=[f"image #{i}: {t} → {p}" for i, t, p in zip(part["index"], part["true"], part["predicted"])],
+            hoverinfo="text"))
+    if found is not None and len(found):
+        ring = frame[frame["index"].isin(found)]
+        figure.add_trace(go.Scattergl(x=ring["x"], y=ring["y"], mode="markers", name="found", hoverinfo="skip",
+                                      marker={"size": 14, "color": "rgba(0,0,0,0)",
+                                              "line": {"width": 2.5, "color": "black"}}))
+    bare = {"visible": False}
+    figure.update_layout(height=height, dragmode="lasso", xaxis=bare, yaxis=bare, margin={"l": 0, "r": 0, "t": 10,
+                                                                                            "b": 0},
+                         legend={"title": {"text": colour_by}, "font": {"size": 14}}, plot_bgcolor="white")
+    return figure
+
+
+def lasso_polygon(event) -> list[tuple[float, float]] | None:
+    """The lasso's outline from Streamlit's Plotly selection event, or None."""
+    lasso = ((event or {}).get("selection") or {}).get("lasso") or []
+    if not lasso or "x" not in lasso[0] or "y" not in lasso[0]:
+        return None
+    return list(zip(lasso[0]["x"], lasso[0]["y"]))
+
+
 def show_map(emb: Embedding, predicted: np.ndarray, classes: list[str], colour_by: str, key: str, height: int,
-             urls: np.ndarray | None, legend_below: bool = False, found: np.ndarray | None = None):
+             urls: np.ndarray | None, legend_below: bool = False, found: np.ndarray | None = None,
+             lasso: bool = False):
     """Draw a map and its class-separation score; return Streamlit's selection event."""
-    chart = map_chart(map_frame(emb, predicted, classes, urls), classes, colour_by, height, legend_below, found)
-    event = st.altair_chart(chart, on_select="rerun", selection_mode=["pick", "box"], key=key, width="stretch")
+    frame = map_frame(emb, predicted, classes, urls)
+    if lasso:
+        event = st.plotly_chart(lasso_figure(frame, classes, colour_by, height, found), on_select="rerun",
+                                selection_mode=("lasso",), key=key, width="stretch")
+    else:
+        chart = map_chart(frame, classes, colour_by, height, legend_below, found)
+        event = st.altair_chart(chart, on_select="rerun", selection_mode=["pick", "box"], key=key, width="stretch")
     score = map_knn_accuracy(emb)
     st.markdown(f"**10-NN accuracy in this map: {score:.1%}** (chance {1 / len(classes):.0%})")
     return event
