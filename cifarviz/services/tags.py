@@ -20,7 +20,7 @@ from filelock import FileLock
 
 from cifarviz.analysis.explore import ImageRef
 from cifarviz.core.errors import CifarvizError
-from cifarviz.services.work.records import read_json, usable_runs_dir, write_json
+from cifarviz.services.work.records import read_json, runs_dir, usable_runs_dir, write_json
 
 SCHEMA = 1
 SUGGESTED = ("mislabelled?", "ambiguous", "duplicate?", "great example")
@@ -94,7 +94,7 @@ class TagBook:
         return usable_runs_dir(self._folder) / "tags.json"
 
     def _read(self) -> dict:
-        path = self.path
+        path = runs_dir(self._folder) / "tags.json"  # reading creates no folder
         try:
             stamp = path.stat().st_mtime_ns
         except OSError:

@@ -10,6 +10,7 @@ from collections import Counter
 import streamlit as st
 
 from cifarviz.analysis.explore import ImageRef
+from cifarviz.core.errors import CifarvizError
 from cifarviz.services.tags import MAX_TAG_CHARS, MISLABELLED, SUGGESTED, TAGS, TagError, clean_tag, relabel_rows
 from cifarviz.ui import identity
 from cifarviz.ui.exports import export_buttons
@@ -31,7 +32,7 @@ def visible_tags() -> dict[ImageRef, Counter]:
         if identity.is_teacher():
             return TAGS.everyone(fingerprint)
         return {ref: Counter(tags) for ref, tags in TAGS.of_viewer(fingerprint, identity.viewer()).items()}
-    except TagError:
+    except (CifarvizError, OSError):  # no runs folder to read (read-only disk): grids draw without badges
         return {}
 
 
