@@ -93,9 +93,9 @@ for emb, event in zip(maps, events):
     if picked:  # a click: inspect that image, and start the chart afresh so the same point can be clicked again
         app.open_inspector(split, int(picked[0]))
         st.session_state["emb_round"] = st.session_state.get("emb_round", 0) + 1
-    outline = ui.lasso_polygon(event) if lasso else None
-    if outline:
-        st.session_state["emb_selected"] = (split, selected_indices(emb, polygon=outline).tolist())
+    lassoed = ui.lasso_selection(emb, event) if lasso else None
+    if lassoed is not None:
+        st.session_state["emb_selected"] = (split, lassoed.tolist())
         st.session_state["_emb_selected_by"] = "in the lasso"
     box = selection.get("box") if not lasso else None
     if box and "x" in box and "y" in box:

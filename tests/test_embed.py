@@ -340,7 +340,7 @@ def test_a_lasso_selects_the_points_inside_its_outline(cifar, fastnet):
     matplotlib's point-in-polygon on the real test map, for a concave outline."""
     from matplotlib.path import Path as Outline
 
-    from cifarviz.ui.embeddings import lasso_polygon
+    from cifarviz.ui.embeddings import lasso_polygon, lasso_selection
 
     emb = embedding(fastnet, cifar, "test", "pca", {})
     low, high = emb.coords.min(0), emb.coords.max(0)
@@ -353,6 +353,9 @@ def test_a_lasso_selects_the_points_inside_its_outline(cifar, fastnet):
     expected = emb.indices[Outline(np.array(outline)).contains_points(emb.coords)]
     assert set(chosen.tolist()) == set(expected.tolist()) and 0 < len(chosen) < len(emb)
     assert embed.inside_polygon(emb.coords, outline[:2]).sum() == 0  # two points are no outline
+    assert set(lasso_selection(emb, event).tolist()) == set(expected.tolist())
+    reported = {"selection": {"lasso": [], "points": [{"customdata": [7]}, {"customdata": [3]}]}}
+    assert lasso_selection(emb, reported).tolist() == [3, 7] and lasso_selection(emb, {}) is None
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from cifarviz.analysis.embed import (
     embedding_ready,
     knn_accuracy,
     layer_names,
+    selected_indices,
 )
 from cifarviz.core.errors import CifarvizError
 from cifarviz.core.settings import settings
@@ -331,6 +332,18 @@ def lasso_polygon(event) -> list[tuple[float, float]] | None:
     if not lasso or "x" not in lasso[0] or "y" not in lasso[0]:
         return None
     return list(zip(lasso[0]["x"], lasso[0]["y"]))
+
+
+def lasso_selection(emb: Embedding, event) -> np.ndarray | None:
+    """The images a lasso selected: those inside its outline (every trace, hidden classes too, as the box does),
+    else the points Plotly reports (their image numbers ride in customdata); None without a lasso."""
+    outline = lasso_polygon(event)
+    if outline:
+        return selected_indices(emb, polygon=outline)
+    points = ((event or {}).get("selection") or {}).get("points") or []
+    picked = [p["customdata"][0] if isinstance(p.get("customdata"), list) else p.get("customdata") for p in points]
+    picked = [int(i) for i in picked if isinstance(i, (int, float))]
+    return np.asarray(sorted(set(picked)) , dtype=np.int64) if picked else None
 
 
 def show_map(emb: Embedding, predicted: np.ndarray, classes: list[str], colour_by: str, key: str, height: int,
