@@ -171,8 +171,9 @@ def main() -> None:
     print(json.dumps(out, indent=2))
     RESULTS.mkdir(exist_ok=True)
     out["load_average_at_end"] = os.getloadavg()[0]
-    name = f"influence-{'lds' if args.lds else 'speed'}-{time.strftime('%Y%m%d')}-{commit or 'nocommit'}.json"
-    (RESULTS / name).write_text(json.dumps(out, indent=2))  # one file per date and commit: none overwritten
+    what = "lds" if args.lds else "speed-" + "-".join(args.methods)  # two runs of one day and commit: two files
+    name = f"influence-{what}-{time.strftime('%Y%m%d')}-{commit or 'nocommit'}.json"
+    (RESULTS / name).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
