@@ -11,7 +11,7 @@ import streamlit as st
 
 from cifarviz.analysis.explore import ImageRef
 from cifarviz.core.errors import CifarvizError
-from cifarviz.services.tags import MAX_TAG_CHARS, MISLABELLED, SUGGESTED, TAGS, TagError, clean_tag, relabel_rows
+from cifarviz.services.tags import MAX_TAG_CHARS, MISLABELLED, SUGGESTED, TAGS, clean_tag, relabel_rows
 from cifarviz.ui import identity
 from cifarviz.ui.exports import export_buttons
 from cifarviz.ui.text import md, md_message, shown
@@ -57,8 +57,11 @@ def tag_box(dataset, ref: ImageRef) -> None:
         try:
             st.session_state[key] = TAGS.set_tags(fingerprint, me, ref, st.session_state.get(key) or [])
             st.session_state.pop("_tag_error", None)
-        except TagError as exc:  # nothing saved: the box shows what is kept, the message what was wrong
-            st.session_state[key] = TAGS.of_viewer(fingerprint, me).get(ref, [])
+        except CifarvizError as exc:  # nothing saved (a bad tag, no runs folder): the box shows what is kept
+            try:
+                st.session_state[key] = TAGS.of_viewer(fingerprint, me).get(ref, [])
+            except CifarvizError:
+                st.session_state[key] = []
             st.session_state["_tag_error"] = str(exc)
 
     st.session_state.setdefault(key, mine)
@@ -86,7 +89,7 @@ def tag_many(dataset, refs: list[ImageRef], key: str, what: str) -> None:
         try:
             n = TAGS.add(dataset.fingerprint, identity.viewer(), refs, clean_tag(typed))
             st.toast(f"Tagged {n:,} images '{md(clean_tag(typed))}'.")
-        except TagError as exc:
+        except CifarvizError as exc:
             st.error(md_message(exc))
 
 
