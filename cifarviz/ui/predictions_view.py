@@ -4,6 +4,7 @@ inspector), groups by class, exports of the filtered rows."""
 from __future__ import annotations
 
 import base64
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -99,7 +100,8 @@ def table(rows: pd.DataFrame, images: np.ndarray, split: str, page: int) -> None
         if column in shown_rows:
             shown_rows[column] = shown_rows[column] * 100
     percent = st.column_config.NumberColumn(format="%.1f%%")
-    key = f"pred-table-{split}-{page}"
+    # Another set of rows is another table: a row chosen in the last one must not open an image of this one
+    key = f"pred-table-{split}-{zlib.crc32(shown_rows['index'].to_numpy().tobytes())}"
     event = st.dataframe(
         shown_rows, hide_index=True, on_select="rerun", selection_mode="single-row", key=key, row_height=40,
         column_config={"image": st.column_config.ImageColumn("image", width="small"),
@@ -110,7 +112,9 @@ def table(rows: pd.DataFrame, images: np.ndarray, split: str, page: int) -> None
                        "loss": st.column_config.NumberColumn(format="%.3f", help="-log p(true class), nats"),
                        "margin": st.column_config.NumberColumn(format="%.2f", help="logit(true) - largest other")})
     picked = (event.selection.rows if event is not None else []) or []
-    if picked:
+    if not picked:
+        st.session_state.pop("_pred_opened", None)  # a row unselected: choosing it again opens it again
+    else:
         index = int(shown_rows.iloc[picked[0]]["index"])
         if st.session_state.get("_pred_opened") != (key, index):  # open once per click, not on every rerun
             st.session_state["_pred_opened"] = (key, index)
