@@ -559,7 +559,7 @@ def cmd_retrain_without(args) -> int:
     return 0
 
 
-EXPORTS = ("cell", "mistakes", "suspicious", "influence")  # the app's selections that `export` writes
+EXPORTS = ("cell", "mistakes", "suspicious", "influence", "predictions", "relabel")  # the app's selections
 RANKINGS = {"training-loss": "training loss", "self-influence": "self-influence", "mean-training-loss":
             "mean training loss"}  # --ranking: cifarviz.analysis.influence.suspicious_rankings' names
 
@@ -577,16 +577,17 @@ def _check_export_flags(args) -> None:
     if missing:
         raise CifarvizError(f"--what {args.what} needs {' and '.join(missing)}; e.g. "
                             + ("--true cat --pred dog." if args.what == "cell" else "--test-index 42."))
-    own = {"true": ("cell",), "pred": ("cell",), "test_index": ("influence",), "method": ("suspicious", "influence"),
-           "ranking": ("suspicious",)}
+    own = {"true": ("cell", "predictions"), "pred": ("cell", "predictions"), "test_index": ("influence",),
+           "method": ("suspicious", "influence"), "ranking": ("suspicious",), "outcome": ("predictions",),
+           "sort": ("predictions",)}
     for flag, whats in own.items():
         if getattr(args, flag) is not None and args.what not in whats:
             raise CifarvizError(f"--{flag.replace('_', '-')} is for --what {' or '.join(whats)}, not --what "
                                 f"{args.what}.")
-    fixed = {"suspicious": "train", "influence": "test"}.get(args.what)  # whose images these selections are
+    fixed = {"suspicious": "train", "influence": "test", "relabel": "all"}.get(args.what)  # whose images
     if fixed and args.split not in (None, fixed):
-        raise CifarvizError(f"--what {args.what} selects from the {fixed} split; leave --split out "
-                            "(it is for cell and mistakes).")
+        raise CifarvizError(f"--what {args.what} selects from the {fixed} split{'s' if fixed == 'all' else ''}; "
+                            "leave --split out (it is for cell, mistakes and predictions).")
     if args.top is not None and args.top < 1:
         raise CifarvizError(f"--top must be at least 1, not {args.top}.")
 
@@ -650,6 +651,8 @@ def cmd_export(args) -> int:
         score_name = re.sub(r"\W+", "_", ranking.split(" (")[0]).strip("_")  # "training loss" -> training_loss
         arts = split_artifacts(checkpoint, dataset, "train", progress=True)
         about.update(ranking=ranking, order="most suspicious (likely mislabelled or atypical) first")
+    elif args.what in ("predictions", "relabel"):
+        pass  # tables of their own (_table_export)
     else:
         from cifarviz.analysis.influence import METHODS as INFLUENCE_METHODS
         from cifarviz.analysis.influence import default_method, lookup
@@ -668,11 +671,14 @@ def cmd_export(args) -> int:
         [test_image] = selection_rows(dataset, "test", [args.test_index], test_probs)
         about.update(method=method, test_image=test_image, score=INFLUENCE_METHODS[method].score_meaning,
                      training_images=result.training_images, order="the most helpful first, then the most harmful")
-    if effects is None:
+    if args.what in ("predictions", "relabel"):
+        rows, columns = _table_export(args, checkpoint, dataset, split, about)
+    elif effects is None:
         rows = selection_rows(dataset, rows_split, indices, arts.probs, score=score, score_name=score_name)
     else:
         rows, score = influence, [row["score"] for row in influence]  # helpful, then harmful, with their effect
-    columns = [*COLUMNS, *([score_name] if score is not None else []), *(["effect"] if effects is not None else [])]
+    if args.what not in ("predictions", "relabel"):
+        columns = [*COLUMNS, *([score_name] if score is not None else []), *(["effect"] if effects is not None else [])]
     text = rows_to_json(rows, about) + "\n" if args.format == "json" else rows_to_csv(rows, columns=columns)
     if out is None:
         sys.stdout.write(text)
@@ -685,17 +691,63 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _table_export(args, checkpoint, dataset, split: str, about: dict) -> tuple[list[dict], list[str] | None]:
+    """--what predictions: the Predictions page's table, filtered and sorted as there (plain loss and margin;
+    calibrated when the split is test). --what relabel: every viewer's tags on this data, as the teacher's relabel
+    list (the server's runs folder, CIFARVIZ_RUNS)."""
+    if args.what == "relabel":
+        from cifarviz.services.tags import TAGS, relabel_rows
+
+        predicted = {}
+        for part in ("train", "val", "test"):
+            from cifarviz.store.artifacts import artifacts_cached, split_artifacts
+
+            if artifacts_cached(checkpoint, dataset, part):  # a prediction where it is at hand; none computed
+                predicted[part] = split_artifacts(checkpoint, dataset, part).predicted
+        rows = relabel_rows(dataset, TAGS.everyone(dataset.fingerprint), predicted)
+        about.update(split="all", order="most often tagged 'mislabelled?' first", tagged_images=len(rows))
+        return rows, ["split", "index", "source_index", "label", "prediction", "tags", "mislabelled_votes"]
+    from cifarviz.analysis.calibration import calibrate
+    from cifarviz.analysis.predictions import prediction_rows, prediction_table, select
+    from cifarviz.store.artifacts import split_artifacts
+
+    names = {}
+    for flag in ("true", "pred"):
+        given = [n for n in (getattr(args, flag) or "").split(",") if n]
+        names[flag] = [dataset.classes[_class_number(dataset, n, f"--{flag}")] for n in given]
+    arts = split_artifacts(checkpoint, dataset, split, progress=True)
+    temperature = None
+    if split == "test":  # as the page: T fitted on the validation split
+        val = split_artifacts(checkpoint, dataset, "val", progress=True)
+        temperature = calibrate(val.probs, val.labels, arts.probs, arts.labels).temperature
+    frame = prediction_table(arts.logits, arts.probs, arts.labels, dataset.classes, temperature)
+    sort = args.sort or "loss"
+    chosen = select(frame, labels=names["true"], predictions=names["pred"], outcome=args.outcome or "all",
+                    sort=sort, descending=sort not in ("margin", "index"))
+    rows = prediction_rows(chosen.iloc[:args.top] if args.top else chosen, dataset, split)
+    about.update(true=names["true"] or "every class", predicted=names["pred"] or "every class",
+                 outcome=args.outcome or "all", sort=sort, matching=len(chosen), temperature=temperature,
+                 loss="plain cross-entropy of the true class", margin="logit(true) - largest other logit")
+    return rows, None
+
+
 def add_export_parser(sub, data_args, arch_args) -> None:
     p = sub.add_parser("export", parents=[data_args, arch_args],
                        help="an app selection as CSV or JSON: a confusion cell, mistakes, suspicious or influential "
-                            "training images")
+                            "training images, the Predictions table, the relabel list of tagged images")
     p.add_argument("--checkpoint", "-c", required=True, help="checkpoint file, or a shipped name such as fastnet")
     p.add_argument("--what", required=True, choices=EXPORTS,
                    help="cell (a confusion cell's images: --true, --pred), mistakes (most confident first), "
                         "suspicious (training images, likely mislabelled first), influence (the helpful and harmful "
-                        "training images of --test-index)")
-    p.add_argument("--true", metavar="CLASS", help="with --what cell: the true class")
-    p.add_argument("--pred", metavar="CLASS", help="with --what cell: the predicted class")
+                        "training images of --test-index), predictions (every prediction: --true, --pred, "
+                        "--outcome, --sort), relabel (every viewer's tagged images on this server)")
+    p.add_argument("--true", metavar="CLASS", help="with --what cell: the true class; with predictions: classes, "
+                                                   "comma-separated")
+    p.add_argument("--pred", metavar="CLASS", help="with --what cell: the predicted class; with predictions: "
+                                                   "classes, comma-separated")
+    p.add_argument("--outcome", choices=["all", "right", "wrong"], help="with --what predictions (default all)")
+    p.add_argument("--sort", choices=["loss", "confidence", "margin", "index"],
+                   help="with --what predictions (default loss, highest first; margin lowest first)")
     p.add_argument("--test-index", type=int, metavar="N",
                    help="with --what influence: index of the test image (dataset.test)")
     p.add_argument("--split", choices=["train", "val", "test"],

@@ -175,3 +175,31 @@ def test_a_tag_from_the_inspector_is_a_badge_on_every_grid_and_in_the_relabel_li
     other.run()
     assert tile(other).endswith(f"🏷 {MISLABELLED} +1")
     assert Path(runs_root / "tags.json").exists()
+
+
+def test_the_cli_exports_the_predictions_table_and_the_relabel_list(cifar, fastnet_test, runs_root, capsys):
+    """`python -m cifarviz export --what predictions` writes the page's table (filtered and sorted as there);
+    `--what relabel` every viewer's tagged images, most "mislabelled?" votes first."""
+    from cifarviz.cli import main
+
+    a = fastnet_test
+    argv = ["export", "-c", "fastnet", "--data", str(cifar.root), "--what", "predictions", "--true", "cat",
+            "--pred", "dog", "--sort", "confidence", "--format", "json"]
+    assert main(argv) == 0
+    written = json.loads(capsys.readouterr().out)
+    rows, about = written["images"], written["about"]
+    cell = confusion_cell_indices(a.labels, a.predicted, 3, 5)
+    assert [r["index"] for r in rows] == sorted(cell.tolist(), key=lambda i: (-a.probs[i].max(), i))
+    assert all(r["label"] == "cat" and r["prediction"] == "dog" and not r["correct"] for r in rows)
+    assert rows[0]["loss"] == pytest.approx(-np.log(a.probs[rows[0]["index"], 3]), rel=1e-5)
+    assert "calibrated" in rows[0] and about["temperature"] == pytest.approx(0.5, abs=0.02)
+    assert main(["export", "-c", "fastnet", "--data", str(cifar.root), "--what", "predictions", "--test-index",
+                 "3"]) == 2 and "--test-index is for --what influence" in capsys.readouterr().err
+
+    book = TagBook(runs_root)
+    book.add(cifar.fingerprint, ME, [ImageRef("train", 11), ImageRef("test", 5)], MISLABELLED)
+    book.add(cifar.fingerprint, YOU, [ImageRef("train", 11)], MISLABELLED)
+    assert main(["export", "-c", "fastnet", "--data", str(cifar.root), "--what", "relabel"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "split,index,source_index,label,prediction,tags,mislabelled_votes"
+    assert lines[1].startswith("train,11,") and lines[1].endswith(",mislabelled? (2),2") and len(lines) == 3

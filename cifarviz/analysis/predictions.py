@@ -78,3 +78,18 @@ def by_class(frame: pd.DataFrame) -> pd.DataFrame:
         "mean confidence": grouped["confidence"].mean() * 100,
         "mean loss": grouped["loss"].mean(),
     }).reset_index().rename(columns={"label": "true class"}).dropna(subset=["accuracy"])
+
+
+def prediction_rows(rows: pd.DataFrame, dataset, split: str) -> list[dict]:
+    """The rows as the exports write them (the page's CSV/JSON and `python -m cifarviz export --what
+    predictions`): image number and its place in the source, labels, right or wrong, and the figures above."""
+    part = dataset.split(split)
+    out = []
+    for row in rows.itertuples(index=False):
+        record = {"index": int(row.index), "source_index": int(part.source_index[row.index]), "split": split,
+                  "label": str(row.label), "prediction": str(row.prediction), "correct": bool(row.correct),
+                  "confidence": float(row.confidence), "loss": float(row.loss), "margin": float(row.margin)}
+        if hasattr(row, "calibrated"):
+            record["calibrated"] = float(row.calibrated)
+        out.append(record)
+    return out

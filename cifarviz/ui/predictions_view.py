@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from cifarviz.analysis.explore import ImageRef, to_png
-from cifarviz.analysis.predictions import OUTCOMES, SORTS, by_class, prediction_table, select
+from cifarviz.analysis.predictions import OUTCOMES, SORTS, by_class, prediction_rows, prediction_table, select
 from cifarviz.ui.links import from_link, linked
 from cifarviz.ui.loaders import _artifacts, calibration_now, file_stamp
 from cifarviz.ui.tagging import visible_tags
@@ -129,18 +129,10 @@ def groups(rows: pd.DataFrame) -> None:
 
 
 def export_rows(rows: pd.DataFrame, split: str, dataset) -> list[dict]:
-    part = dataset.split(split)
+    """The exported rows, with this viewer's tags (the teacher's: everyone's)."""
     tags = visible_tags()
-    out = []
-    for row in rows.itertuples(index=False):
-        record = {"index": int(row.index), "source_index": int(part.source_index[row.index]), "split": split,
-                  "label": str(row.label), "prediction": str(row.prediction), "correct": bool(row.correct),
-                  "confidence": float(row.confidence), "loss": float(row.loss), "margin": float(row.margin)}
-        if hasattr(row, "calibrated"):
-            record["calibrated"] = float(row.calibrated)
-        record["tags"] = "; ".join(sorted(tags.get(ImageRef(split, int(row.index)), {})))
-        out.append(record)
-    return out
+    return [{**record, "tags": "; ".join(sorted(tags.get(ImageRef(split, record["index"]), {})))}
+            for record in prediction_rows(rows, dataset, split)]
 
 
 def page_number(total: int) -> int:
