@@ -76,7 +76,7 @@ if clicked[0] and clicked[0].get("true") in classes and clicked[0].get("predicte
     st.session_state["cm_true"], st.session_state["cm_pred"] = clicked[0]["true"], clicked[0]["predicted"]
 with matrix:
     app.linked("norm", "cm_by_row", parse=lambda text: {"row": True, "count": False}.get(text), default=False,
-               format=lambda on: "row" if on else "count")
+               format=lambda on: "row" if on else "")
     by_row = st.toggle("Share of each true class", key="cm_by_row",
                        help="Each row sums to 100%: the diagonal is each class's recall. Off: image counts.")
     st.caption("Rows: true class, columns: predicted class" + (" (percent of the row)" if by_row else "")

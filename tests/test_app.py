@@ -413,8 +413,8 @@ def test_evaluate_shows_plain_predictions_until_the_augmented_ones_arrive(cifar)
     default_store().forget()  # nor kept in this process's memory
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
     at.session_state["_data_root"] = str(cifar.root)
-    at.run()
-    with file_lock(final_path):  # the augmented predictions cannot finish while the page is first drawn
+    with file_lock(final_path):  # the augmented predictions cannot finish while the page is first drawn (Home
+        at.run()  # starts them in the background: they wait for the lock too)
         at.switch_page("pages/evaluate.py").run()
         assert not at.exception, [e.value for e in at.exception]
         assert at.metric[0].value == f"{(plain.predicted == plain.labels).mean():.2%}"
@@ -620,7 +620,8 @@ def test_the_link_to_the_view_stays_in_the_sidebar_while_a_page_computes(cifar, 
         at.session_state["_data_root"] = str(root)
         at.run()
         at.switch_page("pages/evaluate.py").run()
-        assert any("waiting for" in p.proto.text for p in at.get("progress"))  # behind the blockers
+        waiting = [p.proto.text for p in at.get("progress")]  # behind the blockers (and any job of an earlier test)
+        assert any("next, when one of the" in t or "waiting for" in t for t in waiting), waiting
         assert "Link to this view" in [p.proto.popover.label for p in at.sidebar.get("popover")]
     finally:
         release.set()

@@ -163,6 +163,11 @@ class JobRegistry:
         with self._lock:
             return self._jobs.get(key)
 
+    def running(self) -> int:
+        """How many jobs are under way now (started, not finished)."""
+        with self._lock:
+            return sum(1 for job in self._jobs.values() if job.started and not job.done)
+
     def start(self, key: str, fn: Callable[[Callable[[float], None]], object], *, background: bool = False,
               owner: str | None = None) -> Job:
         """The job for `key`: the one queued or under way, else a new one running `fn(report_progress)`, queued

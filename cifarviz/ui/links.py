@@ -111,7 +111,7 @@ def view_params(extra: dict | None = None) -> dict[str, str]:
         params["checkpoint"] = name
     for param, (key, format) in st.session_state.get(_FIELDS, {}).items():
         value = st.session_state.get(key)
-        if value is not None and value != "":
+        if value is not None and value != "" and format(value) != "":  # "": the default, left out of the link
             params[param] = format(value)
     params.update(st.session_state.get(_SHOWN, {}))
     ref = st.session_state.get(INSPECT_KEY)

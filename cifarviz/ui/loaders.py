@@ -298,12 +298,15 @@ def progress_bar(job: Job, label: str, until=None, every: float = 0.5) -> None:
 
 
 def queued(job: Job) -> str:
-    """"starting" or "waiting for 2 other computations (this server computes 2 at a time...)"."""
-    ahead = JOBS.position(job) or 0
-    if ahead == 0:
+    """Where a job that has not started stands: "starting", "next, when one of the 2 computations under way
+    ends", or "waiting for 3 other computations queued ahead of it" (with how many run at a time)."""
+    ahead, running = JOBS.position(job) or 0, JOBS.running()
+    if ahead == 0 and running < JOBS.workers:
         return "starting"
-    return (f"waiting for {ahead} other computation{'s' if ahead != 1 else ''} (this server computes "
-            f"{JOBS.workers} at a time, what someone waits for first)")
+    at_a_time = f"this server computes {JOBS.workers} at a time, what someone waits for first"
+    if ahead == 0:
+        return f"next, when one of the {running} computation{'s' if running != 1 else ''} under way ends ({at_a_time})"
+    return f"waiting for {ahead} other computation{'s' if ahead != 1 else ''} queued ahead of it ({at_a_time})"
 
 
 def doing(job: Job) -> str:

@@ -53,13 +53,15 @@ def filters(classes: list[str]) -> dict:
     """The filter widgets, in two rows; every choice is part of the link to this view."""
     linked("true", "pred_true", parse=lambda t: _names(t, classes), format=",".join)
     linked("predicted", "pred_predicted", parse=lambda t: _names(t, classes), format=",".join)
-    linked("outcome", "pred_outcome", choices=OUTCOMES, default="all")
-    linked("confidence", "pred_confidence", parse=_range, default=(0, 100), format=lambda r: f"{r[0]}-{r[1]}")
-    linked("sort", "pred_sort", choices=tuple(SORTS), default="loss")
+    # a default is left out of the link ("" below): the address names only what was chosen
+    linked("outcome", "pred_outcome", choices=OUTCOMES, default="all", format=lambda o: "" if o == "all" else o)
+    linked("confidence", "pred_confidence", parse=_range, default=(0, 100),
+           format=lambda r: "" if tuple(r) == (0, 100) else f"{r[0]}-{r[1]}")
+    linked("sort", "pred_sort", choices=tuple(SORTS), default="loss", format=lambda o: "" if o == "loss" else o)
     linked("tagged", "pred_tagged", parse=lambda t: {"yes": True, "no": False}.get(t), default=False,
-           format=lambda on: "yes" if on else "no")
+           format=lambda on: "yes" if on else "")
     linked("group", "pred_group", parse=lambda t: {"class": True, "no": False}.get(t), default=False,
-           format=lambda on: "class" if on else "no")
+           format=lambda on: "class" if on else "")
     a, b, c = st.columns([1.5, 1.5, 1.4])  # "all | right | wrong" whole on a 1024-pixel projector
     true = a.multiselect("True class", classes, key="pred_true", format_func=shown, placeholder="every class")
     predicted = b.multiselect("Predicted class", classes, key="pred_predicted", format_func=shown,
