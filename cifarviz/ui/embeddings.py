@@ -234,10 +234,10 @@ def layer_choice(checkpoint, key: str = "emb_layer") -> str | None:
     if st.session_state.get(key) not in options:
         st.session_state[key] = PENULTIMATE
     chosen = st.selectbox("Features from", options, key=key,
-                          format_func=lambda n: "the penultimate layer (the head's input)" if n == PENULTIMATE
-                          else f"{n} (channels averaged over positions)",
-                          help="Early layers see colours and edges; the deeper the layer, the more the classes "
-                               "separate (compare the maps' 10-NN accuracy).")
+                          format_func=lambda n: "penultimate layer" if n == PENULTIMATE else n,
+                          help="The penultimate layer is the head's input. A convolution's channels are averaged "
+                               "over positions. Early layers see colours and edges; the deeper the layer, the more "
+                               "the classes separate (compare the maps' 10-NN accuracy).")
     return None if chosen == PENULTIMATE else chosen
 
 
