@@ -1,4 +1,3 @@
-import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -13,7 +12,7 @@ from cifarviz.analysis.explore import (
     to_png,
 )
 from cifarviz.core.augment import AugmentConfig, augment_batch, to_float
-from cifarviz.ui import app
+from cifarviz.ui import app, charts
 from cifarviz.ui.text import md, shown
 
 app.sidebar()
@@ -122,15 +121,7 @@ with overview:
         st.markdown(f"**{len(dataset.train):,}** training, **{len(dataset.val):,}** validation and "
                     f"**{len(dataset.test):,}** test images from {md(dataset.root)} ({dataset.layout}); "
                     f"the validation images are split off the training set with seed {dataset.split_seed}.")
-        st.altair_chart(alt.Chart(counts).mark_bar().encode(
-            x=alt.X("class:N", sort=classes, title=None,
-                    axis=alt.Axis(labelAngle=-40, labelFontSize=14, labelOverlap=False, labelLimit=0)),
-            y=alt.Y("images:Q", axis=alt.Axis(format=",.0f", labelFontSize=14, titleFontSize=15)),
-            color=alt.Color("split:N", scale=alt.Scale(domain=["train", "val", "test"],
-                                                       range=["#1f77b4", "#ff7f0e", "#2ca02c"]),
-                            legend=alt.Legend(orient="top", labelFontSize=14, title=None)),
-            xOffset=alt.XOffset("split:N", sort=["train", "val", "test"]),
-            tooltip=["split", "class", alt.Tooltip("images:Q", format=",")]).properties(height=320), width="stretch")
+        st.altair_chart(charts.class_counts(counts, classes), width="stretch")
 
 with samples:
     if samples.open:
@@ -144,13 +135,7 @@ with stats:
                     hide_index=True,
                     column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("mean", "std")})
         b.markdown("**Pixel histograms** (training split)")
-        b.altair_chart(alt.Chart(hist).mark_line(strokeWidth=2.5).encode(
-            x=alt.X("value:Q", title="pixel value", axis=alt.Axis(labelFontSize=13, titleFontSize=14)),
-            y=alt.Y("count:Q", axis=alt.Axis(format="~s", labelFontSize=13, titleFontSize=14)),
-            color=alt.Color("channel:N", scale=alt.Scale(domain=["red", "green", "blue"],
-                                                         range=["#d62728", "#2ca02c", "#1f77b4"]),
-                            legend=alt.Legend(orient="top", labelFontSize=13, title=None)),
-            tooltip=["channel", "value", alt.Tooltip("count:Q", format=",")]).properties(height=240), width="stretch")
+        b.altair_chart(charts.pixel_histograms(hist), width="stretch")
         st.markdown("**The mean image of each class**: the average of all its training pictures")
         for row in range(0, len(classes), 5):  # five per row: big enough to see, names never cut
             for col, name, image in zip(st.columns(5), classes[row : row + 5], means[row : row + 5]):

@@ -139,7 +139,7 @@ def screenshot(page, name: str, scroller: str = "[data-testid='stMain']") -> Non
     height = page.evaluate(f"() => document.querySelector(\"{scroller}\")?.scrollHeight || 0")
     if height > size["height"]:
         page.set_viewport_size({"width": size["width"], "height": min(height + 40, 12_000)})
-        page.wait_for_timeout(1500)  # charts re-render at the new size
+        page.wait_for_timeout(700)  # charts re-render at the new size (Vega redraws in well under this)
         page.screenshot(path=SHOTS / f"{name}-full.png")
         page.set_viewport_size(size)
-        page.wait_for_timeout(500)
+        page.wait_for_timeout(200)

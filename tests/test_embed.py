@@ -335,6 +335,7 @@ def test_a_map_of_an_early_layer_separates_the_classes_less_than_the_penultimate
         embedding(None, cifar, "test", "pca", {}, subset, layer="features.0")
 
 
+@pytest.mark.slow
 def test_a_lasso_selects_the_points_inside_its_outline(cifar, fastnet):
     """The lasso (drawn on the Plotly map) selects exactly the points inside its outline, any shape: checked against
     matplotlib's point-in-polygon on the real test map, for a concave outline."""

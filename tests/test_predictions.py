@@ -177,6 +177,7 @@ def test_a_tag_from_the_inspector_is_a_badge_on_every_grid_and_in_the_relabel_li
     assert Path(runs_root / "tags.json").exists()
 
 
+@pytest.mark.slow
 def test_the_cli_exports_the_predictions_table_and_the_relabel_list(cifar, fastnet_test, runs_root, capsys):
     """`python -m cifarviz export --what predictions` writes the page's table (filtered and sorted as there);
     `--what relabel` every viewer's tagged images, most "mislabelled?" votes first."""

@@ -1,4 +1,4 @@
-"""Chart pieces shared by the pages that draw learning curves (Models, Train)."""
+"""Chart pieces: the learning curves shared by Models and Train, and the Dataset page's charts."""
 
 from __future__ import annotations
 
@@ -29,3 +29,27 @@ def epoch_curves(frame: pd.DataFrame, metric: str, colour: alt.Color, series: st
         shape=alt.Shape("split:N", scale=SPLIT_SHAPE, legend=None),
         tooltip=[series, "split", "epoch", alt.Tooltip("value:Q", format=".2%" if accuracy else ".3f")],
     ).properties(height=height)  # fmt: skip
+
+
+def class_counts(counts: pd.DataFrame, classes: list[str]) -> alt.Chart:
+    """Images per class, one bar per split side by side (Dataset's first tab); every class name in full."""
+    return alt.Chart(counts).mark_bar().encode(
+        x=alt.X("class:N", sort=classes, title=None,
+                axis=alt.Axis(labelAngle=-40, labelFontSize=14, labelOverlap=False, labelLimit=0)),
+        y=alt.Y("images:Q", axis=alt.Axis(format=",.0f", labelFontSize=14, titleFontSize=15)),
+        color=alt.Color("split:N", scale=alt.Scale(domain=["train", "val", "test"],
+                                                   range=["#1f77b4", "#ff7f0e", "#2ca02c"]),
+                        legend=alt.Legend(orient="top", labelFontSize=14, title=None)),
+        xOffset=alt.XOffset("split:N", sort=["train", "val", "test"]),
+        tooltip=["split", "class", alt.Tooltip("images:Q", format=",")]).properties(height=320)
+
+
+def pixel_histograms(hist: pd.DataFrame) -> alt.Chart:
+    """One line per colour channel of the training split's pixel values."""
+    return alt.Chart(hist).mark_line(strokeWidth=2.5).encode(
+        x=alt.X("value:Q", title="pixel value", axis=alt.Axis(labelFontSize=13, titleFontSize=14)),
+        y=alt.Y("count:Q", axis=alt.Axis(format="~s", labelFontSize=13, titleFontSize=14)),
+        color=alt.Color("channel:N", scale=alt.Scale(domain=["red", "green", "blue"],
+                                                     range=["#d62728", "#2ca02c", "#1f77b4"]),
+                        legend=alt.Legend(orient="top", labelFontSize=13, title=None)),
+        tooltip=["channel", "value", alt.Tooltip("count:Q", format=",")]).properties(height=240)
