@@ -7,7 +7,7 @@ from cifarviz.analysis.export import selection_rows
 from cifarviz.analysis.metrics import classification_report, most_confused_pairs, reliability
 from cifarviz.store.artifacts import split_tta
 from cifarviz.ui import app
-from cifarviz.ui.evaluate_view import calibration_section, confusion_spec
+from cifarviz.ui.evaluate_view import accuracy_so_far, calibration_section, confusion_spec
 from cifarviz.ui.text import md, shown
 
 dataset, checkpoint = app.data_and_checkpoint_page("Evaluate", training_images=False)
@@ -29,7 +29,8 @@ def describe(tta: str) -> None:
 
 
 describe(split_tta(checkpoint, split))  # shown while the first predictions are computed
-arts = app.get_artifacts(checkpoint, dataset, split, early=True)  # plain predictions first, then flip-averaged
+# a first estimate within seconds, then the plain predictions, then the flip-averaged ones
+arts = app.get_artifacts(checkpoint, dataset, split, early=True, preview=accuracy_so_far(data.labels, split))
 describe(arts.tta)
 
 

@@ -427,6 +427,80 @@ def test_evaluate_shows_plain_predictions_until_the_augmented_ones_arrive(cifar)
     assert "with flip test-time augmentation" in at.markdown[0].value
 
 
+def test_a_first_pass_previews_a_random_sample_whose_interval_holds_the_whole_splits_accuracy(cifar):
+    """While a split's first pass runs, what it hands over is a random sample (the development copy stores its test
+    split class by class: in the split's order the first 1,000 are all airplanes), the stated 95% interval holds
+    the accuracy the whole split ends with, and the stored result is the one a plain pass in order gives."""
+    from cifarviz.analysis.metrics import sample_accuracy
+    from cifarviz.core.inference import predict
+    from cifarviz.store.artifacts import artifact_path, preview_order
+
+    checkpoint = load_checkpoint(SHIPPED / "s8net-bn.safetensors")
+    labels = cifar.test.labels
+    assert len(set(labels[:1000].tolist())) == 1  # why the order matters: a prefix in order is one class
+    artifact_path(checkpoint, cifar, "test", "none").unlink(missing_ok=True)
+    default_store().forget()
+    partials = []
+    arts = split_artifacts(checkpoint, cifar, "test", tta="none", on_partial=partials.append)
+    in_order = predict(checkpoint.model, cifar.test.images)
+    np.testing.assert_array_equal(arts.logits, in_order.logits)
+    np.testing.assert_array_equal(arts.features, in_order.features)
+
+    order = preview_order(len(labels))
+    sizes = [len(p.predicted) for p in partials]
+    assert sizes == sorted(sizes) and sizes[-1] == len(labels) and sizes[0] <= 256  # the first within a batch or two
+    final = float((arts.predicted == labels).mean())
+    covered, checked = 0, 0
+    for p in partials:
+        np.testing.assert_array_equal(p.positions, order[:len(p.predicted)])
+        np.testing.assert_array_equal(p.predicted, arts.predicted[p.positions])  # what it said is what it stored
+        if 200 <= len(p.predicted) < len(labels):
+            accuracy, half = sample_accuracy(p.predicted, labels[p.positions], p.total)
+            covered, checked = covered + (abs(accuracy - final) <= half), checked + 1
+            shares = np.bincount(labels[p.positions], minlength=10) / len(p.positions)
+            assert shares.max() < 0.2, shares  # every class in it, none dominating
+    assert checked > 20 and covered / checked >= 0.9, (covered, checked)
+    # the same prefixes in the split's own order would have said "all airplanes": far outside
+    naive, half = sample_accuracy(arts.predicted[:1000], labels[:1000], len(labels))
+    assert abs(naive - final) > half
+
+
+@pytest.mark.slow
+def test_a_cold_evaluate_shows_the_accuracy_so_far_within_seconds(cifar):
+    """A first visit on a server that has never predicted the test split: before the first pass is done, Evaluate
+    shows the accuracy of the images predicted so far (a random sample), how many, and its interval; then the
+    report. The figure shown is the accuracy of exactly those images in the final predictions."""
+    import re
+
+    from cifarviz.store.artifacts import artifact_path, preview_order
+
+    checkpoint = load_checkpoint(SHIPPED / "fastnet.safetensors")
+    for tta in ("none", "flip"):
+        artifact_path(checkpoint, cifar, "test", tta).unlink(missing_ok=True)
+    default_store().forget()
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.session_state["_data_root"] = str(cifar.root)
+    at.run()
+    at.switch_page("pages/evaluate.py").run()
+    previews = []
+
+    def seen(at) -> bool:
+        metrics = {m.label: m.value for m in at.metric}
+        if "Accuracy so far" in metrics:
+            n = int(re.search(r"On ([\d,]+) of the 10,000 test images", texts(at)).group(1).replace(",", ""))
+            previews.append((metrics["Accuracy so far"], n, texts(at)))
+        return bool(previews) or "Accuracy" in metrics
+
+    run_until(at, seen, "a first figure", timeout=120)
+    assert previews, "the report came before any preview (a first pass of fastnet takes seconds on a CPU)"
+    run_until(at, lambda at: "Accuracy" in {m.label for m in at.metric}, "the report")
+    plain = split_artifacts(checkpoint, cifar, "test", tta="none")
+    value, n, words = previews[0]
+    sample = preview_order(10_000)[:n]
+    assert value == f"{(plain.predicted[sample] == plain.labels[sample]).mean():.1%}"
+    assert "within ±" in words and "random order" in words
+
+
 @pytest.mark.slow
 def test_image_tiles_are_sent_as_their_own_pngs(cifar):
     """Streamlit re-encodes an image whose bytes differ from the asked-for format on every rerun (PNG -> JPEG by

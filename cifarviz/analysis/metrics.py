@@ -36,6 +36,18 @@ def most_confused_pairs(confusion: np.ndarray, classes, top: int = 10) -> list[d
     ]
 
 
+def sample_accuracy(predicted: np.ndarray, labels: np.ndarray, population: int) -> tuple[float, float]:
+    """The accuracy on a random sample of a split's images (drawn without replacement), and the half-width of its
+    95% interval for the whole split's accuracy: 1.96 standard errors, with the finite-population correction
+    (the sample is part of the split, and the whole split has no sampling error at all)."""
+    n = len(predicted)
+    accuracy = float((predicted == labels).mean())
+    if n >= population:
+        return accuracy, 0.0
+    spread = accuracy * (1 - accuracy) / n * (population - n) / max(population - 1, 1)
+    return accuracy, 1.96 * float(np.sqrt(spread))
+
+
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> tuple[list[dict], float]:
     """Reliability-diagram bins (confidence vs accuracy) and the expected calibration error."""
     confidence = probs.max(1)

@@ -63,10 +63,12 @@ def predict(
     progress: bool = False,
     desc: str = "predicting",
     on_progress=None,
+    on_batch=None,
 ) -> Predictions:
     """Evaluate `model` (in eval mode) on uint8 images (N, 32, 32, 3).
 
-    `progress` shows a terminal bar; `on_progress(fraction)` feeds a GUI one.
+    `progress` shows a terminal bar; `on_progress(fraction)` feeds a GUI one; `on_batch(logits)` is given each
+    batch's logits (a NumPy array) as soon as they are computed, for previews.
     """
     from tqdm.auto import tqdm
 
@@ -91,6 +93,8 @@ def predict(
                 if tta == "flip":
                     logits = 0.5 * (logits + model(x.flip(3)).float())
             all_logits.append(logits.cpu())
+            if on_batch is not None:
+                on_batch(all_logits[-1].numpy())
             if features:
                 all_features.append(feats.float().cpu())
             if on_progress is not None:

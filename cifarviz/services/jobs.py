@@ -56,6 +56,8 @@ class Job:
         self.refused = False  # never queued (ServerBusy): not kept in the registry
         self.stage = ""  # what the work is doing now, in words ("finding neighbours"), when it says
         self.expected: float | None = None  # seconds the same work took on this server last time, when measured
+        self.partial: object | None = None  # a preview of the result the work hands over while it runs (replaced
+        # whole, never mutated, so a page may read it at any moment)
         self._stage_linear = False  # progress within this stage is proportional to time (epochs, iterations)
         self._stage_from: tuple[float, float] | None = None  # (time, progress) when the stage began
         self._deadline: tuple[float, float] | None = None  # (when it should end, progress at that estimate)
@@ -83,12 +85,19 @@ class Job:
         return self._finished.wait(timeout)
 
     def progress_reporter(self):
-        """What the work is given: call it with a fraction; `.stage(text, linear)` says what it does now."""
+        """What the work is given: call it with a fraction; `.stage(text, linear)` says what it does now;
+        `.partial(value)` hands over a preview of the result."""
         def progress(fraction: float) -> None:
             self._report(fraction)
 
         progress.stage = self.set_stage
+        progress.partial = self.set_partial
         return progress
+
+    def set_partial(self, value: object) -> None:
+        if _STOPPING.is_set():
+            raise JobCancelled
+        self.partial = value
 
     def _report(self, fraction: float) -> None:
         if _STOPPING.is_set():

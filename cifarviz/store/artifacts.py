@@ -31,6 +31,25 @@ ARTIFACT_ARRAYS = {"logits": Array("f", ("n", "classes")), "features": Array("f"
                    "labels": Array("i", ("n",), low=0)}
 
 
+PREVIEW_SEED = 0  # the order a previewed split is predicted in (any prefix of it is a random sample)
+
+
+def preview_order(n: int) -> np.ndarray:
+    """The seeded random order of a split's images for a preview: the first k of it are k images drawn at random
+    without replacement, so the accuracy on them estimates the whole split's (a split stored class by class, as
+    an image folder is, would otherwise preview one class)."""
+    return np.random.default_rng(PREVIEW_SEED).permutation(n)
+
+
+@dataclass
+class PartialPredictions:
+    """What a split's first pass has predicted so far: `positions` (indices into the split, a random sample in
+    the order of preview_order) and the class predicted for each."""
+    positions: np.ndarray
+    predicted: np.ndarray
+    total: int
+
+
 @dataclass
 class SplitArtifacts:
     logits: np.ndarray
@@ -156,11 +175,16 @@ def artifacts_cached(checkpoint: Checkpoint, dataset, split: str, tta: str | Non
 
 
 def split_artifacts(checkpoint: Checkpoint, dataset, split: str = "test", *, tta: str | None = None,
-                    progress: bool = False, device: str = "auto", on_progress=None) -> SplitArtifacts:
+                    progress: bool = False, device: str = "auto", on_progress=None,
+                    on_partial=None) -> SplitArtifacts:
     """Logits, features and labels of `split`, from the store or computed (and stored) now.
 
     With flip test-time augmentation the plain pass is computed and cached first, on its own: a page can
-    show those predictions while the flipped pass runs, and the second pass reuses the first."""
+    show those predictions while the flipped pass runs, and the second pass reuses the first.
+
+    `on_partial(PartialPredictions)`: the plain pass then predicts the images in preview_order and reports after
+    every batch what it has so far, so a page can show a first estimate within a second or two. The stored
+    result is the same (put back in the split's order; each image's logits do not depend on its batch)."""
     tta = split_tta(checkpoint, split) if tta is None else tta
     data = dataset.split(split)
     if len(data) == 0:
@@ -171,14 +195,26 @@ def split_artifacts(checkpoint: Checkpoint, dataset, split: str = "test", *, tta
 
     def compute() -> dict:
         desc = f"{checkpoint.name} on {split}"
-        if tta == "none":
+        if tta == "none" and on_partial is None:
             preds = predict(checkpoint.model, data.images, progress=progress, device=device, desc=desc,
                             on_progress=on_progress)
             logits, features = preds.logits, preds.features
+        elif tta == "none":
+            order, so_far = preview_order(len(data)), []
+
+            def batch_done(batch_logits: np.ndarray) -> None:
+                so_far.append(batch_logits.argmax(1))
+                predicted = np.concatenate(so_far)
+                on_partial(PartialPredictions(order[:len(predicted)], predicted, len(data)))
+
+            preds = predict(checkpoint.model, data.images[order], progress=progress, device=device, desc=desc,
+                            on_progress=on_progress, on_batch=batch_done)
+            back = np.argsort(order)
+            logits, features = preds.logits[back], preds.features[back]
         else:  # "flip": the mean of the plain and the mirrored image's logits
             half = (lambda start: lambda f: on_progress(start + 0.5 * f)) if on_progress else (lambda start: None)
             plain = split_artifacts(checkpoint, dataset, split, tta="none", progress=progress, device=device,
-                                    on_progress=half(0.0))
+                                    on_progress=half(0.0), on_partial=on_partial)
             mirrored = predict(checkpoint.model, np.ascontiguousarray(data.images[:, :, ::-1]), features=False,
                                progress=progress, device=device, desc=f"{desc}, mirrored", on_progress=half(0.5))
             logits, features = 0.5 * (plain.logits + mirrored.logits), plain.features

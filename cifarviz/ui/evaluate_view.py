@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from cifarviz.analysis.metrics import sample_accuracy
 from cifarviz.ui.loaders import calibration_now
 from cifarviz.ui.text import md
 
@@ -30,6 +31,26 @@ def calibrated_switch(where: str, label: str) -> bool:
     return st.toggle(label, key=key, on_change=changed,
                      help="Temperature scaling: softmax(logits / T), with T fitted on the validation split. "
                           "The predicted class never changes, only how sure the model says it is.")
+
+
+PREVIEW_FROM = 200  # images predicted before a first estimate is worth showing (its interval is then about ±4%)
+
+
+def accuracy_so_far(labels: np.ndarray, split: str):
+    """The preview Evaluate draws while a split's first pass runs: the accuracy on the images predicted so far (a
+    random sample of the split) and how far the whole split's can be from it."""
+    def draw(partial) -> None:
+        n = len(partial.predicted)
+        if n < PREVIEW_FROM:
+            return
+        accuracy, half = sample_accuracy(partial.predicted, labels[partial.positions], partial.total)
+        left, right = st.columns([1, 3])
+        left.metric("Accuracy so far", f"{accuracy:.1%}", help="On the images predicted so far: they are taken in "
+                    "a random order, so they are a random sample of the split")
+        right.caption(f"On {n:,} of the {partial.total:,} {split} images, taken in a random order. With 95% "
+                      f"confidence the whole split's accuracy is within ±{half:.1%} of this (the sampling error of "
+                      f"{n:,} images drawn from {partial.total:,}). The full report follows when all are predicted.")
+    return draw
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

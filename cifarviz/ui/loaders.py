@@ -76,8 +76,12 @@ def artifacts_job(checkpoint: Checkpoint, dataset, split: str, *, background: bo
     """The computation of a split's artifacts, started (or joined) if they are not on disk yet; None if they are."""
     if artifacts_cached(checkpoint, dataset, split):
         return None
+    # The splits Evaluate shows are predicted in a random order and previewed as they go (the training split is
+    # never previewed: its reordered copy would cost 140 MB for nothing)
+    preview = split != "train"
     return JOBS.start(str(artifact_path(checkpoint, dataset, split)),
-                      lambda report: split_artifacts(checkpoint, dataset, split, on_progress=report),
+                      lambda report: split_artifacts(checkpoint, dataset, split, on_progress=report,
+                                                     on_partial=report.partial if preview else None),
                       background=background, owner=None if background else identity.viewer())
 
 
@@ -219,12 +223,13 @@ def _influence_of(method: str, path: str, stamp: float, root: str, index_stamp: 
     return lookup(index, checkpoint, dataset, test_index, k=k)
 
 
-def get_artifacts(checkpoint: Checkpoint, dataset, split: str, *, early: bool = False):
+def get_artifacts(checkpoint: Checkpoint, dataset, split: str, *, early: bool = False, preview=None):
     """Predictions/features of a split. If they are still being computed, this run ends with a progress bar
     that fills in by itself and reruns the page when they are ready (nothing stale stays on screen).
 
     `early`: with test-time augmentation, return the plain pass's predictions as soon as they exist (their
-    `tta` is "none") under a progress bar that reruns the page when the augmented ones arrive."""
+    `tta` is "none") under a progress bar that reruns the page when the augmented ones arrive.
+    `preview(PartialPredictions)`: drawn above the progress bar (and refreshed with it) while the first pass runs."""
     job = artifacts_job(checkpoint, dataset, split)
     tta = split_tta(checkpoint, split)
     if job is not None:
@@ -235,18 +240,19 @@ def get_artifacts(checkpoint: Checkpoint, dataset, split: str, *, early: bool = 
 
         if early and tta != "none" and not (job.done and job.error is not None):
             if not plain():
-                wait_for(job, label, until=plain)
+                wait_for(job, label, until=plain, preview=preview)
             progress_bar(job, f"Showing predictions without test-time augmentation until the {tta}-averaged "
                               "ones are ready")
             tta = "none"
         else:
-            wait_for(job, label)
+            wait_for(job, label, preview=preview)
     return _artifacts(str(checkpoint.path), file_stamp(checkpoint.path), dataset.root.as_posix(), split, tta)
 
 
-def wait_for(job: Job, label: str, until=None) -> None:
+def wait_for(job: Job, label: str, until=None, preview=None) -> None:
     """Return at once if `job` is done; else draw its progress (refreshed twice a second) and stop this run.
-    The page reruns when the job ends, or as soon as `until()` is true."""
+    The page reruns when the job ends, or as soon as `until()` is true. `preview(job.partial)`: see
+    progress_bar."""
     if job.done and job.error is None:
         return
     if job.refused:
@@ -255,7 +261,7 @@ def wait_for(job: Job, label: str, until=None) -> None:
     if job.done:
         st.error(f"{label} failed: {md_message(job.error)}")
         st.stop()
-    progress_bar(job, label, until)
+    progress_bar(job, label, until, preview=preview)
     st.stop()
 
 
@@ -275,9 +281,10 @@ def refused_notice(job: Job, label: str) -> None:
     retry()
 
 
-def progress_bar(job: Job, label: str, until=None, every: float = 0.5) -> None:
+def progress_bar(job: Job, label: str, until=None, every: float = 0.5, preview=None) -> None:
     """The job's progress, refreshed (only it) every `every` seconds; the whole page reruns when the job ends
-    (or `until()` holds). A failed job shows its error instead."""
+    (or `until()` holds). A failed job shows its error instead. `preview(job.partial)` draws what the work has
+    handed over so far above the bar, refreshed with it."""
     if job.refused:
         refused_notice(job, label)
         return
@@ -292,6 +299,8 @@ def progress_bar(job: Job, label: str, until=None, every: float = 0.5) -> None:
         if not job.started:
             st.progress(0.0, text=f"{label}: {queued(job)}")
             return
+        if preview is not None and job.partial is not None:
+            preview(job.partial)
         st.progress(job.progress, text=f"{label}: {doing(job)}{job.progress:.0%}{time_left(job)}")
 
     progress()
