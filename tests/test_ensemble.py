@@ -176,16 +176,17 @@ def _plain_losses(model, dataset, idx):
 
 
 def test_removing_the_default_methods_helpful_images_really_raises_the_test_loss(cifar, record_property):
-    """The product's claim, checked the way a sceptical researcher would: the lenet recipe on a fixed 5,000-image
+    """The product's claim, checked the way a sceptical researcher would: the lenet recipe on a fixed 4,000-image
     subset, 6 correctly classified test images (seeded); for each, the whole network retrained without the default
-    method's top 250 helpful images (5%) and without the 250 most similar same-label images; and twice without 250
+    method's top 200 helpful images (5%) and without the 200 most similar same-label images; and twice without 200
     random ones (a random removal knows no test image, so each of the two is measured on all six). The default
     (TRAK over 20 models, as lenet ships it) raises the test loss more than random removal, and by no less than
     similarity's beyond two standard errors of their paired difference. 34 trainings, two processes of one thread
     each (on two cores faster than one process of two threads, and the same numbers whatever the thread settings); none
-    validates (nothing here reads a validation figure)."""
+    validates (nothing here reads a validation figure). bench/bench_retrain.py runs the card's protocol (5,000
+    images, 24 test images); 4,000 here keeps CI under its 30 minutes (this test was a quarter of it)."""
     rng = np.random.default_rng(0)
-    subset = np.sort(rng.choice(len(cifar.train), 5000, replace=False))
+    subset = np.sort(rng.choice(len(cifar.train), 4000, replace=False))
     t = cifar.train
     data = dataclasses.replace(cifar, train=Split("train", t.images[subset], t.labels[subset], t.source_index[subset]),
                                val=Split("val", cifar.val.images[:0], cifar.val.labels[:0], cifar.val.source_index[:0]))
@@ -201,7 +202,7 @@ def test_removing_the_default_methods_helpful_images_really_raises_the_test_loss
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     similarity = (test_features / np.linalg.norm(test_features, axis=1, keepdims=True)) @ unit.T
     similarity = np.where(data.train.labels[None] == data.test.labels[tests][:, None], similarity, -similarity)
-    k = 250
+    k = 200
 
     removals = {"default": [np.argsort(-trak[row], kind="stable")[:k] for row in range(len(tests))],
                 "similarity": [np.argsort(-similarity[row], kind="stable")[:k] for row in range(len(tests))],
