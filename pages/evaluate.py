@@ -30,7 +30,8 @@ def describe(tta: str) -> None:
 
 describe(split_tta(checkpoint, split))  # shown while the first predictions are computed
 # a first estimate within seconds, then the plain predictions, then the flip-averaged ones
-arts = app.get_artifacts(checkpoint, dataset, split, early=True, preview=accuracy_so_far(data.labels, split))
+arts = app.get_artifacts(checkpoint, dataset, split, early=True,
+                         preview=accuracy_so_far(data.labels, split, split_tta(checkpoint, split)))
 describe(arts.tta)
 
 

@@ -36,9 +36,13 @@ def calibrated_switch(where: str, label: str) -> bool:
 PREVIEW_FROM = 200  # images predicted before a first estimate is worth showing (its interval is then about ±4%)
 
 
-def accuracy_so_far(labels: np.ndarray, split: str):
+def accuracy_so_far(labels: np.ndarray, split: str, tta: str = "none"):
     """The preview Evaluate draws while a split's first pass runs: the accuracy on the images predicted so far (a
-    random sample of the split) and how far the whole split's can be from it."""
+    random sample of the split) and how far the whole split's can be from it. The first pass is the plain one: with
+    test-time augmentation (`tta`) the interval is for the plain predictions' accuracy, and the page says so."""
+    plain = " without test-time augmentation" if tta != "none" else ""
+    then = (f"Then the plain pass's report, then the {tta}-averaged one." if tta != "none"
+            else "The full report follows when all are predicted.")
     def draw(partial) -> None:
         n = len(partial.predicted)
         if n < PREVIEW_FROM:
@@ -48,8 +52,8 @@ def accuracy_so_far(labels: np.ndarray, split: str):
         left.metric("Accuracy so far", f"{accuracy:.1%}", help="On the images predicted so far: they are taken in "
                     "a random order, so they are a random sample of the split")
         right.caption(f"On {n:,} of the {partial.total:,} {split} images, taken in a random order. With 95% "
-                      f"confidence the whole split's accuracy is within ±{half:.1%} of this (the sampling error of "
-                      f"{n:,} images drawn from {partial.total:,}). The full report follows when all are predicted.")
+                      f"confidence the whole split's accuracy{plain} is within ±{half:.1%} of this (the sampling "
+                      f"error of {n:,} images drawn from {partial.total:,}). {then}")
     return draw
 
 
