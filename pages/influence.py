@@ -1,7 +1,6 @@
-import numpy as np
 import streamlit as st
 
-from cifarviz.analysis.explore import ImageRef, to_png
+from cifarviz.analysis.explore import to_png
 from cifarviz.analysis.influence import (
     METHODS,
     available_methods,
@@ -49,10 +48,6 @@ test_arts = app.get_artifacts(checkpoint, dataset, "test")
 k = st.slider("Images per list", 4, 24, 8, step=4, key="influence_k")
 
 
-def pick_test_image(split: str, index: int) -> None:
-    st.session_state["influence_test"] = int(index)
-
-
 # Only the open tab is drawn (a tab switch reruns the page): three tabs of image tiles on every rerun of every
 # viewer made this one of the slowest pages for a class.
 app.linked("test", "influence_test", parse=app.parse_index(len(dataset.test)))
@@ -63,26 +58,7 @@ one, whole_class, suspects = st.tabs(app.linked_tab("influence_tab", ["One test 
 
 
 def one_test_image() -> None:
-    a, b, c = st.columns([1, 1, 1.4])
-    class_name = a.selectbox("Class", ["all classes", *classes], key="influence_class_filter", format_func=shown)
-    kind = b.selectbox("Prediction", ["all", "misclassified", "correct"], key="influence_kind")
-    low, high = c.slider("Model's confidence in its prediction", 0.0, 1.0, (0.0, 1.0), step=0.05,
-                         key="influence_confidence")
-    confidence = test_arts.probs.max(1)
-    keep = (confidence >= low) & (confidence <= high)
-    if class_name != "all classes":
-        keep &= test_arts.labels == classes.index(class_name)
-    if kind != "all":
-        keep &= (test_arts.predicted == test_arts.labels) == (kind == "correct")
-    candidates = np.flatnonzero(keep)
-    st.caption(f"{len(candidates):,} test images match; click one to see the training images that helped and "
-               "hurt it (showing 16 of them, picked at random; ✓ right, ✗ wrong: true → predicted class).")
-    offered = np.sort(np.random.default_rng(0).permutation(candidates)[:16])  # a mix of classes, the same each visit
-    app.image_grid(dataset.test.images[offered], [ImageRef("test", int(i)) for i in offered],
-                   [f"#{i} ✓ {md(classes[test_arts.labels[i]])}" if test_arts.predicted[i] == test_arts.labels[i] else
-                    f"#{i} ✗ {md(classes[test_arts.labels[i]])} → {md(classes[test_arts.predicted[i]])}" for i in offered],
-                   key="influence-pick", on_click=pick_test_image,
-                   help="Show its most helpful and harmful training images")
+    offered = app.test_images_to_pick(dataset, test_arts)
     # Until a click, the first image shown: the page opens with an answer, not an empty space.
     chosen = st.session_state.get("influence_test", int(offered[0]) if len(offered) else None)
     if chosen is None or not 0 <= chosen < len(dataset.test):

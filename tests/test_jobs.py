@@ -76,12 +76,22 @@ def test_the_pool_is_bounded_and_serves_waiting_people_before_prefetching():
 def test_what_one_viewer_can_start_is_bounded_and_a_refusal_is_not_kept():
     from cifarviz.services.jobs import ServerBusy
 
-    jobs, release = JobRegistry(workers=1, per_owner=2, max_waiting=3), threading.Event()
-    mine = [jobs.start(f"perplexity-{p}", lambda report: release.wait(10), owner="student") for p in (5, 30)]
+    jobs, release, began = JobRegistry(workers=1, per_owner=2, max_waiting=3), threading.Event(), threading.Event()
+
+    def hold(report):
+        began.set()
+        release.wait(10)
+
+    mine = [jobs.start(f"perplexity-{p}", hold, owner="student") for p in (5, 30)]
+    # The one worker picks up the first job in its own thread: until it has, that job still counts as waiting
+    # (CI failed once on this race: the second "other" was refused while the first job had not started yet, and
+    # the "one too many" was admitted after it had).
+    assert began.wait(10) and mine[0].started
     refused = jobs.start("perplexity-50", lambda report: None, owner="student")
     assert refused.done and refused.refused and isinstance(refused.error, ServerBusy)
     assert "at most 2 per person" in str(refused.error) and jobs.get("perplexity-50") is None
-    others = [jobs.start(f"other-{i}", lambda report: release.wait(10), owner=f"s{i}") for i in range(2)]
+    others = [jobs.start(f"other-{i}", hold, owner=f"s{i}") for i in range(2)]
+    assert not any(job.refused for job in others) and jobs.stats()["waiting"] == 3
     full = jobs.start("one-too-many", lambda report: None, owner="s9")
     assert full.refused and "computations are waiting already" in str(full.error)
     release.set()

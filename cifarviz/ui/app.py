@@ -70,7 +70,7 @@ from cifarviz.ui.widgets import (  # noqa: F401
 from cifarviz.ui.exports import export_buttons, safe_file_name  # noqa: F401
 from cifarviz.ui.layout import scroll_into_view  # noqa: F401
 from cifarviz.ui.links import from_link, linked, linked_tab, slug, parse_index, publish as publish_link, show as show_in_link  # noqa: F401
-from cifarviz.ui.influence_view import how_sure, measured_table, retrain_section, show_result, suspects_grid, ask_before_building, similarity_explains_better, best_estimate_beside, side_by_side  # noqa: F401
+from cifarviz.ui.influence_view import how_sure, measured_table, retrain_section, show_result, suspects_grid, ask_before_building, similarity_explains_better, best_estimate_beside, side_by_side, test_images_to_pick  # noqa: F401
 from cifarviz.ui.inspector import (  # noqa: F401
     inspector,
     saliency_png,

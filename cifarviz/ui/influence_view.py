@@ -347,3 +347,34 @@ def side_by_side(dataset, checkpoint, method: str, test_index: int, k: int) -> b
             name=f"influence-{checkpoint.name}-{m}-test-{test_index}",
             about={"view": "influence", "method": m, "checkpoint": checkpoint.name, "query": result.query})
     return True
+
+
+def _pick_test_image(split: str, index: int) -> None:
+    st.session_state["influence_test"] = int(index)
+
+
+def test_images_to_pick(dataset, test_arts) -> np.ndarray:
+    """The filters (class, right or wrong, confidence) and 16 of the matching test images as clickable tiles; a
+    click makes that image the one answered (`influence_test`). Returns the indices offered."""
+    classes = list(dataset.classes)
+    a, b, c = st.columns([1, 1, 1.4])
+    class_name = a.selectbox("Class", ["all classes", *classes], key="influence_class_filter", format_func=shown)
+    kind = b.selectbox("Prediction", ["all", "misclassified", "correct"], key="influence_kind")
+    low, high = c.slider("Model's confidence in its prediction", 0.0, 1.0, (0.0, 1.0), step=0.05,
+                         key="influence_confidence")
+    confidence = test_arts.probs.max(1)
+    keep = (confidence >= low) & (confidence <= high)
+    if class_name != "all classes":
+        keep &= test_arts.labels == classes.index(class_name)
+    if kind != "all":
+        keep &= (test_arts.predicted == test_arts.labels) == (kind == "correct")
+    candidates = np.flatnonzero(keep)
+    st.caption(f"{len(candidates):,} test images match; click one to see the training images that helped and "
+               "hurt it (showing 16 of them, picked at random; ✓ right, ✗ wrong: true → predicted class).")
+    offered = np.sort(np.random.default_rng(0).permutation(candidates)[:16])  # a mix of classes, the same each visit
+    labels, predicted = test_arts.labels, test_arts.predicted
+    image_grid(dataset.test.images[offered], [ImageRef("test", int(i)) for i in offered],
+               [f"#{i} ✓ {md(classes[labels[i]])}" if predicted[i] == labels[i] else
+                f"#{i} ✗ {md(classes[labels[i]])} → {md(classes[predicted[i]])}" for i in offered],
+               key="influence-pick", on_click=_pick_test_image, help="Show its most helpful and harmful training images")
+    return offered
